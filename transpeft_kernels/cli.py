@@ -1,0 +1,39 @@
+"""Command line: ``python -m transpeft_kernels [quickstart]`` (also the ``transpeft`` script)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transpeft", description="Trans-PEFT training tools for transformers models.")
+    sub = p.add_subparsers(dest="command")
+    q = sub.add_parser("quickstart", help="(default) patch a small built-in model, train a few LoRA steps, print the report")
+    q.add_argument("--steps", type=int, default=40)
+    q.add_argument("--masking", type=float, default=0.1)
+    q.add_argument("--dropping", type=float, default=0.1)
+    q.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"))
+    q.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # transformers/PEFT deprecation chatter is not the user's business in a command-line run.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.command in (None, "quickstart"):
+        from .quickstart import QuickstartConfig, run
+
+        cfg = QuickstartConfig(
+            steps=getattr(args, "steps", 40), masking=getattr(args, "masking", 0.1),
+            dropping=getattr(args, "dropping", 0.1), backend=getattr(args, "backend", "auto"),
+            seed=getattr(args, "seed", 0),
+        )
+        try:
+            result = run(cfg)
+        except (ValueError, TypeError, RuntimeError) as e:
+            print(f"transpeft: error: {e}", file=sys.stderr)
+            return 2
+        return 0 if result["eval_identical"] else 1
+    return 2

@@ -1,0 +1,137 @@
+"""The forward installed on a patched MLP.
+
+Eval mode: the MLP's original forward, untouched. Training mode, per call:
+1. dropping > 0: one draw ``torch.rand(())`` from torch's default CPU generator; below ``dropping``
+   the FFN is skipped (returns zeros, no FFN compute).
+2. masking > 0, or LoRA dropout on a fused projection: one seed ``torch.randint(2**62)`` from the
+   same generator; Philox streams of it give the mask and the dropout masks (specs.Stream).
+3. All projections readable as LinearWeights: one ``masked_gated_mlp``; otherwise each projection
+   runs fused (``lora_linear``) or through its own forward, around ``masked_gated_act``.
+Draws come from the default generator inside the forward, so activation checkpointing (which saves
+and restores that generator) recomputes identical decisions and masks, and the draws depend on
+neither the backend nor which projections fell back.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference.activations import Activation
+from ..reference.mlp import INPUT_STREAMS
+from ..specs import GatedMLPWeights, Layout, MaskSpec, Stream, stream_seed
+from .families import Family
+from .projections import cast_for_autocast, read_projection
+
+SEED_BOUND = 2**62
+
+
+@dataclass(frozen=True)
+class Settings:
+    masking: float
+    dropping: float
+    mask_scale: bool
+    backend: str
+
+
+@dataclass
+class MLPPatch:
+    """What ``patch`` leaves on one MLP (as ``mlp._transpeft``): settings and how to undo it."""
+
+    settings: Settings
+    family: Family
+    activation: Activation
+    layer_index: int
+    saved_forward: object  # the instance-level forward found at patch time, or None
+
+    def original_forward(self, mlp: nn.Module):
+        return self.saved_forward if self.saved_forward is not None else type(mlp).forward.__get__(mlp)
+
+    @property
+    def mask(self) -> MaskSpec | None:
+        s = self.settings
+        return MaskSpec(s.masking, s.mask_scale) if s.masking > 0 else None
+
+
+class _SkippedFFN(torch.autograd.Function):
+    """Zeros shaped like x, whose backward hands zero gradients to ``params``.
+
+    Used only under an initialised process group with several ranks: DDP's reducer (with the default
+    find_unused_parameters=False) waits for a gradient for every parameter, so a skipped FFN must
+    still "use" its trainable parameters. Every rank makes the same decision for the same seed."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.param_meta = [(p.shape, p.dtype, p.device) for p in params]
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        return (None, *(torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in ctx.param_meta))
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _skipped_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        params = [p for p in mlp.parameters() if p.requires_grad]
+        if params:
+            return _SkippedFFN.apply(x, *params)
+    return torch.zeros_like(x)
+
+
+def _split(outs, layout: Layout):
+    return outs[0].chunk(2, dim=-1) if layout is Layout.FUSED_GATE_UP else (outs[0], outs[1])
+
+
+def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    state: MLPPatch = mlp._transpeft
+    if not mlp.training:
+        return state.original_forward(mlp)(x)
+    settings = state.settings
+    if settings.dropping > 0 and float(torch.rand(())) < settings.dropping:
+        return _skipped_output(mlp, x)
+
+    names = state.family.projection_names
+    projections = [read_projection(getattr(mlp, n)) for n in names]
+    random_dropout = any(p.weights is not None and p.weights.lora is not None and p.weights.lora.dropout > 0 for p in projections)
+    seed = torch.randint(SEED_BOUND, (), dtype=torch.int64) if settings.masking > 0 or random_dropout else None
+
+    backend = ops.resolve(settings.backend, x.device)
+    autocast_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    if autocast_dtype is not None:
+        x = x.to(autocast_dtype)
+        weights = [None if p.weights is None else cast_for_autocast(p.weights, autocast_dtype) for p in projections]
+    else:
+        weights = [p.weights for p in projections]
+
+    # The ops get operands already cast as autocast would cast them, and run with autocast off
+    # (their backward runs without it); projections that fall back keep the ambient autocast.
+    def outside_autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, enabled=False)
+
+    if all(w is not None for w in weights):
+        with outside_autocast():
+            mlp_weights = GatedMLPWeights(tuple(weights[:-1]), weights[-1])
+            return ops.masked_gated_mlp(x, mlp_weights, state.activation, state.mask, seed, backend)
+
+    def run(i, inp, stream):
+        if weights[i] is None:
+            return projections[i].module(inp)
+        with outside_autocast():
+            return ops.lora_linear(inp, weights[i], None if seed is None else stream_seed(seed, stream), backend)
+
+    layout = state.family.layout
+    outs = [run(i, x, stream) for i, stream in enumerate(INPUT_STREAMS[layout])]
+    g, u = _split(outs, layout)
+    with outside_autocast():
+        h = ops.masked_gated_act(g, u, state.activation, state.mask, seed, backend)
+    return run(len(projections) - 1, h, Stream.DOWN)

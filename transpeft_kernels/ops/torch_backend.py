@@ -1,0 +1,118 @@
+"""The "torch" backend: forward and hand-written backward of each op in plain PyTorch.
+
+Forward pieces call the reference; backward formulas are written out here (and tested against
+autograd through the reference). Random masks are regenerated from the seed, never stored.
+
+lora_linear, with xd = dropout_q(cast_A(x)), S = xd A^T (saved, rank-sized), t = cast_A(dy) B:
+    dB = s * cast_A(dy)^T S            dA = s * t^T xd
+    dx = dy W + cast_x(s * dropout_q'(t A))        (dropout_q' applies the same keep * 1/(1-q))
+    dW = dy^T x                         db = sum_rows(dy)
+masked gated activation, h' = act(g) * u * keep * c:
+    dg = dh' * keep * c * u * act'(g)   du = dh' * keep * c * act(g)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..reference.activations import Activation, act, act_grad
+from ..reference.lora import dropout_multiplier
+from ..reference.philox import keep_mask
+from ..specs import LinearWeights, MaskSpec, Stream, stream_seed
+
+
+@dataclass(frozen=True)
+class LinearGrads:
+    """Gradients of one lora_linear; None where not requested."""
+
+    x: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LinearNeeds:
+    """Which gradients of one lora_linear autograd asked for."""
+
+    x: bool
+    weight: bool
+    bias: bool
+    A: bool
+    B: bool
+
+
+def _dropped_input(x2d: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None):
+    """(cast_A(x) with dropout applied, the dropout multiplier or None)."""
+    lora = lin.lora
+    xa = x2d.to(lora.A.dtype)
+    if lora.dropout == 0.0:
+        return xa, None
+    mult = dropout_multiplier(seed, xa, lora.dropout)
+    return xa * mult, mult
+
+
+class TorchBackend:
+    """Composes the MLP from lora_linear and the masked activation; fused backends override more."""
+
+    name = "torch"
+
+    # ---- lora_linear -------------------------------------------------------------------------
+    def lora_linear_fwd(self, x2d: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None):
+        """x2d (M, d_in) -> (y (M, d_out) in x dtype, S (M, r) in adapter dtype or None)."""
+        y = F.linear(x2d, lin.weight, lin.bias)
+        if lin.lora is None:
+            return y, None
+        xd, _ = _dropped_input(x2d, lin, seed)
+        s = F.linear(xd, lin.lora.A)
+        return (y + F.linear(s, lin.lora.B) * lin.lora.scaling).to(x2d.dtype), s
+
+    def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
+        dx = dy @ lin.weight if needs.x else None
+        dW = (dy.t() @ x2d).to(lin.weight.dtype) if needs.weight else None
+        db = dy.sum(0).to(lin.bias.dtype) if needs.bias else None
+        dA = dB = None
+        lora = lin.lora
+        if lora is not None:
+            dy_a = dy.to(lora.A.dtype)
+            if needs.B:
+                dB = (dy_a.t() @ s) * lora.scaling
+            if needs.A or needs.x:
+                t = dy_a @ lora.B
+                xd, mult = _dropped_input(x2d, lin, seed) if needs.A or lora.dropout else (None, None)
+                if needs.A:
+                    dA = (t.t() @ xd) * lora.scaling
+                if needs.x:
+                    dx_lora = (t @ lora.A) * lora.scaling
+                    if mult is not None:
+                        dx_lora = dx_lora * mult
+                    dx = dx + dx_lora.to(dx.dtype)
+        return LinearGrads(dx, dW, db, dA, dB)
+
+    # ---- masked gated activation ---------------------------------------------------------------
+    def _mask_multiplier(self, g: torch.Tensor, mask: MaskSpec | None, seed):
+        if mask is None or mask.p == 0.0:
+            return None
+        keep = keep_mask(stream_seed(seed, Stream.MASK), g.shape[0], g.shape[1], mask.p, device=g.device)
+        return keep.to(g.dtype) * mask.multiplier if mask.rescale else keep.to(g.dtype)
+
+    def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
+        """g, u (M, I) -> h' (M, I) = act(g) * u * keep * c, in g's dtype."""
+        h = act(g, activation) * u
+        m = self._mask_multiplier(g, mask, seed)
+        return h if m is None else h * m
+
+    def masked_act_bwd(self, dh, g, u, activation: Activation, mask: MaskSpec | None, seed):
+        """dh' (M, I) -> (dg, du), computed in float32 (float64 for float64 inputs)."""
+        m = self._mask_multiplier(g, mask, seed)
+        work = torch.float64 if g.dtype == torch.float64 else torch.float32
+        dhm = dh.to(work) if m is None else dh.to(work) * m.to(work)
+        dg = dhm * u.to(work) * act_grad(g, activation)
+        du = dhm * act(g.to(work), activation)
+        return dg.to(g.dtype), du.to(u.dtype)
+
+
+TORCH = TorchBackend()

@@ -1,0 +1,101 @@
+"""Small value types shared by the reference, the ops layer and the backends.
+
+They group the weights of one projection and of one gated MLP so that no function takes a long list
+of positional tensors. Shapes use: M tokens (all leading dims flattened), d model width, I
+intermediate width, r LoRA rank.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One LoRA adapter on a Linear: ``s * (dropout_q(x) A^T) B^T``.
+
+    A: (r, d_in), B: (d_out, r), same floating dtype (often float32 on a bf16 base, as PEFT does).
+    scaling: s = alpha / r (or alpha / sqrt(r) with rsLoRA). dropout: q in [0, 1).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """A Linear ``x W^T + b`` with an optional LoRA adapter. weight: (d_out, d_in), bias: (d_out,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    lora: LoraWeights | None = None
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """(weight, bias, A, B): the order in which the ops layer hands them to autograd."""
+        lora = self.lora
+        return (self.weight, self.bias, None if lora is None else lora.A, None if lora is None else lora.B)
+
+    def with_tensors(self, weight, bias, A, B) -> "LinearWeights":
+        lora = None if self.lora is None else LoraWeights(A, B, self.lora.scaling, self.lora.dropout)
+        return LinearWeights(weight, bias, lora)
+
+
+class Layout(str, enum.Enum):
+    """How gate and up projections are stored.
+
+    SPLIT: ``gate_proj`` and ``up_proj`` (Llama, Qwen, Gemma, ...).
+    FUSED_GATE_UP: one ``gate_up_proj`` of width 2I, gate in the first half (Phi3, GLM, GLM4).
+    """
+
+    SPLIT = "split"
+    FUSED_GATE_UP = "fused_gate_up"
+
+
+@dataclass(frozen=True)
+class GatedMLPWeights:
+    """``y = down(act(gate(x)) * up(x))``. ``inputs`` is (gate, up) for SPLIT, (gate_up,) for FUSED_GATE_UP."""
+
+    inputs: tuple[LinearWeights, ...]
+    down: LinearWeights
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.SPLIT if len(self.inputs) == 2 else Layout.FUSED_GATE_UP
+
+    @property
+    def projections(self) -> tuple[LinearWeights, ...]:
+        return (*self.inputs, self.down)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Knowledge masking: keep h[i, j] iff philox_uniform(seed, i * I + j) >= p; scale kept values
+    by 1 / (1 - p) when ``rescale`` (off by default, as in the paper's code)."""
+
+    p: float
+    rescale: bool = False
+
+    @property
+    def multiplier(self) -> float:
+        return 1.0 / (1.0 - self.p) if self.rescale else 1.0
+
+
+class Stream(enum.IntEnum):
+    """Offsets added to a forward's base seed, one Philox key per random use inside a patched MLP.
+
+    The fused gate_up projection draws its LoRA dropout from GATE.
+    """
+
+    MASK = 0
+    GATE = 1
+    UP = 2
+    DOWN = 3
+
+
+def stream_seed(seed: torch.Tensor, stream: Stream) -> torch.Tensor:
+    """Philox key of one random use; ``seed`` is the int64 base seed drawn for the forward."""
+    return seed + int(stream)
