@@ -1,0 +1,220 @@
+"""Autograd ops on the torch backend against the reference (same dtype and float64), forward and backward."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import tolerances
+from transpeft_kernels import ops, reference as R
+from transpeft_kernels.memory import saved_activation_bytes
+from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec
+
+BACKEND = ops.resolve("torch", torch.device("cpu"))
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+def make_linear(d_in, d_out, dtype, adapter_dtype=None, rank=4, dropout=0.0, bias=False, train_base=False, lora=True):
+    w = (torch.randn(d_out, d_in) / d_in**0.5).to(dtype).requires_grad_(train_base)
+    b = (torch.randn(d_out) * 0.1).to(dtype).requires_grad_(train_base) if bias else None
+    if not lora:
+        return LinearWeights(w, b)
+    adt = adapter_dtype or dtype
+    A = (torch.randn(rank, d_in) / d_in**0.5).to(adt).requires_grad_()
+    B = (torch.randn(d_out, rank) / rank**0.5).to(adt).requires_grad_()  # non-zero B
+    return LinearWeights(w, b, LoraWeights(A, B, scaling=2.0, dropout=dropout))
+
+
+def make_mlp(d, inter, layout, dtype, **kw):
+    ins = (make_linear(d, inter, dtype, **kw), make_linear(d, inter, dtype, **kw)) if layout is Layout.SPLIT \
+        else (make_linear(d, 2 * inter, dtype, **kw),)
+    return GatedMLPWeights(ins, make_linear(inter, d, dtype, **kw))
+
+
+def leaves(x, weights):
+    projs = weights.projections if isinstance(weights, GatedMLPWeights) else (weights,)
+    return [x] + [t for p in projs for t in p.tensors() if t is not None and t.requires_grad]
+
+
+def to64(weights):
+    def cast(lin):
+        return lin.with_tensors(*(None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in lin.tensors()))
+    if isinstance(weights, GatedMLPWeights):
+        return GatedMLPWeights(tuple(cast(p) for p in weights.inputs), cast(weights.down))
+    return cast(weights)
+
+
+def run(fn, x, weights, dy):
+    y = fn(x, weights)
+    grads = torch.autograd.grad(y, leaves(x, weights), dy, allow_unused=True)
+    return y, grads
+
+
+def assert_matches(fn_ops, fn_ref, x, weights, dtype):
+    """fp32/fp64: ops equal the reference in the same dtype within tight tolerances.
+    bf16/fp16 (elementwise comparison of two roundings is noise there): the ops' error against the
+    reference run in float64 is at most 3x the same-dtype reference's own error, plus a small floor."""
+    dy = torch.randn(*x.shape[:-1], fn_ref(x, weights).shape[-1], dtype=x.dtype)
+    y, g = run(fn_ops, x, weights, dy)
+    y_ref, g_ref = run(fn_ref, x, weights, dy)
+    for a, b in zip(g, g_ref):
+        assert (a is None) == (b is None)
+    if dtype not in LOW_PRECISION:
+        tol = tolerances(dtype)
+        torch.testing.assert_close(y, y_ref, **tol)
+        for a, b in zip(g, g_ref):
+            if a is not None:
+                torch.testing.assert_close(a, b.to(a.dtype), **tol)
+    else:
+        x64, w64 = x.detach().double().requires_grad_(), to64(weights)
+        y64, g64 = run(fn_ref, x64, w64, dy.double())
+        for ours, ref, exact in [(y, y_ref, y64), *zip(g, g_ref, g64)]:
+            if ours is None:
+                continue
+            err_ours = (ours.double() - exact).abs().max().item()
+            err_ref = (ref.double() - exact).abs().max().item()
+            assert err_ours <= 3 * err_ref + 1e-3 * exact.abs().max().item() + 1e-6, (err_ours, err_ref)
+
+
+# ---- lora_linear ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,adapter_dtype", [
+    (torch.float32, None), (torch.bfloat16, torch.float32), (torch.bfloat16, None),
+    (torch.float16, torch.float32), (torch.float16, None), (torch.float64, None),
+])
+@pytest.mark.parametrize("shape,rank,dropout,bias,train_base", [
+    ((13, 24), 1, 0.0, False, False),
+    ((2, 7, 33), 8, 0.2, True, False),
+    ((3, 5, 17), 4, 0.1, True, True),
+])
+def test_lora_linear_matches_reference(dtype, adapter_dtype, shape, rank, dropout, bias, train_base):
+    lin = make_linear(shape[-1], 29, dtype, adapter_dtype, rank, dropout, bias, train_base)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    seed = torch.tensor(77)
+    assert_matches(lambda x, w: ops.lora_linear(x, w, seed, BACKEND), lambda x, w: R.lora_linear(x, w, seed), x, lin, dtype)
+
+
+def test_lora_linear_without_lora_and_frozen_base():
+    lin = make_linear(16, 8, torch.float32, lora=False)
+    x = torch.randn(5, 16, requires_grad=True)
+    assert_matches(lambda x, w: ops.lora_linear(x, w, None, BACKEND), lambda x, w: R.lora_linear(x, w), x, lin, torch.float32)
+
+
+# ---- masked gated MLP ----------------------------------------------------------------------------
+CASES = list(itertools.product(
+    [Layout.SPLIT, Layout.FUSED_GATE_UP],
+    list(R.Activation),
+    [None, MaskSpec(0.3), MaskSpec(0.3, rescale=True)],
+))
+
+
+@pytest.mark.parametrize("layout,activation,mask", CASES)
+def test_gated_mlp_matches_reference_fp32(layout, activation, mask):
+    w = make_mlp(24, 40, layout, torch.float32, rank=3, dropout=0.1, bias=True)
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    seed = torch.tensor(2024)
+    assert_matches(
+        lambda x, w: ops.masked_gated_mlp(x, w, activation, mask, seed, BACKEND),
+        lambda x, w: R.gated_mlp(x, w, activation, mask, seed), x, w, torch.float32,
+    )
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, None])
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+def test_gated_mlp_matches_reference_low_precision(dtype, adapter_dtype, layout):
+    w = make_mlp(40, 72, layout, dtype, adapter_dtype=adapter_dtype, rank=8, dropout=0.05)
+    x = torch.randn(3, 11, 40, dtype=dtype, requires_grad=True)
+    seed, mask = torch.tensor(5), MaskSpec(0.1)
+    assert_matches(
+        lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+        lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, dtype,
+    )
+
+
+def test_gated_mlp_full_finetune_gradients_reach_base_weights():
+    w = make_mlp(16, 24, Layout.SPLIT, torch.float32, bias=True, train_base=True, lora=False)
+    x = torch.randn(6, 16, requires_grad=True)
+    seed, mask = torch.tensor(1), MaskSpec(0.2)
+    assert_matches(
+        lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.GELU, mask, seed, BACKEND),
+        lambda x, w: R.gated_mlp(x, w, R.Activation.GELU, mask, seed), x, w, torch.float32,
+    )
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+def test_gated_mlp_gradcheck_float64(layout):
+    w = make_mlp(6, 10, layout, torch.float64, rank=2, dropout=0.2, bias=True, train_base=True)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    seed, mask = torch.tensor(9), MaskSpec(0.25, rescale=True)
+    flat = [t for p in w.projections for t in p.tensors()]
+
+    def f(x, *tensors):
+        ws = [p.with_tensors(*tensors[4 * i: 4 * i + 4]) for i, p in enumerate(w.projections)]
+        return ops.masked_gated_mlp(x, GatedMLPWeights(tuple(ws[:-1]), ws[-1]), R.Activation.GELU_TANH, mask, seed, BACKEND)
+
+    assert torch.autograd.gradcheck(f, (x, *flat), fast_mode=True)
+
+
+def test_masked_gated_act_matches_reference_and_keeps_1_minus_p():
+    g, u = torch.randn(300, 257, requires_grad=True), torch.randn(300, 257, requires_grad=True)
+    seed, p = torch.tensor(12), 0.3
+    h = ops.masked_gated_act(g, u, R.Activation.SILU, MaskSpec(p), seed, BACKEND)
+    dense = R.act(g, R.Activation.SILU) * u
+    kept = h != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+    assert torch.equal(h[kept], dense[kept])  # no 1/(1-p) rescale by default
+    torch.testing.assert_close(h, R.knowledge_mask(dense, MaskSpec(p), seed))
+    dh = torch.randn_like(h)
+    got = torch.autograd.grad(h, (g, u), dh)
+    want = torch.autograd.grad(R.knowledge_mask(dense, MaskSpec(p), seed), (g, u), dh)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_second_backward_gives_the_same_gradients():
+    w = make_mlp(16, 24, Layout.SPLIT, torch.float32, dropout=0.1)
+    x = torch.randn(5, 16, requires_grad=True)
+    y = ops.masked_gated_mlp(x, w, R.Activation.SILU, MaskSpec(0.2), torch.tensor(3), BACKEND)
+    first = torch.autograd.grad(y.sum(), leaves(x, w), retain_graph=True)
+    second = torch.autograd.grad(y.sum(), leaves(x, w))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_noncontiguous_and_empty_inputs():
+    w = make_mlp(16, 24, Layout.FUSED_GATE_UP, torch.float32, dropout=0.1)
+    base = torch.randn(16, 10, requires_grad=True)
+    x = base.t()  # (10, 16), not contiguous
+    seed, mask = torch.tensor(4), MaskSpec(0.2)
+    assert_matches(
+        lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+        lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.float32,
+    )
+    empty = torch.randn(0, 3, 16, requires_grad=True)
+    y = ops.masked_gated_mlp(empty, w, R.Activation.SILU, mask, seed, BACKEND)
+    assert y.shape == (0, 3, 16)
+    y.sum().backward()
+
+
+def test_seed_is_required_for_random_ops():
+    w = make_mlp(8, 12, Layout.SPLIT, torch.float32)
+    with pytest.raises(ValueError, match="seed"):
+        ops.masked_gated_mlp(torch.randn(2, 8), w, R.Activation.SILU, MaskSpec(0.1), None, BACKEND)
+
+
+def test_mask_depends_only_on_seed_row_and_column():
+    # The same token row gives the same mask whether it is alone or inside a larger batch.
+    g, u = torch.randn(10, 33), torch.randn(10, 33)
+    seed, mask = torch.tensor(8), MaskSpec(0.5)
+    full = ops.masked_gated_act(g, u, R.Activation.SILU, mask, seed, BACKEND)
+    as_3d = ops.masked_gated_act(g.reshape(2, 5, 33), u.reshape(2, 5, 33), R.Activation.SILU, mask, seed, BACKEND)
+    assert torch.equal(full, as_3d.reshape(10, 33))
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.4), (torch.float32, 0.5)])
+def test_saved_bytes_against_vanilla_peft_with_float_mask(dtype, bound):
+    """The issue's memory target: saved activations per MLP <= 0.5x vanilla PEFT with the reference
+    code's float mask (goal 0.4x); README states the measured figure."""
+    from transpeft_kernels.baselines import mlp_saved_bytes_vs_vanilla
+
+    vanilla, ours = mlp_saved_bytes_vs_vanilla(d=96, inter=256, tokens=64, dtype=dtype, lora_dropout=0.05)
+    assert ours / vanilla <= bound, (ours, vanilla)

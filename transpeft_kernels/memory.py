@@ -1,0 +1,29 @@
+"""Measuring what autograd keeps alive for backward (the activation memory of a training step)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of distinct storages that autograd saves while ``fn()`` runs, parameters excluded.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``; a storage saved twice (a tensor and
+    its view) counts once. ``exclude``: tensors whose storages are not activations (the weights).
+    The graph stays alive until this returns, so storages cannot be freed and reused mid-count.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip and t.device.type != "meta":
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
