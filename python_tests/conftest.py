@@ -2,6 +2,15 @@ import os
 import sys
 import warnings
 
+# Without a GPU, Triton kernels run in the interpreter. It must be chosen before triton is imported.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _torch
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
 import pytest
 import torch
 

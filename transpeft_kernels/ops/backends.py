@@ -1,4 +1,16 @@
-"""Backend names, availability and choice. The backend changes how the math runs, never the draws."""
+"""Backend names, availability and choice. The backend changes how the math runs, never the draws.
+
+A backend is an object with the primitives of ``TorchBackend`` (torch_backend.py), which the autograd
+functions in functions.py compose:
+
+    lora_linear_fwd(x2d, lin, seed) -> (y, S)            S = dropout(x) A^T, rank-sized, or None
+    lora_linear_bwd(dy, x2d, S, lin, seed, needs) -> LinearGrads
+    masked_act_fwd(g, u, activation, mask, seed) -> h'    h' = act(g) * u * keep * c
+    masked_act_bwd(dh, g, u, activation, mask, seed) -> (dg, du)
+
+All 2-D (tokens, features); seeds are int64 scalar tensors (None when nothing is random). A backend
+must reproduce the reference's masks bit for bit and its math within floating-point tolerance.
+"""
 from __future__ import annotations
 
 import torch
