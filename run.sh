@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two commands of the README:
-#   ./run.sh            set up .venv (first time) and run the main job
+#   ./run.sh            set up .venv (first time) and run the main job: python -m transpeft_kernels demo --quick
 #   ./run.sh test       set up .venv (first time) and run the test suite; extra args go to pytest
 # Any other first argument is passed to `python -m transpeft_kernels` (e.g. ./run.sh --help).
 #
@@ -36,6 +36,10 @@ case "${1:-}" in
   test)
     shift
     exec python -m pytest python_tests "$@"
+    ;;
+  "")
+    # The main job: the transfer demo sized for a CPU (about 12 minutes on 2 cores; see README).
+    exec python -m transpeft_kernels demo --quick
     ;;
   *)
     exec python -m transpeft_kernels "$@"

@@ -1,4 +1,6 @@
 """patch()/unpatch() on tiny transformers models of every supported family, with and without PEFT."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -180,7 +182,6 @@ BAD_ARGUMENTS = [
     (dict(mask_scale="yes"), TypeError, "mask_scale"),
     (dict(backend="jax"), ValueError, "backend"),
     (dict(backend=3), TypeError, "backend"),
-    (dict(backend="triton"), RuntimeError, "triton"),
     (dict(backend="cuda"), RuntimeError, "cuda"),
     (dict(layers=[5]), ValueError, "layers"),
     (dict(layers=[-1]), ValueError, "layers"),
@@ -188,6 +189,27 @@ BAD_ARGUMENTS = [
     (dict(layers=[]), ValueError, "layers"),
     (dict(layers=[0.5]), TypeError, "layers"),
 ]
+
+
+def test_triton_backend_is_available_with_cuda_or_the_interpreter():
+    # conftest selects Triton's interpreter when there is no GPU, so backend="triton" patches here.
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("neither CUDA nor TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    model = lora_model("llama")
+    tpk.patch(model, masking=0.1, backend="triton")
+    assert all(r.settings.backend == "triton" for r in patch_settings(model).values())
+
+
+def test_triton_backend_raises_without_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = lora_model("llama")
+    tpk.patch(model, masking=0.1, dropping=0.1, layers=[0])
+    before = {i: r.settings for i, r in patch_settings(model).items()}
+    with pytest.raises(RuntimeError, match="triton"):
+        tpk.patch(model, backend="triton")
+    assert {i: r.settings for i, r in patch_settings(model).items()} == before
 
 
 @pytest.mark.parametrize("kwargs,error,word", BAD_ARGUMENTS)

@@ -10,10 +10,10 @@ import os
 import sys
 import warnings
 
-from .commands import quickstart
+from .commands import bench, compile_check, demo, quickstart, train, transfer
 
-COMMANDS = [quickstart]
-DEFAULT_COMMAND = quickstart.NAME
+COMMANDS = [demo, train, transfer, quickstart, bench, compile_check]
+DEFAULT_COMMAND = demo.NAME
 
 
 class UserError(Exception):

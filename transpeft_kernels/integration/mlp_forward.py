@@ -1,10 +1,12 @@
 """The forward installed on a patched MLP.
 
 Eval mode: the MLP's original forward, untouched. Training mode, per call:
-1. dropping > 0: one draw ``torch.rand(())`` from torch's default CPU generator; below ``dropping``
-   the FFN is skipped (returns zeros, no FFN compute).
+1. dropping > 0: one draw ``torch.rand(())`` from torch's default CPU generator.
 2. masking > 0, or LoRA dropout on a fused projection: one seed ``torch.randint(2**62)`` from the
-   same generator; Philox streams of it give the mask and the dropout masks (specs.Stream).
+   same generator (also when the FFN is then skipped); Philox streams of it give the mask and the
+   dropout masks (specs.Stream).
+   If the draw of 1. is below ``dropping`` the FFN is skipped: it returns zeros, no FFN compute.
+   Under torch.compile the decision is a ``torch.cond``, so it causes no graph break.
 3. All projections readable as LinearWeights: one ``masked_gated_mlp``; otherwise each projection
    runs fused (``lora_linear``) or through its own forward, around ``masked_gated_act``.
 Draws come from the default generator inside the forward, so activation checkpointing (which saves
@@ -95,15 +97,24 @@ def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not mlp.training:
         return state.original_forward(mlp)(x)
     settings = state.settings
-    if settings.dropping > 0 and float(torch.rand(())) < settings.dropping:
-        return _skipped_output(mlp, x)
-
-    names = state.family.projection_names
-    projections = [read_projection(getattr(mlp, n)) for n in names]
+    skip = torch.rand(()) < settings.dropping if settings.dropping > 0 else None
+    projections = [read_projection(getattr(mlp, n)) for n in state.family.projection_names]
     random_dropout = any(p.weights is not None and p.weights.lora is not None and p.weights.lora.dropout > 0 for p in projections)
+    # Drawn even when the FFN is then skipped, so eager and compiled runs consume the same draws.
     seed = torch.randint(SEED_BOUND, (), dtype=torch.int64) if settings.masking > 0 or random_dropout else None
 
-    backend = ops.resolve(settings.backend, x.device)
+    def run(x):
+        return _run_ffn(mlp, x, state, projections, seed)
+
+    if skip is None:
+        return run(x)
+    if torch.compiler.is_compiling():  # no graph break on the decision
+        return torch.cond(skip, lambda x: _skipped_output(mlp, x), run, (x,))
+    return _skipped_output(mlp, x) if bool(skip) else run(x)
+
+
+def _run_ffn(mlp: nn.Module, x: torch.Tensor, state: MLPPatch, projections, seed) -> torch.Tensor:
+    backend = ops.resolve(state.settings.backend, x.device)
     autocast_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     if autocast_dtype is not None:
         x = x.to(autocast_dtype)

@@ -13,18 +13,18 @@ must reproduce the reference's masks bit for bit and its math within floating-po
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
+from ..kernels.env import interpreting
 from .torch_backend import TORCH, TorchBackend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 # How to get each compiled backend; shown when one is asked for and cannot run.
 _NOT_AVAILABLE = {
-    "triton": (
-        "backend='triton' is not available in this version of transpeft_kernels: the Triton kernels "
-        "have not landed yet. Use backend='torch' (or 'auto', which picks the fastest available)."
-    ),
     "cuda": (
         "backend='cuda' is not available in this version of transpeft_kernels: the CUDA C++ extension "
         "has not landed yet. Use backend='torch' (or 'auto', which picks the fastest available)."
@@ -40,14 +40,50 @@ def validate_backend_name(backend: object) -> str:
     return backend
 
 
+def triton_unavailable_reason() -> str | None:
+    """None when backend='triton' can run here: triton imports, and CUDA is available or Triton's
+    CPU interpreter is on (TRITON_INTERPRET=1, for CPU tensors). Otherwise how to get it."""
+    if importlib.util.find_spec("triton") is None:
+        return ("backend='triton' needs the triton package: `pip install triton` (Linux, with a CUDA GPU), "
+                "or use backend='torch' (or 'auto', which picks the fastest available).")
+    if torch.cuda.is_available() or interpreting():
+        return None
+    return ("backend='triton' needs a CUDA GPU (none is visible to torch); for CPU tensors it runs in "
+            "Triton's interpreter when TRITON_INTERPRET=1 is set before triton is imported (slow, for "
+            "tests). Otherwise use backend='torch' (or 'auto').")
+
+
+_TRITON: TorchBackend | None = None
+
+
+def _triton_backend() -> TorchBackend:
+    global _TRITON
+    if _TRITON is None:
+        from .triton_backend import TritonBackend
+
+        _TRITON = TritonBackend()
+    return _TRITON
+
+
 def check_available(backend: str) -> None:
     """Raise RuntimeError (saying how to get it) when an explicitly named backend cannot run here."""
     validate_backend_name(backend)
+    if backend == "triton":
+        reason = triton_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
     if backend in _NOT_AVAILABLE:
         raise RuntimeError(_NOT_AVAILABLE[backend])
 
 
 def resolve(backend: str, device: torch.device) -> TorchBackend:
-    """The backend object that runs tensors on ``device`` for the requested name."""
+    """The backend object that runs tensors on ``device`` for the requested name.
+
+    "auto": torch, for now. The Triton kernels pass their tests in the interpreter and compile for
+    sm_80/sm_90, but have not yet run on a GPU; "auto" switches to triton for CUDA tensors once the
+    GPU check (benchmarks/gpu_triton_check.py) has passed there. "triton": the Triton backend, which
+    itself falls back to torch for inputs its kernels do not cover (listed in ops/triton_backend.py)."""
     check_available(backend)
+    if backend == "triton":
+        return _triton_backend()
     return TORCH

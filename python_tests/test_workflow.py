@@ -1,0 +1,313 @@
+"""The transfer workflow end to end on tiny models: ``train``, ``transfer`` (with its retention gate), the
+demo in its tiny configuration, and every bad input the commands promise to reject in one line."""
+import json
+import math
+
+import pytest
+import torch
+
+from tiny_models import tiny_model
+from transpeft_kernels import cli
+
+pytest.importorskip("peft")
+
+NUMBERS = [str(i) for i in range(60)]
+WORDS = ["add", "and", "minus", "is", "what", "the", "sum", "of", ":", "?", "a", "note", "on", "numbers"]
+
+
+def _tokenizer():
+    """A word-level tokenizer over the test vocabulary; ids 0-2 are pad/bos/eos as in the tiny configs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for w in NUMBERS + WORDS:
+        vocab.setdefault(w, len(vocab))
+    assert len(vocab) <= 128
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def _save_base(path, seed=0, tokenizer=True, model_type="llama", **overrides):
+    tiny_model(model_type, seed=seed, **overrides).save_pretrained(path)
+    if tokenizer:
+        _tokenizer().save_pretrained(path)
+    return path
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _pairs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        a, b = (int(v) for v in torch.randint(0, 25, (2,), generator=g))
+        out.append({"prompt": f"what is the sum of {a} and {b} ?", "completion": f" {a + b}"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Two bases of the same architecture (old, new), data files and two trained adapters."""
+    root = tmp_path_factory.mktemp("workflow")
+    ns = type("WS", (), {})()
+    ns.root = root
+    ns.old = _save_base(root / "old", seed=0)
+    ns.new = _save_base(root / "new", seed=1)
+    ns.pc = _write_jsonl(root / "pc.jsonl", _pairs(24))
+    ns.text = _write_jsonl(root / "text.jsonl", [{"text": "a note on numbers : " + " ".join(NUMBERS[i:i + 12])}
+                                                 for i in range(0, 48, 6)])
+    ns.vanilla = root / "vanilla"
+    ns.transpeft = root / "transpeft"
+    common = ["--base", str(ns.old), "--data", str(ns.pc), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
+              "--r", "4", "--alpha", "8", "--no-progress"]
+    assert cli.main(["train", *common, "--out", str(ns.vanilla)]) == 0
+    assert cli.main(["train", *common, "--out", str(ns.transpeft), "--masking", "0.1", "--dropping", "0.1",
+                     "--targets", "q_proj", "v_proj", "gate_proj", "down_proj"]) == 0
+    return ns
+
+
+# ---- train ------------------------------------------------------------------------------------------
+
+def test_train_saves_a_plain_peft_adapter_and_a_log(ws):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    for adapter, patched in ((ws.vanilla, False), (ws.transpeft, True)):
+        assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+        log = json.loads((adapter / "train_log.json").read_text())
+        assert log["steps"] == 3 and len(log["losses"]) == 3 and all(math.isfinite(x) for x in log["losses"])
+        assert log["tokens_per_s"] > 0 and log["tokens"] > 0
+        assert (log["patch_report"] is not None) == patched
+        # Stock PEFT loads it on a fresh base, every saved tensor lands on the model, and B is trained.
+        saved = load_file(adapter / "adapter_model.safetensors")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ws.new), adapter)
+        names = {n for n, _ in model.named_parameters()}
+        assert all(k.replace(".weight", ".default.weight") in names for k in saved)
+        assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
+    log = json.loads((ws.transpeft / "train_log.json").read_text())
+    assert "masking=0.1, dropping=0.1" in log["patch_report"]
+    assert log["settings"]["adapter"]["targets"] == ["q_proj", "v_proj", "gate_proj", "down_proj"]
+
+
+def test_train_text_data_with_gradient_checkpointing_and_grad_accum(ws, capsys):
+    out = ws.root / "text_adapter"
+    rc = cli.main(["train", "--base", str(ws.old), "--data", str(ws.text), "--out", str(out), "--max-steps", "2",
+                   "--batch-size", "2", "--grad-accum", "2", "--gradient-checkpointing", "--masking", "0.2",
+                   "--max-length", "16", "--no-progress"])
+    assert rc == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 2 and log["settings"]["sequences"] > len(ws.text.read_text().splitlines())  # windows
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_train_is_reproducible_by_seed(ws):
+    from safetensors.torch import load_file
+
+    args = ["train", "--base", str(ws.old), "--data", str(ws.pc), "--max-steps", "2", "--batch-size", "4",
+            "--masking", "0.2", "--dropping", "0.3", "--lr", "1e-2", "--no-progress"]
+    for name in ("rep_a", "rep_b"):
+        assert cli.main([*args, "--out", str(ws.root / name)]) == 0
+    a = load_file(ws.root / "rep_a" / "adapter_model.safetensors")
+    b = load_file(ws.root / "rep_b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- transfer ---------------------------------------------------------------------------------------
+
+def test_transfer_reports_both_bases_and_writes_json(ws, capsys):
+    out = ws.root / "transfer.json"
+    rc = cli.main(["transfer", "--old-base", str(ws.old), "--new-base", str(ws.new), "--data", str(ws.pc),
+                   "--json", str(out), "--no-progress", str(ws.vanilla), str(ws.transpeft)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [a["path"] for a in res["adapters"]] == [str(ws.vanilla), str(ws.transpeft)]
+    for a in res["adapters"]:
+        assert set(a) == {"path", "old", "new", "retention"}
+        for base in ("old", "new"):
+            assert set(a[base]) == {"loss", "accuracy"}
+            assert math.isfinite(a[base]["loss"]) and 0.0 <= a[base]["accuracy"] <= 1.0
+        if a["old"]["accuracy"] > 0:
+            assert a["retention"] == pytest.approx(a["new"]["accuracy"] / a["old"]["accuracy"])
+        else:
+            assert a["retention"] is None
+    table = capsys.readouterr().out
+    assert "retention" in table and str(ws.vanilla) in table
+
+
+def test_transfer_text_data_uses_the_perplexity_ratio(ws):
+    out = ws.root / "transfer_text.json"
+    assert cli.main(["transfer", "--old-base", str(ws.old), "--new-base", str(ws.new), "--data", str(ws.text),
+                     "--json", str(out), "--no-progress", str(ws.vanilla)]) == 0
+    a = json.loads(out.read_text())["adapters"][0]
+    assert a["old"]["accuracy"] is None and a["new"]["accuracy"] is None
+    assert a["retention"] == pytest.approx(math.exp(a["old"]["loss"] - a["new"]["loss"]))
+
+
+def test_retention_gate_sets_the_exit_status(ws, capsys):
+    # Same base on both sides: retention is exactly 1 (perplexity ratio of identical losses).
+    same = ["transfer", "--old-base", str(ws.old), "--new-base", str(ws.old), "--data", str(ws.text), "--no-progress"]
+    assert cli.main([*same, "--min-retention", "0.99", str(ws.vanilla)]) == 0
+    # Against a different base, a gate above any achievable retention fails with exit status 1.
+    rc = cli.main(["transfer", "--old-base", str(ws.old), "--new-base", str(ws.new), "--data", str(ws.text),
+                   "--min-retention", "1e9", "--no-progress", str(ws.vanilla), str(ws.transpeft)])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "retention below" in out
+
+
+def test_a_gguf_file_is_accepted_as_a_base(ws, tmp_path):
+    from transpeft_kernels.workflow.bases import resolve_base
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"")
+    spec = resolve_base(f)
+    assert spec.gguf_file == "model.gguf" and spec.directory == tmp_path
+    assert resolve_base(tmp_path).gguf_file == "model.gguf"  # a directory holding one GGUF file
+
+
+# ---- bad input: one line, exit 2, nothing started ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad(ws):
+    """Bases, adapters and data files that the commands must reject."""
+    root = ws.root / "bad"
+    root.mkdir()
+    ns = type("Bad", (), {})()
+    ns.no_tokenizer = _save_base(root / "no_tokenizer", tokenizer=False)
+    ns.not_a_model = root / "empty_dir"
+    ns.not_a_model.mkdir()
+    ns.text_file = _write_jsonl(root / "notes.txt", ["hello"])
+    ns.missing = root / "does_not_exist"
+    ns.bad_json = _write_jsonl(root / "bad_json.jsonl", [{"text": "fine"}, "{not json"])
+    ns.no_fields = _write_jsonl(root / "no_fields.jsonl", [{"question": "2+2", "answer": "4"}])
+    ns.half_pair = _write_jsonl(root / "half_pair.jsonl", [{"prompt": "what is 2 and 2 ?"}])
+    ns.mixed = _write_jsonl(root / "mixed.jsonl", [{"text": "a note"}, {"prompt": "a", "completion": " 1"}])
+    ns.empty = _write_jsonl(root / "empty.jsonl", [])
+    ns.not_adapter = root / "not_adapter"
+    ns.not_adapter.mkdir()
+    from peft import LoraConfig, get_peft_model
+
+    # An adapter for another architecture (GPT-2 module names) and one for another hidden size.
+    ns.gpt2_adapter = root / "gpt2_adapter"
+    get_peft_model(tiny_model("gpt2"), LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(ns.gpt2_adapter)
+    ns.wide_adapter = root / "wide_adapter"
+    get_peft_model(tiny_model("llama", hidden_size=64, head_dim=16),
+                   LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(ns.wide_adapter)
+    return ns
+
+
+def _one_line_error(capsys, rc, *needles):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("transpeft: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _train_cases(ws, bad):
+    base, data = str(ws.old), str(ws.pc)
+    return {
+        "missing base": (["--base", str(bad.missing), "--data", data], ["--base", "does not exist"]),
+        "base is not a model": (["--base", str(bad.not_a_model), "--data", data], ["--base", "not a model directory"]),
+        "base is a plain file": (["--base", str(bad.text_file), "--data", data], ["--base", "not a .gguf"]),
+        "base without tokenizer": (["--base", str(bad.no_tokenizer), "--data", data], ["--base", "no tokenizer"]),
+        "missing data": (["--base", base, "--data", str(bad.missing)], ["--data", "does not exist"]),
+        "data is a directory": (["--base", base, "--data", str(bad.not_a_model)], ["--data", "not a file"]),
+        "data not JSON": (["--base", base, "--data", str(bad.bad_json)], ["--data", ":2", "not valid JSON"]),
+        "data without fields": (["--base", base, "--data", str(bad.no_fields)], ["--data", "'text'", "'prompt'"]),
+        "prompt without completion": (["--base", base, "--data", str(bad.half_pair)], ["--data", "'completion'"]),
+        "mixed records": (["--base", base, "--data", str(bad.mixed)], ["--data", "one kind per file"]),
+        "empty data": (["--base", base, "--data", str(bad.empty)], ["--data", "no records"]),
+        "masking out of range": (["--base", base, "--data", data, "--masking", "1.5"], ["--masking", "1.5"]),
+        "negative dropping": (["--base", base, "--data", data, "--dropping", "-0.1"], ["--dropping"]),
+        "zero rank": (["--base", base, "--data", data, "--r", "0"], ["--r"]),
+        "unknown target": (["--base", base, "--data", data, "--targets", "c_attn"], ["--targets", "c_attn"]),
+        "unknown backend": (["--base", base, "--data", data, "--backend", "tpu"], ["--backend"]),
+        "out is a file": (["--base", base, "--data", data, "--out", str(ws.pc)], ["--out", "not a directory"]),
+    }
+
+
+def test_train_rejects_every_bad_input_in_one_line(ws, bad, capsys, tmp_path):
+    for name, (args, needles) in _train_cases(ws, bad).items():
+        out = tmp_path / name.replace(" ", "_")
+        argv = ["train", *args, "--no-progress"] + ([] if "--out" in args else ["--out", str(out)])
+        _one_line_error(capsys, cli.main(argv), *needles)
+        assert not out.exists(), f"{name}: work started before the input was checked"
+
+
+def _transfer_cases(ws, bad):
+    old, new, pc = str(ws.old), str(ws.new), str(ws.pc)
+    good = str(ws.vanilla)
+    return {
+        "missing old base": (["--old-base", str(bad.missing), "--new-base", new, "--data", pc, good], ["--old-base"]),
+        "missing new base": (["--old-base", old, "--new-base", str(bad.missing), "--data", pc, good],
+                             ["--new-base", "does not exist"]),
+        "new base without tokenizer": (["--old-base", old, "--new-base", str(bad.no_tokenizer), "--data", pc, good],
+                                       ["--new-base", "no tokenizer"]),
+        "missing data": (["--old-base", old, "--new-base", new, "--data", str(bad.missing), good], ["--data"]),
+        "data without fields": (["--old-base", old, "--new-base", new, "--data", str(bad.no_fields), good],
+                                ["--data", "needs"]),
+        "missing adapter": (["--old-base", old, "--new-base", new, "--data", pc, good, str(bad.missing)],
+                            ["ADAPTER_DIR", "does not exist"]),
+        "not an adapter": (["--old-base", old, "--new-base", new, "--data", pc, str(bad.not_adapter)],
+                           ["ADAPTER_DIR", "adapter_config.json"]),
+        "adapter is a file": (["--old-base", old, "--new-base", new, "--data", pc, str(ws.pc)],
+                              ["ADAPTER_DIR", "not a directory"]),
+        "adapter for another architecture": (["--old-base", old, "--new-base", new, "--data", pc, str(bad.gpt2_adapter)],
+                                             ["ADAPTER_DIR", "another architecture"]),
+        "adapter for another hidden size": (["--old-base", old, "--new-base", new, "--data", pc, str(bad.wide_adapter)],
+                                            ["ADAPTER_DIR", "another hidden size", "64"]),
+        "negative gate": (["--old-base", old, "--new-base", new, "--data", pc, "--min-retention", "-1", good],
+                          ["--min-retention"]),
+        "json into a missing directory": (["--old-base", old, "--new-base", new, "--data", pc, "--json",
+                                           str(bad.missing / "out.json"), good], ["--json"]),
+    }
+
+
+def test_transfer_rejects_every_bad_input_in_one_line(ws, bad, capsys, monkeypatch):
+    import transpeft_kernels.workflow.bases as bases
+
+    def no_weights(*a, **k):  # nothing may be loaded, let alone evaluated, before the checks pass
+        raise AssertionError("weights loaded before the input was checked")
+
+    monkeypatch.setattr(bases, "load_model", no_weights)
+    for name, (args, needles) in _transfer_cases(ws, bad).items():
+        _one_line_error(capsys, cli.main(["transfer", "--no-progress", *args]), *needles)
+
+
+def test_missing_required_flag_is_argparse_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["transfer", "--old-base", "x", "--data", "y", "z"])
+    assert e.value.code == 2 and "--new-base" in capsys.readouterr().err
+
+
+# ---- demo ---------------------------------------------------------------------------------------------
+
+def test_demo_tiny_configuration_writes_results_and_chart(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert {(r["adapter"], r["base"]) for r in rows} == {
+        (a, b) for a in ("no adapter", "vanilla", "trans-peft", "retuned-on-new") for b in ("old", "new")}
+    for r in rows:
+        assert set(r) == {"adapter", "base", "accuracy", "loss"}
+        assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"])
+    assert set(res["retention"]) == {"no adapter", "vanilla", "trans-peft", "retuned-on-new"}
+    assert res["adapters"]["trans-peft"]["patched"] and not res["adapters"]["vanilla"]["patched"]
+    assert res["adapters"]["retuned-on-new"]["trained_on"] == "new"
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "new_base" / "model.safetensors").is_file() and (out / "new_base" / "tokenizer.json").is_file()
+    for name in ("vanilla", "trans-peft", "retuned-on-new"):
+        assert (out / "adapters" / name / "adapter_model.safetensors").is_file()
+    assert "built from a config" in capsys.readouterr().out  # says it is not the real model

@@ -1,0 +1,111 @@
+"""Benchmark records: one JSON object per line, each carrying the environment it was measured in.
+
+Fields of every record (None where not applicable):
+    op ("lora_linear" | "gated_mlp" | "train_step"), pass ("fwd" | "bwd" | "fwd+bwd"), impl, status
+    ("ok" | "skipped" | "error" | "numerics_mismatch"), reason, dtype, model, label, M, d, n, I, r,
+    masking, lora_dropout, median_ms, iqr_ms, reps, timer, buffers, peak_mem_bytes (max_memory_allocated
+    during one call), peak_extra_bytes (that minus what was allocated before the call), saved_bytes
+    (what autograd keeps for backward, parameters excluded), speedup_vs_vanilla (vanilla median / this
+    median, same case and pass), numerics_rel_err, numerics_mode, preset, device, gpu, torch, triton,
+    cuda, transformers, peft, commit, time.
+train_step records add dropping, checkpointing, layers, tokens_per_s.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+REQUIRED_FIELDS = (
+    "op", "pass", "impl", "status", "dtype", "M", "d", "n", "I", "r", "masking", "lora_dropout", "median_ms",
+    "peak_mem_bytes", "saved_bytes", "speedup_vs_vanilla", "gpu", "torch", "triton", "cuda", "commit",
+)
+COMMIT_ENV = "TPK_COMMIT"
+COMMIT_FILE = "COMMIT"  # at the repository root, for machines without git
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: the record says so by None
+        return None
+
+
+def commit(repo: Path | None = None) -> str:
+    """The source version measured: $TPK_COMMIT, else a COMMIT file at the repo root, else git
+    (with "-dirty" when the tree has uncommitted changes), else "unknown"."""
+    repo = repo or Path(__file__).resolve().parents[2]
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV].strip()
+    f = repo / COMMIT_FILE
+    if f.is_file() and f.read_text().strip():
+        return f.read_text().strip()
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """What every record carries about where and with what it was measured."""
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = None
+    return {
+        "device": device.type, "gpu": gpu, "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda,
+        "transformers": _version("transformers"), "peft": _version("peft"), "commit": commit(),
+    }
+
+
+def make_record(env: dict, preset: str, **fields) -> dict:
+    rec = {k: None for k in REQUIRED_FIELDS}
+    rec.update(fields)
+    rec.update(env)
+    rec["preset"] = preset
+    rec["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return rec
+
+
+def add_speedups(records: list[dict]) -> None:
+    """Set speedup_vs_vanilla on records of one case and pass (in place): vanilla median / own median."""
+    vanilla = [r for r in records if r["impl"] == "vanilla" and r.get("median_ms")]
+    base = vanilla[0]["median_ms"] if vanilla else None
+    for r in records:
+        r["speedup_vs_vanilla"] = round(base / r["median_ms"], 4) if base and r.get("median_ms") else None
+
+
+def append_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Append and flush at once, so a run cut short keeps everything measured so far."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn last line (a run killed mid-write) is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,16 @@
+"""Triton kernels of transpeft_kernels (one module per kernel family) and their launchers.
+
+    masked_gated_act   h' = act(g) * u * keep * c, and (dg, du)          masked_gated_act.py
+    lora_shrink        S = dropout_q(x) A^T   (also t = dY B)              lora_shrink.py
+    gemm_lora_expand   Y = X W^T + b + s * D(S B^T)   (forward and dX)     gemm_lora_expand.py
+    token_reduce       scale * P^T D(Q) (+ colsum P)   (dW, db, dA, dB)    token_reduce.py
+    gate_up_act        gate/up GEMM with the masked activation epilogue    gate_up_act.py
+
+Import this package only after choosing TRITON_INTERPRET (it is read when the kernels are defined).
+"""
+from .gemm_lora_expand import gemm_lora_expand
+from .lora_shrink import lora_shrink
+from .masked_gated_act import masked_gated_act_bwd, masked_gated_act_fwd
+from .token_reduce import token_reduce
+
+__all__ = ["gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]

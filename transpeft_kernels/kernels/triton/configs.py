@@ -1,0 +1,192 @@
+"""Launch configurations: per-architecture autotune sets, fixed defaults, and the tuner.
+
+Every kernel family has
+  * a fixed DEFAULT config per architecture (used when autotuning is off, and the first candidate),
+  * a list of CANDIDATES per architecture that the tuner times once per shape key,
+  * one small config for the CPU interpreter (timing there is meaningless and slow).
+Architectures: "sm_90" (H100/H200), "sm_80" (A100; also used for other CUDA devices), "interp".
+
+Autotuning runs on CUDA unless TRANSPEFT_TRITON_AUTOTUNE=0; the key is (kernel, arch, the shape
+key each launcher gives — token counts bucketed to powers of two — and the dtype codes), so a new
+batch size in the same bucket does not re-tune. Candidates whose estimated shared memory exceeds
+the device limit are dropped before timing; ``compile-check`` verifies the real figure.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.testing
+
+from ._common import interpreting
+
+SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    meta: tuple  # ((name, value), ...) block-size constexprs
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def kwargs(self) -> dict:
+        return dict(self.meta)
+
+    def __getitem__(self, name):
+        return dict(self.meta)[name]
+
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.meta) + f",w={self.num_warps},s={self.num_stages}"
+
+
+def cfg(num_warps=4, num_stages=2, **meta) -> KernelConfig:
+    return KernelConfig(tuple(sorted(meta.items())), num_warps, num_stages)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Configs of one kernel family. ``smem(config, elem_bytes)`` estimates its shared memory."""
+
+    name: str
+    default: dict  # arch -> KernelConfig
+    candidates: dict  # arch -> list[KernelConfig]
+    smem: object = field(default=None)
+
+    def configs(self, arch: str) -> list[KernelConfig]:
+        out = [self.default[arch]]
+        out += [c for c in self.candidates.get(arch, []) if c != self.default[arch]]
+        return out
+
+
+def _gemm_smem(c: KernelConfig, elem: int) -> int:
+    return c.num_stages * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * elem
+
+
+def _tn_smem(c: KernelConfig, elem: int) -> int:
+    return c.num_stages * (c["BLOCK_A"] + c["BLOCK_B"]) * c["BLOCK_T"] * elem
+
+
+def _shrink_smem(c: KernelConfig, elem: int) -> int:
+    return c.num_stages * (c["BLOCK_M"] + 64) * c["BLOCK_K"] * elem
+
+
+# Y = X W^T (+ fused epilogues): the big GEMMs (forward, dX, gate/up).
+GEMM = Family(
+    "gemm",
+    default={
+        "sm_90": cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        "sm_80": cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        "interp": cfg(4, 1, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
+    },
+    candidates={
+        "sm_90": [
+            cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            cfg(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        ],
+        "sm_80": [
+            cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        ],
+    },
+    smem=_gemm_smem,
+)
+
+# S = dropout(X) A^T and t = dY B: rank-sized outputs, K-long reductions.
+SHRINK = Family(
+    "shrink",
+    default={
+        "sm_90": cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+        "sm_80": cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
+        "interp": cfg(4, 1, BLOCK_M=32, BLOCK_K=64),
+    },
+    candidates={
+        "sm_90": [cfg(4, 4, BLOCK_M=32, BLOCK_K=128), cfg(8, 3, BLOCK_M=128, BLOCK_K=64), cfg(4, 4, BLOCK_M=64, BLOCK_K=64)],
+        "sm_80": [cfg(4, 4, BLOCK_M=32, BLOCK_K=128), cfg(4, 3, BLOCK_M=128, BLOCK_K=32), cfg(4, 4, BLOCK_M=64, BLOCK_K=128)],
+    },
+    smem=_shrink_smem,
+)
+
+# out = P^T Q over the token dimension: dW, dA, dB (and db).
+TOKEN_REDUCE = Family(
+    "token_reduce",
+    default={
+        "sm_90": cfg(8, 3, BLOCK_A=128, BLOCK_B=128, BLOCK_T=64),
+        "sm_80": cfg(8, 3, BLOCK_A=128, BLOCK_B=128, BLOCK_T=32),
+        "interp": cfg(4, 1, BLOCK_A=64, BLOCK_B=64, BLOCK_T=32),
+    },
+    candidates={
+        "sm_90": [cfg(4, 4, BLOCK_A=64, BLOCK_B=128, BLOCK_T=64), cfg(4, 4, BLOCK_A=128, BLOCK_B=64, BLOCK_T=64),
+                  cfg(8, 4, BLOCK_A=128, BLOCK_B=256, BLOCK_T=64)],
+        "sm_80": [cfg(4, 4, BLOCK_A=64, BLOCK_B=128, BLOCK_T=32), cfg(4, 4, BLOCK_A=128, BLOCK_B=64, BLOCK_T=32),
+                  cfg(4, 3, BLOCK_A=64, BLOCK_B=64, BLOCK_T=64)],
+    },
+    smem=_tn_smem,
+)
+
+# Elementwise masked activation forward/backward.
+ELEMENTWISE = Family(
+    "elementwise",
+    default={
+        "sm_90": cfg(4, 1, BLOCK_M=4, BLOCK_N=512),
+        "sm_80": cfg(4, 1, BLOCK_M=4, BLOCK_N=512),
+        "interp": cfg(4, 1, BLOCK_M=16, BLOCK_N=256),
+    },
+    candidates={
+        "sm_90": [cfg(8, 1, BLOCK_M=8, BLOCK_N=1024), cfg(4, 1, BLOCK_M=2, BLOCK_N=1024)],
+        "sm_80": [cfg(8, 1, BLOCK_M=8, BLOCK_N=1024), cfg(4, 1, BLOCK_M=2, BLOCK_N=1024)],
+    },
+)
+
+FAMILIES = {f.name: f for f in (GEMM, SHRINK, TOKEN_REDUCE, ELEMENTWISE)}
+
+
+def arch_of(device: torch.device) -> str:
+    if interpreting() or device.type != "cuda":
+        return "interp"
+    major, minor = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("TRANSPEFT_TRITON_AUTOTUNE", "1") not in ("0", "", "false", "False")
+
+
+def bucket(n: int) -> int:
+    """Token counts are tuned per power-of-two bucket (any new batch size would re-tune otherwise)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+_CACHE: dict = {}
+
+
+def choose(family: Family, device: torch.device, key: tuple, elem_bytes: int, launch) -> KernelConfig:
+    """The config to launch with. ``launch(config)`` runs the kernel once (outputs are overwritten,
+    never accumulated, so timing by real launches is harmless)."""
+    arch = arch_of(device)
+    if arch == "interp" or not autotune_enabled():
+        return family.default[arch]
+    full_key = (family.name, arch, key)
+    hit = _CACHE.get(full_key)
+    if hit is not None:
+        return hit
+    limit = SHARED_LIMIT[arch]
+    cands = [c for c in family.configs(arch) if family.smem is None or family.smem(c, elem_bytes) <= limit]
+    best, best_ms = family.default[arch], float("inf")
+    for c in cands:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20)
+        except Exception:  # a candidate that does not fit (registers/shared memory) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = c, ms
+    _CACHE[full_key] = best
+    return best

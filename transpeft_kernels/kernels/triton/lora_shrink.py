@@ -1,0 +1,108 @@
+"""LoRA shrink with fused dropout: ``S = dropout_q(cast(X)) A^T`` — and, with q = 0, ``t = dY B``.
+
+Shapes: X (M, K) any strides; A (R, K) any strides (pass ``B.t()`` to compute t = dY B); S (M, R).
+    xd[m, k] = cast(X[m, k]) * keep[m, k] * scale,   keep[m, k] = tl.rand(seed, m * K + k) >= q
+    S[m, r]  = sum_k xd[m, k] A[r, k]                (fp32 accumulation, stored in S's dtype)
+cast() rounds X to the adapter dtype first (PEFT casts x to the LoRA dtype), scale = 1/(1-q) rounded
+to that dtype, so the dropped input is bit-identical to ``reference.lora_dropout``. The mask is
+regenerated from (seed, row, column), never stored.
+
+One program owns BLOCK_M rows and one BLOCK_R-wide slice of the rank and loops over K.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep, pow2_at_least,
+                      rounded_to, seed_on, upcast_dots)
+
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, a_ptr, s_ptr, seed_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    drop_p, drop_scale,
+    HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    r64 = rows.to(tl.int64)
+    k_idx = tl.arange(0, BLOCK_K)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + k_idx
+        k_ok = ks < K
+        k64 = ks.to(tl.int64)
+        x = tl.load(x_ptr + r64[:, None] * stride_xm + k64[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = dot_operand(x, DOT_DTYPE, False)  # round to the adapter dtype first, as PEFT's cast does
+        if HAS_DROPOUT:
+            keep = philox_keep(seed, rows, ks, K, drop_p)
+            x = dot_operand(tl.where(keep, x.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
+        # A^T tile (BLOCK_K, BLOCK_R), read straight from A's strides
+        a = tl.load(a_ptr + ranks.to(tl.int64)[None, :] * stride_ar + k64[:, None] * stride_ak,
+                    mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc += tl.dot(dot_operand(x, DOT_DTYPE, UPCAST), dot_operand(a, DOT_DTYPE, UPCAST),
+                      input_precision="ieee")
+    tl.store(s_ptr + r64[:, None] * stride_sm + ranks.to(tl.int64)[None, :] * stride_sr,
+             cast_like(acc, s_ptr), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+def block_r(R: int) -> int:
+    """Rank slice per program: the whole rank up to 64 (one pass over X), 64-wide slices beyond."""
+    return min(64, pow2_at_least(R))
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """S = dropout_q(cast_a(x)) a^T: x (M, K), a (R, K) -> S (M, R) in ``out_dtype`` (default a's dtype).
+
+    x is cast to a's dtype before dropout and the product (PEFT's adapter-dtype semantics).
+    ``seed``: the projection's Philox stream key (int64 tensor), required when dropout > 0.
+    ``out``: optional (M, R) tensor to write into (must not alias an input).
+    """
+    check_2d(x, "x")
+    check_2d(a, "a")
+    dtype_code(x, "x")
+    code = dtype_code(a, "a")
+    if a.shape[1] != x.shape[1]:
+        raise ValueError(f"a: expected {x.shape[1]} columns to match x (M, K), got shape {tuple(a.shape)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    if dropout > 0 and seed is None:
+        raise ValueError("seed: required when dropout > 0")
+    device = check_same_device(x=x, a=a)
+    M, K = x.shape
+    R = a.shape[0]
+    check_out(out, (M, R), out_dtype or a.dtype)
+    s = torch.empty((M, R), dtype=out_dtype or a.dtype, device=device) if out is None else out
+    if M == 0 or R == 0:
+        return s
+    if K == 0:
+        return s.zero_()
+    has_drop = dropout > 0
+    seed_t = seed_on(seed, device) if has_drop else x
+    scale = rounded_to(1.0 / (1.0 - dropout), a.dtype) if has_drop else 1.0
+    br = block_r(R)
+
+    def launch(config):
+        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(R, br))
+        lora_shrink_kernel[grid](
+            x, a, s, seed_t, M, K, R,
+            x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
+            float(dropout), scale,
+            HAS_DROPOUT=has_drop, DOT_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=br,
+            num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
+
+    key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, has_drop)
+    launch(configs.choose(configs.SHRINK, device, key, a.element_size(), launch))
+    return s

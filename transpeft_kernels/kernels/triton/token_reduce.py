@@ -1,0 +1,166 @@
+"""Reductions over the token dimension: ``out = scale * P^T D(Q)`` and optionally ``colsum(P)``.
+
+Shapes: P (T, A), Q (T, B) with arbitrary strides; out (A, B) with arbitrary strides (pass ``dA.t()``
+to write a transposed result); colsum (A,). T is the token count (the long dimension).
+
+    out[a, b]  = scale * sum_t cast(P[t, a]) * D(cast(Q[t, b]))
+    D(q)[t, b] = q[t, b] * keep[t, b] * drop_scale,  keep[t, b] = tl.rand(seed, t * B + b) >= drop_p
+    colsum[a]  = sum_t P[t, a]                         (the bias gradient, fused into the dW pass)
+cast() rounds to the dtype the reference multiplies in (DOT_DTYPE); accumulation is fp32.
+
+Gradients of a LoRA linear (t = dY B, S = dropout_q(x) A^T):
+    dW = dY^T x            P = dY, Q = x                     (+ db = colsum(dY))
+    dB = s dY^T S          P = dY, Q = S
+    dA = s t^T dropout(x)  P = t,  Q = x, D = the forward's dropout mask
+Deterministic: each program owns one output tile of one token split; with several splits (to fill
+the GPU when A x B is small), fp32 partials go to a (splits, A, B) buffer summed in a fixed order
+afterwards. No atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
+                      pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
+
+
+@triton.jit
+def token_reduce_kernel(
+    p_ptr, q_ptr, out_ptr, colsum_ptr, seed_ptr,
+    T, A, B, tokens_per_split,
+    stride_pt, stride_pa, stride_qt, stride_qb, stride_os, stride_oa, stride_ob, stride_cs, stride_ca,
+    scale, drop_p, drop_scale,
+    Q_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    pid_a = tl.program_id(0) // tiles_b
+    pid_b = tl.program_id(0) % tiles_b
+    split = tl.program_id(1)
+    a_idx = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    b_idx = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    a_ok = a_idx < A
+    b_ok = b_idx < B
+    a64 = a_idx.to(tl.int64)
+    b64 = b_idx.to(tl.int64)
+    t_start = split * tokens_per_split
+    t_stop = tl.minimum(T, t_start + tokens_per_split)
+    if Q_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    csum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for t0 in range(t_start, t_stop, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        t_ok = ts < t_stop
+        t64 = ts.to(tl.int64)
+        pt = tl.load(p_ptr + a64[:, None] * stride_pa + t64[None, :] * stride_pt,
+                     mask=a_ok[:, None] & t_ok[None, :], other=0.0)  # P^T tile (BLOCK_A, BLOCK_T)
+        q = tl.load(q_ptr + t64[:, None] * stride_qt + b64[None, :] * stride_qb,
+                    mask=t_ok[:, None] & b_ok[None, :], other=0.0)
+        q = dot_operand(q, DOT_DTYPE, False)
+        if Q_DROPOUT:
+            keep = philox_keep(seed, ts, b_idx, B, drop_p)
+            q = dot_operand(tl.where(keep, q.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
+        if HAS_COLSUM:
+            if pid_b == 0:
+                csum += tl.sum(pt.to(tl.float32), axis=1)
+        acc += tl.dot(dot_operand(pt, DOT_DTYPE, UPCAST), dot_operand(q, DOT_DTYPE, UPCAST), input_precision="ieee")
+    out = out_ptr + split.to(tl.int64) * stride_os + a64[:, None] * stride_oa + b64[None, :] * stride_ob
+    tl.store(out, cast_like(acc * scale, out_ptr), mask=a_ok[:, None] & b_ok[None, :])
+    if HAS_COLSUM:
+        if pid_b == 0:
+            tl.store(colsum_ptr + split.to(tl.int64) * stride_cs + a64 * stride_ca, cast_like(csum, colsum_ptr), mask=a_ok)
+
+
+def _auto_splits(tiles: int, T: int, block_t: int, device: torch.device) -> int:
+    """Token splits so that tiles x splits roughly fills the GPU twice; 1 in the interpreter."""
+    if device.type != "cuda" or configs.arch_of(device) == "interp":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(tiles, 1))
+    most = max(1, T // (4 * block_t))  # keep at least 4 token blocks per split
+    return max(1, min(want, most, 64))
+
+
+def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_dtype: torch.dtype,
+                 scale: float = 1.0, dropout: float = 0.0, seed: torch.Tensor | None = None,
+                 colsum_dtype: torch.dtype | None = None, transpose_out: bool = False,
+                 splits: int | None = None, out: torch.Tensor | None = None):
+    """(scale * p^T D(q), colsum(p) or None). p (T, A), q (T, B); out (A, B) in ``out_dtype``, or
+    (B, A) holding the transposed product when ``transpose_out``. Operands are rounded to
+    ``dot_dtype`` before the product (the reference's adapter or base dtype); fp32 accumulation.
+    ``colsum_dtype``: also return sum over tokens of p, in that dtype. ``splits``: token splits
+    (None: chosen from the device; any value gives the same result up to fp32 summation order).
+    ``out``: optional tensor of the result's shape and dtype to write into (must not alias p or q)."""
+    check_2d(p, "p")
+    check_2d(q, "q")
+    dtype_code(p, "p")
+    dtype_code(q, "q")
+    if dot_dtype not in DTYPE_CODES:
+        raise TypeError(f"dot_dtype: expected float32, float16 or bfloat16, got {dot_dtype}")
+    if p.shape[0] != q.shape[0]:
+        raise ValueError(f"q: expected {p.shape[0]} rows (tokens) like p, got shape {tuple(q.shape)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    if dropout > 0 and seed is None:
+        raise ValueError("seed: required when dropout > 0")
+    device = check_same_device(p=p, q=q)
+    T, A = p.shape
+    B = q.shape[1]
+    shape = (B, A) if transpose_out else (A, B)
+    check_out(out, shape, out_dtype)
+    if T == 0 or A == 0 or B == 0:
+        res = torch.zeros(shape, dtype=out_dtype, device=device) if out is None else out.zero_()
+        return res, (torch.zeros(A, dtype=colsum_dtype, device=device) if colsum_dtype else None)
+    has_drop = dropout > 0
+    seed_t = seed_on(seed, device) if has_drop else p
+    drop_scale = rounded_to(1.0 / (1.0 - dropout), dot_dtype) if has_drop else 1.0
+    arch = configs.arch_of(device)
+    elem = torch.empty((), dtype=dot_dtype).element_size()
+
+    def meta(config):
+        m = config.kwargs()
+        # A rank-sized side gets one block of exactly its (padded) width: no wasted tiles.
+        if A <= 64:
+            m["BLOCK_A"] = pow2_at_least(A)
+        if B <= 64:
+            m["BLOCK_B"] = pow2_at_least(B)
+        return m
+
+    def run(config, n_splits):
+        m = meta(config)
+        tiles = triton.cdiv(A, m["BLOCK_A"]) * triton.cdiv(B, m["BLOCK_B"])
+        if n_splits is None:
+            n_splits = _auto_splits(tiles, T, m["BLOCK_T"], device)
+        per_split = triton.cdiv(triton.cdiv(T, n_splits), m["BLOCK_T"]) * m["BLOCK_T"]
+        n_splits = triton.cdiv(T, per_split)
+        if n_splits == 1:
+            full = torch.empty(shape, dtype=out_dtype, device=device) if out is None else out
+            cs = torch.empty(A, dtype=colsum_dtype, device=device) if colsum_dtype else None
+            part, cpart = full.unsqueeze(0), None if cs is None else cs.unsqueeze(0)
+        else:
+            part = torch.empty((n_splits, *shape), dtype=torch.float32, device=device)
+            cpart = torch.empty((n_splits, A), dtype=torch.float32, device=device) if colsum_dtype else None
+        so, s1, s2 = part.stride()
+        soa, sob = (s2, s1) if transpose_out else (s1, s2)
+        token_reduce_kernel[(tiles, n_splits)](
+            p, q, part, cpart if cpart is not None else part, seed_t,
+            T, A, B, per_split,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), so, soa, sob,
+            cpart.stride(0) if cpart is not None else 0, cpart.stride(1) if cpart is not None else 0,
+            float(scale), float(dropout), drop_scale,
+            Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=DTYPE_CODES[dot_dtype],
+            UPCAST=upcast_dots(), num_warps=config.num_warps, num_stages=config.num_stages, **m)
+        if n_splits == 1:
+            return part[0], None if cpart is None else cpart[0]
+        # fixed-order sum of the fp32 partials: deterministic, no atomics
+        total = part.sum(0)
+        total = total.to(out_dtype) if out is None else out.copy_(total)
+        return total, None if cpart is None else cpart.sum(0).to(colsum_dtype)
+
+    key = ("token_reduce", configs.bucket(T), A, B, p.dtype, q.dtype, dot_dtype, has_drop, colsum_dtype)
+    config = configs.choose(configs.TOKEN_REDUCE, device, key, elem, lambda c: run(c, splits))
+    return run(config, splits)

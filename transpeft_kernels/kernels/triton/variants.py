@@ -1,0 +1,160 @@
+"""Every compiled variant of the Triton kernels, for ``python -m transpeft_kernels compile-check``.
+
+A variant is one kernel with its constexprs fixed (dtypes, layout flags, block sizes) and its launch
+options (warps, stages). The set covers each I/O dtype and layout of every kernel with the default
+config of the architecture, and every autotune candidate of the architecture with bf16 operands (the
+performance dtype) — candidates whose shared-memory estimate exceeds the limit for a dtype are
+dropped by the tuner at run time, so they are compiled only where the tuner could pick them.
+
+Run as a module (``python -m transpeft_kernels.kernels.triton.variants --arch 90``) in a process
+WITHOUT TRITON_INTERPRET: it compiles each variant with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`` (no GPU needed) and prints one JSON line per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from . import configs
+from ._common import BF16, CODE_NAMES, FP16, FP32
+
+_PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16"}
+_FLOAT_ARGS = {"p", "c", "scaling", "drop_p", "drop_scale", "scale"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str  # module.function
+    label: str
+    pointers: dict  # pointer arg -> signature type
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    def load(self):
+        import importlib
+
+        mod, fn = self.kernel.rsplit(".", 1)
+        return getattr(importlib.import_module(f"{__package__}.{mod}"), fn)
+
+
+def _v(kernel, label, pointers, constexprs, config, **extra):
+    meta = {**config.kwargs(), **extra}
+    return Variant(kernel, label, pointers, {**constexprs, **meta}, config.num_warps, config.num_stages)
+
+
+def variants(arch: str) -> list[Variant]:
+    fam = configs.FAMILIES
+    out: list[Variant] = []
+    default = {name: f.default[arch] for name, f in fam.items()}
+    extra = {name: [c for c in f.configs(arch) if c != f.default[arch]] for name, f in fam.items()}
+
+    # masked gated activation: every dtype, every activation (cycled over dtypes), mask on and off
+    for code, act in ((FP32, 0), (FP16, 1), (BF16, 2), (BF16, 0)):
+        has_mask = not (code == BF16 and act == 0)
+        for kern, ptrs in (("fwd", ("g_ptr", "u_ptr", "h_ptr")), ("bwd", ("dh_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr"))):
+            p = {n: _PTR[code] for n in ptrs} | {"seed_ptr": "*i64"}
+            configs_here = [default["elementwise"]] + (extra["elementwise"] if code == BF16 and act == 2 else [])
+            for c in configs_here:
+                out.append(_v(f"masked_gated_act.masked_gated_act_{kern}_kernel",
+                              f"act_{kern} {CODE_NAMES[code]} act={act} mask={has_mask}", p,
+                              dict(ACT=act, HAS_MASK=has_mask), c))
+
+    # LoRA shrink: (x dtype, adapter dtype), with and without dropout
+    for xc, ac, drop in ((FP32, FP32, True), (BF16, FP32, True), (BF16, BF16, True), (FP16, FP32, False), (FP16, FP16, True)):
+        p = {"x_ptr": _PTR[xc], "a_ptr": _PTR[ac], "s_ptr": _PTR[ac], "seed_ptr": "*i64"}
+        for c in [default["shrink"]] + (extra["shrink"] if (xc, ac) == (BF16, BF16) else []):
+            for br in ((16, 64) if c is default["shrink"] and (xc, ac) == (BF16, BF16) else (16,)):
+                out.append(_v("lora_shrink.lora_shrink_kernel",
+                              f"shrink x={CODE_NAMES[xc]} A={CODE_NAMES[ac]} drop={drop} R={br}", p,
+                              dict(HAS_DROPOUT=drop, DOT_DTYPE=ac, UPCAST=False), c, BLOCK_R=br))
+
+    # base GEMM + LoRA expand: forward (bias, no epilogue mask) and dX (epilogue mask), no-LoRA
+    gemm_cases = [(FP32, FP32, True, False), (BF16, FP32, True, False), (BF16, BF16, True, False),
+                  (FP16, FP32, True, False), (FP16, FP16, True, False), (BF16, FP32, False, True),
+                  (BF16, BF16, False, True), (FP16, FP16, False, True)]
+    for xc, lc, bias, drop in gemm_cases:
+        p = {"x_ptr": _PTR[xc], "w_ptr": _PTR[xc], "bias_ptr": _PTR[xc], "s_ptr": _PTR[lc], "b_ptr": _PTR[lc],
+             "y_ptr": _PTR[xc], "seed_ptr": "*i64"}
+        for c in [default["gemm"]] + (extra["gemm"] if (xc, lc, drop) == (BF16, FP32, False) else []):
+            out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel",
+                          f"expand x={CODE_NAMES[xc]} lora={CODE_NAMES[lc]} bias={bias} dropmask={drop}", p,
+                          dict(HAS_BIAS=bias, HAS_LORA=True, LORA_DROPOUT=drop, X_DTYPE=xc, LORA_DTYPE=lc, UPCAST=False),
+                          c, BLOCK_R=16))
+    p = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "s_ptr", "b_ptr", "y_ptr")} | {"seed_ptr": "*i64"}
+    out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel", "expand x=bf16 no-lora", p,
+                  dict(HAS_BIAS=False, HAS_LORA=False, LORA_DROPOUT=False, X_DTYPE=BF16, LORA_DTYPE=BF16, UPCAST=False),
+                  default["gemm"], BLOCK_R=16))
+
+    # token reductions: dA (narrow A, dropout on Q), dB (narrow B), dW + db (wide, colsum)
+    tr_cases = [("dA", FP32, FP32, FP32, True, False, {"BLOCK_A": 16}), ("dA", BF16, BF16, BF16, True, False, {"BLOCK_A": 16}),
+                ("dB", BF16, FP32, FP32, False, False, {"BLOCK_B": 16}), ("dW", BF16, BF16, BF16, False, True, {}),
+                ("dW", FP16, FP16, FP16, False, True, {}), ("dW", FP32, FP32, FP32, False, True, {})]
+    for what, pc, qc, dc, drop, colsum, narrow in tr_cases:
+        p = {"p_ptr": _PTR[pc], "q_ptr": _PTR[qc], "out_ptr": _PTR[dc], "colsum_ptr": _PTR[pc], "seed_ptr": "*i64"}
+        for c in [default["token_reduce"]] + (extra["token_reduce"] if (what, dc) == ("dW", BF16) else []):
+            out.append(_v("token_reduce.token_reduce_kernel",
+                          f"token_reduce {what} P={CODE_NAMES[pc]} Q={CODE_NAMES[qc]} dot={CODE_NAMES[dc]}", p,
+                          dict(Q_DROPOUT=drop, HAS_COLSUM=colsum, DOT_DTYPE=dc, UPCAST=False), c, **narrow))
+    return out
+
+
+def compile_variant(v: Variant, arch: int) -> dict:
+    """Compile for sm_<arch>; returns a JSON-able row (ok, shared bytes, limit, seconds, error)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = v.load()
+    sig = {}
+    for name in fn.arg_names:
+        if name in v.constexprs:
+            sig[name] = "constexpr"
+        elif name in v.pointers:
+            sig[name] = v.pointers[name]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    limit = configs.SHARED_LIMIT[f"sm_{arch}"]
+    row = dict(arch=arch, kernel=v.kernel.rsplit(".", 1)[1], label=v.label,
+               config=",".join(f"{k}={val}" for k, val in sorted(v.constexprs.items()) if k.startswith(("BLOCK", "GROUP")))
+               + f",w={v.num_warps},s={v.num_stages}", limit=limit)
+    t0 = time.time()
+    try:
+        compiled = triton.compile(ASTSource(fn, sig, v.constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+        shared = int(compiled.metadata.shared)
+        row.update(shared=shared, ok=shared <= limit, error="" if shared <= limit else "shared memory over the limit")
+    except Exception as e:  # report every failure in the table instead of stopping at the first
+        root = e
+        while root.__cause__ is not None:  # the compiler wraps the real error (e.g. a NameError)
+            root = root.__cause__
+        lines = [ln for ln in str(root).splitlines() if ln.strip()]
+        row.update(shared=None, ok=False, error=f"{type(root).__name__}: {lines[-1][:300] if lines else ''}")
+    row["seconds"] = round(time.time() - t0, 2)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, required=True, choices=(80, 90))
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile variants in a process without TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default; silences 3.9's notice
+    bad = 0
+    for v in variants("sm_90" if args.arch == 90 else "sm_80"):
+        row = compile_variant(v, args.arch)
+        bad += not row["ok"]
+        print(json.dumps(row), flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The demo's PNG chart: accuracy (and loss) of each adapter on the old and the new base."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_chart(results: dict, path: Path) -> Path:
+    """Grouped bars per adapter (old base, new base): exact-match accuracy on the left, target loss on the
+    right, retention written over each adapter's accuracy pair. Written with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    names = list(dict.fromkeys(r["adapter"] for r in rows))
+    value = {(r["adapter"], r["base"]): r for r in rows}
+    x = range(len(names))
+    width = 0.38
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((ax_acc, "accuracy", "exact-match accuracy"), (ax_loss, "loss", "answer loss (nats/token)")):
+        for offset, base, color in ((-width / 2, "old", "#4C72B0"), (width / 2, "new", "#DD8452")):
+            vals = [value[(n, base)][key] or 0.0 for n in names]
+            ax.bar([i + offset for i in x], vals, width, label=f"{base} base", color=color)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=15)
+        ax.set_ylabel(label)
+        ax.legend(frameon=False)
+    for i, n in enumerate(names):
+        ret = results.get("retention", {}).get(n)
+        top = max(value[(n, "old")]["accuracy"] or 0.0, value[(n, "new")]["accuracy"] or 0.0)
+        if ret is not None:
+            ax_acc.text(i, top + 0.01, f"retention {ret:.2f}", ha="center", va="bottom", fontsize=8)
+    ax_acc.set_ylim(0, min(1.0, max([(r["accuracy"] or 0.0) for r in rows] + [0.05]) * 1.25 + 0.02))
+    fig.suptitle(f"Adapters on the old base and on the updated base ({results.get('old_base', '')}, "
+                 f"{results.get('mode', '')} mode)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,110 @@
+"""JSONL datasets for training and evaluation, validated before any model work starts.
+
+Two kinds, one per file:
+- ``{"text": ...}``: language-model loss over the whole text;
+- ``{"prompt": ..., "completion": ...}``: loss on the completion only, and exact-match accuracy by greedy
+  decoding of the prompt.
+Every problem is reported as one ``UserError`` line naming the file and line.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cli import UserError
+
+TEXT = "text"
+PROMPT_COMPLETION = "prompt/completion"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record: ``text`` set for the text kind; ``prompt`` and ``completion`` for the other."""
+
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    kind: str  # TEXT or PROMPT_COMPLETION
+    examples: tuple[Example, ...]
+    source: str = "<memory>"
+
+    @property
+    def has_completions(self) -> bool:
+        return self.kind == PROMPT_COMPLETION
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def _record_kind(obj, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prompt" in obj or "completion" in obj:
+        for key in ("prompt", "completion"):
+            if not isinstance(obj.get(key), str):
+                raise UserError(f"{where}: a prompt/completion record needs string fields 'prompt' and 'completion'"
+                                f" ('{key}' is {'missing' if key not in obj else type(obj[key]).__name__})")
+        if not obj["completion"].strip():
+            raise UserError(f"{where}: 'completion' is empty")
+        return PROMPT_COMPLETION
+    if "text" in obj:
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            raise UserError(f"{where}: 'text' must be a non-empty string")
+        return TEXT
+    raise UserError(f"{where}: a record needs a 'text' field or 'prompt' and 'completion' fields; "
+                    f"found {sorted(obj)}")
+
+
+def load_jsonl(path: str | Path, argument: str = "--data") -> Dataset:
+    """Read and validate a JSONL file: every line one record, all of the same kind, at least one."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{argument}: {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{argument}: {path} is not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{argument}: cannot read {path}: {e}") from None
+    kind, examples = None, []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{argument}: {path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        this = _record_kind(obj, where)
+        if kind is None:
+            kind = this
+        elif this != kind:
+            raise UserError(f"{where}: a {this} record in a {kind} file (use one kind per file)")
+        examples.append(Example(text=obj["text"]) if this == TEXT
+                        else Example(prompt=obj["prompt"], completion=obj["completion"]))
+    if not examples:
+        raise UserError(f"{argument}: {path} has no records")
+    return Dataset(kind=kind, examples=tuple(examples), source=str(path))
+
+
+def write_jsonl(path: str | Path, dataset: Dataset) -> None:
+    """Write a dataset in the format ``load_jsonl`` reads."""
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in dataset.examples:
+            obj = {"text": ex.text} if dataset.kind == TEXT else {"prompt": ex.prompt, "completion": ex.completion}
+            f.write(json.dumps(obj) + "\n")
+
+
+def from_pairs(pairs, source: str = "<generated>") -> Dataset:
+    """A prompt/completion dataset from (prompt, completion) pairs."""
+    return Dataset(PROMPT_COMPLETION, tuple(Example(prompt=p, completion=c) for p, c in pairs), source)
+
+
+def from_texts(texts, source: str = "<generated>") -> Dataset:
+    """A text dataset from strings."""
+    return Dataset(TEXT, tuple(Example(text=t) for t in texts), source)
