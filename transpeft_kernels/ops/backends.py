@@ -14,7 +14,6 @@ must reproduce the reference's masks bit for bit and its math within floating-po
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 

@@ -7,7 +7,6 @@ supported Triton versions (3.6 on the GPU machine, 3.9 here).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 

@@ -118,7 +118,6 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
     has_drop = dropout > 0
     seed_t = seed_on(seed, device) if has_drop else p
     drop_scale = rounded_to(1.0 / (1.0 - dropout), dot_dtype) if has_drop else 1.0
-    arch = configs.arch_of(device)
     elem = torch.empty((), dtype=dot_dtype).element_size()
 
     def meta(config):

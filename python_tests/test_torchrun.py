@@ -1,0 +1,39 @@
+"""Scaling out under torchrun: DDP (find_unused_parameters False and True) and FSDP2, two CPU ranks
+over gloo, adapters on the FFN projections. Time-bounded: a hang fails the test."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+SCRIPT = Path(__file__).with_name("dist_train.py")
+
+
+def _launch(out: Path, mode: str, nproc: int, *extra: str) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] \
+        if mode != "single" else [sys.executable]
+    proc = subprocess.run([*launcher, str(SCRIPT), "--mode", mode, "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ddp_unused", "fsdp2"])
+def test_ranks_agree_with_masking_and_dropping(tmp_path, mode):
+    ranks = _launch(tmp_path, mode, 2)
+    assert ranks[0]["ran"] == ranks[1]["ran"], "dropping decisions differ between ranks"
+    assert len(ranks[0]["ran"]) < 2 * 4, "no FFN was skipped: dropping was not exercised"
+    for name, p in ranks[0]["params"].items():
+        torch.testing.assert_close(p, ranks[1]["params"][name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_data_parallel_equals_single_process_without_masking_and_dropping(tmp_path, mode):
+    flags = ("--masking", "0", "--dropping", "0")
+    single = _launch(tmp_path / "single", "single", 1, *flags)[0]
+    parallel = _launch(tmp_path / mode, mode, 2, *flags)[0]
+    for name, p in single["params"].items():
+        torch.testing.assert_close(parallel["params"][name], p, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

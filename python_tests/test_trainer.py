@@ -1,0 +1,52 @@
+"""HF Trainer (and TRL's SFTTrainer when installed) on a patched PEFT model, on the CPU."""
+import pytest
+import torch
+
+import transpeft_kernels as tpk
+from helpers import batch, lora_model
+
+pytest.importorskip("peft")
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=12):
+        self.items = [batch(seed=i, shape=(length,)) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.items[i], "labels": self.items[i]}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_with_checkpointing_and_accumulation(tmp_path, precision):
+    from transformers import Trainer, TrainingArguments
+
+    model = lora_model("llama", lora_dropout=0.05)
+    tpk.patch(model, masking=0.1, dropping=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=precision == "bf16", use_cpu=True, learning_rate=1e-2, logging_steps=1, report_to=[],
+        save_strategy="no", seed=0, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens())
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert tpk.is_patched(model)
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any(".mlp." in n for n in changed), "FFN adapters did not train"
+
+
+def test_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model = lora_model("llama")
+    tpk.patch(model, masking=0.1, dropping=0.1)
+    data = datasets.Dataset.from_dict({"input_ids": [batch(seed=i, shape=(12,)).tolist() for i in range(8)]})
+    cfg = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, use_cpu=True,
+                        report_to=[], save_strategy="no", gradient_checkpointing=True)
+    trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data)
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
