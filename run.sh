@@ -38,7 +38,7 @@ case "${1:-}" in
     exec python -m pytest python_tests "$@"
     ;;
   "")
-    # The main job: the transfer demo sized for a CPU (about 12 minutes on 2 cores; see README).
+    # The main job: the transfer demo sized for a CPU (14 minutes measured on 2 shared cores; see README).
     exec python -m transpeft_kernels demo --quick
     ;;
   *)

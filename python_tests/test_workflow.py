@@ -100,9 +100,11 @@ def test_train_text_data_with_gradient_checkpointing_and_grad_accum(ws, capsys):
     out = ws.root / "text_adapter"
     rc = cli.main(["train", "--base", str(ws.old), "--data", str(ws.text), "--out", str(out), "--max-steps", "2",
                    "--batch-size", "2", "--grad-accum", "2", "--gradient-checkpointing", "--masking", "0.2",
-                   "--max-length", "16", "--no-progress"])
+                   "--max-length", "16", "--targets", "all-linear", "--no-progress"])
     assert rc == 0
     log = json.loads((out / "train_log.json").read_text())
+    assert log["settings"]["adapter"]["targets"] == "all-linear"
+    assert any(m.endswith("gate_proj") for m in json.loads((out / "adapter_config.json").read_text())["target_modules"])
     assert log["steps"] == 2 and log["settings"]["sequences"] > len(ws.text.read_text().splitlines())  # windows
     assert "tokens/s" in capsys.readouterr().out
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 NAME = "demo"
 HELP = ("the transfer demo: LoRA and Trans-PEFT adapters trained on SmolLM2-135M, evaluated on it and on an "
-        "updated base (--quick: about 12 minutes on a 2-core CPU)")
+        "updated base (--quick: about 14 minutes on a 2-core CPU)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from ..workflow.demo import PRESETS, run_demo
 
+    from ..workflow.jobs import require
+
+    require("peft", "the demo trains LoRA adapters")
+    require("matplotlib", "the demo draws its chart")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} exists and is not a directory")

@@ -151,10 +151,13 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
     corpus = stdlib_docs(cfg.update_passages)
     log(f"new base: continual training of all weights on {len(corpus)} passages of {corpus.source} "
         f"({cfg.update_loop.max_steps} steps, lr {cfg.update_loop.lr:g})")
-    new = copy.deepcopy(old)
+    # Full-weight training runs in fp32 whatever the demo's dtype: bf16 weights would round away most
+    # AdamW updates at these learning rates. The checkpoint is saved in the demo's dtype.
+    new = copy.deepcopy(old).float()
     update_log = continual_training(new, tok, corpus, replace(cfg.update_loop, seed=seed + cfg.update_loop.seed),
                                     cfg.update_length, desc="base update (all weights)", progress=progress)
     new_dir = out / "new_base"
+    new = new.to(dtype)
     new.save_pretrained(new_dir, safe_serialization=True)
     tok.save_pretrained(new_dir)
     del new

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..cli import UserError
+
+
+def require(module: str, why: str) -> None:
+    """UserError naming the pip package when an optional dependency is missing (checked before any work)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{module} is not installed ({why}): pip install {module}")
 
 
 def _probability(name: str, value: float, upper_inclusive: bool) -> None:
@@ -64,6 +71,7 @@ def train(req: TrainRequest, log=print) -> dict:
     from .data import load_jsonl
     from .training import AdapterConfig, LoopConfig, train_adapter
 
+    require("peft", "adapters are PEFT LoRA adapters")
     _probability("--masking", req.masking, upper_inclusive=False)
     _probability("--dropping", req.dropping, upper_inclusive=True)
     _probability("--lora-dropout", req.lora_dropout, upper_inclusive=False)
@@ -97,7 +105,8 @@ def train(req: TrainRequest, log=print) -> dict:
     model = load_model(spec).to(device)
     log(f"base: {spec.display} ({config.model_type}, {config.num_hidden_layers} layers); data: {dataset.source} "
         f"({len(dataset)} {dataset.kind} records)")
-    adapter = AdapterConfig(r=req.r, alpha=req.alpha, targets=tuple(req.targets) if req.targets != ["all-linear"] else "all-linear",
+    targets = "all-linear" if list(req.targets) == ["all-linear"] else tuple(req.targets)
+    adapter = AdapterConfig(r=req.r, alpha=req.alpha, targets=targets,
                             lora_dropout=req.lora_dropout, masking=req.masking, dropping=req.dropping,
                             backend=req.backend, gradient_checkpointing=req.gradient_checkpointing)
     loop = LoopConfig(lr=req.lr, epochs=req.epochs, max_steps=req.max_steps, batch_size=req.batch_size,
@@ -135,6 +144,7 @@ def transfer(req: TransferRequest, log=print) -> tuple[dict, bool]:
     from .data import load_jsonl
     from .transfer import check_adapter, evaluate_adapters, format_table, read_adapter, retention
 
+    require("peft", "adapters are loaded with PEFT")
     if not req.adapters:
         raise UserError("ADAPTER_DIR: give at least one adapter directory")
     if req.min_retention is not None and (math.isnan(req.min_retention) or req.min_retention < 0):
