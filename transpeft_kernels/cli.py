@@ -11,13 +11,12 @@ import sys
 import warnings
 
 from .commands import bench, compile_check, demo, quickstart, train, transfer
+from .errors import UserError
 
 COMMANDS = [demo, train, transfer, quickstart, bench, compile_check]
 DEFAULT_COMMAND = demo.NAME
 
 
-class UserError(Exception):
-    """An error in what the user asked for: reported in one line, exit status 2."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _archs(text: str) -> list[int]:
-    from ..cli import UserError
+    from ..errors import UserError
 
     try:
         archs = [int(a) for a in text.split(",") if a.strip()]
@@ -36,7 +36,7 @@ def _archs(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
 
     archs = _archs(args.arch)
     try:

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import UserError
+    from ..errors import UserError
     from ..workflow.demo import PRESETS, run_demo
 
     from ..workflow.jobs import require

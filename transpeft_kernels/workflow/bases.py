@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 TEXT = "text"
 PROMPT_COMPLETION = "prompt/completion"

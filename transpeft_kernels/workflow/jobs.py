@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 def require(module: str, why: str) -> None:

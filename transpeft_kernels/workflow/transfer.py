@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 from .data import Dataset
 from .evaluation import evaluate
 
