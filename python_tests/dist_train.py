@@ -68,7 +68,12 @@ def main() -> None:
             params[name] = full.detach().clone()
     torch.save({"params": params, "ran": ran}, os.path.join(args.out, f"rank{rank}.pt"))
     if distributed:
-        dist.destroy_process_group()
+        # Leave together and skip the gloo teardown: destroy_process_group after a peer has gone
+        # intermittently blocks forever on these CPU machines, and the results are already on disk.
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
