@@ -23,6 +23,20 @@ from .activations import ACT_CODES, act_fwd, act_fwd_and_grad
 
 
 @triton.jit
+def tile_and_mask(seed_ptr, M, I, p, c, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile: int64 row and column offsets, the in-bounds mask, and
+    the per-element factor keep * c (1 without masking), keep regenerated from (seed, row, column)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inb = (rows < M)[:, None] & (cols < I)[None, :]
+    if HAS_MASK:
+        scale = tl.where(philox_keep(tl.load(seed_ptr), rows, cols, I, p), c, 0.0)
+    else:
+        scale = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+    return rows.to(tl.int64)[:, None], cols.to(tl.int64)[None, :], inb, scale
+
+
+@triton.jit
 def masked_gated_act_fwd_kernel(
     g_ptr, u_ptr, h_ptr, seed_ptr,
     M, I, stride_g, stride_u, stride_h,
@@ -31,17 +45,10 @@ def masked_gated_act_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """h'[i, j] = act(g[i, j]) * u[i, j] * keep[i, j] * c over one (BLOCK_M, BLOCK_N) tile."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inb = (rows < M)[:, None] & (cols < I)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    c64 = cols.to(tl.int64)[None, :]
+    r64, c64, inb, scale = tile_and_mask(seed_ptr, M, I, p, c, HAS_MASK, BLOCK_M, BLOCK_N)
     g = tl.load(g_ptr + r64 * stride_g + c64, mask=inb, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + r64 * stride_u + c64, mask=inb, other=0.0).to(tl.float32)
-    h = act_fwd(g, ACT) * u
-    if HAS_MASK:
-        keep = philox_keep(tl.load(seed_ptr), rows, cols, I, p)
-        h = tl.where(keep, h * c, 0.0)
+    h = act_fwd(g, ACT) * u * scale
     tl.store(h_ptr + r64 * stride_h + c64, cast_like(h, h_ptr), mask=inb)
 
 
@@ -54,17 +61,10 @@ def masked_gated_act_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dg = dh' keep c u act'(g), du = dh' keep c act(g) over one tile; act recomputed from g."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inb = (rows < M)[:, None] & (cols < I)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    c64 = cols.to(tl.int64)[None, :]
-    dh = tl.load(dh_ptr + r64 * stride_dh + c64, mask=inb, other=0.0).to(tl.float32)
+    r64, c64, inb, scale = tile_and_mask(seed_ptr, M, I, p, c, HAS_MASK, BLOCK_M, BLOCK_N)
+    dh = tl.load(dh_ptr + r64 * stride_dh + c64, mask=inb, other=0.0).to(tl.float32) * scale
     g = tl.load(g_ptr + r64 * stride_g + c64, mask=inb, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + r64 * stride_u + c64, mask=inb, other=0.0).to(tl.float32)
-    if HAS_MASK:
-        keep = philox_keep(tl.load(seed_ptr), rows, cols, I, p)
-        dh = tl.where(keep, dh * c, 0.0)
     a, da = act_fwd_and_grad(g, ACT)
     tl.store(dg_ptr + r64 * stride_dg + c64, cast_like(dh * u * da, dg_ptr), mask=inb)
     tl.store(du_ptr + r64 * stride_du + c64, cast_like(dh * a, du_ptr), mask=inb)
