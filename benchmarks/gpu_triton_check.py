@@ -4,7 +4,8 @@
 
 1. GPU ``tl.rand`` / ``tl.randint`` bits equal reference.philox at offsets past 2**31, and the keep
    masks the compiled kernels regenerate equal reference.keep_mask bit for bit.
-2. The kernel tests (python_tests/test_triton_kernels.py) compiled on the GPU.
+2. The kernel, op and custom-op tests (test_triton_kernels, test_ops, test_triton_ops,
+   test_custom_ops) compiled on the GPU, with their tensors on the GPU.
 3. The autograd ops on CUDA tensors (lora_linear, masked_gated_mlp in both layouts; fp32, bf16 with
    fp32 and bf16 adapters) on "triton" against "torch" on the same GPU and against float64 on CPU,
    with a check that the Triton kernels really ran (no silent fallback).
@@ -74,10 +75,11 @@ def run_pytest() -> None:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "python_tests/test_triton_kernels.py"],
+    files = [f"python_tests/{n}.py" for n in ("test_triton_kernels", "test_ops", "test_triton_ops", "test_custom_ops")]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
-    check("pytest test_triton_kernels.py (compiled)", out.returncode == 0, f"{tail} ({time.time() - t0:.0f}s)")
+    check(f"pytest {' '.join(files)} (compiled, CUDA tensors)", out.returncode == 0, f"{tail} ({time.time() - t0:.0f}s)")
     if out.returncode:
         print(out.stdout[-4000:])
 

@@ -33,3 +33,21 @@ def tolerances(dtype: torch.dtype) -> dict:
         torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
         torch.float16: dict(atol=5e-3, rtol=5e-3),
     }[dtype]
+
+
+ACCELERATOR = torch.device("cuda") if torch.cuda.is_available() else None
+
+
+@pytest.fixture
+def on_accelerator():
+    """Op tests create tensors with factory defaults; on a GPU machine those land on the GPU, so the
+    compiled kernels run instead of falling back (without one, Triton runs in the interpreter)."""
+    if ACCELERATOR is None:
+        yield
+        return
+    previous = torch.get_default_device()
+    torch.set_default_device(ACCELERATOR)
+    try:
+        yield
+    finally:
+        torch.set_default_device(previous)

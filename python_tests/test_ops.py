@@ -9,6 +9,8 @@ from conftest import tolerances
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec
 
+pytestmark = pytest.mark.usefixtures("on_accelerator")
+
 def _backend_names() -> list[str]:
     names = ["torch"]
     try:
@@ -21,7 +23,7 @@ def _backend_names() -> list[str]:
 
 @pytest.fixture(params=_backend_names())
 def backend(request):
-    return ops.resolve(request.param, torch.device("cpu"))
+    return ops.resolve(request.param, torch.get_default_device())
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 

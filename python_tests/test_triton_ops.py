@@ -13,12 +13,14 @@ from transpeft_kernels.specs import Layout, MaskSpec  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKEND = ops.resolve("triton", DEV)
+pytestmark = pytest.mark.usefixtures("on_accelerator")  # op tensors on the GPU when there is one
 
 
 def test_resolve_gives_the_triton_backend():
     assert isinstance(BACKEND, TritonBackend)
     # "auto" never picks the (slow) interpreter for CPU tensors
     assert ops.resolve("auto", torch.device("cpu")).name == "torch"
+    assert ops.resolve("auto", torch.device("cuda")).name == "triton"
 
 
 # ---- lora_linear ---------------------------------------------------------------------------------
@@ -73,13 +75,20 @@ def test_second_backward_gives_the_same_gradients_and_inputs_are_untouched():
 
 # ---- patched tiny models: "triton" == "torch" ------------------------------------------------------
 @pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_patched_model_triton_matches_torch(family):
+def test_patched_model_triton_matches_torch(family, monkeypatch):
     import transpeft_kernels as tpk
     from helpers import assert_same_training_step, batch, lora_model, twin
 
-    model = lora_model(family, lora_dropout=0.1)
+    # the MLP forward must run the gate/up GEMM with the masked-activation epilogue (phi3: fused layout)
+    launches, kernel = [], BACKEND._k.gate_up_act
+    monkeypatch.setattr(BACKEND._k, "gate_up_act",
+                        lambda x, gate, up, *a, **kw: launches.append(up is None) or kernel(x, gate, up, *a, **kw))
+    torch.set_default_device("cpu")  # models are built on CPU, then moved
+    model = lora_model(family, lora_dropout=0.1).to(DEV)
     other = twin(model)
     tpk.patch(model, masking=0.2, dropping=0.3, backend="triton")
     tpk.patch(other, masking=0.2, dropping=0.3, backend="torch")
     for step_seed in (0, 1):  # two seeds: different dropping decisions and masks
-        assert_same_training_step(model, other, batch(step_seed), seed=step_seed, atol=2e-5, rtol=2e-5)
+        ids = batch(step_seed).to(DEV)
+        assert_same_training_step(model, other, ids, seed=step_seed, atol=2e-5, rtol=2e-5)
+    assert launches and all(fused == (family == "phi3") for fused in launches)

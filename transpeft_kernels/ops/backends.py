@@ -64,6 +64,16 @@ def _triton_backend() -> TorchBackend:
     return _TRITON
 
 
+def by_name(name: str) -> TorchBackend:
+    """The backend object behind a concrete name ("torch", "triton", "cuda"); used by the custom ops,
+    which receive the backend as a string. Availability is checked by ``resolve``, not here."""
+    if name == "torch":
+        return TORCH
+    if name == "triton":
+        return _triton_backend()
+    raise ValueError(f"backend: expected one of ('torch', 'triton'), got {name!r}")
+
+
 def check_available(backend: str) -> None:
     """Raise RuntimeError (saying how to get it) when an explicitly named backend cannot run here."""
     validate_backend_name(backend)
@@ -78,11 +88,13 @@ def check_available(backend: str) -> None:
 def resolve(backend: str, device: torch.device) -> TorchBackend:
     """The backend object that runs tensors on ``device`` for the requested name.
 
-    "auto": torch, for now. The Triton kernels pass their tests in the interpreter and compile for
-    sm_80/sm_90, but have not yet run on a GPU; "auto" switches to triton for CUDA tensors once the
-    GPU check (benchmarks/gpu_triton_check.py) has passed there. "triton": the Triton backend, which
-    itself falls back to torch for inputs its kernels do not cover (listed in ops/triton_backend.py)."""
+    "auto": triton for CUDA tensors when triton imports; torch otherwise (CPU tensors run the torch
+    backend even when the interpreter is on: it is a test tool, not a fast path).
+    "triton": the Triton backend, which itself falls back to torch for inputs its kernels do not
+    cover (listed in ops/triton_backend.py)."""
     check_available(backend)
-    if backend == "triton":
-        return _triton_backend()
-    return TORCH
+    if backend == "auto":
+        if device.type == "cuda" and triton_unavailable_reason() is None:
+            return _triton_backend()
+        return TORCH
+    return by_name(backend)

@@ -9,6 +9,11 @@ lora_linear, with xd = dropout_q(cast_A(x)), S = xd A^T (saved, rank-sized), t =
     dW = dy^T x                         db = sum_rows(dy)
 masked gated activation, h' = act(g) * u * keep * c:
     dg = dh' * keep * c * u * act'(g)   du = dh' * keep * c * act(g)
+masked gated MLP (mlp_fwd / mlp_bwd), composed from the two above:
+    forward   g, u = gate/up(x) -> h' (gate_up_act_fwd) -> y = down(h')
+    saved     x, the gate/up outputs, the rank-sized shrinks S of every projection
+    backward  h' recomputed from g, u and the seed; dh' = down backward; dg, du; gate/up backward
+A fused backend overrides gate_up_act_fwd (GEMM + activation epilogue) or the whole mlp_fwd/mlp_bwd.
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ import torch.nn.functional as F
 
 from ..reference.activations import Activation, act, act_grad
 from ..reference.lora import dropout_multiplier
+from ..reference.mlp import INPUT_STREAMS
 from ..reference.philox import keep_mask
-from ..specs import LinearWeights, MaskSpec, Stream, stream_seed
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,29 @@ class LinearNeeds:
     bias: bool
     A: bool
     B: bool
+
+
+@dataclass(frozen=True)
+class MLPSaved:
+    """What the masked gated MLP keeps for backward besides x and the weights.
+
+    outs: the gate/up projection outputs, (M, I) each for SPLIT, one (M, 2I) for FUSED_GATE_UP.
+    shrinks: S = dropout(x) A^T (M, r) of each input projection, None without LoRA.
+    s_down: the down projection's S (M, r_down), or None.
+    """
+
+    outs: tuple[torch.Tensor, ...]
+    shrinks: tuple[torch.Tensor | None, ...]
+    s_down: torch.Tensor | None
+
+
+def split_gate_up(outs, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, u) views of the gate/up outputs; the fused layout keeps the gate in the first half."""
+    return tuple(outs[0].chunk(2, dim=-1)) if layout is Layout.FUSED_GATE_UP else (outs[0], outs[1])
+
+
+def _sub_seed(seed, stream: Stream):
+    return None if seed is None else stream_seed(seed, stream)
 
 
 def _dropped_input(x2d: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None):
@@ -113,6 +142,46 @@ class TorchBackend:
         dg = dhm * u.to(work) * act_grad(g, activation)
         du = dhm * act(g.to(work), activation)
         return dg.to(g.dtype), du.to(u.dtype)
+
+
+    # ---- masked gated MLP ----------------------------------------------------------------------
+    def gate_up_act_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
+        """x2d (M, d) -> (outs, shrinks, h'): the gate/up outputs and shrinks as MLPSaved holds them,
+        and h' (M, I) = act(g) * u * keep * c."""
+        outs, shrinks = [], []
+        for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout]):
+            y, s = self.lora_linear_fwd(x2d, lin, _sub_seed(seed, stream))
+            outs.append(y)
+            shrinks.append(s)
+        g, u = split_gate_up(outs, w.layout)
+        return tuple(outs), tuple(shrinks), self.masked_act_fwd(g, u, activation, mask, seed)
+
+    def mlp_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
+        """x2d (M, d) -> (y (M, d_out) in x dtype, MLPSaved)."""
+        outs, shrinks, h = self.gate_up_act_fwd(x2d, w, activation, mask, seed)
+        y, s_down = self.lora_linear_fwd(h, w.down, _sub_seed(seed, Stream.DOWN))
+        return y, MLPSaved(outs, shrinks, s_down)
+
+    def mlp_bwd(self, dy, x2d, saved: MLPSaved, w: GatedMLPWeights, activation: Activation,
+                mask: MaskSpec | None, seed, needs: tuple[LinearNeeds, ...]):
+        """dy (M, d_out) -> (dx (M, d) or None, LinearGrads per projection in w.projections order).
+        ``needs[i].x`` is ignored for the down projection (dh' is always needed)."""
+        g, u = split_gate_up(saved.outs, w.layout)
+        h = self.masked_act_fwd(g, u, activation, mask, seed)  # recomputed, never saved
+        nd = needs[-1]
+        down = self.lora_linear_bwd(dy, h, saved.s_down, w.down, _sub_seed(seed, Stream.DOWN),
+                                    LinearNeeds(True, nd.weight, nd.bias, nd.A, nd.B))
+        del h
+        dg, du = self.masked_act_bwd(down.x, g, u, activation, mask, seed)
+        d_outs = [torch.cat([dg, du], dim=-1)] if w.layout is Layout.FUSED_GATE_UP else [dg, du]
+        dx, grads = None, []
+        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_STREAMS[w.layout])):
+            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, _sub_seed(seed, stream), needs[i])
+            if gi.x is not None:
+                dx = gi.x if dx is None else dx + gi.x
+            grads.append(gi)
+        grads.append(LinearGrads(None, down.weight, down.bias, down.A, down.B))
+        return dx, tuple(grads)
 
 
 TORCH = TorchBackend()
