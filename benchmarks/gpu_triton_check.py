@@ -75,7 +75,8 @@ def run_pytest() -> None:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     t0 = time.time()
-    files = [f"python_tests/{n}.py" for n in ("test_triton_kernels", "test_ops", "test_triton_ops", "test_custom_ops")]
+    files = [f"python_tests/{n}.py" for n in ("test_triton_kernels", "test_triton_gate_up_act", "test_ops", "test_triton_ops",
+                                                  "test_custom_ops")]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
@@ -91,14 +92,19 @@ def ops_numerics() -> None:
     from transpeft_kernels.kernels import triton as K
     from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec
 
-    calls = {"n": 0}
-    original = K.gemm_lora_expand
+    # Count launches of the GEMM kernels, so that a silent fallback to torch fails the check.
+    spied = ("gemm_lora_expand", "gate_up_act")
+    originals = {name: getattr(K, name) for name in spied}
+    calls = dict.fromkeys(spied, 0)
 
-    def counted(*a, **k):
-        calls["n"] += 1
-        return original(*a, **k)
+    def counter(name):
+        def counted(*a, **k):
+            calls[name] += 1
+            return originals[name](*a, **k)
+        return counted
 
-    K.gemm_lora_expand = counted
+    for name in spied:
+        setattr(K, name, counter(name))
     tri, tor = ops.resolve("triton", torch.device("cuda")), ops.resolve("torch", torch.device("cuda"))
 
     def linear(d_in, d_out, dtype, adt, rank, q, gen):
@@ -137,10 +143,11 @@ def ops_numerics() -> None:
                                                       x, GatedMLPWeights(tuple(ls[:-1]), ls[-1]), R.Activation.SILU,
                                                       MaskSpec(0.1), seed, be))
         for name, (lins, f) in cases.items():
-            calls["n"] = 0
+            for k in calls:
+                calls[k] = 0
             xc = x.cuda().requires_grad_()
             got = grads(lambda x, ls: f(x, ls, tri), xc, [to(lin, "cuda") for lin in lins])
-            ran = calls["n"] > 0
+            ran = calls["gemm_lora_expand"] > 0 and (name == "lora_linear" or calls["gate_up_act"] > 0)
             ref = grads(lambda x, ls: f(x, ls, tor), x.cuda().requires_grad_(), [to(lin, "cuda") for lin in lins])
             exact = grads(lambda x, ls: f(x, ls, tor), x.double().requires_grad_(), [to(lin, "cpu", torch.float64) for lin in lins])
             worst = 0.0
@@ -150,7 +157,8 @@ def ops_numerics() -> None:
                 worst = max(worst, err_ours / (3 * err_ref + 1e-3 * e.abs().max().item() + 1e-6))
             check(f"{name} {dtype} adapters {adt} vs torch and float64", ran and worst <= 1.0,
                   f"kernels ran={ran} worst error ratio={worst:.3f} (<= 1)")
-    K.gemm_lora_expand = original
+    for name, fn in originals.items():
+        setattr(K, name, fn)
 
 
 def timings() -> None:

@@ -23,7 +23,7 @@ def test_compile_check_sm80_sm90():
     assert "0 failed" in out.stdout
     for arch in ("sm_80", "sm_90"):
         for kernel in ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel", "lora_shrink_kernel",
-                       "gemm_lora_expand_kernel", "token_reduce_kernel"):
+                       "gemm_lora_expand_kernel", "token_reduce_kernel", "gate_up_act_kernel"):
             assert any(line.startswith(arch) and kernel in line for line in out.stdout.splitlines()), (arch, kernel)
 
 

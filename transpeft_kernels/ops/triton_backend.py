@@ -11,6 +11,15 @@ lora_linear backward (t = cast_A(dy) B, rank-sized):
     dW = dy^T x,  db = sum_rows dy               token_reduce      (db fused as a column sum)
 masked gated activation (mask seed = the MASK stream of the forward's base seed):
     h' = act(g) * u * keep * c;  dg = dh' keep c u act'(g),  du = dh' keep c act(g)
+masked gated MLP forward, gate/up part (gate_up_act_fwd; mlp_fwd/mlp_bwd are TorchBackend's
+composition of these primitives):
+    S_g, S_u = dropout(x) A^T                    lora_shrink, one per projection with LoRA
+                                                 (the fused gate_up layout has one S, GATE stream)
+    g, u = x Wg^T + bg + s S_g B_g^T, ...        gate_up_act: one GEMM over x with two accumulators;
+    h' = act(g) * u * keep * c                   LoRA expands, bias, rounding of g and u to x's
+                                                 dtype and the masked activation in its epilogue
+    g and u are stored (autograd saves them), h' is computed from their rounded values, so the
+    h' that backward recomputes (masked_gated_act) is bit-identical to the forward's.
 All gradients are deterministic (token reductions use fixed-order split partials, no atomics), and
 nothing is written into saved tensors or incoming gradients: every output is a fresh tensor.
 
@@ -20,6 +29,7 @@ Falls back to TorchBackend (same results, unfused) for cases the kernels do not 
   * a Linear whose weight or bias dtype differs from x's, LoRA factors A and B of different dtypes,
     an incoming gradient whose dtype differs from x's, or tensors on different devices;
   * a gated activation whose g and u dtypes differ;
+  * gate_up_act_fwd when a gate or up projection is not covered as above (the whole step falls back);
   * only db requested without dW (computed as ``dy.sum(0)``, a single torch reduction).
 """
 from __future__ import annotations
@@ -27,7 +37,8 @@ from __future__ import annotations
 import torch
 
 from ..reference.activations import Activation
-from ..specs import LinearWeights, MaskSpec, Stream, stream_seed
+from ..reference.mlp import INPUT_STREAMS
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
 from ..kernels.env import interpreting
 from .torch_backend import LinearGrads, LinearNeeds, TorchBackend
 
@@ -129,3 +140,26 @@ class TritonBackend(TorchBackend):
             return super().masked_act_bwd(dh, g, u, activation, mask, seed)
         p, rescale, mseed = self._mask_args(mask, seed)
         return self._k.masked_gated_act_bwd(dh, g, u, Activation(activation).value, p, rescale, mseed)
+
+    # ---- masked gated MLP ----------------------------------------------------------------------
+    def gate_up_act_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
+        """x2d (M, d) -> (outs, shrinks, h'): gate/up outputs ((M, I) each, or one (M, 2I) for the
+        fused layout), their LoRA shrinks S (M, r) or None, and h' (M, I) = act(g) * u * keep * c,
+        from one gate/up GEMM with the LoRA expands and the masked activation in its epilogue."""
+        if not all(_linear_ok(x2d, lin) for lin in w.inputs):
+            return super().gate_up_act_fwd(x2d, w, activation, mask, seed)
+        K = self._k
+        projs, shrinks = [], []
+        for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout]):
+            lora = lin.lora
+            if lora is None:
+                projs.append(K.Projection(lin.weight, lin.bias))
+                shrinks.append(None)
+                continue
+            s = K.lora_shrink(x2d, lora.A, lora.dropout, None if seed is None else stream_seed(seed, stream))
+            projs.append(K.Projection(lin.weight, lin.bias, s, lora.B, lora.scaling))
+            shrinks.append(s)
+        gate, up = (projs[0], None) if w.layout is Layout.FUSED_GATE_UP else projs
+        p, rescale, mseed = self._mask_args(mask, seed)
+        outs, h = K.gate_up_act(x2d, gate, up, Activation(activation).value, p, rescale, mseed)
+        return outs, tuple(shrinks), h

@@ -68,11 +68,15 @@ def _tn_smem(c: KernelConfig, elem: int) -> int:
     return c.num_stages * (c["BLOCK_A"] + c["BLOCK_B"]) * c["BLOCK_T"] * elem
 
 
+def _gate_up_smem(c: KernelConfig, elem: int) -> int:
+    return c.num_stages * (c["BLOCK_M"] + 2 * c["BLOCK_N"]) * c["BLOCK_K"] * elem
+
+
 def _shrink_smem(c: KernelConfig, elem: int) -> int:
     return c.num_stages * (c["BLOCK_M"] + 64) * c["BLOCK_K"] * elem
 
 
-# Y = X W^T (+ fused epilogues): the big GEMMs (forward, dX, gate/up).
+# Y = X W^T (+ fused epilogues): the big GEMMs (forward, dX).
 GEMM = Family(
     "gemm",
     default={
@@ -98,6 +102,35 @@ GEMM = Family(
         ],
     },
     smem=_gemm_smem,
+)
+
+# g = x Wg^T, u = x Wu^T with the masked activation epilogue: two weight tiles and two fp32
+# accumulators per program, so BLOCK_N is half the plain GEMM's for the same registers. The defaults
+# fit float32 operands too (3 * (128 + 2 * 64) * 64 * 4 B = 192 KiB on sm_90), since the tuner never
+# drops a default.
+GATE_UP = Family(
+    "gate_up",
+    default={
+        "sm_90": cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        "sm_80": cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        "interp": cfg(4, 1, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
+    },
+    candidates={
+        "sm_90": [
+            cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        ],
+        "sm_80": [
+            cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+            cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        ],
+    },
+    smem=_gate_up_smem,
 )
 
 # S = dropout(X) A^T and t = dY B: rank-sized outputs, K-long reductions.
@@ -146,7 +179,7 @@ ELEMENTWISE = Family(
     },
 )
 
-FAMILIES = {f.name: f for f in (GEMM, SHRINK, TOKEN_REDUCE, ELEMENTWISE)}
+FAMILIES = {f.name: f for f in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE)}
 
 
 def arch_of(device: torch.device) -> str:

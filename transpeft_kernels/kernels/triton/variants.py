@@ -23,7 +23,7 @@ from . import configs
 from ._common import BF16, CODE_NAMES, FP16, FP32
 
 _PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16"}
-_FLOAT_ARGS = {"p", "c", "scaling", "drop_p", "drop_scale", "scale"}
+_FLOAT_ARGS = {"p", "c", "scaling", "drop_p", "drop_scale", "scale", "scaling_g", "scaling_u"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,36 @@ def variants(arch: str) -> list[Variant]:
     out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel", "expand x=bf16 no-lora", p,
                   dict(HAS_BIAS=False, HAS_LORA=False, LORA_DROPOUT=False, X_DTYPE=BF16, LORA_DTYPE=BF16, UPCAST=False),
                   default["gemm"], BLOCK_R=16))
+
+    # gate/up GEMM + masked activation epilogue: every I/O dtype x layout x activation with the
+    # default config; LoRA (on both, one or neither side, with the adapter in fp32 or the I/O dtype),
+    # biases and masking vary across the rows. Fused layout: one adapter and one bias for both halves.
+    #   (x dtype, layout, act, gate adapter, up adapter (None: no LoRA), bias g, bias u, mask)
+    gate_up_cases = [
+        (FP32, "split", 0, FP32, FP32, True, True, True), (FP32, "split", 1, FP32, None, True, False, True),
+        (FP32, "split", 2, None, None, False, False, False), (FP16, "split", 0, None, FP32, False, True, True),
+        (FP16, "split", 1, FP16, FP16, True, True, False), (FP16, "split", 2, FP32, FP32, False, False, True),
+        (BF16, "split", 0, FP32, FP32, True, True, True), (BF16, "split", 1, BF16, BF16, False, False, True),
+        (BF16, "split", 2, FP32, BF16, True, False, False),
+        (FP32, "fused", 0, FP32, FP32, True, True, True), (FP32, "fused", 1, None, None, False, False, False),
+        (FP32, "fused", 2, FP32, FP32, False, False, True), (FP16, "fused", 0, FP16, FP16, False, False, True),
+        (FP16, "fused", 1, FP32, FP32, True, True, True), (FP16, "fused", 2, None, None, True, True, False),
+        (BF16, "fused", 0, FP32, FP32, False, False, True), (BF16, "fused", 1, BF16, BF16, True, True, True),
+        (BF16, "fused", 2, None, None, False, False, False),
+    ]
+    for xc, layout, act, lcg, lcu, bias_g, bias_u, mask in gate_up_cases:
+        gcode, ucode = lcg if lcg is not None else xc, lcu if lcu is not None else xc
+        p = {"x_ptr": _PTR[xc], "wg_ptr": _PTR[xc], "wu_ptr": _PTR[xc], "bg_ptr": _PTR[xc], "bu_ptr": _PTR[xc],
+             "sg_ptr": _PTR[gcode], "lbg_ptr": _PTR[gcode], "su_ptr": _PTR[ucode], "lbu_ptr": _PTR[ucode],
+             "g_ptr": _PTR[xc], "u_ptr": _PTR[xc], "h_ptr": _PTR[xc], "seed_ptr": "*i64"}
+        consts = dict(ACT=act, BIAS_G=bias_g, BIAS_U=bias_u, LORA_G=lcg is not None, LORA_U=lcu is not None,
+                      HAS_MASK=mask, X_DTYPE=xc, LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=False)
+        lora = ",".join(CODE_NAMES[c] if c is not None else "-" for c in (lcg, lcu))
+        tuned = (xc, layout, act) == (BF16, "split", 0)
+        for c in [default["gate_up"]] + (extra["gate_up"] if tuned else []):
+            out.append(_v("gate_up_act.gate_up_act_kernel",
+                          f"gate_up {layout} x={CODE_NAMES[xc]} act={act} lora=({lora}) bias=({bias_g},{bias_u}) "
+                          f"mask={mask}", p, consts, c, BLOCK_R=64 if act == 1 else 16))
 
     # token reductions: dA (narrow A, dropout on Q), dB (narrow B), dW + db (wide, colsum)
     tr_cases = [("dA", FP32, FP32, FP32, True, False, {"BLOCK_A": 16}), ("dA", BF16, BF16, BF16, True, False, {"BLOCK_A": 16}),
