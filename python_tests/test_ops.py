@@ -99,6 +99,7 @@ def assert_matches(fn_ops, fn_ref, x, weights, dtype):
     ((13, 24), 1, 0.0, False, False),
     ((2, 7, 33), 8, 0.2, True, False),     # 3-D, ragged everything, dropout
     ((3, 5, 17), 64, 0.1, True, True),     # rank 64, trainable base (dW, db)
+    ((40, 300), 256, 0.1, False, False),   # the largest supported rank, more ranks than tokens
 ])
 def test_lora_linear_matches_reference(dtype, adapter_dtype, shape, rank, dropout, bias, train_base, backend):
     lin = make_linear(shape[-1], 29, dtype, adapter_dtype, rank, dropout, bias, train_base)

@@ -137,6 +137,7 @@ SHRINK_CASES = [
     (torch.float32, torch.float32, 1, 0.0), (torch.float32, torch.float32, 17, 0.25),
     (torch.bfloat16, torch.float32, 8, 0.1), (torch.bfloat16, torch.bfloat16, 64, 0.1),
     (torch.float16, torch.float32, 80, 0.05), (torch.float16, torch.float16, 3, 0.3),
+    (torch.bfloat16, torch.float32, 256, 0.1),  # the largest supported rank
 ]
 
 
@@ -171,6 +172,7 @@ EXPAND_CASES = [
     (torch.float32, torch.float32, 1, True, 0.0), (torch.float32, torch.float32, 70, False, 0.2),
     (torch.bfloat16, torch.float32, 16, True, 0.0), (torch.bfloat16, torch.bfloat16, 5, True, 0.1),
     (torch.float16, torch.float32, 64, False, 0.0), (torch.float16, torch.float16, 9, True, 0.3),
+    (torch.bfloat16, torch.float32, 256, True, 0.1),
 ]
 
 
