@@ -209,11 +209,12 @@ def main() -> int:
         print("no CUDA device: this script checks the Triton backend on a GPU")
         return 2
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    # Fast and most telling first: a session's time cap may cut the pytest run short.
     rand_bits()
-    if not args.skip_pytest:
-        run_pytest()
     ops_numerics()
     timings()
+    if not args.skip_pytest:
+        run_pytest()
     print(f"\n{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
     return 1 if FAILED else 0
 
