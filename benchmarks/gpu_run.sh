@@ -21,6 +21,11 @@
 #   TPK_COMMIT=<git rev-parse --short=12 HEAD, run beforehand> OUT=$OUT bash benchmarks/gpu_run.sh
 # The cases, in run order: PYTHONPATH=. python -m transpeft_kernels bench --list
 # Dry run on a CPU machine (tiny shapes, not a performance figure): TPK_GPU_RUN_SMOKE=1 bash benchmarks/gpu_run.sh
+#
+# The CUDA C++ backend's check (benchmarks/gpu_cuda_check.py: JIT build for this GPU, masks, numerics,
+# masked-activation bandwidth vs a device copy, gated MLP vs the frozen-GEMM floor) runs first when
+# TPK_CUDA_CHECK_S=<seconds> is set (e.g. 300), and that many seconds are taken from the bench's budget and
+# hard limit, so the whole script keeps its time cap. Its outputs: cuda_check.json, cuda_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -29,6 +34,11 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python}"
 BUDGET="${TPK_BENCH_BUDGET_S:-360}"
 HARD="${TPK_BENCH_HARD_S:-480}"
+CUDA_CHECK_S="${TPK_CUDA_CHECK_S:-0}"
+if [ "$CUDA_CHECK_S" -gt 0 ]; then
+  BUDGET=$(( BUDGET > CUDA_CHECK_S + 60 ? BUDGET - CUDA_CHECK_S : 60 ))
+  HARD=$(( HARD > CUDA_CHECK_S + 120 ? HARD - CUDA_CHECK_S : 120 ))
+fi
 
 if [ "${TPK_GPU_RUN_SMOKE:-0}" != "0" ]; then
   PRESET_ARGS=(--smoke)
@@ -61,6 +71,14 @@ except ImportError:
 PY
 } > "$OUT/environment.txt"
 cat "$OUT/environment.txt"
+
+if [ "$CUDA_CHECK_S" -gt 0 ] && [ "${TPK_GPU_RUN_SMOKE:-0}" = "0" ]; then
+  echo "gpu_run: benchmarks/gpu_cuda_check.py (hard limit ${CUDA_CHECK_S}s; bench budget now ${BUDGET}s, hard ${HARD}s)"
+  OUT="$OUT" timeout --signal=TERM --kill-after=10 "$CUDA_CHECK_S" "$PY" -u benchmarks/gpu_cuda_check.py \
+    --budget-s $(( CUDA_CHECK_S > 60 ? CUDA_CHECK_S - 45 : CUDA_CHECK_S / 2 )) > "$OUT/cuda_check.log" 2>&1
+  echo "gpu_run: cuda check exited with status $? (see $OUT/cuda_check.log, $OUT/cuda_check.json)"
+  grep -E "^(PASS|FAIL|INFO)" "$OUT/cuda_check.log"
+fi
 
 echo "gpu_run: python -m transpeft_kernels bench ${PRESET_ARGS[*]} --out $OUT (hard limit ${HARD}s)"
 timeout --signal=TERM --kill-after=20 "$HARD" "$PY" -u -m transpeft_kernels bench "${PRESET_ARGS[@]}" --out "$OUT" \

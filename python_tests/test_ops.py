@@ -1,5 +1,6 @@
 """Autograd ops on every available backend against the reference (same dtype and float64), forward
-and backward. "triton" joins when it can run (a GPU, or the interpreter that conftest selects on CPU)."""
+and backward. "triton" joins when it can run (a GPU, or the interpreter that conftest selects on CPU),
+"cuda" on a GPU with its library built (on CPU it runs these tests in test_cuda_emulation.py)."""
 import itertools
 
 import pytest
@@ -13,11 +14,12 @@ pytestmark = pytest.mark.usefixtures("on_accelerator")
 
 def _backend_names() -> list[str]:
     names = ["torch"]
-    try:
-        ops.check_available("triton")
-        names.append("triton")
-    except RuntimeError:
-        pass
+    for name in ("triton", "cuda"):  # cuda joins on a GPU with the library built (CPU: test_cuda_emulation.py)
+        try:
+            ops.check_available(name)
+            names.append(name)
+        except RuntimeError:
+            pass
     return names
 
 

@@ -4,7 +4,7 @@ Run from the repository root:
 
     PYTHONPATH=. python csrc/tests/gen_vectors.py
 
-It rewrites csrc/tests/philox_vectors.h and csrc/tests/activation_vectors.h. Both are checked in;
+It rewrites csrc/tests/philox_vectors.h, activation_vectors.h and fused_vectors.h. All are checked in;
 the output is deterministic, so rerunning it on an unchanged reference leaves them unchanged.
 """
 from __future__ import annotations
@@ -147,8 +147,96 @@ constexpr ActivationVector kActivationVectors[] = {
     )
 
 
+def _conversion_inputs() -> list[float]:
+    """float32 values where float16 / bfloat16 rounding is delicate: ties, overflow, subnormals."""
+    xs = [0.0, -0.0, 1.0, -1.0, 65504.0, 65519.0, 65520.0, -65520.0, 1e6, 3e38, 2.0**-14, 2.0**-24, 2.0**-25,
+          1.5 * 2.0**-25, 3.0 * 2.0**-26, 2.0**-26, 1e-10, 1.0009765625, 1.00048828125, 1.00146484375,
+          1.00390625, 1.001953125, 1.005859375, 0.1, -0.3, 3.14159265, float("inf"), float("-inf")]
+    gen = torch.Generator().manual_seed(7)
+    xs += (torch.randn(200, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-9, 6, (200,), generator=gen)).tolist()
+    return [struct.unpack("<f", struct.pack("<f", x))[0] for x in xs]
+
+
+def _bits16(t: torch.Tensor) -> list[int]:
+    return (t.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+
+
+FUSED_M, FUSED_I, FUSED_R = 3, 37, 5
+FUSED_SEED_MASK, FUSED_SEED_DROP = 2**40 + 17, 31337
+FUSED_P, FUSED_Q = 0.3, 0.2
+
+
+def fused_header() -> str:
+    from transpeft_kernels.reference import act, keep_mask
+    from transpeft_kernels.reference.activations import Activation
+
+    xs = _conversion_inputs()
+    xt = torch.tensor(xs, dtype=torch.float32)
+    conv_rows = [f"    {{0x{_f32_bits(x):08x}u, 0x{h:04x}u, 0x{b:04x}u}},"
+                 for x, h, b in zip(xs, _bits16(xt.half()), _bits16(xt.bfloat16()))]
+
+    # One masked gated activation with the fused down shrink: bf16 activations, fp32 adapter, silu,
+    # masking p with rescaling, LoRA dropout q. The expected values follow reference/mlp.py and
+    # reference/lora.py: h' = knowledge_mask(act(g) * u), S_d = dropout_q(float(h')) A_d^T (float64 sum).
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randn(FUSED_M, FUSED_I, generator=gen).bfloat16()
+    u = torch.randn(FUSED_M, FUSED_I, generator=gen).bfloat16()
+    a = torch.randn(FUSED_R, FUSED_I, generator=gen)
+    keep = keep_mask(FUSED_SEED_MASK, FUSED_M, FUSED_I, FUSED_P)
+    c = torch.tensor(1.0 / (1.0 - FUSED_P)).bfloat16()
+    h = (act(g, Activation.SILU) * u) * (keep.bfloat16() * c)
+    drop = keep_mask(FUSED_SEED_DROP, FUSED_M, FUSED_I, FUSED_Q).float() * (1.0 / (1.0 - FUSED_Q))
+    s = (h.double() * drop.double()) @ a.double().t()
+
+    def arr(name, ctype, values, fmt):
+        body = ", ".join(fmt(v) for v in values)
+        return f"constexpr {ctype} {name}[] = {{{body}}};\n"
+
+    hexs = lambda v: f"0x{v:04x}"  # noqa: E731
+    return (
+        HEADER_NOTE
+        + f"""// float32 -> float16 / bfloat16 conversions as torch rounds them, and one fused masked gated activation
+// (silu, bf16 activations, fp32 adapter, masking p = {FUSED_P} rescaled, LoRA dropout q = {FUSED_Q}) with the
+// down projection's shrink, from the Python reference.
+#pragma once
+
+#include <cstdint>
+
+namespace transpeft_test {{
+
+struct ConversionVector {{
+  uint32_t f32_bits;
+  uint16_t f16_bits;
+  uint16_t bf16_bits;
+}};
+
+constexpr ConversionVector kConversionVectors[] = {{
+"""
+        + "\n".join(conv_rows)
+        + f"""
+}};
+
+constexpr int64_t kFusedM = {FUSED_M};
+constexpr int64_t kFusedI = {FUSED_I};
+constexpr int64_t kFusedR = {FUSED_R};
+constexpr int64_t kFusedSeedMask = {FUSED_SEED_MASK};
+constexpr int64_t kFusedSeedDrop = {FUSED_SEED_DROP};
+constexpr float kFusedP = {FUSED_P}f;
+constexpr float kFusedQ = {FUSED_Q}f;
+constexpr uint16_t kFusedMaskKeptBf16 = 0x{_bits16(c.reshape(1))[0]:04x};  // 1/(1-p) rounded to bf16
+"""
+        + arr("kFusedG", "uint16_t", _bits16(g.flatten()), hexs)
+        + arr("kFusedU", "uint16_t", _bits16(u.flatten()), hexs)
+        + arr("kFusedA", "float", a.flatten().tolist(), lambda v: f"{v:.9e}f")
+        + arr("kFusedH", "uint16_t", _bits16(h.flatten()), hexs)
+        + arr("kFusedS", "double", s.flatten().tolist(), lambda v: f"{v:.17e}")
+        + "\n}  // namespace transpeft_test\n"
+    )
+
+
 def main() -> None:
-    for name, text in [("philox_vectors.h", philox_header()), ("activation_vectors.h", activation_header())]:
+    for name, text in [("philox_vectors.h", philox_header()), ("activation_vectors.h", activation_header()),
+                       ("fused_vectors.h", fused_header())]:
         path = HERE / name
         path.write_text(text)
         print(f"wrote {path.relative_to(HERE.parent.parent)}")

@@ -23,12 +23,7 @@ from .torch_backend import TORCH, TorchBackend
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 # How to get each compiled backend; shown when one is asked for and cannot run.
-_NOT_AVAILABLE = {
-    "cuda": (
-        "backend='cuda' is not available in this version of transpeft_kernels: the CUDA C++ extension "
-        "has not landed yet. Use backend='torch' (or 'auto', which picks the fastest available)."
-    ),
-}
+_NOT_AVAILABLE: dict[str, str] = {}
 
 
 def validate_backend_name(backend: object) -> str:
@@ -52,7 +47,41 @@ def triton_unavailable_reason() -> str | None:
             "tests). Otherwise use backend='torch' (or 'auto').")
 
 
+def cuda_unavailable_reason() -> str | None:
+    """None when backend='cuda' can run here: libtranspeft_cuda.so is found and a CUDA GPU is visible
+    (or TRANSPEFT_CUDA_EMULATE=1, the host emulation for CPU tensors). Otherwise what to do."""
+    from ..kernels.cuda.library import BUILD_ROUTES, candidate_paths, emulating, find_library, load
+
+    if emulating():
+        return None
+    problems = []
+    if find_library() is None:
+        where = ", ".join(str(p) for p in candidate_paths())
+        problems.append(f"the CUDA extension libtranspeft_cuda.so is not built (looked in {where}); {BUILD_ROUTES}")
+    if not torch.cuda.is_available():
+        problems.append("it needs a CUDA GPU (none is visible to torch; torch.version.cuda="
+                        f"{torch.version.cuda})")
+    if not problems:
+        try:
+            load()  # a stale or foreign library fails here, not in the middle of a forward
+        except (OSError, RuntimeError, AttributeError) as e:
+            return f"backend='cuda' cannot load its library: {e}; rebuild it: {BUILD_ROUTES}."
+        return None
+    return ("backend='cuda' cannot run here: " + "; and ".join(problems)
+            + ". Otherwise use backend='torch' (or 'auto', which picks the fastest available).")
+
+
 _TRITON: TorchBackend | None = None
+_CUDA: TorchBackend | None = None
+
+
+def _cuda_backend() -> TorchBackend:
+    global _CUDA
+    if _CUDA is None:
+        from .cuda_backend import CudaBackend
+
+        _CUDA = CudaBackend()
+    return _CUDA
 
 
 def _triton_backend() -> TorchBackend:
@@ -71,7 +100,9 @@ def by_name(name: str) -> TorchBackend:
         return TORCH
     if name == "triton":
         return _triton_backend()
-    raise ValueError(f"backend: expected one of ('torch', 'triton'), got {name!r}")
+    if name == "cuda":
+        return _cuda_backend()
+    raise ValueError(f"backend: expected one of ('torch', 'triton', 'cuda'), got {name!r}")
 
 
 def check_available(backend: str) -> None:
@@ -79,6 +110,10 @@ def check_available(backend: str) -> None:
     validate_backend_name(backend)
     if backend == "triton":
         reason = triton_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
+    if backend == "cuda":
+        reason = cuda_unavailable_reason()
         if reason is not None:
             raise RuntimeError(reason)
     if backend in _NOT_AVAILABLE:

@@ -1,0 +1,231 @@
+// LoRA pieces around the cuBLAS GEMMs that the binding runs through ATen:
+//   shrink        S  = dropout_q(cast_A(X)) A^T        (M, R): forward S, and t = dY B (A = B^T, q = 0)
+//   expand        Y += s * S B^T                        in place on a fresh GEMM output: forward y, dX
+//   dropout_cast  dropout_q(cast_A(X))                  the LoRA input for dA = s t^T xd
+// Rounding follows transpeft/fused_math.h, the contract transpeft/capi.h. Masks are regenerated
+// from (seed, row * cols + col) in 64 bits, never stored.
+//
+// shrink: a block owns 4 token rows and 16 ranks at a time; threads stride over K (coalesced for a
+// row-major X), each A element read serves the 4 rows, and the 64 partial sums are reduced over the
+// block in a fixed order (deterministic, no atomics).
+// expand: a thread owns one output column n for 8 rows, keeps B[n, 16 ranks] in registers.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "transpeft/capi.h"
+#include "transpeft/cuda_common.cuh"
+#include "transpeft/fused_math.h"
+
+namespace transpeft {
+namespace cuda {
+namespace {
+
+struct RandomMask {
+  float p;
+  float kept;
+  const int64_t* seed;
+  int32_t on;
+};
+
+struct ShrinkArgs {
+  const void* x;
+  int64_t sxm, sxk;
+  const void* a;
+  int64_t sar, sak;
+  void* s;
+  int64_t lds;
+  int64_t M, K, R;
+  RandomMask drop;
+};
+
+struct ExpandArgs {
+  void* y;
+  int64_t ldy;
+  const void* s;
+  int64_t ssm, ssr;
+  const void* b;
+  int64_t sbn, sbr;
+  int64_t M, N, R;
+  float scaling;
+  int32_t grad_mode;
+  RandomMask drop;
+};
+
+struct CastArgs {
+  const void* x;
+  int64_t sxm, sxk;
+  void* out;
+  int64_t ldo;
+  int64_t M, K;
+  RandomMask drop;
+};
+
+constexpr int kShrinkRows = 4;
+constexpr int kShrinkRanks = 16;
+constexpr int kExpandRows = 8;
+constexpr int kExpandRanks = 16;
+
+template <typename TX, typename TA>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(ShrinkArgs p) {
+  constexpr int NACC = kShrinkRows * kShrinkRanks;
+  __shared__ float smem[kWarps * NACC];
+  const TX* x = static_cast<const TX*>(p.x);
+  const TA* a = static_cast<const TA*>(p.a);
+  TA* s = static_cast<TA*>(p.s);
+  const uint64_t seed = load_seed(p.drop.seed, p.drop.on);
+  for (int64_t row0 = int64_t{blockIdx.x} * kShrinkRows; row0 < p.M; row0 += int64_t{gridDim.x} * kShrinkRows) {
+    for (int64_t r0 = 0; r0 < p.R; r0 += kShrinkRanks) {
+      float acc[NACC];
+#pragma unroll
+      for (int n = 0; n < NACC; ++n) acc[n] = 0.0f;
+      for (int64_t k = threadIdx.x; k < p.K; k += kThreads) {
+        float xv[kShrinkRows];
+#pragma unroll
+        for (int r = 0; r < kShrinkRows; ++r) {
+          const int64_t row = row0 + r;
+          if (row < p.M) {
+            const uint64_t off = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
+            xv[r] = lora_input<TA>(to_float(x[row * p.sxm + k * p.sxk]),
+                                   keep_factor(p.drop.on, seed, off, p.drop.p, p.drop.kept));
+          } else {
+            xv[r] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < kShrinkRanks; ++kk) {
+          const float av = r0 + kk < p.R ? to_float(a[(r0 + kk) * p.sar + k * p.sak]) : 0.0f;
+#pragma unroll
+          for (int r = 0; r < kShrinkRows; ++r) acc[r * kShrinkRanks + kk] += xv[r] * av;
+        }
+      }
+      const float total = block_sum_to_thread<NACC>(acc, smem);
+      if (threadIdx.x < NACC) {
+        const int64_t row = row0 + threadIdx.x / kShrinkRanks;
+        const int64_t rank = r0 + threadIdx.x % kShrinkRanks;
+        if (row < p.M && rank < p.R) s[row * p.lds + rank] = from_float<TA>(total);
+      }
+    }
+  }
+}
+
+template <typename TY, typename TL>
+__global__ void __launch_bounds__(kThreads) expand_kernel(ExpandArgs p) {
+  const int64_t n = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  if (n >= p.N) return;
+  TY* y = static_cast<TY*>(p.y);
+  const TL* s = static_cast<const TL*>(p.s);
+  const TL* b = static_cast<const TL*>(p.b);
+  const uint64_t seed = load_seed(p.drop.seed, p.drop.on);
+  for (int64_t row0 = int64_t{blockIdx.y} * kExpandRows; row0 < p.M; row0 += int64_t{gridDim.y} * kExpandRows) {
+    float z[kExpandRows];
+#pragma unroll
+    for (int r = 0; r < kExpandRows; ++r) z[r] = 0.0f;
+    for (int64_t r0 = 0; r0 < p.R; r0 += kExpandRanks) {
+      float bv[kExpandRanks];
+#pragma unroll
+      for (int kk = 0; kk < kExpandRanks; ++kk) bv[kk] = r0 + kk < p.R ? to_float(b[n * p.sbn + (r0 + kk) * p.sbr]) : 0.0f;
+#pragma unroll
+      for (int r = 0; r < kExpandRows; ++r) {
+        const int64_t row = row0 + r;
+        if (row >= p.M) continue;
+#pragma unroll
+        for (int kk = 0; kk < kExpandRanks; ++kk) {
+          if (r0 + kk < p.R) z[r] += to_float(s[row * p.ssm + (r0 + kk) * p.ssr]) * bv[kk];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kExpandRows; ++r) {
+      const int64_t row = row0 + r;
+      if (row >= p.M) continue;
+      TY* out = y + row * p.ldy + n;
+      const float yv = to_float(*out);
+      float res;
+      if (p.grad_mode) {
+        const uint64_t off = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.N) + static_cast<uint64_t>(n);
+        res = lora_grad_sum<TY, TL>(yv, z[r], p.scaling, keep_factor(p.drop.on, seed, off, p.drop.p, p.drop.kept));
+      } else {
+        res = lora_forward_sum<TY, TL>(yv, z[r], p.scaling);
+      }
+      *out = from_float<TY>(res);
+    }
+  }
+}
+
+template <typename TX, typename TO>
+__global__ void __launch_bounds__(kThreads) dropout_cast_kernel(CastArgs p) {
+  const TX* x = static_cast<const TX*>(p.x);
+  TO* out = static_cast<TO*>(p.out);
+  const uint64_t seed = load_seed(p.drop.seed, p.drop.on);
+  for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
+    for (int64_t k = threadIdx.x; k < p.K; k += kThreads) {
+      const uint64_t off = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
+      const float d = keep_factor(p.drop.on, seed, off, p.drop.p, p.drop.kept);
+      out[row * p.ldo + k] = from_float<TO>(lora_input<TO>(to_float(x[row * p.sxm + k * p.sxk]), d));
+    }
+  }
+}
+
+// f(Tag<T1>, Tag<T2>) for two dtype codes.
+template <typename F>
+cudaError_t with_dtypes(int32_t c1, int32_t c2, F&& f) {
+  return with_dtype(c1, [&](auto t1) { return with_dtype(c2, [&](auto t2) { return f(t1, t2); }); });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace transpeft
+
+using namespace transpeft::cuda;
+
+extern "C" int transpeft_lora_shrink(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype, const void* a,
+                                     int64_t sar, int64_t sak, int32_t a_dtype, void* s, int64_t lds, int64_t M,
+                                     int64_t K, int64_t R, float drop_q, float drop_kept, const int64_t* drop_seed,
+                                     int32_t drop_on, uint64_t stream) {
+  if (M < 0 || K < 0 || R < 0) return cudaErrorInvalidValue;
+  if (M == 0 || R == 0) return cudaSuccess;
+  const ShrinkArgs args{x, sxm, sxk, a, sar, sak, s, lds, M, K, R, RandomMask{drop_q, drop_kept, drop_seed, drop_on}};
+  const unsigned grid = grid_for((M + kShrinkRows - 1) / kShrinkRows);
+  return with_dtypes(x_dtype, a_dtype, [&](auto tx, auto ta) -> cudaError_t {
+    using TX = typename decltype(tx)::type;
+    using TA = typename decltype(ta)::type;
+    shrink_kernel<TX, TA><<<grid, kThreads, 0, as_stream(stream)>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+extern "C" int transpeft_lora_expand(void* y, int64_t ldy, int32_t y_dtype, const void* s, int64_t ssm, int64_t ssr,
+                                     const void* b, int64_t sbn, int64_t sbr, int32_t lora_dtype, int64_t M,
+                                     int64_t N, int64_t R, float scaling, int32_t grad_mode, float drop_q,
+                                     float drop_kept, const int64_t* drop_seed, int32_t drop_on, uint64_t stream) {
+  if (M < 0 || N < 0 || R < 0) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  const ExpandArgs args{y, ldy, s, ssm, ssr, b, sbn, sbr, M, N, R, scaling, grad_mode,
+                        RandomMask{drop_q, drop_kept, drop_seed, drop_on}};
+  const int64_t col_blocks = (N + kThreads - 1) / kThreads;
+  if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  int64_t row_blocks = (M + kExpandRows - 1) / kExpandRows;
+  if (row_blocks > 65535) row_blocks = 65535;  // grid-stride over the rest
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
+  return with_dtypes(y_dtype, lora_dtype, [&](auto ty, auto tl) -> cudaError_t {
+    using TY = typename decltype(ty)::type;
+    using TL = typename decltype(tl)::type;
+    expand_kernel<TY, TL><<<grid, kThreads, 0, as_stream(stream)>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+extern "C" int transpeft_lora_dropout_cast(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype, void* out,
+                                           int64_t ldo, int32_t out_dtype, int64_t M, int64_t K, float drop_q,
+                                           float drop_kept, const int64_t* drop_seed, int32_t drop_on,
+                                           uint64_t stream) {
+  if (M < 0 || K < 0) return cudaErrorInvalidValue;
+  if (M == 0 || K == 0) return cudaSuccess;
+  const CastArgs args{x, sxm, sxk, out, ldo, M, K, RandomMask{drop_q, drop_kept, drop_seed, drop_on}};
+  return with_dtypes(x_dtype, out_dtype, [&](auto tx, auto to) -> cudaError_t {
+    using TX = typename decltype(tx)::type;
+    using TO = typename decltype(to)::type;
+    dropout_cast_kernel<TX, TO><<<grid_for(M), kThreads, 0, as_stream(stream)>>>(args);
+    return cudaGetLastError();
+  });
+}

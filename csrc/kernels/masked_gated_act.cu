@@ -1,0 +1,352 @@
+// Masked gated activation, forward and backward, with the down projection's LoRA fused in.
+//
+//   forward   h'  = act(g) * u * m                                (m: knowledge mask, regenerated)
+//             S_d = dropout_qd(cast_A(h')) A_d^T                  (optional, while h' is in registers)
+//   backward  dh' = dh_base + s * d * (t_d A_d)                   (optional LoRA term, on the fly)
+//             dg  = dh' m u act'(g),  du = dh' m act(g)
+//             h', dropout_qd(cast_A(h'))                          (optional, for dW_d and dA_d)
+// Rounding follows transpeft/fused_math.h. Contract and argument meaning: transpeft/capi.h.
+//
+// Layout: one block owns ROWS token rows and sweeps their columns with 16-byte packs (VEC elements);
+// the rank-sized LoRA sums stay in registers (ROWS x RT of them: RT is the rank rounded up to 16,
+// 32 or 64, ROWS = 64 / RT, so each A_d element read from L1/L2 serves ROWS rows) and are reduced
+// over the block once per row group in a fixed order. Offsets into the masks are row * I + col in
+// 64 bits, so the masks do not depend on the launch configuration.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <initializer_list>
+
+#include "transpeft/activations.h"
+#include "transpeft/capi.h"
+#include "transpeft/cuda_common.cuh"
+#include "transpeft/fused_math.h"
+
+namespace transpeft {
+namespace cuda {
+namespace {
+
+struct RandomMask {
+  float p;
+  float kept;
+  const int64_t* seed;
+  int32_t on;
+};
+
+struct FwdArgs {
+  const void* g;
+  int64_t ldg;
+  const void* u;
+  int64_t ldu;
+  void* h;
+  int64_t ldh;
+  int64_t M;
+  int64_t I;
+  Activation act;
+  RandomMask mask;
+  const void* a;
+  int64_t lda;
+  int64_t rank;
+  RandomMask drop;
+  void* s;
+  int64_t lds;
+};
+
+struct BwdArgs {
+  const void* dh;
+  int64_t lddh;
+  const void* g;
+  int64_t ldg;
+  const void* u;
+  int64_t ldu;
+  void* dg;
+  int64_t lddg;
+  void* du;
+  int64_t lddu;
+  int64_t M;
+  int64_t I;
+  Activation act;
+  RandomMask mask;
+  const void* t;
+  int64_t ldt;
+  const void* a;
+  int64_t lda;
+  int64_t rank;
+  float scaling;
+  RandomMask drop;
+  void* h_out;
+  int64_t ldh_out;
+  void* xd_out;
+  int64_t ldxd;
+};
+
+__host__ __device__ constexpr int rows_for(int rt) { return rt == 0 ? 1 : 64 / rt; }
+
+template <typename T, typename TA, int VEC, int RT>
+__global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
+  constexpr int ROWS = rows_for(RT);
+  constexpr int NACC = RT == 0 ? 1 : ROWS * RT;
+  __shared__ float smem[RT == 0 ? 1 : kWarps * NACC];
+  const T* g = static_cast<const T*>(p.g);
+  const T* u = static_cast<const T*>(p.u);
+  T* h = static_cast<T*>(p.h);
+  const TA* a = static_cast<const TA*>(p.a);
+  const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
+  const uint64_t dseed = RT == 0 ? 0u : load_seed(p.drop.seed, p.drop.on);
+
+  for (int64_t row0 = int64_t{blockIdx.x} * ROWS; row0 < p.M; row0 += int64_t{gridDim.x} * ROWS) {
+    float acc[NACC];
+#pragma unroll
+    for (int n = 0; n < NACC; ++n) acc[n] = 0.0f;
+
+    for (int64_t j = int64_t{threadIdx.x} * VEC; j < p.I; j += int64_t{kThreads} * VEC) {
+      float xd[ROWS][VEC];  // the down projection's LoRA input, dropout_qd(cast_A(h'))
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t row = row0 + r;
+        if (row >= p.M) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) xd[r][v] = 0.0f;
+          continue;
+        }
+        const Pack<T, VEC> gp = load_pack<T, VEC>(g + row * p.ldg + j);
+        const Pack<T, VEC> up = load_pack<T, VEC>(u + row * p.ldu + j);
+        Pack<T, VEC> hp;
+        const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.I) + static_cast<uint64_t>(j);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const float m = keep_factor(p.mask.on, mseed, base + v, p.mask.p, p.mask.kept);
+          const float hv = masked_gated_act_value<T>(p.act, to_float(gp.v[v]), to_float(up.v[v]), m);
+          hp.v[v] = from_float<T>(hv);
+          if (RT > 0) xd[r][v] = lora_input<TA>(hv, keep_factor(p.drop.on, dseed, base + v, p.drop.p, p.drop.kept));
+        }
+        store_pack<T, VEC>(h + row * p.ldh + j, hp);
+      }
+      if constexpr (RT > 0) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          float av[RT];
+#pragma unroll
+          for (int k = 0; k < RT; ++k) av[k] = k < p.rank ? to_float(a[k * p.lda + j + v]) : 0.0f;
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+            for (int k = 0; k < RT; ++k) acc[r * RT + k] += xd[r][v] * av[k];
+          }
+        }
+      }
+    }
+
+    if constexpr (RT > 0) {
+      const float total = block_sum_to_thread<NACC>(acc, smem);
+      if (threadIdx.x < NACC) {
+        const int64_t row = row0 + threadIdx.x / RT;
+        const int64_t k = threadIdx.x % RT;
+        if (row < p.M && k < p.rank) static_cast<TA*>(p.s)[row * p.lds + k] = from_float<TA>(total);
+      }
+    }
+  }
+}
+
+template <typename T, typename TA, int VEC, int RT>
+__global__ void __launch_bounds__(kThreads) act_bwd_kernel(BwdArgs p) {
+  constexpr int ROWS = rows_for(RT);
+  constexpr int TN = RT == 0 ? 1 : RT;
+  const T* dh = static_cast<const T*>(p.dh);
+  const T* g = static_cast<const T*>(p.g);
+  const T* u = static_cast<const T*>(p.u);
+  T* dg = static_cast<T*>(p.dg);
+  T* du = static_cast<T*>(p.du);
+  T* h_out = static_cast<T*>(p.h_out);
+  TA* xd_out = static_cast<TA*>(p.xd_out);
+  const TA* t = static_cast<const TA*>(p.t);
+  const TA* a = static_cast<const TA*>(p.a);
+  const bool want_h = h_out != nullptr || xd_out != nullptr;
+  const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
+  const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
+
+  for (int64_t row0 = int64_t{blockIdx.x} * ROWS; row0 < p.M; row0 += int64_t{gridDim.x} * ROWS) {
+    float tv[ROWS][TN];  // this row group's t_d = cast_A(dY) B_d
+    if constexpr (RT > 0) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t row = row0 + r;
+#pragma unroll
+        for (int k = 0; k < RT; ++k) tv[r][k] = (row < p.M && k < p.rank) ? to_float(t[row * p.ldt + k]) : 0.0f;
+      }
+    }
+    for (int64_t j = int64_t{threadIdx.x} * VEC; j < p.I; j += int64_t{kThreads} * VEC) {
+      float z[ROWS][VEC];  // (t_d A_d)[row, j + v] in fp32
+      if constexpr (RT > 0) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          float av[RT];
+#pragma unroll
+          for (int k = 0; k < RT; ++k) av[k] = k < p.rank ? to_float(a[k * p.lda + j + v]) : 0.0f;
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < RT; ++k) sum += tv[r][k] * av[k];
+            z[r][v] = sum;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t row = row0 + r;
+        if (row >= p.M) continue;
+        const Pack<T, VEC> dhp = load_pack<T, VEC>(dh + row * p.lddh + j);
+        const Pack<T, VEC> gp = load_pack<T, VEC>(g + row * p.ldg + j);
+        const Pack<T, VEC> up = load_pack<T, VEC>(u + row * p.ldu + j);
+        Pack<T, VEC> dgp, dup, hp;
+        const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.I) + static_cast<uint64_t>(j);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const float m = keep_factor(p.mask.on, mseed, base + v, p.mask.p, p.mask.kept);
+          const float d = keep_factor(p.drop.on, dseed, base + v, p.drop.p, p.drop.kept);
+          const float gv = to_float(gp.v[v]);
+          const float uv = to_float(up.v[v]);
+          float dhv = to_float(dhp.v[v]);
+          if constexpr (RT > 0) dhv = lora_grad_sum<T, TA>(dhv, z[r][v], p.scaling, d);
+          const GatedGrads gr = masked_gated_act_grads(p.act, dhv, gv, uv, m);
+          dgp.v[v] = from_float<T>(gr.dg);
+          dup.v[v] = from_float<T>(gr.du);
+          if (want_h) {
+            const float hv = masked_gated_act_value<T>(p.act, gv, uv, m);
+            hp.v[v] = from_float<T>(hv);
+            if (xd_out != nullptr) xd_out[row * p.ldxd + j + v] = from_float<TA>(lora_input<TA>(hv, d));
+          }
+        }
+        store_pack<T, VEC>(dg + row * p.lddg + j, dgp);
+        store_pack<T, VEC>(du + row * p.lddu + j, dup);
+        if (h_out != nullptr) store_pack<T, VEC>(h_out + row * p.ldh_out + j, hp);
+      }
+    }
+  }
+}
+
+template <typename T>
+bool packable(int64_t I, std::initializer_list<int64_t> lds, std::initializer_list<const void*> ptrs) {
+  constexpr int V = 16 / sizeof(T);
+  if (I % V != 0) return false;
+  for (int64_t ld : lds) {
+    if (ld % V != 0) return false;
+  }
+  for (const void* q : ptrs) {
+    if (q != nullptr && !aligned16(q)) return false;
+  }
+  return true;
+}
+
+template <typename T, typename TA, int RT>
+cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const unsigned grid = grid_for((args.M + rows_for(RT) - 1) / rows_for(RT));
+  if (packable<T>(args.I, {args.ldg, args.ldu, args.ldh}, {args.g, args.u, args.h})) {
+    act_fwd_kernel<T, TA, V, RT><<<grid, kThreads, 0, stream>>>(args);
+  } else {
+    act_fwd_kernel<T, TA, 1, RT><<<grid, kThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename TA, int RT>
+cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const unsigned grid = grid_for((args.M + rows_for(RT) - 1) / rows_for(RT));
+  const int64_t ldh = args.h_out != nullptr ? args.ldh_out : 0;
+  if (packable<T>(args.I, {args.lddh, args.ldg, args.ldu, args.lddg, args.lddu, ldh},
+                  {args.dh, args.g, args.u, args.dg, args.du, args.h_out})) {
+    act_bwd_kernel<T, TA, V, RT><<<grid, kThreads, 0, stream>>>(args);
+  } else {
+    act_bwd_kernel<T, TA, 1, RT><<<grid, kThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+// The rank tile for a fused LoRA term: 16, 32 or 64; 0 for a rank the fused kernels do not take.
+int rank_tile(int64_t rank) { return rank <= 16 ? 16 : rank <= 32 ? 32 : rank <= 64 ? 64 : 0; }
+
+template <typename T, typename TA, typename Args, typename Launch>
+cudaError_t by_rank(int64_t rank, const Args& args, cudaStream_t stream, Launch) {
+  switch (rank_tile(rank)) {
+    case 16: return Launch::template run<T, TA, 16>(args, stream);
+    case 32: return Launch::template run<T, TA, 32>(args, stream);
+    case 64: return Launch::template run<T, TA, 64>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+struct FwdLaunch {
+  template <typename T, typename TA, int RT>
+  static cudaError_t run(const FwdArgs& a, cudaStream_t s) { return launch_fwd<T, TA, RT>(a, s); }
+};
+struct BwdLaunch {
+  template <typename T, typename TA, int RT>
+  static cudaError_t run(const BwdArgs& a, cudaStream_t s) { return launch_bwd<T, TA, RT>(a, s); }
+};
+
+bool valid_act(int32_t a) { return a >= 0 && a <= 2; }
+
+}  // namespace
+}  // namespace cuda
+}  // namespace transpeft
+
+using transpeft::Activation;
+using namespace transpeft::cuda;
+
+extern "C" int transpeft_masked_gated_act_fwd(const void* g, int64_t ldg, const void* u, int64_t ldu, void* h,
+                                              int64_t ldh, int64_t M, int64_t I, int32_t dtype, int32_t activation,
+                                              float mask_p, float mask_kept, const int64_t* mask_seed,
+                                              int32_t mask_on, const void* a_d, int64_t lda, int64_t rank,
+                                              int32_t a_dtype, float drop_q, float drop_kept,
+                                              const int64_t* drop_seed, int32_t drop_on, void* s_d, int64_t lds,
+                                              uint64_t stream) {
+  if (M < 0 || I < 0 || !valid_act(activation)) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  if (a_d != nullptr && (rank < 1 || s_d == nullptr)) return cudaErrorInvalidValue;
+  const FwdArgs args{g, ldg, u, ldu, h, ldh, M, I, static_cast<Activation>(activation),
+                     RandomMask{mask_p, mask_kept, mask_seed, mask_on}, a_d, lda, rank,
+                     RandomMask{drop_q, drop_kept, drop_seed, drop_on}, s_d, lds};
+  const cudaStream_t st = as_stream(stream);
+  return with_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    if (a_d == nullptr) {
+      if (I == 0) return cudaSuccess;
+      return launch_fwd<T, T, 0>(args, st);
+    }
+    // I == 0 still runs: S_d is then a sum over nothing, written as zeros.
+    if (a_dtype == 0) return by_rank<T, float>(rank, args, st, FwdLaunch{});
+    if (a_dtype == dtype) return by_rank<T, T>(rank, args, st, FwdLaunch{});
+    return cudaErrorInvalidValue;
+  });
+}
+
+extern "C" int transpeft_masked_gated_act_bwd(const void* dh_base, int64_t lddh, const void* g, int64_t ldg,
+                                              const void* u, int64_t ldu, void* dg, int64_t lddg, void* du,
+                                              int64_t lddu, int64_t M, int64_t I, int32_t dtype, int32_t activation,
+                                              float mask_p, float mask_kept, const int64_t* mask_seed,
+                                              int32_t mask_on, const void* t_d, int64_t ldt, const void* a_d,
+                                              int64_t lda, int64_t rank, int32_t a_dtype, float scaling,
+                                              float drop_q, float drop_kept, const int64_t* drop_seed,
+                                              int32_t drop_on, void* h_out, int64_t ldh_out, void* xd_out,
+                                              int64_t ldxd, uint64_t stream) {
+  if (M < 0 || I < 0 || !valid_act(activation)) return cudaErrorInvalidValue;
+  if (M == 0 || I == 0) return cudaSuccess;
+  if (t_d != nullptr && (a_d == nullptr || rank < 1)) return cudaErrorInvalidValue;
+  const BwdArgs args{dh_base, lddh, g, ldg, u, ldu, dg, lddg, du, lddu, M, I, static_cast<Activation>(activation),
+                     RandomMask{mask_p, mask_kept, mask_seed, mask_on}, t_d, ldt, a_d, lda, rank, scaling,
+                     RandomMask{drop_q, drop_kept, drop_seed, drop_on}, h_out, ldh_out, xd_out, ldxd};
+  const cudaStream_t st = as_stream(stream);
+  return with_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    const bool has_a = t_d != nullptr || xd_out != nullptr;
+    if (has_a && a_dtype != 0 && a_dtype != dtype) return cudaErrorInvalidValue;
+    if (t_d == nullptr) {
+      return a_dtype == 0 ? launch_bwd<T, float, 0>(args, st) : launch_bwd<T, T, 0>(args, st);
+    }
+    if (a_dtype == 0) return by_rank<T, float>(rank, args, st, BwdLaunch{});
+    return by_rank<T, T>(rank, args, st, BwdLaunch{});
+  });
+}

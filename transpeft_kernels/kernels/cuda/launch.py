@@ -1,0 +1,238 @@
+"""Tensor-level wrappers of libtranspeft_cuda: check arguments, allocate fresh outputs, pass
+``data_ptr()``s, strides, dtype codes and the current CUDA stream to the C functions (capi.h).
+
+Shapes: M tokens, I intermediate width, K/N feature widths, R rank. Seeds are the Philox keys of
+the stream in question (int64 one-element tensors, ``specs.stream_seed`` already applied); they are
+copied to the tensors' device and read there by the kernels. Masks (see reference/philox.py):
+    knowledge mask   keep[i, j] = philox_uniform(mask_seed, i * I + j) >= p, scale c = 1 or 1/(1-p)
+    LoRA dropout     keep[i, k] = philox_uniform(drop_seed, i * K + k) >= q, scale 1/(1-q)
+Scales are rounded to the dtype the reference multiplies in (``rounded_to``). No output aliases an
+input; ``lora_expand_`` writes into the tensor it is given, which must be fresh (a GEMM output
+created by the caller, never a saved tensor or an incoming gradient).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .library import load
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+MAX_FUSED_RANK = 64  # the act kernels keep the down projection's rank-sized sums in registers
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """A LoRA dropout mask: probability q, the projection's Philox key (None when q == 0)."""
+
+    q: float
+    seed: torch.Tensor | None
+
+
+def rounded_to(value: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype).double())
+
+
+def dtype_code(t: torch.Tensor, name: str) -> int:
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}") from None
+
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as a 2-D tensor with unit column stride (copied only when its columns are strided)."""
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    dtype_code(t, name)
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def _ld(t: torch.Tensor) -> int:
+    return t.stride(0)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _on_device(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _seed_on(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if seed is None:
+        return None
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"seed: expected a one-element int64 tensor, got {seed!r}")
+    return seed.reshape(1).to(device, non_blocking=True)
+
+
+def _mask_args(p: float, kept: float, seed: torch.Tensor | None, device: torch.device, what: str):
+    """(p, kept, seed pointer, on) for the C interface, and the device seed tensor to keep alive."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{what}: expected a probability in [0, 1), got {p}")
+    if p == 0.0:
+        return (0.0, 1.0, None, 0), None
+    if seed is None:
+        raise ValueError(f"seed: required when the {what} probability is > 0")
+    s = _seed_on(seed, device)
+    return (float(p), float(kept), s.data_ptr(), 1), s
+
+
+def _dropout_args(drop: Dropout | None, dtype: torch.dtype, device: torch.device):
+    if drop is None or drop.q == 0.0:
+        return _mask_args(0.0, 1.0, None, device, "lora dropout")
+    return _mask_args(drop.q, rounded_to(1.0 / (1.0 - drop.q), dtype), drop.seed, device, "lora dropout")
+
+
+def _knowledge_mask_args(p: float, rescale: bool, seed, dtype: torch.dtype, device: torch.device):
+    kept = rounded_to(1.0 / (1.0 - p), dtype) if rescale and p > 0 else 1.0
+    return _mask_args(p, kept, seed, device, "masking")
+
+
+def _same_device(**tensors) -> torch.device:
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for n, d in devices.items():
+        if d != first:
+            raise ValueError(f"{n}: expected device {first}, got {d}")
+    return first
+
+
+def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_seed,
+                         down_a: torch.Tensor | None = None, down_drop: Dropout | None = None):
+    """h' = act(g) * u * keep * c, (M, I) in g's dtype; with ``down_a`` = A_d (r, I), r <= 64, also
+    S_d = dropout_qd(cast_A(h')) A_d^T, (M, r) in A_d's dtype, returned as (h', S_d)."""
+    g, u = _rows(g, "g"), _rows(u, "u")
+    if g.shape != u.shape or g.dtype != u.dtype:
+        raise ValueError(f"u: expected {tuple(g.shape)} {g.dtype} like g, got {tuple(u.shape)} {u.dtype}")
+    device = _same_device(g=g, u=u, down_a=down_a)
+    M, I = g.shape
+    h = torch.empty((M, I), dtype=g.dtype, device=device)
+    mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
+    a_args, drop, s = (None, 0, 0, 0), (0.0, 1.0, None, 0), None
+    if down_a is not None:
+        down_a = _rows(down_a, "down_a")
+        if down_a.shape[1] != I or not 1 <= down_a.shape[0] <= MAX_FUSED_RANK:
+            raise ValueError(f"down_a: expected (r <= {MAX_FUSED_RANK}, {I}), got {tuple(down_a.shape)}")
+        s = torch.empty((M, down_a.shape[0]), dtype=down_a.dtype, device=device)
+        a_args = (down_a.data_ptr(), _ld(down_a), down_a.shape[0], dtype_code(down_a, "down_a"))
+        drop, _keep2 = _dropout_args(down_drop, down_a.dtype, device)
+    with _on_device(device):
+        load().call("transpeft_masked_gated_act_fwd", g.data_ptr(), _ld(g), u.data_ptr(), _ld(u), h.data_ptr(), _ld(h),
+                    M, I, dtype_code(g, "g"), ACT_CODES[activation], *mask, *a_args, *drop,
+                    None if s is None else s.data_ptr(), 0 if s is None else _ld(s), _stream(device))
+    return h if down_a is None else (h, s)
+
+
+def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed,
+                         down_t: torch.Tensor | None = None, down_a: torch.Tensor | None = None,
+                         down_scaling: float = 0.0, down_drop: Dropout | None = None,
+                         want_h: bool = False, want_xd: bool = False, out=None):
+    """(dg, du, h', xd) for h' = act(g) * u * keep * c, with dh' = dh_base + cast(s * D(t_d A_d)).
+
+    dh_base, g, u: (M, I) in one dtype. down_t: t_d = cast_A(dY) B_d (M, r), down_a: A_d (r, I), r <= 64,
+    or both None. want_h: also return h' (M, I) (for dW_d); want_xd: also return
+    xd = dropout_qd(cast_A(h')) (M, I) in A_d's dtype (for dA_d; needs down_a). Unrequested ones are None.
+    out: optional (dg, du) (M, I) views with unit column stride to write into (e.g. two halves of one
+    (M, 2I) buffer), which must not alias an input."""
+    dh_base, g, u = _rows(dh_base, "dh_base"), _rows(g, "g"), _rows(u, "u")
+    for name, t in (("u", u), ("dh_base", dh_base)):
+        if t.shape != g.shape or t.dtype != g.dtype:
+            raise ValueError(f"{name}: expected {tuple(g.shape)} {g.dtype} like g, got {tuple(t.shape)} {t.dtype}")
+    if down_t is not None and down_a is None:
+        raise ValueError("down_t: needs down_a")
+    if want_xd and down_a is None:
+        raise ValueError("want_xd: needs down_a (its dtype is xd's dtype)")
+    device = _same_device(dh_base=dh_base, g=g, u=u, down_t=down_t, down_a=down_a)
+    M, I = g.shape
+    if out is None:
+        dg = torch.empty((M, I), dtype=g.dtype, device=device)
+        du = torch.empty((M, I), dtype=u.dtype, device=device)
+    else:
+        dg, du = out
+        for name, t in (("out[0]", dg), ("out[1]", du)):
+            if tuple(t.shape) != (M, I) or t.dtype != g.dtype or (M > 0 and I > 1 and t.stride(1) != 1):
+                raise ValueError(f"{name}: expected ({M}, {I}) {g.dtype} with unit column stride")
+    h = torch.empty((M, I), dtype=g.dtype, device=device) if want_h else None
+    xd = torch.empty((M, I), dtype=down_a.dtype, device=device) if want_xd else None
+    mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
+    t_args = (None, 0)
+    a_args = (None, 0, 0, 0 if down_a is None else dtype_code(down_a, "down_a"))
+    if down_a is not None:
+        down_a = _rows(down_a, "down_a")
+        a_args = (down_a.data_ptr(), _ld(down_a), down_a.shape[0], dtype_code(down_a, "down_a"))
+    if down_t is not None:
+        down_t = _rows(down_t, "down_t")
+        r = down_a.shape[0]
+        if down_t.shape != (M, r) or down_t.dtype != down_a.dtype or down_a.shape[1] != I or r > MAX_FUSED_RANK:
+            raise ValueError(f"down_t, down_a: expected ({M}, r) and (r <= {MAX_FUSED_RANK}, {I}) in one dtype, got "
+                             f"{tuple(down_t.shape)} {down_t.dtype} and {tuple(down_a.shape)} {down_a.dtype}")
+        t_args = (down_t.data_ptr(), _ld(down_t))
+    drop, _keep2 = _dropout_args(down_drop, down_a.dtype if down_a is not None else g.dtype, device)
+    with _on_device(device):
+        load().call("transpeft_masked_gated_act_bwd", dh_base.data_ptr(), _ld(dh_base), g.data_ptr(), _ld(g),
+                    u.data_ptr(), _ld(u), dg.data_ptr(), _ld(dg), du.data_ptr(), _ld(du), M, I,
+                    dtype_code(g, "g"), ACT_CODES[activation], *mask, *t_args, *a_args, float(down_scaling), *drop,
+                    None if h is None else h.data_ptr(), 0 if h is None else _ld(h),
+                    None if xd is None else xd.data_ptr(), 0 if xd is None else _ld(xd), _stream(device))
+    return dg, du, h, xd
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None) -> torch.Tensor:
+    """S = dropout_q(cast_A(x)) a^T: x (M, K), a (R, K), any strides -> S (M, R) in a's dtype.
+    Pass ``a = B.t()`` (and no dropout) for t = cast_A(dY) B."""
+    for name, t in (("x", x), ("a", a)):
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    if a.shape[1] != x.shape[1]:
+        raise ValueError(f"a: expected {x.shape[1]} columns to match x, got shape {tuple(a.shape)}")
+    device = _same_device(x=x, a=a)
+    M, K = x.shape
+    R = a.shape[0]
+    s = torch.empty((M, R), dtype=a.dtype, device=device)
+    d, _keep = _dropout_args(drop, a.dtype, device)
+    with _on_device(device):
+        load().call("transpeft_lora_shrink", x.data_ptr(), x.stride(0), x.stride(1), dtype_code(x, "x"),
+                    a.data_ptr(), a.stride(0), a.stride(1), dtype_code(a, "a"), s.data_ptr(), max(R, 1),
+                    M, K, R, *d, _stream(device))
+    return s
+
+
+def lora_expand_(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: float, grad: bool = False,
+                 drop: Dropout | None = None) -> torch.Tensor:
+    """In place on a fresh y (M, N): y = T(y + s * (S b^T)) (forward) or, with ``grad``,
+    y = T(y + T(s * D(S b^T))) with D the dropout mask over (M, N) (dX). S (M, R), b (N, R), any strides,
+    one dtype. Returns y."""
+    y = _rows(y, "y")
+    if s.dim() != 2 or b.dim() != 2 or s.shape[0] != y.shape[0] or b.shape[0] != y.shape[1] or s.shape[1] != b.shape[1]:
+        raise ValueError(f"s, b: expected ({y.shape[0]}, R) and ({y.shape[1]}, R), got {tuple(s.shape)} {tuple(b.shape)}")
+    if s.dtype != b.dtype:
+        raise ValueError(f"b: expected dtype {s.dtype} like s, got {b.dtype}")
+    device = _same_device(y=y, s=s, b=b)
+    M, N = y.shape
+    d, _keep = _dropout_args(drop if grad else None, s.dtype, device)
+    with _on_device(device):
+        load().call("transpeft_lora_expand", y.data_ptr(), _ld(y), dtype_code(y, "y"), s.data_ptr(), s.stride(0),
+                    s.stride(1), b.data_ptr(), b.stride(0), b.stride(1), dtype_code(s, "s"), M, N, s.shape[1],
+                    float(scaling), int(grad), *d, _stream(device))
+    return y
+
+
+def lora_dropout_cast(x: torch.Tensor, dtype: torch.dtype, drop: Dropout) -> torch.Tensor:
+    """dropout_q(x.to(dtype)), (M, K) fresh, keep from (drop.seed, m * K + k)."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    M, K = x.shape
+    out = torch.empty((M, K), dtype=dtype, device=x.device)
+    d, _keep = _dropout_args(drop, dtype, x.device)
+    with _on_device(x.device):
+        load().call("transpeft_lora_dropout_cast", x.data_ptr(), x.stride(0), x.stride(1), dtype_code(x, "x"),
+                    out.data_ptr(), max(K, 1), dtype_code(out, "out"), M, K, *d, _stream(x.device))
+    return out

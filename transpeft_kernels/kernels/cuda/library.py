@@ -1,0 +1,109 @@
+"""Finding and loading libtranspeft_cuda.so with ctypes, and calling into it.
+
+Where the library is looked for, first found wins:
+  1. $TRANSPEFT_CUDA_LIB: an explicit path (e.g. the CMake build: build/cmake/libtranspeft_cuda.so);
+  2. next to this file: put there by ``pip install`` / setup.py when it built the extension;
+  3. the JIT cache: ``python -m transpeft_kernels build-cuda`` writes default_cache_dir()/cuda.
+With TRANSPEFT_CUDA_EMULATE=1 the host emulation of the same C interface (csrc/emulation, g++,
+built on first use) is loaded instead, and the "cuda" backend runs CPU tensors: a test tool that
+checks the binding and the fused formulas without a GPU, never a fast path.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from . import build as _build
+
+_I64, _I32, _F32, _U64, _P = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_uint64, ctypes.c_void_p
+_MASK = [_F32, _F32, _P, _I32]  # p, kept, seed pointer, on
+
+# argtypes of each entry point of csrc/include/transpeft/capi.h, in order.
+SIGNATURES = {
+    "transpeft_masked_gated_act_fwd": [_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I32, _I32, *_MASK,
+                                       _P, _I64, _I64, _I32, *_MASK, _P, _I64, _U64],
+    "transpeft_masked_gated_act_bwd": [_P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I32, _I32,
+                                       *_MASK, _P, _I64, _P, _I64, _I64, _I32, _F32, *_MASK,
+                                       _P, _I64, _P, _I64, _U64],
+    "transpeft_lora_shrink": [_P, _I64, _I64, _I32, _P, _I64, _I64, _I32, _P, _I64, _I64, _I64, _I64, *_MASK, _U64],
+    "transpeft_lora_expand": [_P, _I64, _I32, _P, _I64, _I64, _P, _I64, _I64, _I32, _I64, _I64, _I64, _F32, _I32,
+                              *_MASK, _U64],
+    "transpeft_lora_dropout_cast": [_P, _I64, _I64, _I32, _P, _I64, _I32, _I64, _I64, *_MASK, _U64],
+}
+ABI_VERSION = 1  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
+
+BUILD_ROUTES = (
+    "build it one of three ways: "
+    "(1) at install time: `TRANSPEFT_BUILD_CUDA=1 pip install --no-build-isolation -e .` (needs nvcc and a CUDA torch); "
+    "(2) just in time into the cache: `python -m transpeft_kernels build-cuda` (needs nvcc and ninja); "
+    "(3) with CMake: `cmake -S . -B build/cmake -G Ninja && cmake --build build/cmake --target transpeft_cuda`, then "
+    "`export TRANSPEFT_CUDA_LIB=$PWD/build/cmake/libtranspeft_cuda.so`"
+)
+
+
+def emulating() -> bool:
+    """True when TRANSPEFT_CUDA_EMULATE=1: the host emulation library runs CPU tensors."""
+    return os.environ.get("TRANSPEFT_CUDA_EMULATE", "0") not in ("", "0")
+
+
+def candidate_paths() -> list[Path]:
+    paths = []
+    explicit = os.environ.get("TRANSPEFT_CUDA_LIB")
+    if explicit:
+        paths.append(Path(explicit))
+    paths.append(Path(__file__).resolve().parent / _build.LIB_NAME)
+    paths.append(_build.default_cache_dir() / "cuda" / _build.LIB_NAME)
+    return paths
+
+
+def find_library() -> Path | None:
+    """The first existing library path in search order, or None (emulation aside)."""
+    return next((p for p in candidate_paths() if p.is_file()), None)
+
+
+class Library:
+    """A loaded libtranspeft_cuda (or its emulation) with checked calls."""
+
+    def __init__(self, path: Path, emulated: bool):
+        self.path = path
+        self.emulated = emulated
+        self._lib = ctypes.CDLL(str(path))
+        self._lib.transpeft_cuda_abi_version.restype = ctypes.c_int
+        self._lib.transpeft_cuda_error_string.restype = ctypes.c_char_p
+        self._lib.transpeft_cuda_error_string.argtypes = [ctypes.c_int]
+        abi = self._lib.transpeft_cuda_abi_version()
+        if abi != ABI_VERSION:
+            raise RuntimeError(f"{path}: C interface version {abi}, this package needs {ABI_VERSION}: rebuild it")
+        for name, argtypes in SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+
+    def error_string(self, code: int) -> str:
+        return self._lib.transpeft_cuda_error_string(code).decode()
+
+    def call(self, name: str, *args) -> None:
+        """Call an entry point; RuntimeError with the CUDA error name on a non-zero return."""
+        code = getattr(self._lib, name)(*args)
+        if code != 0:
+            raise RuntimeError(f"{name} failed: CUDA error {code} ({self.error_string(code)}) [{self.path}]")
+
+
+_LOADED: Library | None = None
+
+
+def load() -> Library:
+    """The library for this process (loaded once). RuntimeError naming the build routes when absent."""
+    global _LOADED
+    if _LOADED is not None and _LOADED.emulated == emulating():
+        return _LOADED
+    if emulating():
+        _LOADED = Library(_build.build_emulation(), emulated=True)
+        return _LOADED
+    path = find_library()
+    if path is None:
+        where = ", ".join(str(p) for p in candidate_paths())
+        raise RuntimeError(f"backend='cuda': libtranspeft_cuda.so was not found (looked in {where}); {BUILD_ROUTES}.")
+    _LOADED = Library(path, emulated=False)
+    return _LOADED

@@ -1,0 +1,220 @@
+"""The "cuda" backend: the primitives of TorchBackend on the CUDA C++ kernels (kernels/cuda), with
+the large GEMMs through ATen (cuBLAS). Same contract, saved state and results as "torch".
+
+lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropout, t = cast_A(dy) B):
+    forward   y = x W^T + b (ATen);  S = dropout_q(cast_A(x)) A^T (lora_shrink);  y += s S B^T (lora_expand_)
+    backward  dx = dy W (ATen) += cast(s D(t A)) (lora_expand_, mask in the epilogue); t (lora_shrink)
+              dW = dy^T x, db = sum_rows dy, dB = s cast_A(dy)^T S (ATen)
+              dA = s t^T dropout_q(cast_A(x)) (ATen on lora_dropout_cast's output)
+masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
+    forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers)
+              y = h' W_d^T + b_d (ATen) += s_d S_d B_d^T (lora_expand_)
+    backward  dh_base = dY W_d (ATen), t_d = cast_A(dY) B_d (lora_shrink)
+              dg, du [, h', dropout_qd(h')] = masked_gated_act_bwd (dh' = dh_base + s_d D(t_d A_d) on the fly)
+              dW_d = dY^T h', dA_d = s_d t_d^T dropout_qd(h'), dB_d = s_d cast_A(dY)^T S_d (ATen)
+              gate/up backward as lora_linear above (the fused layout's dg, du land in one (M, 2I) buffer)
+    saved     what MLPSaved holds: x, the gate/up outputs, the rank-sized shrinks; h' is recomputed.
+Every output is a fresh tensor; nothing is written into saved tensors or incoming gradients.
+
+Falls back to TorchBackend (same results, unfused) where the kernels do not apply:
+  * tensors not on a CUDA device (CPU tensors run the kernels only in the host emulation,
+    TRANSPEFT_CUDA_EMULATE=1, a test tool), or on different devices;
+  * dtypes other than float32 / float16 / bfloat16 (e.g. float64, used by gradcheck);
+  * a Linear whose weight or bias dtype differs from x's, A and B of different dtypes, an incoming
+    gradient whose dtype differs from x's, g and u of different dtypes;
+  * the fused MLP path only: a down-projection rank above 64 or an adapter dtype other than float32
+    or the activation dtype (the MLP then runs as lora_linear + masked activation, still on the kernels).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.cuda.library import emulating
+from ..reference.activations import Activation
+from ..reference.mlp import INPUT_STREAMS
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
+from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend, split_gate_up
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _runnable(*tensors: torch.Tensor | None) -> bool:
+    ts = [t for t in tensors if t is not None]
+    device = ts[0].device
+    if any(t.device != device for t in ts):
+        return False
+    if device.type != "cuda" and not (device.type == "cpu" and emulating()):
+        return False
+    return all(t.dtype in _KERNEL_DTYPES for t in ts)
+
+
+def _linear_ok(x2d: torch.Tensor, lin: LinearWeights) -> bool:
+    w, b = lin.weight, lin.bias
+    if w.dtype != x2d.dtype or (b is not None and b.dtype != x2d.dtype):
+        return False
+    lora = lin.lora
+    if lora is not None and lora.A.dtype != lora.B.dtype:
+        return False
+    return _runnable(x2d, w, b, None if lora is None else lora.A, None if lora is None else lora.B)
+
+
+def _sub_seed(seed, stream: Stream):
+    return None if seed is None else stream_seed(seed, stream)
+
+
+class CudaBackend(TorchBackend):
+    """Same primitives and signatures as TorchBackend; see the module docstring."""
+
+    name = "cuda"
+
+    def __init__(self):
+        from ..kernels import cuda as K
+
+        self._k = K
+
+    def _dropout(self, lin: LinearWeights, seed):
+        q = lin.lora.dropout
+        if q > 0 and seed is None:
+            raise ValueError("seed: required when lora dropout > 0")
+        return self._k.Dropout(q, seed) if q > 0 else None
+
+    @staticmethod
+    def _mask_args(mask: MaskSpec | None, seed):
+        if mask is None or mask.p == 0.0:
+            return 0.0, False, None
+        if seed is None:
+            raise ValueError("seed: required when masking is on")
+        return mask.p, mask.rescale, stream_seed(seed, Stream.MASK)
+
+    # ---- lora_linear -------------------------------------------------------------------------
+    def lora_linear_fwd(self, x2d: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None):
+        """x2d (M, d_in) -> (y (M, d_out) in x dtype, S (M, r) in adapter dtype or None)."""
+        if not _linear_ok(x2d, lin):
+            return super().lora_linear_fwd(x2d, lin, seed)
+        y = F.linear(x2d, lin.weight, lin.bias)
+        lora = lin.lora
+        if lora is None:
+            return y, None
+        s = self._k.lora_shrink(x2d, lora.A, self._dropout(lin, seed))
+        self._k.lora_expand_(y, s, lora.B, lora.scaling)
+        return y, s
+
+    def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
+        if dy.dtype != x2d.dtype or not _linear_ok(x2d, lin) or not _runnable(dy, x2d, s):
+            return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
+        K, lora = self._k, lin.lora
+        dx = dW = db = dA = dB = None
+        t = K.lora_shrink(dy, lora.B.t()) if lora is not None and (needs.A or needs.x) else None
+        if needs.x:
+            dx = dy @ lin.weight
+            if lora is not None:
+                K.lora_expand_(dx, t, lora.A.t(), lora.scaling, grad=True, drop=self._dropout(lin, seed))
+        if needs.weight:
+            dW = (dy.t() @ x2d).to(lin.weight.dtype)
+        if needs.bias:
+            db = dy.sum(0).to(lin.bias.dtype)
+        if lora is not None:
+            adt = lora.A.dtype
+            if needs.B:
+                dB = (dy.to(adt).t() @ s) * lora.scaling
+            if needs.A:
+                drop = self._dropout(lin, seed)
+                xd = x2d.to(adt) if drop is None else K.lora_dropout_cast(x2d, adt, drop)
+                dA = (t.t() @ xd) * lora.scaling
+        return LinearGrads(dx, dW, db, dA, dB)
+
+    # ---- masked gated activation ---------------------------------------------------------------
+    def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
+        """g, u (M, I) -> h' (M, I) = act(g) * u * keep * c, in g's dtype."""
+        if g.dtype != u.dtype or not _runnable(g, u):
+            return super().masked_act_fwd(g, u, activation, mask, seed)
+        return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, *self._mask_args(mask, seed))
+
+    def masked_act_bwd(self, dh, g, u, activation: Activation, mask: MaskSpec | None, seed):
+        """dh' (M, I) -> (dg, du) in g's and u's dtypes, computed in float32."""
+        if g.dtype != u.dtype or dh.dtype != g.dtype or not _runnable(dh, g, u):
+            return super().masked_act_bwd(dh, g, u, activation, mask, seed)
+        dg, du, _, _ = self._k.masked_gated_act_bwd(dh, g, u, Activation(activation).value,
+                                                    *self._mask_args(mask, seed))
+        return dg, du
+
+    # ---- masked gated MLP ----------------------------------------------------------------------
+    def _fusable(self, x2d: torch.Tensor, w: GatedMLPWeights) -> bool:
+        if not _runnable(x2d) or not all(_linear_ok(x2d, lin) for lin in w.projections):
+            return False
+        lora = w.down.lora
+        return lora is None or (lora.A.shape[0] <= self._k.MAX_FUSED_RANK
+                                and lora.A.dtype in (torch.float32, x2d.dtype))
+
+    def mlp_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
+        """x2d (M, d) -> (y (M, d_out) in x dtype, MLPSaved)."""
+        if not self._fusable(x2d, w):
+            return super().mlp_fwd(x2d, w, activation, mask, seed)
+        K, down = self._k, w.down
+        mask_args = self._mask_args(mask, seed)
+        outs, shrinks = [], []
+        for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout]):
+            y, s = self.lora_linear_fwd(x2d, lin, _sub_seed(seed, stream))
+            outs.append(y)
+            shrinks.append(s)
+        g, u = split_gate_up(outs, w.layout)
+        act = Activation(activation).value
+        if down.lora is None:
+            h, s_down = K.masked_gated_act_fwd(g, u, act, *mask_args), None
+        else:
+            drop = self._dropout(down, _sub_seed(seed, Stream.DOWN))
+            h, s_down = K.masked_gated_act_fwd(g, u, act, *mask_args, down_a=down.lora.A, down_drop=drop)
+        y = F.linear(h, down.weight, down.bias)
+        del h
+        if down.lora is not None:
+            K.lora_expand_(y, s_down, down.lora.B, down.lora.scaling)
+        return y, MLPSaved(tuple(outs), tuple(shrinks), s_down)
+
+    def mlp_bwd(self, dy, x2d, saved: MLPSaved, w: GatedMLPWeights, activation: Activation,
+                mask: MaskSpec | None, seed, needs: tuple[LinearNeeds, ...]):
+        """dy (M, d_out) -> (dx (M, d) or None, LinearGrads per projection in w.projections order)."""
+        down, lora = w.down, w.down.lora
+        if (not self._fusable(x2d, w) or dy.dtype != x2d.dtype or not _runnable(dy, *saved.outs)
+                or (lora is not None and saved.s_down is None)):
+            return super().mlp_bwd(dy, x2d, saved, w, activation, mask, seed, needs)
+        K = self._k
+        mask_args = self._mask_args(mask, seed)
+        g, u = split_gate_up(saved.outs, w.layout)
+        M, inter = g.shape
+        nd = needs[-1]
+        dh_base = dy @ down.weight
+        fused_buf = None
+        if w.layout is Layout.FUSED_GATE_UP:
+            fused_buf = torch.empty((M, 2 * inter), dtype=g.dtype, device=g.device)
+            out = (fused_buf[:, :inter], fused_buf[:, inter:])
+        else:
+            out = None
+        act = Activation(activation).value
+        t = None
+        if lora is None:
+            dg, du, h, xd = K.masked_gated_act_bwd(dh_base, g, u, act, *mask_args, want_h=nd.weight, out=out)
+        else:
+            t = K.lora_shrink(dy, lora.B.t())
+            dg, du, h, xd = K.masked_gated_act_bwd(
+                dh_base, g, u, act, *mask_args, down_t=t, down_a=lora.A, down_scaling=lora.scaling,
+                down_drop=self._dropout(down, _sub_seed(seed, Stream.DOWN)), want_h=nd.weight, want_xd=nd.A, out=out)
+        del dh_base
+        dW = (dy.t() @ h).to(down.weight.dtype) if nd.weight else None
+        db = dy.sum(0).to(down.bias.dtype) if nd.bias else None
+        dA = dB = None
+        if lora is not None:
+            if nd.A:
+                dA = (t.t() @ xd) * lora.scaling
+            if nd.B:
+                dB = (dy.to(lora.A.dtype).t() @ saved.s_down) * lora.scaling
+        del h, xd
+        d_outs = [fused_buf] if fused_buf is not None else [dg, du]
+        dx, grads = None, []
+        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_STREAMS[w.layout])):
+            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, _sub_seed(seed, stream), needs[i])
+            if gi.x is not None:
+                dx = gi.x if dx is None else dx + gi.x
+            grads.append(gi)
+        grads.append(LinearGrads(None, dW, db, dA, dB))
+        return dx, tuple(grads)
