@@ -32,35 +32,17 @@ import torch.nn.functional as F
 
 from ..kernels.cuda.library import emulating
 from ..reference.activations import Activation
-from ..reference.mlp import INPUT_STREAMS
 from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
-from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend, split_gate_up
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .coverage import covered, linear_covered
+from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend, _sub_seed, split_gate_up
 
 
 def _runnable(*tensors: torch.Tensor | None) -> bool:
-    ts = [t for t in tensors if t is not None]
-    device = ts[0].device
-    if any(t.device != device for t in ts):
-        return False
-    if device.type != "cuda" and not (device.type == "cpu" and emulating()):
-        return False
-    return all(t.dtype in _KERNEL_DTYPES for t in ts)
+    return covered(*tensors, cpu_ok=emulating())
 
 
 def _linear_ok(x2d: torch.Tensor, lin: LinearWeights) -> bool:
-    w, b = lin.weight, lin.bias
-    if w.dtype != x2d.dtype or (b is not None and b.dtype != x2d.dtype):
-        return False
-    lora = lin.lora
-    if lora is not None and lora.A.dtype != lora.B.dtype:
-        return False
-    return _runnable(x2d, w, b, None if lora is None else lora.A, None if lora is None else lora.B)
-
-
-def _sub_seed(seed, stream: Stream):
-    return None if seed is None else stream_seed(seed, stream)
+    return linear_covered(x2d, lin, cpu_ok=emulating())
 
 
 class CudaBackend(TorchBackend):
@@ -153,11 +135,7 @@ class CudaBackend(TorchBackend):
             return super().mlp_fwd(x2d, w, activation, mask, seed)
         K, down = self._k, w.down
         mask_args = self._mask_args(mask, seed)
-        outs, shrinks = [], []
-        for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout]):
-            y, s = self.lora_linear_fwd(x2d, lin, _sub_seed(seed, stream))
-            outs.append(y)
-            shrinks.append(s)
+        outs, shrinks = self.inputs_fwd(x2d, w, seed)
         g, u = split_gate_up(outs, w.layout)
         act = Activation(activation).value
         if down.lora is None:
@@ -169,7 +147,7 @@ class CudaBackend(TorchBackend):
         del h
         if down.lora is not None:
             K.lora_expand_(y, s_down, down.lora.B, down.lora.scaling)
-        return y, MLPSaved(tuple(outs), tuple(shrinks), s_down)
+        return y, MLPSaved(outs, shrinks, s_down)
 
     def mlp_bwd(self, dy, x2d, saved: MLPSaved, w: GatedMLPWeights, activation: Activation,
                 mask: MaskSpec | None, seed, needs: tuple[LinearNeeds, ...]):
@@ -210,11 +188,6 @@ class CudaBackend(TorchBackend):
                 dB = (dy.to(lora.A.dtype).t() @ saved.s_down) * lora.scaling
         del h, xd
         d_outs = [fused_buf] if fused_buf is not None else [dg, du]
-        dx, grads = None, []
-        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_STREAMS[w.layout])):
-            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, _sub_seed(seed, stream), needs[i])
-            if gi.x is not None:
-                dx = gi.x if dx is None else dx + gi.x
-            grads.append(gi)
+        dx, grads = self.inputs_bwd(d_outs, x2d, saved, w, seed, needs)
         grads.append(LinearGrads(None, dW, db, dA, dB))
         return dx, tuple(grads)

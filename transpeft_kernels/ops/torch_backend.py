@@ -143,18 +143,29 @@ class TorchBackend:
         du = dhm * act(g.to(work), activation)
         return dg.to(g.dtype), du.to(u.dtype)
 
-
     # ---- masked gated MLP ----------------------------------------------------------------------
+    def inputs_fwd(self, x2d, w: GatedMLPWeights, seed):
+        """The gate/up projections one lora_linear each: x2d (M, d) -> (outs, shrinks) as MLPSaved holds them."""
+        pairs = [self.lora_linear_fwd(x2d, lin, _sub_seed(seed, stream))
+                 for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout])]
+        return tuple(y for y, _ in pairs), tuple(s for _, s in pairs)
+
+    def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...]):
+        """Backward of the gate/up projections: d_outs like saved.outs -> (dx (M, d) or None, their LinearGrads)."""
+        dx, grads = None, []
+        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_STREAMS[w.layout])):
+            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, _sub_seed(seed, stream), needs[i])
+            if gi.x is not None:
+                dx = gi.x if dx is None else dx + gi.x
+            grads.append(gi)
+        return dx, grads
+
     def gate_up_act_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
         """x2d (M, d) -> (outs, shrinks, h'): the gate/up outputs and shrinks as MLPSaved holds them,
         and h' (M, I) = act(g) * u * keep * c."""
-        outs, shrinks = [], []
-        for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout]):
-            y, s = self.lora_linear_fwd(x2d, lin, _sub_seed(seed, stream))
-            outs.append(y)
-            shrinks.append(s)
+        outs, shrinks = self.inputs_fwd(x2d, w, seed)
         g, u = split_gate_up(outs, w.layout)
-        return tuple(outs), tuple(shrinks), self.masked_act_fwd(g, u, activation, mask, seed)
+        return outs, shrinks, self.masked_act_fwd(g, u, activation, mask, seed)
 
     def mlp_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
         """x2d (M, d) -> (y (M, d_out) in x dtype, MLPSaved)."""
@@ -174,12 +185,7 @@ class TorchBackend:
         del h
         dg, du = self.masked_act_bwd(down.x, g, u, activation, mask, seed)
         d_outs = [torch.cat([dg, du], dim=-1)] if w.layout is Layout.FUSED_GATE_UP else [dg, du]
-        dx, grads = None, []
-        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_STREAMS[w.layout])):
-            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, _sub_seed(seed, stream), needs[i])
-            if gi.x is not None:
-                dx = gi.x if dx is None else dx + gi.x
-            grads.append(gi)
+        dx, grads = self.inputs_bwd(d_outs, x2d, saved, w, seed, needs)
         grads.append(LinearGrads(None, down.weight, down.bias, down.A, down.B))
         return dx, tuple(grads)
 

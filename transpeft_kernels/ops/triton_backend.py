@@ -40,30 +40,15 @@ from ..reference.activations import Activation
 from ..reference.mlp import INPUT_STREAMS
 from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
 from ..kernels.env import interpreting
+from .coverage import covered, linear_covered
 from .torch_backend import LinearGrads, LinearNeeds, TorchBackend
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _runnable(*tensors: torch.Tensor | None) -> bool:
-    """All tensors on one device the kernels run on, in a dtype they handle."""
-    ts = [t for t in tensors if t is not None]
-    device = ts[0].device
-    if any(t.device != device for t in ts):
-        return False
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        return False
-    return all(t.dtype in _KERNEL_DTYPES for t in ts)
+    return covered(*tensors, cpu_ok=interpreting())
 
 
 def _linear_ok(x2d: torch.Tensor, lin: LinearWeights) -> bool:
-    w, b = lin.weight, lin.bias
-    if w.dtype != x2d.dtype or (b is not None and b.dtype != x2d.dtype):
-        return False
-    lora = lin.lora
-    if lora is not None and lora.A.dtype != lora.B.dtype:
-        return False
-    return _runnable(x2d, w, b, None if lora is None else lora.A, None if lora is None else lora.B)
+    return linear_covered(x2d, lin, cpu_ok=interpreting())
 
 
 class TritonBackend(TorchBackend):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..launch_args import check_2d, check_same_device, dtype_code, rounded_to, seed_on
 from .library import load
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 MAX_FUSED_RANK = 64  # the act kernels keep the down projection's rank-sized sums in registers
 
@@ -32,21 +32,9 @@ class Dropout:
     seed: torch.Tensor | None
 
 
-def rounded_to(value: float, dtype: torch.dtype) -> float:
-    return float(torch.tensor(value, dtype=torch.float64).to(dtype).double())
-
-
-def dtype_code(t: torch.Tensor, name: str) -> int:
-    try:
-        return DTYPE_CODES[t.dtype]
-    except KeyError:
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}") from None
-
-
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     """t as a 2-D tensor with unit column stride (copied only when its columns are strided)."""
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    check_2d(t, name)
     dtype_code(t, name)
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
@@ -65,14 +53,6 @@ def _on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _seed_on(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    if seed is None:
-        return None
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise TypeError(f"seed: expected a one-element int64 tensor, got {seed!r}")
-    return seed.reshape(1).to(device, non_blocking=True)
-
-
 def _mask_args(p: float, kept: float, seed: torch.Tensor | None, device: torch.device, what: str):
     """(p, kept, seed pointer, on) for the C interface, and the device seed tensor to keep alive."""
     if not 0.0 <= p < 1.0:
@@ -81,7 +61,7 @@ def _mask_args(p: float, kept: float, seed: torch.Tensor | None, device: torch.d
         return (0.0, 1.0, None, 0), None
     if seed is None:
         raise ValueError(f"seed: required when the {what} probability is > 0")
-    s = _seed_on(seed, device)
+    s = seed_on(seed, device)
     return (float(p), float(kept), s.data_ptr(), 1), s
 
 
@@ -96,15 +76,6 @@ def _knowledge_mask_args(p: float, rescale: bool, seed, dtype: torch.dtype, devi
     return _mask_args(p, kept, seed, device, "masking")
 
 
-def _same_device(**tensors) -> torch.device:
-    devices = {n: t.device for n, t in tensors.items() if t is not None}
-    first = next(iter(devices.values()))
-    for n, d in devices.items():
-        if d != first:
-            raise ValueError(f"{n}: expected device {first}, got {d}")
-    return first
-
-
 def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_seed,
                          down_a: torch.Tensor | None = None, down_drop: Dropout | None = None):
     """h' = act(g) * u * keep * c, (M, I) in g's dtype; with ``down_a`` = A_d (r, I), r <= 64, also
@@ -112,7 +83,7 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     g, u = _rows(g, "g"), _rows(u, "u")
     if g.shape != u.shape or g.dtype != u.dtype:
         raise ValueError(f"u: expected {tuple(g.shape)} {g.dtype} like g, got {tuple(u.shape)} {u.dtype}")
-    device = _same_device(g=g, u=u, down_a=down_a)
+    device = check_same_device(g=g, u=u, down_a=down_a)
     M, I = g.shape
     h = torch.empty((M, I), dtype=g.dtype, device=device)
     mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
@@ -150,7 +121,7 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
         raise ValueError("down_t: needs down_a")
     if want_xd and down_a is None:
         raise ValueError("want_xd: needs down_a (its dtype is xd's dtype)")
-    device = _same_device(dh_base=dh_base, g=g, u=u, down_t=down_t, down_a=down_a)
+    device = check_same_device(dh_base=dh_base, g=g, u=u, down_t=down_t, down_a=down_a)
     M, I = g.shape
     if out is None:
         dg = torch.empty((M, I), dtype=g.dtype, device=device)
@@ -193,7 +164,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None) -
             raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
     if a.shape[1] != x.shape[1]:
         raise ValueError(f"a: expected {x.shape[1]} columns to match x, got shape {tuple(a.shape)}")
-    device = _same_device(x=x, a=a)
+    device = check_same_device(x=x, a=a)
     M, K = x.shape
     R = a.shape[0]
     s = torch.empty((M, R), dtype=a.dtype, device=device)
@@ -215,7 +186,7 @@ def lora_expand_(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: flo
         raise ValueError(f"s, b: expected ({y.shape[0]}, R) and ({y.shape[1]}, R), got {tuple(s.shape)} {tuple(b.shape)}")
     if s.dtype != b.dtype:
         raise ValueError(f"b: expected dtype {s.dtype} like s, got {b.dtype}")
-    device = _same_device(y=y, s=s, b=b)
+    device = check_same_device(y=y, s=s, b=b)
     M, N = y.shape
     d, _keep = _dropout_args(drop if grad else None, s.dtype, device)
     with _on_device(device):

@@ -1,0 +1,51 @@
+"""Argument checks and conversions shared by the Triton and CUDA launchers (torch only: importable
+without triton and without the CUDA library)."""
+from __future__ import annotations
+
+import torch
+
+# dtype codes, the same in the Triton constexprs and the CUDA C interface: 0 float32, 1 float16, 2 bfloat16
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dtype_code(t: torch.Tensor, name: str) -> int:
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}") from None
+
+
+def rounded_to(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` and back: the reference multiplies by scales held in the
+    tensor's dtype (``keep.to(dtype) * scale``), so the kernels use the same rounded scale."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype).double())
+
+
+def check_2d(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+
+
+def check_out(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, name: str = "out") -> None:
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} and dtype {dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    """The one device of the given tensors (None entries ignored); ValueError naming the odd one out."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for n, d in devices.items():
+        if d != first:
+            raise ValueError(f"{n}: expected device {first}, got {d}")
+    return first
+
+
+def seed_on(seed: torch.Tensor | None, device: torch.device, name: str = "seed") -> torch.Tensor | None:
+    """The int64 Philox key as a one-element tensor on ``device``. Kernels load it from memory, so
+    no host sync is needed for a device seed, and the value never becomes a (re)specialised int arg."""
+    if seed is None:
+        return None
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"{name}: expected a one-element int64 tensor, got {seed!r}")
+    return seed.reshape(1).to(device, non_blocking=True)
