@@ -20,13 +20,6 @@ namespace transpeft {
 namespace cuda {
 namespace {
 
-struct RandomMask {
-  float p;
-  float kept;
-  const int64_t* seed;
-  int32_t on;
-};
-
 struct ShrinkArgs {
   const void* x;
   int64_t sxm, sxk;

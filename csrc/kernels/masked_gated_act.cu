@@ -26,13 +26,6 @@ namespace transpeft {
 namespace cuda {
 namespace {
 
-struct RandomMask {
-  float p;
-  float kept;
-  const int64_t* seed;
-  int32_t on;
-};
-
 struct FwdArgs {
   const void* g;
   int64_t ldg;
