@@ -6,6 +6,13 @@ config of the architecture, and every autotune candidate of the architecture wit
 performance dtype) — candidates whose shared-memory estimate exceeds the limit for a dtype are
 dropped by the tuner at run time, so they are compiled only where the tuner could pick them.
 
+Each variant is compiled as a real launch specialises it: pointers 16-byte aligned, unit strides as
+the constant 1 (the launcher's JIT turns an int argument equal to 1 into a constexpr), every other int
+argument divisible by 16 (the realistic shapes: d = 4096, I = 14336, ...). That is the code that runs,
+with vectorised loads and cp.async pipelining, so its shared memory is what the limit check needs.
+The unit strides are the last stride of each tensor (row-major operands) unless a variant names them
+(the dX GEMM and the dy B shrink read transposed weights).
+
 Run as a module (``python -m transpeft_kernels.kernels.triton.variants --arch 90``) in a process
 WITHOUT TRITON_INTERPRET: it compiles each variant with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))`` (no GPU needed) and prints one JSON line per variant.
@@ -34,6 +41,7 @@ class Variant:
     constexprs: dict
     num_warps: int
     num_stages: int
+    unit_strides: tuple = ()  # stride args equal to 1 in the launch; () = the last stride of each tensor
 
     def load(self):
         import importlib
@@ -42,9 +50,20 @@ class Variant:
         return getattr(importlib.import_module(f"{__package__}.{mod}"), fn)
 
 
-def _v(kernel, label, pointers, constexprs, config, **extra):
+def _v(kernel, label, pointers, constexprs, config, unit_strides=(), **extra):
     meta = {**config.kwargs(), **extra}
-    return Variant(kernel, label, pointers, {**constexprs, **meta}, config.num_warps, config.num_stages)
+    return Variant(kernel, label, pointers, {**constexprs, **meta}, config.num_warps, config.num_stages,
+                   tuple(unit_strides))
+
+
+def _default_unit_strides(arg_names) -> set:
+    """The last stride of each multi-dimensional operand: stride_xm, stride_xk -> stride_xk. Single
+    strides (stride_g: a row stride whose column stride the kernel takes as 1) are not unit."""
+    groups: dict[str, str] = {}
+    for name in arg_names:
+        if name.startswith("stride_") and len(name) > len("stride_") + 1:
+            groups[name[len("stride_"):-1]] = name  # later members of a group overwrite earlier ones
+    return set(groups.values())
 
 
 def variants(arch: str) -> list[Variant]:
@@ -64,16 +83,20 @@ def variants(arch: str) -> list[Variant]:
                               f"act_{kern} {CODE_NAMES[code]} act={act} mask={has_mask}", p,
                               dict(ACT=act, HAS_MASK=has_mask), c))
 
-    # LoRA shrink: (x dtype, adapter dtype), with and without dropout
-    for xc, ac, drop in ((FP32, FP32, True), (BF16, FP32, True), (BF16, BF16, True), (FP16, FP32, False), (FP16, FP16, True)):
+    # LoRA shrink: (x dtype, adapter dtype), with and without dropout. Without dropout the variant is
+    # the backward's t = dy B: its "A" is the transposed view B^T, unit stride along the rank.
+    for xc, ac, drop in ((FP32, FP32, True), (BF16, FP32, True), (BF16, BF16, True), (FP16, FP32, False),
+                         (FP16, FP16, True), (BF16, FP32, False)):
+        units = () if drop else ("stride_xk", "stride_ar", "stride_sr")
         p = {"x_ptr": _PTR[xc], "a_ptr": _PTR[ac], "s_ptr": _PTR[ac], "seed_ptr": "*i64"}
         for c in [default["shrink"]] + (extra["shrink"] if (xc, ac) == (BF16, BF16) else []):
             for br in ((16, 64) if c is default["shrink"] and (xc, ac) == (BF16, BF16) else (16,)):
                 out.append(_v("lora_shrink.lora_shrink_kernel",
                               f"shrink x={CODE_NAMES[xc]} A={CODE_NAMES[ac]} drop={drop} R={br}", p,
-                              dict(HAS_DROPOUT=drop, DOT_DTYPE=ac, UPCAST=False), c, BLOCK_R=br))
+                              dict(HAS_DROPOUT=drop, DOT_DTYPE=ac, UPCAST=False), c, units, BLOCK_R=br))
 
-    # base GEMM + LoRA expand: forward (bias, no epilogue mask) and dX (epilogue mask), no-LoRA
+    # base GEMM + LoRA expand: forward (bias, no epilogue mask) and dX (epilogue mask: dy W^T-view
+    # + s t A^T-view, both weights transposed views with the unit stride on their first dim), no-LoRA
     gemm_cases = [(FP32, FP32, True, False), (BF16, FP32, True, False), (BF16, BF16, True, False),
                   (FP16, FP32, True, False), (FP16, FP16, True, False), (BF16, FP32, False, True),
                   (BF16, BF16, False, True), (FP16, FP16, False, True)]
@@ -84,7 +107,8 @@ def variants(arch: str) -> list[Variant]:
             out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel",
                           f"expand x={CODE_NAMES[xc]} lora={CODE_NAMES[lc]} bias={bias} dropmask={drop}", p,
                           dict(HAS_BIAS=bias, HAS_LORA=True, LORA_DROPOUT=drop, X_DTYPE=xc, LORA_DTYPE=lc, UPCAST=False),
-                          c, BLOCK_R=16))
+                          c, ("stride_xk", "stride_wn", "stride_sr", "stride_bn", "stride_yn") if drop else (),
+                          BLOCK_R=16))
     p = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "s_ptr", "b_ptr", "y_ptr")} | {"seed_ptr": "*i64"}
     out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel", "expand x=bf16 no-lora", p,
                   dict(HAS_BIAS=False, HAS_LORA=False, LORA_DROPOUT=False, X_DTYPE=BF16, LORA_DTYPE=BF16, UPCAST=False),
@@ -140,23 +164,30 @@ def compile_variant(v: Variant, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = v.load()
-    sig = {}
-    for name in fn.arg_names:
+    units = set(v.unit_strides) or _default_unit_strides(fn.arg_names)
+    sig, constexprs, attrs = {}, dict(v.constexprs), {}
+    aligned = [["tt.divisibility", 16]]
+    for i, name in enumerate(fn.arg_names):
         if name in v.constexprs:
             sig[name] = "constexpr"
         elif name in v.pointers:
             sig[name] = v.pointers[name]
+            attrs[(i,)] = aligned
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
+        elif name in units:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
         else:
             sig[name] = "i32"
+            attrs[(i,)] = aligned
     limit = configs.SHARED_LIMIT[f"sm_{arch}"]
     row = dict(arch=arch, kernel=v.kernel.rsplit(".", 1)[1], label=v.label,
                config=",".join(f"{k}={val}" for k, val in sorted(v.constexprs.items()) if k.startswith(("BLOCK", "GROUP")))
                + f",w={v.num_warps},s={v.num_stages}", limit=limit)
     t0 = time.time()
     try:
-        compiled = triton.compile(ASTSource(fn, sig, v.constexprs), target=GPUTarget("cuda", arch, 32),
+        compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
         shared = int(compiled.metadata.shared)
         row.update(shared=shared, ok=shared <= limit, error="" if shared <= limit else "shared memory over the limit")
