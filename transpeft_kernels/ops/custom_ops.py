@@ -3,6 +3,10 @@ and registered autograd, so torch.compile traces a patched MLP as three opaque n
 backward) without graph breaks, whatever the backend does inside (Triton launches with a Python-side
 autotuner, ctypes calls into the CUDA library).
 
+``call(name, *args)`` is the entry point: the dispatched op under torch.compile, and in eager mode the
+op's own implementation, setup_context and backward through ``_EagerOp`` (a plain autograd.Function,
+without the dispatcher's Python layers: about 100-200 us per call on CPU).
+
 Schema rules that shape the signatures:
   * only tensors, scalars, strings and lists of them cross the boundary, so the weight dataclasses
     are flattened (``LinearWeights.tensors()`` order: weight, bias, A, B; None when absent) and the
@@ -28,7 +32,8 @@ Ops (all inputs 2-D (tokens, features); the wrappers flatten and restore leading
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -82,14 +87,22 @@ def _grads_like(grads, weights: Tensors, fallback: Tensor) -> list[Tensor]:
     return out
 
 
+def _backward_op(ctx, name: str):
+    """The backward op through the dispatcher (traceable), or its implementation itself when the
+    forward ran on the eager path (``call``)."""
+    return _IMPLS[name] if getattr(ctx, "eager", False) else getattr(torch.ops.transpeft, name)
+
+
 # ---- lora_linear ---------------------------------------------------------------------------------
-@torch.library.custom_op("transpeft::lora_linear", mutates_args=())
-def lora_linear(
+def _lora_linear_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Optional[Tensor], B: Optional[Tensor],
     seed: Optional[Tensor], scaling: float, dropout: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
     y, s = backends.by_name(backend).lora_linear_fwd(x, _linear(weight, bias, A, B, scaling, dropout), seed)
     return y, _none(x) if s is None else s
+
+
+lora_linear = torch.library.custom_op("transpeft::lora_linear", mutates_args=())(_lora_linear_impl)
 
 
 @lora_linear.register_fake
@@ -98,14 +111,18 @@ def _(x, weight, bias, A, B, seed, scaling, dropout, backend):
     return y, _none(x) if A is None else A.new_empty(x.shape[0], A.shape[0])
 
 
-@torch.library.custom_op("transpeft::lora_linear_backward", mutates_args=())
-def lora_linear_backward(
+def _lora_linear_backward_impl(
     dy: Tensor, x: Tensor, s: Tensor, weight: Tensor, bias: Optional[Tensor], A: Optional[Tensor],
     B: Optional[Tensor], seed: Optional[Tensor], scaling: float, dropout: float, needs: list[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     lin = _linear(weight, bias, A, B, scaling, dropout)
     g = backends.by_name(backend).lora_linear_bwd(dy, x, _or_none(s), lin, seed, LinearNeeds(*needs))
     return (_grad_like(g.x, x), *_grads_like((g.weight, g.bias, g.A, g.B), [weight, bias, A, B], x))
+
+
+lora_linear_backward = torch.library.custom_op("transpeft::lora_linear_backward", mutates_args=())(
+    _lora_linear_backward_impl
+)
 
 
 @lora_linear_backward.register_fake
@@ -129,7 +146,7 @@ def _lora_linear_bwd(ctx, dy, _ds):
     x, s, weight, bias, A, B, seed = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = [n[0], n[1], n[2], n[3], n[4]]
-    dx, dW, db, dA, dB = torch.ops.transpeft.lora_linear_backward(
+    dx, dW, db, dA, dB = _backward_op(ctx, "lora_linear_backward")(
         dy, x, s, weight, bias, A, B, seed, *ctx.scalars, needs, ctx.backend
     )
     return (*(_or_none(g) if need else None for g, need in zip((dx, dW, db, dA, dB), needs)),
@@ -140,11 +157,15 @@ lora_linear.register_autograd(_lora_linear_bwd, setup_context=_lora_linear_setup
 
 
 # ---- masked gated activation -----------------------------------------------------------------------
-@torch.library.custom_op("transpeft::masked_gated_act", mutates_args=())
-def masked_gated_act(
+def _masked_gated_act_impl(
     g: Tensor, u: Tensor, seed: Optional[Tensor], activation: str, mask_p: float, mask_rescale: bool, backend: str,
 ) -> Tensor:
     return backends.by_name(backend).masked_act_fwd(g, u, Activation(activation), _mask(mask_p, mask_rescale), seed)
+
+
+masked_gated_act = torch.library.custom_op("transpeft::masked_gated_act", mutates_args=())(
+    _masked_gated_act_impl
+)
 
 
 @masked_gated_act.register_fake
@@ -152,13 +173,17 @@ def _(g, u, seed, activation, mask_p, mask_rescale, backend):
     return torch.empty_like(g)
 
 
-@torch.library.custom_op("transpeft::masked_gated_act_backward", mutates_args=())
-def masked_gated_act_backward(
+def _masked_gated_act_backward_impl(
     dh: Tensor, g: Tensor, u: Tensor, seed: Optional[Tensor], activation: str, mask_p: float,
     mask_rescale: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     dg, du = backends.by_name(backend).masked_act_bwd(dh, g, u, Activation(activation), _mask(mask_p, mask_rescale), seed)
     return _grad_like(dg, g), _grad_like(du, u)
+
+
+masked_gated_act_backward = torch.library.custom_op("transpeft::masked_gated_act_backward", mutates_args=())(
+    _masked_gated_act_backward_impl
+)
 
 
 @masked_gated_act_backward.register_fake
@@ -174,7 +199,7 @@ def _act_setup(ctx, inputs, output):
 
 def _act_bwd(ctx, dh):
     g, u, seed = ctx.saved_tensors
-    dg, du = torch.ops.transpeft.masked_gated_act_backward(dh, g, u, seed, *ctx.rest)
+    dg, du = _backward_op(ctx, "masked_gated_act_backward")(dh, g, u, seed, *ctx.rest)
     return dg, du, None, None, None, None, None
 
 
@@ -192,14 +217,18 @@ def _saved_from_list(items: list[Tensor], n_inputs: int) -> MLPSaved:
                     _or_none(items[2 * n_inputs]))
 
 
-@torch.library.custom_op("transpeft::masked_gated_mlp", mutates_args=())
-def masked_gated_mlp(
+def _masked_gated_mlp_impl(
     x: Tensor, weights: list[Tensor], present: list[bool], seed: Optional[Tensor], scalings: list[float],
     dropouts: list[float], activation: str, mask_p: float, mask_rescale: bool, backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
     w = _mlp_weights(_with_absent(weights, present), scalings, dropouts)
     y, saved = backends.by_name(backend).mlp_fwd(x, w, Activation(activation), _mask(mask_p, mask_rescale), seed)
     return y, _saved_list(saved, x)
+
+
+masked_gated_mlp = torch.library.custom_op("transpeft::masked_gated_mlp", mutates_args=())(
+    _masked_gated_mlp_impl
+)
 
 
 @masked_gated_mlp.register_fake
@@ -213,8 +242,7 @@ def _(x, weights, present, seed, scalings, dropouts, activation, mask_p, mask_re
     return x.new_empty(m, weights[-4].shape[0]), [*outs, *shrinks]
 
 
-@torch.library.custom_op("transpeft::masked_gated_mlp_backward", mutates_args=())
-def masked_gated_mlp_backward(
+def _masked_gated_mlp_backward_impl(
     dy: Tensor, x: Tensor, saved: list[Tensor], weights: list[Tensor], present: list[bool],
     seed: Optional[Tensor], scalings: list[float], dropouts: list[float], activation: str, mask_p: float,
     mask_rescale: bool, needs: list[bool], backend: str,
@@ -230,6 +258,11 @@ def masked_gated_mlp_backward(
     )
     flat = [t for g in grads for t in (g.weight, g.bias, g.A, g.B)]
     return _grad_like(dx, x), [g for g, p in zip(_grads_like(flat, full, x), present) if p]
+
+
+masked_gated_mlp_backward = torch.library.custom_op("transpeft::masked_gated_mlp_backward", mutates_args=())(
+    _masked_gated_mlp_backward_impl
+)
 
 
 @masked_gated_mlp_backward.register_fake
@@ -257,7 +290,7 @@ def _mlp_bwd(ctx, dy, _dsaved):
     x, seed, *tail = ctx.saved_tensors
     saved, weights = list(tail[: ctx.n_saved]), list(tail[ctx.n_saved :])
     needs = [bool(ctx.needs_input_grad[0]), *ctx.weight_needs]
-    dx, grads = torch.ops.transpeft.masked_gated_mlp_backward(
+    dx, grads = _backward_op(ctx, "masked_gated_mlp_backward")(
         dy, x, saved, weights, ctx.present, seed, *ctx.rest[:5], needs, ctx.rest[5]
     )
     dx = _or_none(dx) if needs[0] else None
@@ -267,3 +300,93 @@ def _mlp_bwd(ctx, dy, _dsaved):
 
 
 masked_gated_mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
+
+
+# ---- eager path ----------------------------------------------------------------------------------
+_IMPLS = {
+    "lora_linear_backward": _lora_linear_backward_impl,
+    "masked_gated_act_backward": _masked_gated_act_backward_impl,
+    "masked_gated_mlp_backward": _masked_gated_mlp_backward_impl,
+}
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """One op's forward implementation, autograd setup and backward, and which argument (if any) is
+    a list of tensors (flattened for autograd.Function, which only tracks top-level tensors)."""
+
+    impl: Callable
+    setup: Callable
+    backward: Callable
+    list_arg: int | None = None
+    list_output: bool = False  # outputs (tensor, list of tensors)
+
+
+_PARTS = {
+    "lora_linear": _Parts(_lora_linear_impl, _lora_linear_setup, _lora_linear_bwd),
+    "masked_gated_act": _Parts(_masked_gated_act_impl, _act_setup, _act_bwd),
+    "masked_gated_mlp": _Parts(_masked_gated_mlp_impl, _mlp_setup, _mlp_bwd, list_arg=1, list_output=True),
+}
+
+
+def _nest(flat, list_arg: int | None, n: int) -> list:
+    flat = list(flat)
+    if list_arg is None:
+        return flat
+    return [*flat[:list_arg], flat[list_arg : list_arg + n], *flat[list_arg + n :]]
+
+
+def _flat(items, list_arg: int | None) -> list:
+    if list_arg is None:
+        return list(items)
+    items = list(items)
+    return [*items[:list_arg], *items[list_arg], *items[list_arg + 1 :]]
+
+
+class _EagerOp(torch.autograd.Function):
+    """The registered op's implementation, setup_context and backward as a plain autograd.Function:
+    the same computation without the dispatcher's Python round trips (a few hundred microseconds per
+    MLP call, which small-batch training on a GPU would feel)."""
+
+    @staticmethod
+    def forward(ctx, parts: _Parts, n_list: int, *flat):
+        args = _nest(flat, parts.list_arg, n_list)
+        out = parts.impl(*args)
+        parts.setup(ctx, args, out)
+        ctx.eager, ctx.parts, ctx.n_list = True, parts, n_list
+        if isinstance(out, Tensor):
+            ctx.out_lens = None
+            return out
+        ctx.out_lens = [len(o) if isinstance(o, list) else None for o in out]
+        return tuple(t for o in out for t in (o if isinstance(o, list) else [o]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        parts = ctx.parts
+        if ctx.out_lens is not None:  # regroup the gradients of list outputs
+            it = iter(grads)
+            grads = [next(it) if n is None else [next(it) for _ in range(n)] for n in ctx.out_lens]
+        # The op's backward reads needs_input_grad in the op's argument order; restored afterwards,
+        # so that a second backward (retain_graph) sees the original.
+        flat_needs = ctx.needs_input_grad
+        ctx.needs_input_grad = tuple(_nest(flat_needs[2:], parts.list_arg, ctx.n_list))
+        try:
+            result = parts.backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = flat_needs
+        result = result if isinstance(result, tuple) else (result,)
+        return (None, None, *_flat(result, parts.list_arg))
+
+
+def call(name: str, *args):
+    """Run op ``transpeft::<name>``. Under torch.compile, through the dispatcher (one traced node);
+    in eager mode, the same implementation, setup and backward through ``_EagerOp``; without grad,
+    the implementation alone."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.transpeft, name)(*args)
+    parts = _PARTS[name]
+    if not torch.is_grad_enabled():
+        return parts.impl(*args)
+    n_list = 0 if parts.list_arg is None else len(args[parts.list_arg])
+    out = _EagerOp.apply(parts, n_list, *_flat(args, parts.list_arg))
+    return (out[0], list(out[1:])) if parts.list_output else out

@@ -1,7 +1,8 @@
 """The public ops: ``lora_linear``, ``masked_gated_act`` and ``masked_gated_mlp``.
 
 Each flattens its dataclass arguments into the ``transpeft::*`` custom ops (custom_ops.py), which
-carry the autograd formulas, and restores the leading dims. The random seed is an int64 scalar
+carry the autograd formulas, and restores the leading dims. ``custom_ops.call`` runs an op through the
+dispatcher under torch.compile and through a plain autograd.Function over the same code in eager mode. The random seed is an int64 scalar
 tensor drawn by the caller from torch's default generator. What each saves for backward:
     lora_linear       x, S = dropout(x) A^T                       (no dropout mask)
     masked_gated_act  g, u                                        (no mask, no activation output)
@@ -15,7 +16,7 @@ import torch
 
 from ..reference.activations import Activation
 from ..specs import GatedMLPWeights, LinearWeights, MaskSpec
-from . import custom_ops  # noqa: F401  (registers torch.ops.transpeft)
+from .custom_ops import call
 from .torch_backend import TorchBackend
 
 
@@ -35,7 +36,7 @@ def lora_linear(x: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None, 
     """x (..., d_in) -> (..., d_out): ``x W^T + b + s * (dropout_q(x) A^T) B^T`` (reference.lora_linear)."""
     if lin.lora is not None and lin.lora.dropout > 0 and seed is None:
         raise ValueError("seed: required when lora dropout > 0")
-    y, _ = torch.ops.transpeft.lora_linear(_flatten(x), *lin.tensors(), seed, *_lora_scalars(lin), backend.name)
+    y, _ = call("lora_linear", _flatten(x), *lin.tensors(), seed, *_lora_scalars(lin), backend.name)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -43,9 +44,8 @@ def masked_gated_act(g, u, activation: Activation, mask: MaskSpec | None, seed, 
     """g, u (..., I) -> act(g) * u * keep * c (reference.gated_mlp's middle step)."""
     if mask is not None and mask.p > 0 and seed is None:
         raise ValueError("seed: required when masking is on")
-    h = torch.ops.transpeft.masked_gated_act(
-        _flatten(g), _flatten(u), seed, Activation(activation).value, *_mask_scalars(mask), backend.name
-    )
+    h = call("masked_gated_act", _flatten(g), _flatten(u), seed, Activation(activation).value,
+             *_mask_scalars(mask), backend.name)
     return h.reshape(g.shape)
 
 
@@ -65,8 +65,9 @@ def masked_gated_mlp(
     projs = weights.projections
     flat = [t for p in projs for t in p.tensors()]
     scalars = [_lora_scalars(p) for p in projs]
-    y, _ = torch.ops.transpeft.masked_gated_mlp(
-        _flatten(x), [t for t in flat if t is not None], [t is not None for t in flat], seed, [s for s, _ in scalars], [q for _, q in scalars],
-        Activation(activation).value, *_mask_scalars(mask), backend.name,
+    y, _ = call(
+        "masked_gated_mlp", _flatten(x), [t for t in flat if t is not None], [t is not None for t in flat], seed,
+        [s for s, _ in scalars], [q for _, q in scalars], Activation(activation).value, *_mask_scalars(mask),
+        backend.name,
     )
     return y.reshape(*x.shape[:-1], y.shape[-1])
