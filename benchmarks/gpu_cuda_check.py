@@ -133,12 +133,7 @@ def smoke() -> None:
     seed = torch.tensor(2**41 + 3)
     g = (1 + torch.rand(3000, 1537, device=dev)).bfloat16()
     want = R.keep_mask(stream_seed(seed, Stream.MASK), 3000, 1537, 0.1, device=dev)
-    names = ["torch", "cuda"]
-    try:
-        ops.check_available("triton")
-        names.append("triton")
-    except RuntimeError:
-        pass
+    names = dict.fromkeys([*ops.runnable_backends(), "cuda"])  # cuda is required here: resolve() says why not
     for name in names:
         h = ops.masked_gated_act(g, g, R.Activation.SILU, MaskSpec(0.1), seed, ops.resolve(name, dev))
         check(f"knowledge mask == reference ({name})", torch.equal(h != 0, want))
@@ -266,12 +261,7 @@ def mlp_timing() -> None:
 
     floor_ms = bench_ms(floor)
     RESULTS["mlp"]["floor_ms"] = round(floor_ms, 3)
-    names = ["cuda", "torch"]
-    try:
-        ops.check_available("triton")
-        names.append("triton")
-    except RuntimeError:
-        pass
+    names = ["cuda"] + [n for n in ops.runnable_backends() if n != "cuda"]
     for name in names:
         be = ops.resolve(name, torch.device(dev))
 

@@ -135,12 +135,7 @@ def test_knowledge_masks_are_bit_equal_across_backends(dtype):
     seed = torch.tensor(2**41 + 3)
     g = (1 + torch.rand(3000, 1537, device=DEV)).to(dtype)  # never zero: h' == 0 exactly where dropped
     want = R.keep_mask(stream_seed(seed, Stream.MASK), 3000, 1537, 0.1, device=DEV)
-    names = ["torch", "cuda"]
-    try:
-        ops.check_available("triton")
-        names.append("triton")
-    except RuntimeError:
-        pass
+    names = dict.fromkeys([*ops.runnable_backends(), "cuda"])  # cuda is required here: resolve() says why not
     for name in names:
         h = ops.masked_gated_act(g, g, R.Activation.SILU, MaskSpec(0.1), seed, ops.resolve(name, DEV))
         assert torch.equal(h != 0, want), name

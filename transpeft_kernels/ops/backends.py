@@ -120,6 +120,18 @@ def check_available(backend: str) -> None:
         raise RuntimeError(_NOT_AVAILABLE[backend])
 
 
+def runnable_backends() -> list[str]:
+    """The concrete backend names that can run here, "torch" first (then "triton", "cuda")."""
+    names = ["torch"]
+    for name in ("triton", "cuda"):
+        try:
+            check_available(name)
+        except RuntimeError:
+            continue
+        names.append(name)
+    return names
+
+
 def resolve(backend: str, device: torch.device) -> TorchBackend:
     """The backend object that runs tensors on ``device`` for the requested name.
 

@@ -1,4 +1,5 @@
-"""What the kernel backends (triton, cuda) cover; everything else falls back to the torch backend.
+"""What the kernel backends (triton, cuda) cover, and the knowledge mask as their kernels take it.
+Everything not covered falls back to the torch backend.
 
 Covered: tensors all on one device the kernels run on (CUDA; CPU only in a backend's test mode, the
 Triton interpreter or the CUDA host emulation), in float32, float16 or bfloat16; a Linear whose
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..specs import LinearWeights
+from ..specs import LinearWeights, MaskSpec, Stream, stream_seed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,3 +32,13 @@ def linear_covered(x2d: torch.Tensor, lin: LinearWeights, cpu_ok: bool) -> bool:
     if lora is not None and lora.A.dtype != lora.B.dtype:
         return False
     return covered(x2d, w, b, None if lora is None else lora.A, None if lora is None else lora.B, cpu_ok=cpu_ok)
+
+
+def mask_args(mask: MaskSpec | None, seed: torch.Tensor | None) -> tuple[float, bool, torch.Tensor | None]:
+    """(p, rescale, Philox key of the MASK stream) for the masked-activation kernels; (0, False, None)
+    when masking is off."""
+    if mask is None or mask.p == 0.0:
+        return 0.0, False, None
+    if seed is None:
+        raise ValueError("seed: required when masking is on")
+    return mask.p, mask.rescale, stream_seed(seed, Stream.MASK)

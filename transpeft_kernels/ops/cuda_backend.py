@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from ..kernels.cuda.library import emulating
 from ..reference.activations import Activation
-from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
-from .coverage import covered, linear_covered
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream
+from .coverage import covered, linear_covered, mask_args
 from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend, _sub_seed, split_gate_up
 
 
@@ -60,14 +60,6 @@ class CudaBackend(TorchBackend):
         if q > 0 and seed is None:
             raise ValueError("seed: required when lora dropout > 0")
         return self._k.Dropout(q, seed) if q > 0 else None
-
-    @staticmethod
-    def _mask_args(mask: MaskSpec | None, seed):
-        if mask is None or mask.p == 0.0:
-            return 0.0, False, None
-        if seed is None:
-            raise ValueError("seed: required when masking is on")
-        return mask.p, mask.rescale, stream_seed(seed, Stream.MASK)
 
     # ---- lora_linear -------------------------------------------------------------------------
     def lora_linear_fwd(self, x2d: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None):
@@ -111,14 +103,14 @@ class CudaBackend(TorchBackend):
         """g, u (M, I) -> h' (M, I) = act(g) * u * keep * c, in g's dtype."""
         if g.dtype != u.dtype or not _runnable(g, u):
             return super().masked_act_fwd(g, u, activation, mask, seed)
-        return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, *self._mask_args(mask, seed))
+        return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, *mask_args(mask, seed))
 
     def masked_act_bwd(self, dh, g, u, activation: Activation, mask: MaskSpec | None, seed):
         """dh' (M, I) -> (dg, du) in g's and u's dtypes, computed in float32."""
         if g.dtype != u.dtype or dh.dtype != g.dtype or not _runnable(dh, g, u):
             return super().masked_act_bwd(dh, g, u, activation, mask, seed)
         dg, du, _, _ = self._k.masked_gated_act_bwd(dh, g, u, Activation(activation).value,
-                                                    *self._mask_args(mask, seed))
+                                                    *mask_args(mask, seed))
         return dg, du
 
     # ---- masked gated MLP ----------------------------------------------------------------------
@@ -134,15 +126,15 @@ class CudaBackend(TorchBackend):
         if not self._fusable(x2d, w):
             return super().mlp_fwd(x2d, w, activation, mask, seed)
         K, down = self._k, w.down
-        mask_args = self._mask_args(mask, seed)
+        margs = mask_args(mask, seed)
         outs, shrinks = self.inputs_fwd(x2d, w, seed)
         g, u = split_gate_up(outs, w.layout)
         act = Activation(activation).value
         if down.lora is None:
-            h, s_down = K.masked_gated_act_fwd(g, u, act, *mask_args), None
+            h, s_down = K.masked_gated_act_fwd(g, u, act, *margs), None
         else:
             drop = self._dropout(down, _sub_seed(seed, Stream.DOWN))
-            h, s_down = K.masked_gated_act_fwd(g, u, act, *mask_args, down_a=down.lora.A, down_drop=drop)
+            h, s_down = K.masked_gated_act_fwd(g, u, act, *margs, down_a=down.lora.A, down_drop=drop)
         y = F.linear(h, down.weight, down.bias)
         del h
         if down.lora is not None:
@@ -157,7 +149,7 @@ class CudaBackend(TorchBackend):
                 or (lora is not None and saved.s_down is None)):
             return super().mlp_bwd(dy, x2d, saved, w, activation, mask, seed, needs)
         K = self._k
-        mask_args = self._mask_args(mask, seed)
+        margs = mask_args(mask, seed)
         g, u = split_gate_up(saved.outs, w.layout)
         M, inter = g.shape
         nd = needs[-1]
@@ -171,11 +163,11 @@ class CudaBackend(TorchBackend):
         act = Activation(activation).value
         t = None
         if lora is None:
-            dg, du, h, xd = K.masked_gated_act_bwd(dh_base, g, u, act, *mask_args, want_h=nd.weight, out=out)
+            dg, du, h, xd = K.masked_gated_act_bwd(dh_base, g, u, act, *margs, want_h=nd.weight, out=out)
         else:
             t = K.lora_shrink(dy, lora.B.t())
             dg, du, h, xd = K.masked_gated_act_bwd(
-                dh_base, g, u, act, *mask_args, down_t=t, down_a=lora.A, down_scaling=lora.scaling,
+                dh_base, g, u, act, *margs, down_t=t, down_a=lora.A, down_scaling=lora.scaling,
                 down_drop=self._dropout(down, _sub_seed(seed, Stream.DOWN)), want_h=nd.weight, want_xd=nd.A, out=out)
         del dh_base
         dW = (dy.t() @ h).to(down.weight.dtype) if nd.weight else None

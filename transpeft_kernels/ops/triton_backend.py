@@ -38,9 +38,9 @@ import torch
 
 from ..reference.activations import Activation
 from ..reference.mlp import INPUT_STREAMS
-from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, stream_seed
 from ..kernels.env import interpreting
-from .coverage import covered, linear_covered
+from .coverage import covered, linear_covered, mask_args
 from .torch_backend import LinearGrads, LinearNeeds, TorchBackend
 
 def _runnable(*tensors: torch.Tensor | None) -> bool:
@@ -104,26 +104,18 @@ class TritonBackend(TorchBackend):
         return LinearGrads(dx, dW, db, dA, dB)
 
     # ---- masked gated activation ---------------------------------------------------------------
-    @staticmethod
-    def _mask_args(mask: MaskSpec | None, seed):
-        if mask is None or mask.p == 0.0:
-            return 0.0, False, None
-        if seed is None:
-            raise ValueError("seed: required when masking is on")
-        return mask.p, mask.rescale, stream_seed(seed, Stream.MASK)
-
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
         """g, u (M, I) -> h' (M, I) = act(g) * u * keep * c, in g's dtype."""
         if g.dtype != u.dtype or not _runnable(g, u):
             return super().masked_act_fwd(g, u, activation, mask, seed)
-        p, rescale, mseed = self._mask_args(mask, seed)
+        p, rescale, mseed = mask_args(mask, seed)
         return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, p, rescale, mseed)
 
     def masked_act_bwd(self, dh, g, u, activation: Activation, mask: MaskSpec | None, seed):
         """dh' (M, I) -> (dg, du) in g's and u's dtypes, computed in float32."""
         if g.dtype != u.dtype or not _runnable(dh, g, u):
             return super().masked_act_bwd(dh, g, u, activation, mask, seed)
-        p, rescale, mseed = self._mask_args(mask, seed)
+        p, rescale, mseed = mask_args(mask, seed)
         return self._k.masked_gated_act_bwd(dh, g, u, Activation(activation).value, p, rescale, mseed)
 
     # ---- masked gated MLP ----------------------------------------------------------------------
@@ -145,6 +137,6 @@ class TritonBackend(TorchBackend):
             projs.append(K.Projection(lin.weight, lin.bias, s, lora.B, lora.scaling))
             shrinks.append(s)
         gate, up = (projs[0], None) if w.layout is Layout.FUSED_GATE_UP else projs
-        p, rescale, mseed = self._mask_args(mask, seed)
+        p, rescale, mseed = mask_args(mask, seed)
         outs, h = K.gate_up_act(x2d, gate, up, Activation(activation).value, p, rescale, mseed)
         return outs, tuple(shrinks), h
