@@ -13,14 +13,7 @@
 #include <math.h>  // expf / erff / tanhf: the float overloads on host, the CUDA math functions on device
 #include <stdint.h>
 
-// Shared with philox.h; whichever header comes first defines it.
-#ifndef TRANSPEFT_HD
-#if defined(__CUDACC__)
-#define TRANSPEFT_HD __host__ __device__ __forceinline__
-#else
-#define TRANSPEFT_HD inline
-#endif
-#endif
+#include "hd.h"
 
 namespace transpeft {
 

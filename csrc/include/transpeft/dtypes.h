@@ -15,13 +15,7 @@
 #include <cuda_fp16.h>
 #endif
 
-#ifndef TRANSPEFT_HD
-#if defined(__CUDACC__)
-#define TRANSPEFT_HD __host__ __device__ __forceinline__
-#else
-#define TRANSPEFT_HD inline
-#endif
-#endif
+#include "hd.h"
 
 namespace transpeft {
 

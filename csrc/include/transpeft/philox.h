@@ -23,14 +23,7 @@
 
 #include <cstdint>
 
-// Shared with activations.h; whichever header comes first defines it.
-#ifndef TRANSPEFT_HD
-#if defined(__CUDACC__)
-#define TRANSPEFT_HD __host__ __device__ __forceinline__
-#else
-#define TRANSPEFT_HD inline
-#endif
-#endif
+#include "hd.h"
 
 namespace transpeft {
 
