@@ -75,13 +75,6 @@ struct BwdArgs {
 
 __host__ __device__ constexpr int rows_for(int rt) { return rt == 0 ? 1 : 64 / rt; }
 
-// Column `col` of A_d (rank, I) in fp32, zero past the rank: RT registers, one per rank tile slot.
-template <typename TA, int RT>
-__device__ __forceinline__ void load_a_column(const TA* a, int64_t lda, int64_t rank, int64_t col, float (&av)[RT]) {
-#pragma unroll
-  for (int k = 0; k < RT; ++k) av[k] = k < rank ? to_float(a[k * lda + col]) : 0.0f;
-}
-
 template <typename T, typename TA, int VEC, int RT>
 __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
   constexpr int ROWS = rows_for(RT);
@@ -125,8 +118,9 @@ __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
       if constexpr (RT > 0) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          float av[RT];
-          load_a_column<TA, RT>(a, p.lda, p.rank, j + v, av);
+          float av[RT];  // inline on purpose: a helper filling av by reference moved ptxas's spills
+#pragma unroll
+          for (int k = 0; k < RT; ++k) av[k] = k < p.rank ? to_float(a[k * p.lda + j + v]) : 0.0f;
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
@@ -179,8 +173,9 @@ __global__ void __launch_bounds__(kThreads) act_bwd_kernel(BwdArgs p) {
       if constexpr (RT > 0) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          float av[RT];
-          load_a_column<TA, RT>(a, p.lda, p.rank, j + v, av);
+          float av[RT];  // inline on purpose: a helper filling av by reference moved ptxas's spills
+#pragma unroll
+          for (int k = 0; k < RT; ++k) av[k] = k < p.rank ? to_float(a[k * p.lda + j + v]) : 0.0f;
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) {
             float sum = 0.0f;
