@@ -25,16 +25,6 @@ def _deterministic():
     yield
 
 
-def tolerances(dtype: torch.dtype) -> dict:
-    """Tolerances for a computed-in-dtype result against the reference in the same dtype."""
-    return {
-        torch.float64: dict(atol=1e-10, rtol=1e-10),
-        torch.float32: dict(atol=2e-5, rtol=2e-5),
-        torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
-        torch.float16: dict(atol=5e-3, rtol=5e-3),
-    }[dtype]
-
-
 ACCELERATOR = torch.device("cuda") if torch.cuda.is_available() else None
 
 

@@ -1,8 +1,10 @@
 """Model builders and training-step helpers shared by the integration tests."""
+import contextlib
 import copy
 
 import torch
 
+from budget import assert_within_budget, floor, max_err
 from tiny_models import tiny_model
 
 
@@ -32,16 +34,55 @@ def loss_and_grads(model, ids, seed: int | None = None):
     return loss.detach(), grads
 
 
-def assert_same_training_step(a, b, ids, seed=None, atol=1e-5, rtol=1e-5):
+def model_depth(model, ids: torch.Tensor) -> int:
+    """A chain depth for budget.py: the tokens (weight gradients sum over them) plus every Linear's
+    input and output sizes (forward and backward products), plus a few elementwise roundings per layer."""
+    dims = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return ids.numel() + dims + 4 * sum(1 for _ in model.modules())
+
+
+@contextlib.contextmanager
+def in_float64(model):
+    """The model's floating-point parameters and buffers in float64 for the duration, then back to
+    their own dtypes (float32 -> float64 -> float32 is exact, so the model is left as it was)."""
+    dtypes = {id(t): t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    model.double()
+    try:
+        yield model
+    finally:
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) in dtypes:
+                t.data = t.data.to(dtypes[id(t)])
+
+
+def assert_same_training_step(a, b, ids, seed=None, compute_dtype=None):
+    """One training step of ``a`` (under test) against ``b`` (the reference: the unpatched model, or
+    one patched with the torch backend): loss and every gradient within budget.py's error budget,
+    anchored to ``b`` run in float64 with the same seed (so the same masks, dropout draws and
+    dropping decisions). ``compute_dtype``: the precision the math runs in (e.g. bfloat16 under
+    autocast); default: each gradient's dtype. Returns a's (loss, grads)."""
     la, ga = loss_and_grads(a, ids, seed)
-    lb, gb = loss_and_grads(b, ids, seed)
-    torch.testing.assert_close(la, lb, atol=atol, rtol=rtol)
-    assert ga.keys() == gb.keys()
-    for name in ga:
-        assert (ga[name] is None) == (gb[name] is None), name
-        if ga[name] is not None:
-            torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    assert_step_within_budget(la, ga, b, ids, seed, compute_dtype)
     return la, ga
+
+
+def assert_step_within_budget(la, ga, b, ids, seed=None, compute_dtype=None):
+    """The checks of assert_same_training_step for a loss and gradients already computed."""
+    lb, gb = loss_and_grads(b, ids, seed)
+    with in_float64(b):
+        l64, g64 = loss_and_grads(b, ids, seed)
+    depth = model_depth(b, ids)
+    assert ga.keys() == gb.keys() == g64.keys()
+    for name, ours, ref, exact in [("loss", la, lb, l64), *((n, ga[n], gb[n], g64[n]) for n in ga)]:
+        assert (ours is None) == (ref is None) == (exact is None), name
+        if ours is None:
+            continue
+        dtype = compute_dtype or ours.dtype
+        # The float64 run must be the same computation as b's (same draws): its distance to b is a
+        # rounding error. Otherwise the budget below would be meaningless.
+        assert max_err(ref, exact) <= 1e3 * floor(dtype, depth, exact.abs().max().item()) + 1e-300, \
+            f"{name}: the float64 run of the reference is not the same computation (different random draws?)"
+        assert_within_budget(ours, ref, exact, dtype, depth, name)
 
 
 def twin(model):

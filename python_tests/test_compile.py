@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import transpeft_kernels as tpk
-from helpers import batch, lora_model, loss_and_grads, twin
+from helpers import assert_step_within_budget, batch, lora_model, loss_and_grads, twin
 
 pytest.importorskip("peft")
 
@@ -20,11 +20,8 @@ def test_compiled_step_equals_eager_without_masking_and_dropping(family):
     tpk.patch(eager, masking=0.0, dropping=0.0)
     compiled = torch.compile(model)
     lc, gc = loss_and_grads(compiled, batch())
-    le, ge = loss_and_grads(eager, batch())
-    torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
-    gc = _strip(gc)
-    for name, g in ge.items():
-        torch.testing.assert_close(gc[name], g, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    # inductor's generated C++ vectorises for this host's CPU: judged by the float64 budget
+    assert_step_within_budget(lc, _strip(gc), eager, batch())
 
 
 def test_masked_and_dropping_model_compiles_without_graph_breaks():

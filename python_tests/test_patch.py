@@ -106,7 +106,7 @@ def test_gradient_checkpointing_recomputes_the_same_masks_and_decisions(family, 
     for mlp in mlps(model):
         mlp.register_forward_pre_hook(lambda *a: calls.append(1))
     for seed in range(3):
-        assert_same_training_step(model, plain, batch(seed), seed=seed, atol=1e-6, rtol=1e-6)
+        assert_same_training_step(model, plain, batch(seed), seed=seed)
     assert len(calls) > 3 * 2  # the MLPs really were recomputed
 
 
@@ -327,4 +327,4 @@ def test_autocast_bf16_close_to_unpatched():
     reference = twin(model)
     tpk.patch(model, masking=0.0, dropping=0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert_same_training_step(model, reference, batch(), atol=2e-2, rtol=2e-2)
+        assert_same_training_step(model, reference, batch(), compute_dtype=torch.bfloat16)
