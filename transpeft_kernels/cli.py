@@ -10,10 +10,10 @@ import os
 import sys
 import warnings
 
-from .commands import bench, build_cuda, compile_check, demo, quickstart, train, transfer
+from .commands import bench, build_cuda, compile_check, demo, model, quickstart, train, transfer
 from .errors import UserError
 
-COMMANDS = [demo, train, transfer, quickstart, bench, compile_check, build_cuda]
+COMMANDS = [demo, train, transfer, quickstart, bench, compile_check, build_cuda, model]
 DEFAULT_COMMAND = demo.NAME
 
 

@@ -115,7 +115,9 @@ def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _run_ffn(mlp: nn.Module, x: torch.Tensor, state: MLPPatch, projections, seed) -> torch.Tensor:
     backend = ops.resolve(state.settings.backend, x.device)
-    autocast_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    # meta tensors (a dry run of perf/ledger.py) have no autocast state to ask about
+    on = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    autocast_dtype = torch.get_autocast_dtype(x.device.type) if on else None
     if autocast_dtype is not None:
         x = x.to(autocast_dtype)
         weights = [None if p.weights is None else cast_for_autocast(p.weights, autocast_dtype) for p in projections]

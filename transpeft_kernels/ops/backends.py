@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-from ..kernels.env import interpreting
+from ..kernels.env import dry_run, interpreting
 from .torch_backend import TORCH, TorchBackend
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
@@ -40,7 +40,7 @@ def triton_unavailable_reason() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return ("backend='triton' needs the triton package: `pip install triton` (Linux, with a CUDA GPU), "
                 "or use backend='torch' (or 'auto', which picks the fastest available).")
-    if torch.cuda.is_available() or interpreting():
+    if torch.cuda.is_available() or interpreting() or dry_run() is not None:
         return None
     return ("backend='triton' needs a CUDA GPU (none is visible to torch); for CPU tensors it runs in "
             "Triton's interpreter when TRITON_INTERPRET=1 is set before triton is imported (slow, for "
@@ -52,7 +52,7 @@ def cuda_unavailable_reason() -> str | None:
     (or TRANSPEFT_CUDA_EMULATE=1, the host emulation for CPU tensors). Otherwise what to do."""
     from ..kernels.cuda.library import BUILD_ROUTES, candidate_paths, emulating, find_library, load
 
-    if emulating():
+    if emulating() or dry_run() is not None:  # a dry run records the library's calls instead of making them
         return None
     problems = []
     if find_library() is None:

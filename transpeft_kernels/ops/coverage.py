@@ -2,13 +2,14 @@
 Everything not covered falls back to the torch backend.
 
 Covered: tensors all on one device the kernels run on (CUDA; CPU only in a backend's test mode, the
-Triton interpreter or the CUDA host emulation), in float32, float16 or bfloat16; a Linear whose
+Triton interpreter or the CUDA host emulation; meta during a dry run), in float32, float16 or bfloat16; a Linear whose
 weight and bias share x's dtype and whose LoRA factors A and B share one dtype.
 """
 from __future__ import annotations
 
 import torch
 
+from ..kernels.env import kernel_device_ok
 from ..specs import LinearWeights, MaskSpec, Stream, stream_seed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -20,7 +21,7 @@ def covered(*tensors: torch.Tensor | None, cpu_ok: bool) -> bool:
     device = ts[0].device
     if any(t.device != device for t in ts):
         return False
-    if device.type != "cuda" and not (device.type == "cpu" and cpu_ok):
+    if not kernel_device_ok(device.type, cpu_ok):
         return False
     return all(t.dtype in KERNEL_DTYPES for t in ts)
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.testing
 
+from ..env import dry_run
 from ._common import interpreting
 
 SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
@@ -183,6 +184,9 @@ FAMILIES = {f.name: f for f in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE
 
 
 def arch_of(device: torch.device) -> str:
+    target = dry_run()
+    if target is not None and device.type == "meta":
+        return target.arch
     if interpreting() or device.type != "cuda":
         return "interp"
     major, minor = torch.cuda.get_device_capability(device)
@@ -205,7 +209,7 @@ def choose(family: Family, device: torch.device, key: tuple, elem_bytes: int, la
     """The config to launch with. ``launch(config)`` runs the kernel once (outputs are overwritten,
     never accumulated, so timing by real launches is harmless)."""
     arch = arch_of(device)
-    if arch == "interp" or not autotune_enabled():
+    if arch == "interp" or not autotune_enabled() or device.type == "meta":
         return family.default[arch]
     full_key = (family.name, arch, key)
     hit = _CACHE.get(full_key)

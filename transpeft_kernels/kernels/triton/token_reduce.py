@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from ..env import dry_run
 from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
                       pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
 
@@ -77,9 +78,13 @@ def token_reduce_kernel(
 
 def _auto_splits(tiles: int, T: int, block_t: int, device: torch.device) -> int:
     """Token splits so that tiles x splits roughly fills the GPU twice; 1 in the interpreter."""
-    if device.type != "cuda" or configs.arch_of(device) == "interp":
+    target = dry_run()
+    if target is not None and device.type == "meta":
+        sms = target.sms
+    elif device.type != "cuda" or configs.arch_of(device) == "interp":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, max(tiles, 1))
     most = max(1, T // (4 * block_t))  # keep at least 4 token blocks per split
     return max(1, min(want, most, 64))

@@ -1,0 +1,124 @@
+"""``model``: the GPU time of every op and implementation as a roofline MODEL, on any machine.
+
+Each implementation runs its real code path once, forward and backward, on meta tensors (nothing is
+computed); every launch is recorded (perf/ledger.py) and priced on the chosen GPU (perf/roofline.py).
+Prints one table per device; ``--json`` writes one record per (op, implementation, case, device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+NAME = "model"
+HELP = "predict GPU time, bytes and launches of every op and implementation (a roofline model; no GPU needed)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="h200", help="comma-separated: h200, h100, a100 (default h200)")
+    p.add_argument("--json", metavar="OUT", help="write the records to this JSON file")
+    p.add_argument("--ops", default="lora_linear,gated_mlp,train_step", help="comma-separated ops (default all)")
+    p.add_argument("--impls", default="vanilla,floor,torch,triton,cuda",
+                   help="comma-separated implementations (default all; torch is the slowest to record)")
+    p.add_argument("--ledger", action="store_true", help="also print every launch of every case (long)")
+
+
+def _names(text: str, allowed, what: str) -> list[str]:
+    from ..errors import UserError
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise UserError(f"--{what}: expected comma-separated names from {tuple(allowed)}, got {text!r}")
+    return names
+
+
+def records_for(case, impls, devices, show_ledger: bool = False) -> list[dict]:
+    """Record each implementation of ``case`` once per device arch and price it on each device."""
+    from ..kernels.env import dry_running
+    from ..perf.ledger import recording
+    from ..perf.roofline import predict
+
+    out = []
+    for dev in devices:
+        preds = {}
+        for impl in impls:
+            with dry_running(dev.target):
+                step = _prepare(case, impl)
+            with recording(dev.target) as ledger:
+                step()
+            preds[impl] = predict(ledger, dev)
+            if show_ledger:
+                print(f"\n{case.label} | {impl} | {dev.name} (model)")
+                from ..perf.roofline import launch_ms
+
+                for x in ledger.launches:
+                    print(f"  {x.kind:9s} {x.name:34s} R {x.bytes_read / 1e6:9.1f} MB  W {x.bytes_written / 1e6:9.1f} MB  "
+                          f"{sum(x.flops.values()) / 1e9:9.1f} GF  {launch_ms(x, dev):8.3f} ms  {x.detail}")
+        floor, vanilla = preds.get("floor"), preds.get("vanilla")
+        for impl, p in preds.items():
+            out.append({
+                **case.fields(), "impl": impl, "device": dev.name, "kind": "model",
+                "launches": p.launches, "bytes_read": p.bytes_read, "bytes_written": p.bytes_written,
+                "flops": p.flops, "predicted_ms": round(p.ms, 4),
+                "ratio_vs_floor": round(p.ms / floor.ms, 4) if floor else None,
+                "speedup_vs_vanilla": round(vanilla.ms / p.ms, 4) if vanilla else None,
+                "extra_bytes_vs_floor": p.bytes - floor.bytes if floor else None,
+                "host_syncs": p.host_syncs, "h2d_copies": p.h2d_copies,
+            })
+    return out
+
+
+def _prepare(case, impl):
+    from ..perf.cases import prepare
+
+    return prepare(case, impl)
+
+
+def format_table(records: list[dict]) -> str:
+    header = ("op", "r", "q", "adapters", "impl", "ms (model)", "x floor", "x vanilla", "launches", "GB moved",
+              "extra GB", "syncs", "h2d")
+    rows = [header]
+    for r in records:
+        rows.append((r["op"], str(r["r"]), str(r["lora_dropout"]), r["adapter_dtype"].replace("float", "fp"), r["impl"],
+                     f"{r['predicted_ms']:.3f}", f"{r['ratio_vs_floor']:.2f}" if r["ratio_vs_floor"] else "-",
+                     f"{r['speedup_vs_vanilla']:.2f}" if r["speedup_vs_vanilla"] else "-", str(r["launches"]),
+                     f"{(r['bytes_read'] + r['bytes_written']) / 1e9:.2f}",
+                     f"{r['extra_bytes_vs_floor'] / 1e9:.2f}" if r["extra_bytes_vs_floor"] is not None else "-",
+                     str(r["host_syncs"]), str(r["h2d_copies"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench.records import environment
+    from ..perf.cases import IMPLS, OPS, default_cases
+    from ..perf.devices import DEVICES, device
+
+    devices = [device(n) for n in _names(args.device, DEVICES, "device")]
+    ops = _names(args.ops, OPS, "ops")
+    impls = _names(args.impls, IMPLS, "impls")
+    t0 = time.time()
+    records = []
+    for case in [c for c in default_cases() if c.op in ops]:
+        records += records_for(case, impls, devices, args.ledger)
+        print(f"  recorded {case.label} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    for dev in devices:
+        print(f"\n{dev.name}: predicted fwd+bwd time, a roofline MODEL (not measured); "
+              f"M 8192, d 4096, I 14336 / n 4096, bf16 base, masking 0.1 (MLP)")
+        print(format_table([r for r in records if r["device"] == dev.name]))
+    if args.json:
+        import torch
+
+        env = environment(torch.device("cpu"))
+        doc = {"kind": "model", "note": "roofline model of recorded launches; not a measurement",
+               "commit": env["commit"], "torch": env["torch"], "triton": env["triton"],
+               "transformers": env["transformers"], "peft": env["peft"], "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "records": records}
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"\nwrote {len(records)} records to {args.json}")
+    return 0

@@ -1,0 +1,372 @@
+"""The launch ledger: what a code path would launch on a GPU, recorded without doing the arithmetic.
+
+Run a forward and backward on tensors of the meta device inside ``recording(target)``. Every device
+operation lands in the ledger as one ``Launch``:
+
+  * ATen ops through a TorchDispatchMode (cuBLAS GEMMs, elementwise ops, copies, reductions); views,
+    allocations and metadata queries launch nothing and are left out;
+  * our Triton kernels: each ``kernel[grid](...)`` call is intercepted and recorded with its grid,
+    config and arguments instead of being run (kernels/env.dry_running makes the launchers choose
+    configs and splits as on the target GPU, and the backends treat meta tensors as covered);
+  * our CUDA C functions: each ``lib.call(...)`` is recorded instead of run, with the tensors of the
+    Python wrapper that issued it.
+
+Bytes are a lower bound on HBM traffic: each operand counted once per launch (numel x element size
+of the view the launch reads or writes), as if every re-read hit in L2. FLOPs are counted per unit:
+``tc_bf16``/``tc_fp16``/``tc_tf32`` (tensor cores) or ``fp32`` (CUDA-core FMA: fp32 "ieee" dots and
+fp32 cuBLAS GEMMs). ``elements`` counts the elementwise work of fused epilogues and elementwise
+kernels, and ``philox`` the mask elements regenerated (a measure of RNG work). Host-side work that
+stalls a GPU stream is counted too: syncs (``.item()``, a device-to-host copy) and host-to-device
+copies (each pageable copy also blocks CUDA-graph capture).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..kernels.env import DryRunTarget, dry_running
+
+UNITS = ("tc_bf16", "tc_fp16", "tc_tf32", "fp32")
+
+
+@dataclass
+class Launch:
+    """One device launch. ``kind``: "aten", "triton", "cuda" or "attention" (a modelled FlashAttention call)."""
+
+    name: str
+    kind: str
+    bytes_read: int = 0
+    bytes_written: int = 0
+    flops: dict = field(default_factory=dict)  # unit -> FLOPs
+    elements: int = 0                          # elementwise work (epilogue or elementwise kernel)
+    philox: int = 0                            # mask elements regenerated
+    grid: tuple | None = None
+    detail: str = ""                           # config / dtypes, for reading the ledger
+
+    @property
+    def gemm(self) -> bool:
+        """A launch whose time is mostly its matrix product (tensor-core FLOPs dominate its bytes)."""
+        return sum(self.flops.values()) > 64 * max(self.bytes_read + self.bytes_written, 1)
+
+
+@dataclass
+class Ledger:
+    launches: list[Launch] = field(default_factory=list)
+    host_syncs: int = 0
+    h2d_copies: int = 0
+
+    def total(self, attr: str) -> int:
+        return sum(getattr(x, attr) for x in self.launches)
+
+    def flops_by_unit(self) -> dict:
+        out = dict.fromkeys(UNITS, 0)
+        for x in self.launches:
+            for unit, f in x.flops.items():
+                out[unit] += f
+        return out
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _unit(dtype: torch.dtype) -> str:
+    """The unit a dot of these operands runs on (fp32: CUDA cores; PyTorch's default fp32 matmul
+    precision is "highest", and our kernels' fp32 dots are "ieee")."""
+    return {torch.bfloat16: "tc_bf16", torch.float16: "tc_fp16"}.get(dtype, "fp32")
+
+
+# ---- ATen ops ------------------------------------------------------------------------------------
+_FREE = {  # no kernel: views, allocations, metadata
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view", "reshape",
+    "_reshape_alias", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze", "squeeze",
+    "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind", "narrow", "lift_fresh",
+    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "set_", "resize_",
+}
+
+
+def _mm_flops(name: str, args, out) -> dict:
+    """FLOPs of the matrix-product ATen ops (2 per multiply-add), by the unit of their operand dtype."""
+    name = name.rstrip("_")  # addmm_ and friends: the same product, written in place
+    if name in ("mm", "addmm"):
+        a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+        return {_unit(a.dtype): 2 * a.shape[0] * a.shape[1] * b.shape[1]}
+    if name in ("bmm", "baddbmm"):
+        a, b = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
+        return {_unit(a.dtype): 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]}
+    return {}
+
+
+class _AtenRecorder(TorchDispatchMode):
+    def __init__(self, ledger: Ledger):
+        super().__init__()
+        self.ledger = ledger
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if name == "_local_scalar_dense" and ins[0].device.type == "meta":
+            self.ledger.host_syncs += 1  # .item() of a device tensor: the host waits for the stream
+            return 0 if not ins[0].is_floating_point() else 0.0
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if name in ("_to_copy", "copy_") and ins and ins[0].device.type == "meta" and outs and outs[0].device.type == "cpu":
+            self.ledger.host_syncs += 1
+            return out
+        if name in ("_to_copy", "copy_") and any(t.device.type == "cpu" for t in ins) and \
+                any(t.device.type == "meta" for t in outs):
+            self.ledger.h2d_copies += 1
+            return out
+        if name in _FREE or not outs or all(t.device.type != "meta" for t in ins + outs):
+            return out  # host-side tensor work (scalars rounded on the CPU) launches nothing
+        # in-place and out= ops: the output is also an input; count it once each way
+        read = sum(nbytes(t) for t in ins if not any(t is o for o in outs)) + \
+            sum(nbytes(o) for o in outs if name.endswith("_") and any(o is t for t in ins))
+        written = sum(nbytes(t) for t in outs)
+        flops = _mm_flops(name, args, out)
+        elements = 0 if flops else max((t.numel() for t in outs), default=0)
+        self.ledger.launches.append(Launch(name, "aten", read, written, flops, elements,
+                                           detail=",".join(str(t.dtype).replace("torch.", "") for t in outs)))
+        return out
+
+
+# ---- our Triton kernels --------------------------------------------------------------------------
+def _dot_unit(code: int) -> str:
+    return ("fp32", "tc_fp16", "tc_bf16")[code]
+
+
+def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
+    """(pointer args read, pointer args written, FLOPs by unit, elements, philox) for one launch of
+    one of our kernels, from its bound arguments (tensors, ints, constexprs)."""
+    if kernel == "masked_gated_act_fwd_kernel":
+        n = a["M"] * a["I"]
+        return ["g_ptr", "u_ptr"], ["h_ptr"], {}, n, n if a["HAS_MASK"] else 0
+    if kernel == "masked_gated_act_bwd_kernel":
+        n = a["M"] * a["I"]
+        return ["dh_ptr", "g_ptr", "u_ptr"], ["dg_ptr", "du_ptr"], {}, n, n if a["HAS_MASK"] else 0
+    if kernel == "lora_shrink_kernel":
+        M, K, R = a["M"], a["K"], a["R"]
+        return ["x_ptr", "a_ptr"], ["s_ptr"], {_dot_unit(a["DOT_DTYPE"]): 2 * M * K * R}, 0, \
+            M * K if a["HAS_DROPOUT"] else 0
+    if kernel == "gemm_lora_expand_kernel":
+        M, N, K, R = a["M"], a["N"], a["K"], a["R"]
+        flops = {_dot_unit(a["X_DTYPE"]): 2 * M * N * K}
+        reads = ["x_ptr", "w_ptr"] + (["bias_ptr"] if a["HAS_BIAS"] else [])
+        if a["HAS_LORA"]:
+            unit = _dot_unit(a["LORA_DTYPE"])
+            flops[unit] = flops.get(unit, 0) + 2 * M * N * R
+            reads += ["s_ptr", "b_ptr"]
+        return reads, ["y_ptr"], flops, M * N, M * N if a["LORA_DROPOUT"] else 0
+    if kernel == "gate_up_act_kernel":
+        M, I, K = a["M"], a["I"], a["K"]
+        flops = {_dot_unit(a["X_DTYPE"]): 2 * 2 * M * I * K}
+        reads = ["x_ptr", "wg_ptr", "wu_ptr"] + (["bg_ptr"] if a["BIAS_G"] else []) + (["bu_ptr"] if a["BIAS_U"] else [])
+        for side, rank, dt in (("G", "RG", "LORA_G_DTYPE"), ("U", "RU", "LORA_U_DTYPE")):
+            if a[f"LORA_{side}"]:
+                unit = _dot_unit(a[dt])
+                flops[unit] = flops.get(unit, 0) + 2 * M * I * a[rank]
+                reads += [f"s{side.lower()}_ptr", f"lb{side.lower()}_ptr"]
+        return reads, ["g_ptr", "u_ptr", "h_ptr"], flops, M * I, M * I if a["HAS_MASK"] else 0
+    if kernel == "token_reduce_kernel":
+        T, A, B = a["T"], a["A"], a["B"]
+        return ["p_ptr", "q_ptr"], ["out_ptr"] + (["colsum_ptr"] if a["HAS_COLSUM"] else []), \
+            {_dot_unit(a["DOT_DTYPE"]): 2 * T * A * B}, 0, T * B if a["Q_DROPOUT"] else 0
+    raise KeyError(f"no cost rule for Triton kernel {kernel!r}: add one to perf/ledger.py")
+
+
+_TRITON_KERNELS = {  # module (under kernels.triton) -> kernel attributes the launchers call
+    "masked_gated_act": ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel"),
+    "lora_shrink": ("lora_shrink_kernel",),
+    "gemm_lora_expand": ("gemm_lora_expand_kernel",),
+    "gate_up_act": ("gate_up_act_kernel",),
+    "token_reduce": ("token_reduce_kernel",),
+}
+
+
+class _KernelRecorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kw)`` records instead of launching."""
+
+    def __init__(self, kernel, name: str, ledger: Ledger):
+        self.kernel, self.name, self.ledger = kernel, name, ledger
+        self.arg_names = list(inspect.signature(kernel.fn).parameters)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound = dict(zip(self.arg_names, args)) | kwargs
+            g = grid(bound) if callable(grid) else tuple(grid)
+            reads, writes, flops, elements, philox = _triton_cost(self.name, bound)
+            config = ",".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith(("BLOCK", "GROUP", "num_")))
+            self.ledger.launches.append(Launch(
+                self.name, "triton", sum(nbytes(bound[p]) for p in reads), sum(nbytes(bound[p]) for p in writes),
+                flops, elements, philox, g, config))
+
+        return launch
+
+
+# ---- our CUDA C functions ------------------------------------------------------------------------
+def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> tuple[dict, int, int]:
+    """(FLOPs by unit, elements, philox) of one CUDA wrapper call (kernels/cuda/launch.py)."""
+    if wrapper == "lora_shrink":
+        x, a = tensors_in[0], tensors_in[1]
+        drop = kw.get("drop")
+        return {"fp32": 2 * x.shape[0] * x.shape[1] * a.shape[0]}, 0, \
+            x.numel() if drop is not None and drop.q > 0 else 0
+    if wrapper == "lora_expand_":
+        y, s = tensors_in[0], tensors_in[1]
+        drop = kw.get("drop")
+        return {"fp32": 2 * y.numel() * s.shape[1]}, y.numel(), y.numel() if kw.get("grad") and drop and drop.q > 0 else 0
+    if wrapper in ("masked_gated_act_fwd", "masked_gated_act_bwd"):
+        g = tensors_in[1] if wrapper.endswith("bwd") else tensors_in[0]
+        n = g.numel()
+        a = kw.get("down_a")
+        rank_flops = 0 if a is None else 2 * n * a.shape[0] * (2 if wrapper.endswith("bwd") and kw.get("down_t") is not None else 1)
+        return ({"fp32": rank_flops} if rank_flops else {}), n, n if kw.get("p", 0) > 0 else 0
+    if wrapper == "lora_dropout_cast":
+        return {}, tensors_in[0].numel(), tensors_in[0].numel()
+    raise KeyError(f"no cost rule for CUDA wrapper {wrapper!r}: add one to perf/ledger.py")
+
+
+class _CudaLibRecorder:
+    """Stands in for the loaded CUDA library: ``call`` records the C function name for the wrapper in progress."""
+
+    emulated = False
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def call(self, name, *args):
+        self.calls.append(name)
+
+
+_CUDA_WRAPPERS = ("lora_shrink", "lora_expand_", "masked_gated_act_fwd", "masked_gated_act_bwd", "lora_dropout_cast")
+
+
+def _cuda_wrapper(fn, wrapper: str, lib: _CudaLibRecorder, ledger: Ledger):
+    params = list(inspect.signature(fn).parameters)
+
+    def recorded(*args, **kwargs):
+        bound = dict(zip(params, args)) | kwargs
+        before = len(lib.calls)
+        out = fn(*args, **kwargs)
+        ins = [v for v in args if isinstance(v, torch.Tensor)] + \
+            [v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k != "out"]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if wrapper == "lora_expand_":  # read-modify-write of y
+            outs = [ins[0]]
+        elif kwargs.get("out") is not None:
+            outs = list(kwargs["out"])
+        read = sum(nbytes(t) for t in ins)
+        written = sum(nbytes(t) for t in outs)
+        flops, elements, philox = _cuda_cost(wrapper, ins, outs, bound)
+        for name in lib.calls[before:]:
+            ledger.launches.append(Launch(name.removeprefix("transpeft_"), "cuda", read, written, flops, elements,
+                                          philox, detail=wrapper))
+        return out
+
+    return recorded
+
+
+# ---- attention, as FlashAttention runs it --------------------------------------------------------
+class _FlashAttention(torch.autograd.Function):
+    """Stands in for F.scaled_dot_product_attention: one fused launch forward (reads q, k, v, writes o
+    and the log-sum-exp) and one backward (reads q, k, v, o, do, lse; writes dq, dk, dv), with the
+    causal FLOPs of FlashAttention-2 (half of the full S x S products)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ledger, causal):
+        ctx.ledger, ctx.causal = ledger, causal
+        ctx.save_for_backward(q, k, v)
+        b, h, s, d = q.shape
+        frac = 0.5 if causal else 1.0
+        lse = b * h * s * 4
+        # grouped-query attention: k and v (fewer heads) are read once, as FlashAttention does
+        ledger.launches.append(Launch("flash_attention_fwd", "attention", nbytes(q) + nbytes(k) + nbytes(v),
+                                      nbytes(q) + lse, {_unit(q.dtype): int(4 * b * h * s * s * d * frac)}))
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        b, h, s, d = q.shape
+        frac = 0.5 if ctx.causal else 1.0
+        ctx.ledger.launches.append(Launch(
+            "flash_attention_bwd", "attention", 3 * nbytes(q) + nbytes(k) + nbytes(v) + b * h * s * 4,
+            nbytes(q) + nbytes(k) + nbytes(v), {_unit(q.dtype): int(10 * b * h * s * s * d * frac)}))
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None
+
+
+@contextlib.contextmanager
+def recording(target: DryRunTarget, backends=("triton", "cuda")):
+    """Record into a fresh Ledger (yielded) everything launched inside; tensors must be on the meta device."""
+    import torch.nn.functional as F
+
+    ledger = Ledger()
+    saved: list[tuple[object, str, object]] = []
+
+    def swap(obj, attr, value):
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    if "triton" in backends:
+        import importlib
+
+        for mod_name, kernels in _TRITON_KERNELS.items():
+            mod = importlib.import_module(f"transpeft_kernels.kernels.triton.{mod_name}")
+            for k in kernels:
+                swap(mod, k, _KernelRecorder(getattr(mod, k), k, ledger))
+    if "cuda" in backends:
+        from ..kernels import cuda as cuda_pkg
+        from ..kernels.cuda import launch as cuda_launch
+
+        lib = _CudaLibRecorder()
+        swap(cuda_launch, "load", lambda: lib)
+        for w in _CUDA_WRAPPERS:
+            wrapped = _cuda_wrapper(getattr(cuda_launch, w), w, lib, ledger)
+            swap(cuda_launch, w, wrapped)
+            swap(cuda_pkg, w, wrapped)
+
+    # The torch backend regenerates masks with ~300 elementwise ATen ops per chunk; on meta tensors
+    # each op goes through Python decompositions. A mask of a given shape always launches the same
+    # sequence, so it is recorded once per shape and replayed (same launches, same counts).
+    memo: dict[tuple, tuple[list, int, int]] = {}
+    from ..reference import lora as ref_lora, mlp as ref_mlp, philox as ref_philox
+    from ..ops import torch_backend
+
+    real_keep_mask = ref_philox.keep_mask
+
+    def keep_mask(seed, rows, cols, p, device="cpu"):
+        device = torch.device(device)
+        if device.type != "meta":
+            return real_keep_mask(seed, rows, cols, p, device)
+        key = (rows, cols)
+        if key not in memo:
+            start, syncs, copies = len(ledger.launches), ledger.host_syncs, ledger.h2d_copies
+            out = real_keep_mask(seed, rows, cols, p, device)
+            memo[key] = (ledger.launches[start:], ledger.host_syncs - syncs, ledger.h2d_copies - copies)
+            return out
+        launches, syncs, copies = memo[key]
+        ledger.launches.extend(launches)
+        ledger.host_syncs += syncs
+        ledger.h2d_copies += copies
+        return torch.empty(rows, cols, dtype=torch.bool, device=device)
+
+    for mod in (torch_backend, ref_lora, ref_mlp):
+        swap(mod, "keep_mask", keep_mask)
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _FlashAttention.apply(q, k, v, ledger, is_causal or attn_mask is not None)
+
+    swap(F, "scaled_dot_product_attention", sdpa)
+    swap(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    try:
+        with dry_running(target), _AtenRecorder(ledger):
+            yield ledger
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
