@@ -4,27 +4,31 @@
 #
 #   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh checks   # ~5 min: correctness on the GPU
 #   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh bench    # ~7 min: the benchmark suite
-#   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh all      # both, with tighter caps (< 9.5 min)
+#   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh all      # both, with tighter caps (<= 570 s)
 #
 # checks: benchmarks/gpu_triton_check.py (tl.rand bits, the kernel/op/custom-op tests compiled on the GPU,
 #         op numerics vs torch and float64, a LoRA-linear timing), then benchmarks/gpu_cuda_check.py
 #         (JIT build of the CUDA library for this GPU, masks, numerics, bandwidth, gated MLP vs floor).
 # bench:  the CUDA library built for this GPU when none is found (JIT route, <= 150 s), then
 #         benchmarks/gpu_run.sh (the `gpu` preset of the benchmark suite; see that script).
+# Every part starts with a preflight (versions of python, torch + CUDA, triton, transformers, peft,
+# ninja, nvcc) that stops the session at once when something is missing, and writes the roofline
+# model's predictions for this GPU (model.json) so that every measured time has its prediction beside it.
 # Every stage has its own time cap; a stage that fails or hits its cap does not stop the next one.
-# Outputs under $OUT: triton_check.txt, cuda_check.txt + cuda_check.json, the gpu_run.sh files, and
-# session.txt (commit, versions, each stage's exit status and seconds).
+# Caps of `all`: preflight 30 + model 60 + triton 140 + cuda 140 + bench 120 (killed at 180) = 550 s.
+# Outputs under $OUT: preflight.txt, model.json, model_vs_measured.json (bench), triton_check.txt, cuda_check.txt + cuda_check.json,
+# the gpu_run.sh files, and session.txt (commit, versions, each stage's exit status and seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-out/gpu_session}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 PART="${1:-checks}"
 case "$PART" in
-  checks) TRITON_S=300; CUDA_S=240; BENCH_BUDGET=0 ;;
-  bench)  TRITON_S=0;   CUDA_S=0;   BENCH_BUDGET=300 ;;
-  all)    TRITON_S=200; CUDA_S=150; BENCH_BUDGET=150 ;;
+  checks) TRITON_S=300; CUDA_S=240; BENCH_BUDGET=0;   BENCH_HARD=0 ;;
+  bench)  TRITON_S=0;   CUDA_S=0;   BENCH_BUDGET=300; BENCH_HARD=420 ;;
+  all)    TRITON_S=140; CUDA_S=140; BENCH_BUDGET=120; BENCH_HARD=180 ;;
   *) echo "usage: bash benchmarks/gpu_session.sh checks|bench|all (got '$PART')" >&2; exit 2 ;;
 esac
 
@@ -39,6 +43,52 @@ export TPK_COMMIT="$COMMIT"
 } > "$OUT/session.txt"
 cat "$OUT/session.txt"
 
+# Preflight: fail fast, before any stage spends device time on a missing piece.
+if ! timeout 30 "$PY" - > "$OUT/preflight.txt" 2>&1 <<'PYEOF'
+import importlib, shutil, subprocess, sys
+problems = []
+print("python", sys.version.split()[0])
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        problems.append("torch sees no CUDA GPU")
+    else:
+        print("gpu", torch.cuda.get_device_name(0))
+except ImportError:
+    problems.append("torch does not import")
+for mod in ("triton", "transformers", "peft", "safetensors"):
+    try:
+        print(mod, importlib.import_module(mod).__version__)
+    except Exception as e:
+        problems.append(f"{mod}: {e}")
+transformers = sys.modules.get("transformers")
+if transformers is not None and int(transformers.__version__.split(".")[0]) < 5:
+    problems.append(f"transformers >= 5 needed, found {transformers.__version__}")
+for tool in ("ninja", "nvcc"):
+    path = shutil.which(tool)
+    if path is None and tool == "ninja":
+        try:
+            import ninja  # the PyPI package carries the binary
+            path = ninja.BIN_DIR + "/ninja"
+        except ImportError:
+            pass
+    print(tool, path or "NOT FOUND")
+    if path is None:
+        problems.append(f"{tool} not found")
+    elif tool == "nvcc":
+        print(subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
+for p in problems:
+    print("PREFLIGHT FAIL:", p)
+sys.exit(1 if problems else 0)
+PYEOF
+then
+  cat "$OUT/preflight.txt"
+  echo "preflight failed: see $OUT/preflight.txt" | tee -a "$OUT/session.txt"
+  exit 1
+fi
+cat "$OUT/preflight.txt"
+
 stage() {  # name, seconds, command...
   local name=$1 secs=$2; shift 2
   local t0=$SECONDS
@@ -47,6 +97,10 @@ stage() {  # name, seconds, command...
   local rc=${PIPESTATUS[0]}
   echo "$name: exit $rc after $((SECONDS - t0))s" | tee -a "$OUT/session.txt"
 }
+
+# The model's prediction for this GPU (CPU work, no device time beyond the wall clock).
+gpu_key=$("$PY" -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'a100' if 'A100' in n else 'h100')" 2>/dev/null || echo h200)
+stage model 60 "$PY" -m transpeft_kernels model --device "$gpu_key" --impls vanilla,floor,triton,cuda --json "$OUT/model.json"
 
 if [ "$TRITON_S" -gt 0 ]; then
   stage triton_check "$TRITON_S" "$PY" -u benchmarks/gpu_triton_check.py
@@ -58,8 +112,9 @@ if [ "$BENCH_BUDGET" -gt 0 ]; then
   # The suite's "cuda" rows need the library; a fresh machine has none (the checks part builds it too).
   if ! "$PY" -c "from transpeft_kernels.kernels.cuda.library import find_library as f; import sys; sys.exit(f() is None)"; then
     arch=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}{p.minor}' + ('a' if p.major == 9 else ''))" 2>/dev/null || echo 90a)
-    stage build_cuda 150 "$PY" -m transpeft_kernels build-cuda --arch "$arch"
+    stage build_cuda 150 "$PY" -m transpeft_kernels build-cuda --arch "$arch"  # this GPU's arch only
   fi
-  TPK_BENCH_BUDGET_S="$BENCH_BUDGET" TPK_BENCH_HARD_S=$((BENCH_BUDGET + 120)) OUT="$OUT" bash benchmarks/gpu_run.sh
+  TPK_BENCH_BUDGET_S="$BENCH_BUDGET" TPK_BENCH_HARD_S="$BENCH_HARD" OUT="$OUT" PYTHON="$PY" bash benchmarks/gpu_run.sh
   echo "gpu_run: exit $?" | tee -a "$OUT/session.txt"
+  stage model_vs_measured 60 "$PY" -m transpeft_kernels model --compare "$OUT/results.jsonl" --json "$OUT/model_vs_measured.json"
 fi

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", default="vanilla,floor,torch,triton,cuda",
                    help="comma-separated implementations (default all; torch is the slowest to record)")
     p.add_argument("--ledger", action="store_true", help="also print every launch of every case (long)")
+    p.add_argument("--compare", metavar="RESULTS_JSONL",
+                   help="instead of the default cases: the model beside every op-level fwd+bwd time of this "
+                        "benchmark run on a GPU (model error = measured / predicted); --json writes the pairs")
 
 
 def _names(text: str, allowed, what: str) -> list[str]:
@@ -35,24 +38,27 @@ def _names(text: str, allowed, what: str) -> list[str]:
 
 
 def records_for(case, impls, devices, show_ledger: bool = False) -> list[dict]:
-    """Record each implementation of ``case`` once per device arch and price it on each device."""
+    """Record each implementation of ``case`` once per launch-config arch and price it on each device."""
     from ..kernels.env import dry_running
     from ..perf.ledger import recording
-    from ..perf.roofline import predict
+    from ..perf.roofline import launch_ms, predict
 
+    ledgers: dict[tuple, object] = {}
     out = []
     for dev in devices:
         preds = {}
         for impl in impls:
-            with dry_running(dev.target):
-                step = _prepare(case, impl)
-            with recording(dev.target) as ledger:
-                step()
+            key = (dev.arch, impl)
+            if key not in ledgers:  # the launches depend on the arch's configs, not on the device's speed
+                with dry_running(dev.target):
+                    step = _prepare(case, impl)
+                with recording(dev.target) as ledger:
+                    step()
+                ledgers[key] = ledger
+            ledger = ledgers[key]
             preds[impl] = predict(ledger, dev)
             if show_ledger:
                 print(f"\n{case.label} | {impl} | {dev.name} (model)")
-                from ..perf.roofline import launch_ms
-
                 for x in ledger.launches:
                     print(f"  {x.kind:9s} {x.name:34s} R {x.bytes_read / 1e6:9.1f} MB  W {x.bytes_written / 1e6:9.1f} MB  "
                           f"{sum(x.flops.values()) / 1e9:9.1f} GF  {launch_ms(x, dev):8.3f} ms  {x.detail}")
@@ -92,10 +98,40 @@ def format_table(records: list[dict]) -> str:
                      for row in rows)
 
 
+def _predict_case(case, impls, dev) -> dict:
+    return {r["impl"]: r["predicted_ms"] for r in records_for(case, impls, [dev])}
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from ..bench.records import read_jsonl
+    from ..errors import UserError
+    from ..perf.compare import model_beside_measured
+
+    path = Path(args.compare)
+    if not path.is_file():
+        raise UserError(f"--compare: no such file {str(path)!r}")
+    pairs = model_beside_measured(read_jsonl(path), _predict_case)
+    if not pairs:
+        print(f"{path}: no op-level fwd+bwd GPU records with a modelled device (H100, H200, A100)")
+    for p in pairs:
+        print(f"{p['op']:12s} M={p['M']:<6d} r={p['r']:<3d} q={p['lora_dropout']:<5g} {p['impl']:8s} {p['gpu']}: "
+              f"measured {p['measured_ms']:.3f} ms, model {p['predicted_ms']:.3f} ms, measured/model {p['model_error']:.2f}")
+    if args.json:
+        from ..atomic_io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"kind": "model_vs_measured", "records": pairs}, indent=1) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bench.records import environment
     from ..perf.cases import IMPLS, OPS, default_cases
     from ..perf.devices import DEVICES, device
+
+    if args.compare:
+        return _compare(args)
 
     devices = [device(n) for n in _names(args.device, DEVICES, "device")]
     ops = _names(args.ops, OPS, "ops")
@@ -117,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
                "commit": env["commit"], "torch": env["torch"], "triton": env["triton"],
                "transformers": env["transformers"], "peft": env["peft"], "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "records": records}
-        from pathlib import Path
+        from ..atomic_io import atomic_write_text
 
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(doc, indent=1) + "\n")
         print(f"\nwrote {len(records)} records to {args.json}")
     return 0

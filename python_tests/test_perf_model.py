@@ -1,0 +1,172 @@
+"""The performance model's ledger against hand counts, and the ``model`` command end to end.
+
+Hand counts: bytes are each operand once per launch (numel x element size), FLOPs 2 per multiply-add
+on the unit of the operand dtype (bf16 -> tensor cores, fp32 -> CUDA cores)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from transpeft_kernels.kernels.env import DryRunTarget, dry_running
+from transpeft_kernels.perf import cases as C
+from transpeft_kernels.perf.devices import device
+from transpeft_kernels.perf.ledger import recording
+from transpeft_kernels.perf.roofline import launch_ms
+
+H200 = DryRunTarget("sm_90", 132)
+BF16, FP32 = 2, 4
+
+
+def test_single_gemm():
+    M, K, N = 64, 48, 80
+    a = torch.empty(M, K, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(K, N, dtype=torch.bfloat16, device="meta")
+    with recording(H200) as led:
+        a @ b
+    (x,) = led.launches
+    assert (x.name, x.kind) == ("mm", "aten")
+    assert x.bytes_read == (M * K + K * N) * BF16 and x.bytes_written == M * N * BF16
+    assert x.flops == {"tc_bf16": 2 * M * K * N}
+    assert led.host_syncs == 0 and led.h2d_copies == 0
+
+
+def test_views_and_allocations_launch_nothing_and_host_work_is_counted():
+    t = torch.empty(8, 6, device="meta")
+    with recording(H200) as led:
+        t.t().reshape(6, 8)[:, :2].unsqueeze(0)
+        torch.empty(3, device="meta")
+        torch.tensor(7).to("meta")   # a host-to-device copy
+        t.sum().item()                # a host sync (after one reduction launch)
+    assert [x.name for x in led.launches] == ["sum"]
+    assert led.h2d_copies == 1 and led.host_syncs == 1
+
+
+def test_elementwise_triton_kernel_is_recorded_not_run():
+    pytest.importorskip("triton")
+    from transpeft_kernels.kernels import triton as K
+
+    M, I = 64, 96
+    g = torch.empty(M, I, dtype=torch.bfloat16, device="meta")
+    with recording(H200) as led:
+        h = K.masked_gated_act_fwd(g, g, "silu", 0.1, False, torch.tensor(5))
+    assert h.device.type == "meta"
+    (x,) = led.launches
+    assert (x.name, x.kind) == ("masked_gated_act_fwd_kernel", "triton")
+    assert x.bytes_read == 2 * M * I * BF16 and x.bytes_written == M * I * BF16
+    assert x.flops == {} and x.elements == M * I and x.philox == M * I
+    assert x.grid is not None and x.grid[0] >= 1
+    assert led.h2d_copies == 1  # the seed, copied to the device for every launch today
+
+
+def test_peft_lora_linear_forward_hand_count():
+    """PEFT's LoRA Linear, fp32 adapters on a bf16 base, no dropout, no bias: forward ops in order."""
+    M, d, n, r = 8, 16, 32, 4
+    case = C.ModelCase("lora_linear", M, d, n, None, r, 0.0, 0.0)
+    setup = C._op_setup(case)
+    x = torch.empty(M, d, dtype=torch.bfloat16, device="meta")
+    with recording(H200) as led:
+        setup.module(x)
+    want = [
+        ("mm", (M * d + n * d) * BF16, M * n * BF16, {"tc_bf16": 2 * M * n * d}),   # x W^T
+        ("_to_copy", M * d * BF16, M * d * FP32, {}),                               # x to the adapter dtype
+        ("mm", (M * d + r * d) * FP32, M * r * FP32, {"fp32": 2 * M * r * d}),      # x A^T
+        ("mm", (M * r + n * r) * FP32, M * n * FP32, {"fp32": 2 * M * n * r}),      # (x A^T) B^T
+        ("mul", M * n * FP32, M * n * FP32, {}),                                    # * scaling
+        ("add", M * n * (BF16 + FP32), M * n * FP32, {}),                           # base + lora (promoted)
+        ("_to_copy", M * n * FP32, M * n * BF16, {}),                               # back to the base dtype
+    ]
+    got = [(x.name, x.bytes_read, x.bytes_written, x.flops) for x in led.launches]
+    assert got == want
+
+
+@pytest.mark.parametrize("impl", ["vanilla", "torch"])
+def test_gated_mlp_gemm_work_hand_count(impl):
+    """Gated MLP, LoRA r on gate/up/down (fp32 adapters), frozen bf16 base, fwd+bwd:
+    base GEMMs 3 forward + 3 for dx = 12 M d I FLOPs on tensor cores; LoRA per projection 2 products
+    forward (shrink, expand) and 4 backward (dB, t = dy B, dA, t A), 9 (2 M d r + 2 M I r) in all, in fp32;
+    24 GEMM launches either way."""
+    M, d, I, r = 16, 32, 48, 4
+    case = C.ModelCase("gated_mlp", M, d, None, I, r, 0.25, 0.1)
+    with dry_running(H200):
+        step = C.prepare(case, impl)
+    with recording(H200) as led:
+        step()
+    assert led.flops_by_unit() == {"tc_bf16": 12 * M * d * I, "tc_fp16": 0, "tc_tf32": 0,
+                                   "fp32": 9 * (2 * M * d * r + 2 * M * I * r)}
+    assert sum(x.name in ("mm", "addmm") for x in led.launches) == 24
+    if impl == "vanilla":
+        # the reference code's float mask: rand_like(h) (bf16), > p (bool), .float() (fp32), h * mask
+        names = [x.name for x in led.launches]
+        i = names.index("rand_like")
+        assert names[i:i + 4] == ["rand_like", "gt", "_to_copy", "mul"]
+        assert [x.bytes_written for x in led.launches[i:i + 3]] == [M * I * BF16, M * I, M * I * FP32]
+    else:
+        # the torch backend regenerates masks with elementwise ATen ops: masking on (M, I) in forward
+        # and in backward, and LoRA dropout on each projection's input (M, d) or (M, I), twice each
+        assert len(led.launches) > 200
+
+
+def test_roofline_of_one_launch():
+    """max(bytes / copy bandwidth, FLOPs / (peak x efficiency)) + the launch cost."""
+    dev = device("h200")
+    a = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")
+    with recording(dev.target) as led:
+        a @ a
+    (x,) = led.launches
+    compute_ms = 2 * 4096**3 / (989.4e12 * dev.cublas_efficiency) * 1e3
+    assert launch_ms(x, dev) == pytest.approx(compute_ms + dev.launch_us * 1e-3)
+
+
+def test_model_command_writes_records(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "model.json"
+    done = subprocess.run([sys.executable, "-m", "transpeft_kernels", "model", "--ops", "lora_linear",
+                           "--impls", "vanilla,floor,triton,cuda", "--device", "h200,h100", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MODEL" in done.stdout
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "model"
+    recs = doc["records"]
+    assert {r["device"] for r in recs} == {"H200 SXM", "H100 SXM"}
+    needed = {"op", "impl", "device", "dtype", "adapter_dtype", "M", "d", "n", "I", "r", "masking", "lora_dropout",
+              "launches", "bytes_read", "bytes_written", "flops", "predicted_ms", "ratio_vs_floor",
+              "speedup_vs_vanilla", "host_syncs", "h2d_copies"}
+    for r in recs:
+        assert needed <= r.keys()
+        assert r["predicted_ms"] > 0
+        if r["impl"] == "floor":
+            assert r["ratio_vs_floor"] == 1.0 and r["launches"] == 2
+        else:
+            assert r["ratio_vs_floor"] > 1.0  # nothing computing the LoRA update beats the frozen GEMMs
+    # the faster HBM of the H200 never makes a launch slower
+    by = {(r["impl"], r["r"], r["lora_dropout"], r["adapter_dtype"], r["device"]): r["predicted_ms"] for r in recs}
+    for (impl, rank, q, adt, dev), ms in by.items():
+        if dev == "H200 SXM":
+            assert ms <= by[(impl, rank, q, adt, "H100 SXM")]
+
+
+def test_model_command_rejects_bad_names():
+    done = subprocess.run([sys.executable, "-m", "transpeft_kernels", "model", "--device", "b200"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "device" in done.stderr and "b200" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_model_beside_measured_joins_gpu_records():
+    from transpeft_kernels.commands.model import _predict_case
+    from transpeft_kernels.perf.compare import model_beside_measured
+
+    base = dict(op="lora_linear", M=64, d=32, n=48, I=None, r=4, masking=0.0, lora_dropout=0.0, dtype="bfloat16",
+                status="ok", gpu="NVIDIA H200", commit="abc")
+    bench = [dict(base, impl=i, median_ms=ms, **{"pass": p}) for i, ms in (("vanilla", 0.2), ("floor", 0.05), ("triton", 0.1))
+             for p in ("fwd", "fwd+bwd")]
+    bench.append(dict(base, impl="vanilla_compiled", median_ms=0.1, **{"pass": "fwd+bwd"}))  # no model: left out
+    bench.append(dict(base, impl="triton", median_ms=0.1, gpu=None, **{"pass": "fwd+bwd"}))  # a CPU run: left out
+    pairs = model_beside_measured(bench, _predict_case)
+    assert sorted(p["impl"] for p in pairs) == ["floor", "triton", "vanilla"]
+    for p in pairs:
+        assert p["device_model"] == "H200 SXM" and p["predicted_ms"] > 0
+        assert p["model_error"] == pytest.approx(p["measured_ms"] / p["predicted_ms"], rel=1e-3)
