@@ -6,16 +6,21 @@ config of the architecture, and every autotune candidate of the architecture wit
 performance dtype) — candidates whose shared-memory estimate exceeds the limit for a dtype are
 dropped by the tuner at run time, so they are compiled only where the tuner could pick them.
 
-Each variant is compiled as a real launch specialises it: pointers 16-byte aligned, unit strides as
-the constant 1 (the launcher's JIT turns an int argument equal to 1 into a constexpr), every other int
-argument divisible by 16 (the realistic shapes: d = 4096, I = 14336, ...). That is the code that runs,
-with vectorised loads and cp.async pipelining, so its shared memory is what the limit check needs.
-The unit strides are the last stride of each tensor (row-major operands) unless a variant names them
-(the dX GEMM and the dy B shrink read transposed weights).
+Each variant is compiled as a real launch specialises it: pointers 16-byte aligned, the int arguments
+that the launch passes as 1 turned into the constant 1 (the launcher's JIT makes an int argument
+equal to 1 a constexpr), every other int argument divisible by 16 (the realistic shapes: d = 4096,
+I = 14336, ...; the strides of an absent operand, passed as 0, are divisible too). That is the code
+that runs, with vectorised loads and cp.async pipelining, so its shared memory is what the limit
+check needs. Which arguments are 1 is given per kernel and phase by ``unit_strides``: the launchers
+pass the column stride of each row-major operand (1) and the backward passes transposed views
+(W^T, A^T, B^T: the 1 is on their first dimension); python_tests/test_variants_specialisation.py
+checks the table against the arguments of real launches.
 
 Run as a module (``python -m transpeft_kernels.kernels.triton.variants --arch 90``) in a process
 WITHOUT TRITON_INTERPRET: it compiles each variant with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))`` (no GPU needed) and prints one JSON line per variant.
+target=GPUTarget("cuda", arch, 32))`` (no GPU needed) and prints one JSON line per variant. With
+``--sass`` each line also carries the SASS metrics of the variant's cubin (kernels/sass.py), with
+``--only TEXT`` only the variants whose "kernel label" contains TEXT are compiled.
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ class Variant:
     constexprs: dict
     num_warps: int
     num_stages: int
-    unit_strides: tuple = ()  # stride args equal to 1 in the launch; () = the last stride of each tensor
+    phase: str  # "forward" or "backward": the launch it stands for (decides the transposed operands)
+    unit_strides: tuple  # the int args a real launch passes as 1 (compiled as the constant 1)
 
     def load(self):
         import importlib
@@ -49,21 +55,62 @@ class Variant:
         mod, fn = self.kernel.rsplit(".", 1)
         return getattr(importlib.import_module(f"{__package__}.{mod}"), fn)
 
+    @property
+    def elements_per_thread(self) -> int | None:
+        """Elements one thread handles per program, for the elementwise kernels (masked_gated_act:
+        a BLOCK_M x BLOCK_N tile over 32 * num_warps threads); None for the others."""
+        if not self.kernel.startswith("masked_gated_act."):
+            return None
+        return self.constexprs["BLOCK_M"] * self.constexprs["BLOCK_N"] // (32 * self.num_warps)
 
-def _v(kernel, label, pointers, constexprs, config, unit_strides=(), **extra):
+
+def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
+    """The stride arguments that the launcher passes as 1 for ``kernel`` ("function" or
+    "module.function") in ``phase``, with row-major contiguous tensors (as the ops layer passes them).
+
+    masked_gated_act fwd/bwd: none (the kernels take row strides only; the column stride is 1 by
+        construction, not an argument).
+    lora_shrink: forward S = x A^T with x (M, K), A (R, K): stride_xk, stride_ak, stride_sr;
+        backward t = dy B, where "A" is the view B^T (R, N) of B (N, R): stride_xk, stride_ar, stride_sr.
+    gemm_lora_expand: forward y = x W^T (+ S B^T): stride_xk, stride_wk, stride_yn (+ stride_sr,
+        stride_br); backward dX = dy W (+ t A) through the views W^T and A^T: stride_xk, stride_wn,
+        stride_yn (+ stride_sr, stride_bn). Without LoRA the S and B strides are passed as 0.
+    gate_up_act: x, Wg, Wu, g, u, h' (split halves of the fused layout keep a unit column stride),
+        plus S and B of each side that has LoRA (0 strides otherwise).
+    token_reduce (dW, dA, dB): P (T, A), Q (T, B), out (splits, A, B): stride_pa, stride_qb,
+        stride_ob, plus stride_ca of the (splits, A) column sum when HAS_COLSUM (0 strides otherwise).
+    """
+    fn = kernel.rsplit(".", 1)[-1]
+    c = constexprs
+    fwd = phase == "forward"
+    if phase not in ("forward", "backward"):
+        raise ValueError(f"phase: expected 'forward' or 'backward', got {phase!r}")
+    if fn in ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel"):
+        return ()
+    if fn == "lora_shrink_kernel":
+        return ("stride_xk", "stride_ak" if fwd else "stride_ar", "stride_sr")
+    if fn == "gemm_lora_expand_kernel":
+        units = ("stride_xk", "stride_wk" if fwd else "stride_wn", "stride_yn")
+        if c["HAS_LORA"]:
+            units += ("stride_sr", "stride_br" if fwd else "stride_bn")
+        return units
+    if fn == "gate_up_act_kernel":
+        units = ("stride_xk", "stride_wgk", "stride_wuk", "stride_gn", "stride_un", "stride_hn")
+        if c["LORA_G"]:
+            units += ("stride_sgr", "stride_lbgr")
+        if c["LORA_U"]:
+            units += ("stride_sur", "stride_lbur")
+        return units
+    if fn == "token_reduce_kernel":
+        return ("stride_pa", "stride_qb", "stride_ob") + (("stride_ca",) if c["HAS_COLSUM"] else ())
+    raise KeyError(f"no unit-stride rule for kernel {kernel!r}")
+
+
+def _v(kernel, label, pointers, constexprs, config, phase="forward", **extra):
     meta = {**config.kwargs(), **extra}
-    return Variant(kernel, label, pointers, {**constexprs, **meta}, config.num_warps, config.num_stages,
-                   tuple(unit_strides))
-
-
-def _default_unit_strides(arg_names) -> set:
-    """The last stride of each multi-dimensional operand: stride_xm, stride_xk -> stride_xk. Single
-    strides (stride_g: a row stride whose column stride the kernel takes as 1) are not unit."""
-    groups: dict[str, str] = {}
-    for name in arg_names:
-        if name.startswith("stride_") and len(name) > len("stride_") + 1:
-            groups[name[len("stride_"):-1]] = name  # later members of a group overwrite earlier ones
-    return set(groups.values())
+    consts = {**constexprs, **meta}
+    return Variant(kernel, label, pointers, consts, config.num_warps, config.num_stages, phase,
+                   unit_strides(kernel, phase, consts))
 
 
 def variants(arch: str) -> list[Variant]:
@@ -81,19 +128,19 @@ def variants(arch: str) -> list[Variant]:
             for c in configs_here:
                 out.append(_v(f"masked_gated_act.masked_gated_act_{kern}_kernel",
                               f"act_{kern} {CODE_NAMES[code]} act={act} mask={has_mask}", p,
-                              dict(ACT=act, HAS_MASK=has_mask), c))
+                              dict(ACT=act, HAS_MASK=has_mask), c, "forward" if kern == "fwd" else "backward"))
 
     # LoRA shrink: (x dtype, adapter dtype), with and without dropout. Without dropout the variant is
     # the backward's t = dy B: its "A" is the transposed view B^T, unit stride along the rank.
     for xc, ac, drop in ((FP32, FP32, True), (BF16, FP32, True), (BF16, BF16, True), (FP16, FP32, False),
                          (FP16, FP16, True), (BF16, FP32, False)):
-        units = () if drop else ("stride_xk", "stride_ar", "stride_sr")
         p = {"x_ptr": _PTR[xc], "a_ptr": _PTR[ac], "s_ptr": _PTR[ac], "seed_ptr": "*i64"}
         for c in [default["shrink"]] + (extra["shrink"] if (xc, ac) == (BF16, BF16) else []):
             for br in ((16, 64) if c is default["shrink"] and (xc, ac) == (BF16, BF16) else (16,)):
                 out.append(_v("lora_shrink.lora_shrink_kernel",
                               f"shrink x={CODE_NAMES[xc]} A={CODE_NAMES[ac]} drop={drop} R={br}", p,
-                              dict(HAS_DROPOUT=drop, DOT_DTYPE=ac, UPCAST=False), c, units, BLOCK_R=br))
+                              dict(HAS_DROPOUT=drop, DOT_DTYPE=ac, UPCAST=False), c,
+                              "forward" if drop else "backward", BLOCK_R=br))
 
     # base GEMM + LoRA expand: forward (bias, no epilogue mask) and dX (epilogue mask: dy W^T-view
     # + s t A^T-view, both weights transposed views with the unit stride on their first dim), no-LoRA
@@ -107,8 +154,7 @@ def variants(arch: str) -> list[Variant]:
             out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel",
                           f"expand x={CODE_NAMES[xc]} lora={CODE_NAMES[lc]} bias={bias} dropmask={drop}", p,
                           dict(HAS_BIAS=bias, HAS_LORA=True, LORA_DROPOUT=drop, X_DTYPE=xc, LORA_DTYPE=lc, UPCAST=False),
-                          c, ("stride_xk", "stride_wn", "stride_sr", "stride_bn", "stride_yn") if drop else (),
-                          BLOCK_R=16))
+                          c, "backward" if drop else "forward", BLOCK_R=16))
     p = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "s_ptr", "b_ptr", "y_ptr")} | {"seed_ptr": "*i64"}
     out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel", "expand x=bf16 no-lora", p,
                   dict(HAS_BIAS=False, HAS_LORA=False, LORA_DROPOUT=False, X_DTYPE=BF16, LORA_DTYPE=BF16, UPCAST=False),
@@ -153,18 +199,42 @@ def variants(arch: str) -> list[Variant]:
         for c in [default["token_reduce"]] + (extra["token_reduce"] if (what, dc) == ("dW", BF16) else []):
             out.append(_v("token_reduce.token_reduce_kernel",
                           f"token_reduce {what} P={CODE_NAMES[pc]} Q={CODE_NAMES[qc]} dot={CODE_NAMES[dc]}", p,
-                          dict(Q_DROPOUT=drop, HAS_COLSUM=colsum, DOT_DTYPE=dc, UPCAST=False), c, **narrow))
+                          dict(Q_DROPOUT=drop, HAS_COLSUM=colsum, DOT_DTYPE=dc, UPCAST=False), c, "backward",
+                          **narrow))
     return out
 
 
-def compile_variant(v: Variant, arch: int) -> dict:
-    """Compile for sm_<arch>; returns a JSON-able row (ok, shared bytes, limit, seconds, error)."""
+def matches(v: Variant, only) -> bool:
+    """True when ``only`` (a list of substrings; empty: everything) has one in "kernel label"."""
+    text = f"{v.kernel.rsplit('.', 1)[1]} {v.label}"
+    return not only or any(o in text for o in only)
+
+
+def sass_fields(cubin: bytes, kernel_name: str, elements_per_thread: int | None) -> dict:
+    """The SASS metrics of a Triton cubin's kernel (kernels/sass.py), plus instructions_per_element
+    for the elementwise kernels (None for the others)."""
+    from .. import sass
+
+    found = sass.cubin_metrics(cubin)
+    m = found.get(kernel_name) or (next(iter(found.values())) if len(found) == 1 else None)
+    if m is None:
+        raise RuntimeError(f"no function {kernel_name} in the cubin (found {sorted(found)})")
+    return dict(m, elements_per_thread=elements_per_thread,
+                instructions_per_element=sass.instructions_per_element(m, elements_per_thread))
+
+
+def compile_variant(v: Variant, arch: int, sass: bool = False) -> dict:
+    """Compile for sm_<arch>; returns a JSON-able row (ok, shared bytes, limit, seconds, error) and,
+    with ``sass``, the SASS metrics of the cubin (``sass_fields``; a failure there fails the row)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = v.load()
-    units = set(v.unit_strides) or _default_unit_strides(fn.arg_names)
+    units = set(v.unit_strides)
+    unknown = units - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{v.label}: unit strides {sorted(unknown)} are not arguments of {fn.__name__}")
     sig, constexprs, attrs = {}, dict(v.constexprs), {}
     aligned = [["tt.divisibility", 16]]
     for i, name in enumerate(fn.arg_names):
@@ -184,19 +254,21 @@ def compile_variant(v: Variant, arch: int) -> dict:
     limit = configs.SHARED_LIMIT[f"sm_{arch}"]
     row = dict(arch=arch, kernel=v.kernel.rsplit(".", 1)[1], label=v.label,
                config=",".join(f"{k}={val}" for k, val in sorted(v.constexprs.items()) if k.startswith(("BLOCK", "GROUP")))
-               + f",w={v.num_warps},s={v.num_stages}", limit=limit)
+               + f",w={v.num_warps},s={v.num_stages}", limit=limit, phase=v.phase, unit_strides=list(v.unit_strides))
     t0 = time.time()
     try:
         compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
         shared = int(compiled.metadata.shared)
         row.update(shared=shared, ok=shared <= limit, error="" if shared <= limit else "shared memory over the limit")
+        if sass:
+            row["sass"] = sass_fields(compiled.asm["cubin"], compiled.metadata.name, v.elements_per_thread)
     except Exception as e:  # report every failure in the table instead of stopping at the first
         root = e
         while root.__cause__ is not None:  # the compiler wraps the real error (e.g. a NameError)
             root = root.__cause__
         lines = [ln for ln in str(root).splitlines() if ln.strip()]
-        row.update(shared=None, ok=False, error=f"{type(root).__name__}: {lines[-1][:300] if lines else ''}")
+        row.update(shared=row.get("shared"), ok=False, error=f"{type(root).__name__}: {lines[-1][:300] if lines else ''}")
     row["seconds"] = round(time.time() - t0, 2)
     return row
 
@@ -204,6 +276,9 @@ def compile_variant(v: Variant, arch: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, required=True, choices=(80, 90))
+    ap.add_argument("--sass", action="store_true", help="also record the SASS metrics of each cubin")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help='compile only the variants whose "kernel label" contains TEXT (repeatable)')
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile variants in a process without TRITON_INTERPRET", file=sys.stderr)
@@ -211,7 +286,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default; silences 3.9's notice
     bad = 0
     for v in variants("sm_90" if args.arch == 90 else "sm_80"):
-        row = compile_variant(v, args.arch)
+        if not matches(v, args.only):
+            continue
+        row = compile_variant(v, args.arch, sass=args.sass)
         bad += not row["ok"]
         print(json.dumps(row), flush=True)
     return 1 if bad else 0
