@@ -1,12 +1,15 @@
-"""The transpeft:: custom ops: schemas, fake (meta) implementations and autograd registration checked
-by torch.library.opcheck, and a compiled patched model on the Triton backend without graph breaks."""
+"""The transpeft:: custom ops (the kernel boundary: forward and backward ops without autograd of their
+own): schemas and fake (meta) implementations checked by torch.library.opcheck; the autograd Functions
+over them give the same results through the dispatcher as through the implementations; a compiled
+patched model on the Triton backend traces without graph breaks."""
 import pytest
 import torch
 
+import test_ops
 from test_ops import _backend_names, make_linear, make_mlp
-from transpeft_kernels import ops
+from transpeft_kernels import ops, reference as R
 from transpeft_kernels.ops import custom_ops  # noqa: F401  (registers the ops)
-from transpeft_kernels.specs import Layout
+from transpeft_kernels.specs import Layout, MaskSpec
 
 pytestmark = pytest.mark.usefixtures("on_accelerator")
 T = torch.ops.transpeft
@@ -29,7 +32,8 @@ def _cuda_emulation_on_cpu(monkeypatch):
 
 
 def _detached(args):
-    """Backward ops run with grad mode off (no double backward): check them on detached inputs."""
+    """The ops are kernel boundaries with no autograd of their own (the Functions in custom_ops.py
+    carry it): check them on detached inputs."""
     def d(a):
         if isinstance(a, torch.Tensor):
             return a.detach()
@@ -50,8 +54,8 @@ def test_lora_linear_ops(backend, lora):
     lin = make_linear(12, 10, torch.float32, rank=3, dropout=0.2 if lora else 0.0, bias=True, train_base=True, lora=lora)
     x = torch.randn(5, 12, requires_grad=True)
     args = _lin_args(lin, x, torch.tensor(4), backend)
-    torch.library.opcheck(T.lora_linear, args)
-    y, s = T.lora_linear(*args)
+    torch.library.opcheck(T.lora_linear, _detached(args))
+    y, s = T.lora_linear(*_detached(args))
     dy = torch.randn_like(y)
     needs = [True, True, True, lora, lora]
     torch.library.opcheck(T.lora_linear_backward, _detached((dy, x, s, *args[1:-1], needs, backend)))
@@ -61,7 +65,7 @@ def test_lora_linear_ops(backend, lora):
 def test_masked_gated_act_ops(backend):
     g, u = torch.randn(6, 9, requires_grad=True), torch.randn(6, 9, requires_grad=True)
     seed = torch.tensor(11)
-    torch.library.opcheck(T.masked_gated_act, (g, u, seed, "gelu_tanh", 0.3, True, backend))
+    torch.library.opcheck(T.masked_gated_act, _detached((g, u, seed, "gelu_tanh", 0.3, True, backend)))
     dh = torch.randn(6, 9)
     torch.library.opcheck(T.masked_gated_act_backward, (dh, g.detach(), u.detach(), seed, "silu", 0.3, False, backend))
 
@@ -79,8 +83,8 @@ def test_masked_gated_mlp_ops(backend, layout):
     w = make_mlp(8, 12, layout, torch.float32, rank=2, dropout=0.1, bias=True)
     x = torch.randn(5, 8, requires_grad=True)
     args = _mlp_args(w, x, torch.tensor(2), backend)
-    torch.library.opcheck(T.masked_gated_mlp, args)
-    y, saved = T.masked_gated_mlp(*args)
+    torch.library.opcheck(T.masked_gated_mlp, _detached(args))
+    y, saved = T.masked_gated_mlp(*_detached(args))
     needs = [True] + [t is not None and t.requires_grad for p in w.projections for t in p.tensors()]
     bwd = (torch.randn_like(y), x.detach(), saved, *args[1:-1], needs, backend)
     torch.library.opcheck(T.masked_gated_mlp_backward, _detached(bwd))
@@ -109,26 +113,33 @@ def test_patched_model_on_triton_traces_without_graph_breaks():
 
 
 @pytest.mark.parametrize("backend", _names())
-def test_eager_path_equals_the_dispatched_op(backend):
-    # custom_ops.call runs eager calls through a plain autograd.Function over the op's own
-    # implementation, setup and backward; the result and every gradient equal the dispatched op's.
+def test_eager_path_equals_the_dispatched_op(backend, monkeypatch):
+    # Eager calls run the ops' implementations directly; under torch.compile the Functions call the
+    # same ops through the dispatcher. Forcing the dispatched path gives the same bits, forward and
+    # every gradient, and a second backward (retain_graph) sees the same needs.
     w = make_mlp(8, 12, Layout.FUSED_GATE_UP, torch.float32, rank=2, dropout=0.1, bias=True, train_base=True)
     x = torch.randn(5, 8, requires_grad=True)
-    args = _mlp_args(w, x, torch.tensor(2), backend)
-    leaves = [x, *args[1]]
-    y_op, _ = T.masked_gated_mlp(*args)
-    y_eager, _ = custom_ops.call("masked_gated_mlp", *args)
-    assert torch.equal(y_op, y_eager)
-    dy = torch.randn_like(y_op)
-    g_op = torch.autograd.grad(y_op, leaves, dy)
-    g_eager = torch.autograd.grad(y_eager, leaves, dy, retain_graph=True)
-    g_again = torch.autograd.grad(y_eager, leaves, dy)  # a second backward sees the same flags
-    for a, b, c in zip(g_op, g_eager, g_again):
-        assert torch.equal(a, b) and torch.equal(b, c)
     lin = make_linear(12, 10, torch.float32, rank=3, dropout=0.2, bias=True, train_base=True)
-    largs = _lin_args(lin, torch.randn(5, 12, requires_grad=True), torch.tensor(4), backend)
-    ly_op, _ = T.lora_linear(*largs)
-    ly_eager, _ = custom_ops.call("lora_linear", *largs)
-    lleaves = [largs[0], *(t for t in largs[1:5] if t is not None)]
-    for a, b in zip(torch.autograd.grad(ly_op.sum(), lleaves), torch.autograd.grad(ly_eager.sum(), lleaves)):
+    xl = torch.randn(5, 12, requires_grad=True)
+    g, u = torch.randn(5, 9, requires_grad=True), torch.randn(5, 9, requires_grad=True)
+    seed, be = torch.tensor(2), ops.resolve(backend, torch.get_default_device())
+
+    def run_all():
+        outs = [ops.masked_gated_mlp(x, w, R.Activation.SILU, MaskSpec(0.2), seed, be),
+                ops.lora_linear(xl, lin, seed, be),
+                ops.masked_gated_act(g, u, R.Activation.GELU, MaskSpec(0.3, True), seed, be)]
+        leaves = [x, *test_ops.leaves(x, w)[1:], xl, *test_ops.leaves(xl, lin)[1:], g, u]
+        loss = sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum() for i, o in enumerate(outs))
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        second = torch.autograd.grad(loss, leaves)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        return outs, first
+
+    eager = run_all()
+    calls = []
+    monkeypatch.setattr(custom_ops, "_dispatch", lambda op, impl, *args: calls.append(op) or op(*args))
+    dispatched = run_all()
+    assert len(calls) == 3 + 2 * 3  # three forward ops, three backward ops twice, all dispatched
+    for a, b in zip([*eager[0], *eager[1]], [*dispatched[0], *dispatched[1]]):
         assert torch.equal(a, b)

@@ -16,7 +16,7 @@ neither the backend nor which projections fell back.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -48,6 +48,14 @@ class MLPPatch:
     activation: Activation
     layer_index: int
     saved_forward: object  # the instance-level forward found at patch time, or None
+    backends: dict = field(default_factory=dict)  # device type -> the backend resolved on first use
+
+    def backend_for(self, device: torch.device):
+        """The backend for tensors on ``device``, resolved once per patch and device type."""
+        backend = self.backends.get(device.type)
+        if backend is None:
+            backend = self.backends[device.type] = ops.resolve(self.settings.backend, device)
+        return backend
 
     def original_forward(self, mlp: nn.Module):
         return self.saved_forward if self.saved_forward is not None else type(mlp).forward.__get__(mlp)
@@ -103,8 +111,10 @@ def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Drawn even when the FFN is then skipped, so eager and compiled runs consume the same draws.
     seed = torch.randint(SEED_BOUND, (), dtype=torch.int64) if settings.masking > 0 or random_dropout else None
 
+    backend = state.backend_for(x.device)  # outside torch.cond: its branches must not mutate state
+
     def run(x):
-        return _run_ffn(mlp, x, state, projections, seed)
+        return _run_ffn(mlp, x, state, projections, seed, backend)
 
     if skip is None:
         return run(x)
@@ -113,8 +123,7 @@ def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _skipped_output(mlp, x) if bool(skip) else run(x)
 
 
-def _run_ffn(mlp: nn.Module, x: torch.Tensor, state: MLPPatch, projections, seed) -> torch.Tensor:
-    backend = ops.resolve(state.settings.backend, x.device)
+def _run_ffn(mlp: nn.Module, x: torch.Tensor, state: MLPPatch, projections, seed, backend) -> torch.Tensor:
     # meta tensors (a dry run of perf/ledger.py) have no autocast state to ask about
     on = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
     autocast_dtype = torch.get_autocast_dtype(x.device.type) if on else None

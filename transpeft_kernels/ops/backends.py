@@ -1,43 +1,44 @@
-"""Backend names, availability and choice. The backend changes how the math runs, never the draws.
+"""Backends: one registry of names, how to load each and why it cannot run; the choice made once.
 
-A backend is an object with the primitives of ``TorchBackend`` (torch_backend.py), which the autograd
-functions in functions.py compose:
+A backend is an object with the primitives of the ``Backend`` protocol below (TorchBackend in
+torch_backend.py is the complete one; the kernel backends override what their kernels cover and
+inherit the rest), which the autograd functions (custom_ops.py) compose. The backend changes how the
+math runs, never the draws: a backend must reproduce the reference's masks bit for bit and its math
+within floating-point tolerance.
 
-    lora_linear_fwd(x2d, lin, seed) -> (y, S)            S = dropout(x) A^T, rank-sized, or None
-    lora_linear_bwd(dy, x2d, S, lin, seed, needs) -> LinearGrads
-    masked_act_fwd(g, u, activation, mask, seed) -> h'    h' = act(g) * u * keep * c
-    masked_act_bwd(dh, g, u, activation, mask, seed) -> (dg, du)
-
-All 2-D (tokens, features); seeds are int64 scalar tensors (None when nothing is random). A backend
-must reproduce the reference's masks bit for bit and its math within floating-point tolerance.
+To add a backend: a module with a TorchBackend subclass, and one ``BackendSpec`` entry in BACKENDS.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 from ..kernels.env import dry_run, interpreting
-from .torch_backend import TORCH, TorchBackend
-
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
-
-# How to get each compiled backend; shown when one is asked for and cannot run.
-_NOT_AVAILABLE: dict[str, str] = {}
+from .torch_backend import TORCH, LinearGrads, LinearNeeds, MLPSaved
 
 
-def validate_backend_name(backend: object) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected one of {BACKEND_NAMES}, got {type(backend).__name__} {backend!r}")
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
-    return backend
+class Backend(Protocol):
+    """The primitives every backend provides. All tensors 2-D (tokens, features); seeds are int64
+    scalar tensors (None when nothing is random)."""
+
+    name: str
+
+    def lora_linear_fwd(self, x2d, lin, seed) -> tuple: ...                       # -> (y, S or None)
+    def lora_linear_bwd(self, dy, x2d, s, lin, seed, needs: LinearNeeds) -> LinearGrads: ...
+    def masked_act_fwd(self, g, u, activation, mask, seed) -> torch.Tensor: ...    # h' = act(g) u keep c
+    def masked_act_bwd(self, dh, g, u, activation, mask, seed) -> tuple: ...      # -> (dg, du)
+    def mlp_fwd(self, x2d, w, activation, mask, seed) -> tuple: ...               # -> (y, MLPSaved)
+    def mlp_bwd(self, dy, x2d, saved: MLPSaved, w, activation, mask, seed, needs) -> tuple: ...
 
 
-def triton_unavailable_reason() -> str | None:
-    """None when backend='triton' can run here: triton imports, and CUDA is available or Triton's
-    CPU interpreter is on (TRITON_INTERPRET=1, for CPU tensors). Otherwise how to get it."""
-    if importlib.util.find_spec("triton") is None:
+def _triton_unavailable() -> str | None:
+    """None when backend='triton' can run here: triton imports, and CUDA is available, Triton's CPU
+    interpreter is on (TRITON_INTERPRET=1, for CPU tensors) or a dry run records launches."""
+    if not _triton_installed():
         return ("backend='triton' needs the triton package: `pip install triton` (Linux, with a CUDA GPU), "
                 "or use backend='torch' (or 'auto', which picks the fastest available).")
     if torch.cuda.is_available() or interpreting() or dry_run() is not None:
@@ -47,9 +48,14 @@ def triton_unavailable_reason() -> str | None:
             "tests). Otherwise use backend='torch' (or 'auto').")
 
 
-def cuda_unavailable_reason() -> str | None:
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # ~77 us: asked once per process
+
+
+def _cuda_unavailable() -> str | None:
     """None when backend='cuda' can run here: libtranspeft_cuda.so is found and a CUDA GPU is visible
-    (or TRANSPEFT_CUDA_EMULATE=1, the host emulation for CPU tensors). Otherwise what to do."""
+    (or TRANSPEFT_CUDA_EMULATE=1, the host emulation for CPU tensors; or a dry run). Otherwise what to do."""
     from ..kernels.cuda.library import BUILD_ROUTES, candidate_paths, emulating, find_library, load
 
     if emulating() or dry_run() is not None:  # a dry run records the library's calls instead of making them
@@ -71,77 +77,91 @@ def cuda_unavailable_reason() -> str | None:
             + ". Otherwise use backend='torch' (or 'auto', which picks the fastest available).")
 
 
-_TRITON: TorchBackend | None = None
-_CUDA: TorchBackend | None = None
+def _load_triton() -> Backend:
+    from .triton_backend import TritonBackend
+
+    return TritonBackend()
 
 
-def _cuda_backend() -> TorchBackend:
-    global _CUDA
-    if _CUDA is None:
-        from .cuda_backend import CudaBackend
+def _load_cuda() -> Backend:
+    from .cuda_backend import CudaBackend
 
-        _CUDA = CudaBackend()
-    return _CUDA
+    return CudaBackend()
 
 
-def _triton_backend() -> TorchBackend:
-    global _TRITON
-    if _TRITON is None:
-        from .triton_backend import TritonBackend
-
-        _TRITON = TritonBackend()
-    return _TRITON
+@dataclass(frozen=True)
+class BackendSpec:
+    load: Callable[[], Backend]              # called once per process
+    unavailable: Callable[[], str | None]    # None when it can run here, else how to get it
 
 
-def by_name(name: str) -> TorchBackend:
-    """The backend object behind a concrete name ("torch", "triton", "cuda"); used by the custom ops,
-    which receive the backend as a string. Availability is checked by ``resolve``, not here."""
-    if name == "torch":
-        return TORCH
-    if name == "triton":
-        return _triton_backend()
-    if name == "cuda":
-        return _cuda_backend()
-    raise ValueError(f"backend: expected one of ('torch', 'triton', 'cuda'), got {name!r}")
+BACKENDS: dict[str, BackendSpec] = {
+    "torch": BackendSpec(lambda: TORCH, lambda: None),
+    "triton": BackendSpec(_load_triton, _triton_unavailable),
+    "cuda": BackendSpec(_load_cuda, _cuda_unavailable),
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+def validate_backend_name(backend: object) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected one of {BACKEND_NAMES}, got {type(backend).__name__} {backend!r}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+    return backend
+
+
+@functools.cache
+def by_name(name: str) -> Backend:
+    """The backend object behind a concrete name ("torch", "triton", "cuda"), loaded once; the custom
+    ops receive the backend as a string. Availability is checked by ``resolve``, not here."""
+    spec = BACKENDS.get(name)
+    if spec is None:
+        raise ValueError(f"backend: expected one of {tuple(BACKENDS)}, got {name!r}")
+    return spec.load()
 
 
 def check_available(backend: str) -> None:
     """Raise RuntimeError (saying how to get it) when an explicitly named backend cannot run here."""
     validate_backend_name(backend)
-    if backend == "triton":
-        reason = triton_unavailable_reason()
+    if backend != "auto":
+        reason = BACKENDS[backend].unavailable()
         if reason is not None:
             raise RuntimeError(reason)
-    if backend == "cuda":
-        reason = cuda_unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(reason)
-    if backend in _NOT_AVAILABLE:
-        raise RuntimeError(_NOT_AVAILABLE[backend])
 
 
 def runnable_backends() -> list[str]:
     """The concrete backend names that can run here, "torch" first (then "triton", "cuda")."""
-    names = ["torch"]
-    for name in ("triton", "cuda"):
-        try:
-            check_available(name)
-        except RuntimeError:
-            continue
-        names.append(name)
-    return names
+    return [name for name, spec in BACKENDS.items() if spec.unavailable() is None]
 
 
-def resolve(backend: str, device: torch.device) -> TorchBackend:
-    """The backend object that runs tensors on ``device`` for the requested name.
+def _conditions() -> tuple:
+    """What availability depends on besides installed files: a resolution is reused while these hold."""
+    from ..kernels.cuda.library import emulating
+
+    return interpreting(), emulating(), dry_run() is not None
+
+
+_RESOLVED: dict[tuple, Backend] = {}
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The backend object that runs tensors on ``device`` for the requested name. Successful
+    resolutions are cached per (name, device type, test modes), so the per-call cost is a dict lookup;
+    a failure is re-checked on the next call (a library built meanwhile is found).
 
     "auto": triton for CUDA tensors when triton imports; torch otherwise (CPU tensors run the torch
     backend even when the interpreter is on: it is a test tool, not a fast path).
-    "triton": the Triton backend, which itself falls back to torch for inputs its kernels do not
-    cover (listed in ops/triton_backend.py)."""
+    "triton"/"cuda": that backend, which itself falls back to torch for inputs its kernels do not
+    cover (listed in ops/coverage.py and the backends' docstrings)."""
+    key = (backend, device.type, _conditions())
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        return hit
     check_available(backend)
     if backend == "auto":
-        if device.type == "cuda" and triton_unavailable_reason() is None:
-            return _triton_backend()
-        return TORCH
-    return by_name(backend)
+        chosen = by_name("triton") if device.type == "cuda" and _triton_unavailable() is None else TORCH
+    else:
+        chosen = by_name(backend)
+    _RESOLVED[key] = chosen
+    return chosen

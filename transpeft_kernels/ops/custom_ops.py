@@ -1,20 +1,23 @@
-"""The ops as ``torch.library`` custom ops (namespace ``transpeft``), with fake (meta) implementations
-and registered autograd, so torch.compile traces a patched MLP as three opaque nodes (forward,
-backward) without graph breaks, whatever the backend does inside (Triton launches with a Python-side
-autotuner, ctypes calls into the CUDA library).
+"""The ops' kernel boundary as ``torch.library`` custom ops (namespace ``transpeft``), and the one
+autograd path over them.
 
-``call(name, *args)`` is the entry point: the dispatched op under torch.compile, and in eager mode the
-op's own implementation, setup_context and backward through ``_EagerOp`` (a plain autograd.Function,
-without the dispatcher's Python layers: about 100-200 us per call on CPU).
+Each op is a forward and a backward custom op with a fake (meta) implementation and no autograd of
+its own; one ``torch.autograd.Function`` per op composes them. The Function calls the ops through the
+dispatcher while torch.compile traces (each becomes one opaque node: no graph break, whatever the
+backend does inside: Triton launches with a Python-side autotuner, ctypes calls into the CUDA library)
+and the very same implementations directly in eager mode (no dispatcher round trips).
+
+To add an op: its forward and backward implementations and fakes here (``_register``), a Function,
+a wrapper in functions.py, and the backend primitive(s) it calls.
 
 Schema rules that shape the signatures:
   * only tensors, scalars, strings and lists of them cross the boundary, so the weight dataclasses
     are flattened (``LinearWeights.tensors()`` order: weight, bias, A, B; None when absent) and the
     backend travels by name (``backends.by_name``);
   * no output may be None or alias an input: absent results are empty tensors (``_none``), which the
-    wrappers in functions.py turn back into None;
-  * the forward ops also return what backward needs (rank-sized shrinks, gate/up outputs); the public
-    wrappers hide those outputs, and their incoming gradients are ignored.
+    Functions turn back into None;
+  * the forward ops also return what backward needs (rank-sized shrinks, gate/up outputs), marked
+    non-differentiable; the public wrappers (functions.py) drop them.
 
 Ops (all inputs 2-D (tokens, features); the wrappers flatten and restore leading dims):
     lora_linear(x, weight, bias, A, B, seed, scaling, dropout, backend) -> (y, S)
@@ -27,13 +30,12 @@ Ops (all inputs 2-D (tokens, features); the wrappers flatten and restore leading
     masked_gated_mlp_backward(dy, x, saved, weights, present, seed, scalings, dropouts, activation,
         mask_p, mask_rescale, needs, backend) -> (dx, grads)
   The MLP's weights travel as a list of the tensors that exist plus ``present``, 4 flags per
-  projection (weight, bias, A, B; projections gate, up, down or gate_up, down): a list with None
-  entries would not be seen by autograd. ``grads`` has one entry per tensor in ``weights``.
+  projection (weight, bias, A, B; projections gate, up, down or gate_up, down). ``grads`` has one
+  entry per tensor in ``weights``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -87,10 +89,9 @@ def _grads_like(grads, weights: Tensors, fallback: Tensor) -> list[Tensor]:
     return out
 
 
-def _backward_op(ctx, name: str):
-    """The backward op through the dispatcher (traceable), or its implementation itself when the
-    forward ran on the eager path (``call``)."""
-    return _IMPLS[name] if getattr(ctx, "eager", False) else getattr(torch.ops.transpeft, name)
+def _dispatch(op, impl, *args):
+    """The op through the dispatcher while torch.compile traces, its implementation otherwise."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 # ---- lora_linear ---------------------------------------------------------------------------------
@@ -131,29 +132,28 @@ def _(dy, x, s, weight, bias, A, B, seed, scaling, dropout, needs, backend):
     return tuple(torch.empty_like(t) if n and t is not None else _none(x) for n, t in zip(needs, like))
 
 
-def _lora_linear_setup(ctx, inputs, output):
-    x, weight, bias, A, B, seed, scaling, dropout, backend = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, output[1], weight, bias, A, B, seed)
-    ctx.scalars = (scaling, dropout)
-    ctx.backend = backend
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s * dropout_q(x) A^T B^T; backward through lora_linear_backward."""
 
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, seed, scaling, dropout, backend):
+        y, s = _dispatch(lora_linear, _lora_linear_impl, x, weight, bias, A, B, seed, scaling, dropout, backend)
+        ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, s, weight, bias, A, B, seed)
+        ctx.scalars = (scaling, dropout)
+        ctx.backend = backend
+        return y, s
 
-def _lora_linear_bwd(ctx, dy, _ds):
-    if dy is None:  # gradients were materialised lazily: nothing flows back
-        return (None,) * 9
-    x, s, weight, bias, A, B, seed = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    needs = [n[0], n[1], n[2], n[3], n[4]]
-    dx, dW, db, dA, dB = _backward_op(ctx, "lora_linear_backward")(
-        dy, x, s, weight, bias, A, B, seed, *ctx.scalars, needs, ctx.backend
-    )
-    return (*(_or_none(g) if need else None for g, need in zip((dx, dW, db, dA, dB), needs)),
-            None, None, None, None)
-
-
-lora_linear.register_autograd(_lora_linear_bwd, setup_context=_lora_linear_setup)
+    @staticmethod
+    def backward(ctx, dy, _ds):
+        if dy is None:  # gradients were materialised lazily: nothing flows back
+            return (None,) * 9
+        x, s, weight, bias, A, B, seed = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:5])
+        grads = _dispatch(lora_linear_backward, _lora_linear_backward_impl,
+                          dy, x, s, weight, bias, A, B, seed, *ctx.scalars, needs, ctx.backend)
+        return (*(_or_none(g) if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 # ---- masked gated activation -----------------------------------------------------------------------
@@ -191,19 +191,21 @@ def _(dh, g, u, seed, activation, mask_p, mask_rescale, backend):
     return torch.empty_like(g), torch.empty_like(u)
 
 
-def _act_setup(ctx, inputs, output):
-    g, u, seed, *rest = inputs
-    ctx.save_for_backward(g, u, seed)
-    ctx.rest = rest
+class MaskedGatedActFunction(torch.autograd.Function):
+    """h' = act(g) * u * keep * c; backward through masked_gated_act_backward (mask regenerated)."""
 
+    @staticmethod
+    def forward(ctx, g, u, seed, activation, mask_p, mask_rescale, backend):
+        h = _dispatch(masked_gated_act, _masked_gated_act_impl, g, u, seed, activation, mask_p, mask_rescale, backend)
+        ctx.save_for_backward(g, u, seed)
+        ctx.rest = (activation, mask_p, mask_rescale, backend)
+        return h
 
-def _act_bwd(ctx, dh):
-    g, u, seed = ctx.saved_tensors
-    dg, du = _backward_op(ctx, "masked_gated_act_backward")(dh, g, u, seed, *ctx.rest)
-    return dg, du, None, None, None, None, None
-
-
-masked_gated_act.register_autograd(_act_bwd, setup_context=_act_setup)
+    @staticmethod
+    def backward(ctx, dh):
+        g, u, seed = ctx.saved_tensors
+        dg, du = _dispatch(masked_gated_act_backward, _masked_gated_act_backward_impl, dh, g, u, seed, *ctx.rest)
+        return dg, du, None, None, None, None, None
 
 
 # ---- masked gated MLP ------------------------------------------------------------------------------
@@ -272,121 +274,57 @@ def _(dy, x, saved, weights, present, seed, scalings, dropouts, activation, mask
     return dx, [torch.empty_like(w) if n else _none(x) for n, w in zip(wneeds, weights)]
 
 
-def _mlp_setup(ctx, inputs, output):
-    x, weights, present, seed, *rest = inputs
-    saved = output[1]
-    ctx.mark_non_differentiable(*saved)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
-    ctx.n_saved, ctx.present = len(saved), present
-    it = iter(weights)
-    ctx.weight_needs = [p and next(it).requires_grad for p in present]
-    ctx.save_for_backward(x, seed, *saved, *weights)
-    ctx.rest = rest
-
-
-def _mlp_bwd(ctx, dy, _dsaved):
-    if dy is None:
-        return (None, [None] * len(ctx.saved_tensors[2 + ctx.n_saved :])) + (None,) * 8
-    x, seed, *tail = ctx.saved_tensors
-    saved, weights = list(tail[: ctx.n_saved]), list(tail[ctx.n_saved :])
-    needs = [bool(ctx.needs_input_grad[0]), *ctx.weight_needs]
-    dx, grads = _backward_op(ctx, "masked_gated_mlp_backward")(
-        dy, x, saved, weights, ctx.present, seed, *ctx.rest[:5], needs, ctx.rest[5]
-    )
-    dx = _or_none(dx) if needs[0] else None
-    wneeds = [n for n, p in zip(needs[1:], ctx.present) if p]
-    grads = [_or_none(g) if n else None for g, n in zip(grads, wneeds)]
-    return dx, grads, None, None, None, None, None, None, None, None
-
-
-masked_gated_mlp.register_autograd(_mlp_bwd, setup_context=_mlp_setup)
-
-
-# ---- eager path ----------------------------------------------------------------------------------
-_IMPLS = {
-    "lora_linear_backward": _lora_linear_backward_impl,
-    "masked_gated_act_backward": _masked_gated_act_backward_impl,
-    "masked_gated_mlp_backward": _masked_gated_mlp_backward_impl,
-}
-
-
-@dataclass(frozen=True)
-class _Parts:
-    """One op's forward implementation, autograd setup and backward, and which argument (if any) is
-    a list of tensors (flattened for autograd.Function, which only tracks top-level tensors)."""
-
-    impl: Callable
-    setup: Callable
-    backward: Callable
-    list_arg: int | None = None
-    list_output: bool = False  # outputs (tensor, list of tensors)
-
-
-_PARTS = {
-    "lora_linear": _Parts(_lora_linear_impl, _lora_linear_setup, _lora_linear_bwd),
-    "masked_gated_act": _Parts(_masked_gated_act_impl, _act_setup, _act_bwd),
-    "masked_gated_mlp": _Parts(_masked_gated_mlp_impl, _mlp_setup, _mlp_bwd, list_arg=1, list_output=True),
-}
-
-
-def _nest(flat, list_arg: int | None, n: int) -> list:
-    flat = list(flat)
-    if list_arg is None:
-        return flat
-    return [*flat[:list_arg], flat[list_arg : list_arg + n], *flat[list_arg + n :]]
-
-
-def _flat(items, list_arg: int | None) -> list:
-    if list_arg is None:
-        return list(items)
-    items = list(items)
-    return [*items[:list_arg], *items[list_arg], *items[list_arg + 1 :]]
-
-
-class _EagerOp(torch.autograd.Function):
-    """The registered op's implementation, setup_context and backward as a plain autograd.Function:
-    the same computation without the dispatcher's Python round trips (a few hundred microseconds per
-    MLP call, which small-batch training on a GPU would feel)."""
+class MaskedGatedMLPFunction(torch.autograd.Function):
+    """y = down(act(g) * u * keep * c) with g, u = gate/up(x); backward through
+    masked_gated_mlp_backward. The weights come last, as separate arguments, so autograd sees each."""
 
     @staticmethod
-    def forward(ctx, parts: _Parts, n_list: int, *flat):
-        args = _nest(flat, parts.list_arg, n_list)
-        out = parts.impl(*args)
-        parts.setup(ctx, args, out)
-        ctx.eager, ctx.parts, ctx.n_list = True, parts, n_list
-        if isinstance(out, Tensor):
-            ctx.out_lens = None
-            return out
-        ctx.out_lens = [len(o) if isinstance(o, list) else None for o in out]
-        return tuple(t for o in out for t in (o if isinstance(o, list) else [o]))
+    def forward(ctx, x, seed, present, scalings, dropouts, activation, mask_p, mask_rescale, backend, *weights):
+        weights = list(weights)
+        y, saved = _dispatch(masked_gated_mlp, _masked_gated_mlp_impl, x, weights, present, seed, scalings, dropouts,
+                             activation, mask_p, mask_rescale, backend)
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
+        ctx.n_saved, ctx.present = len(saved), present
+        ctx.save_for_backward(x, seed, *saved, *weights)
+        ctx.rest = (scalings, dropouts, activation, mask_p, mask_rescale, backend)
+        return (y, *saved)
 
     @staticmethod
-    def backward(ctx, *grads):
-        parts = ctx.parts
-        if ctx.out_lens is not None:  # regroup the gradients of list outputs
-            it = iter(grads)
-            grads = [next(it) if n is None else [next(it) for _ in range(n)] for n in ctx.out_lens]
-        # The op's backward reads needs_input_grad in the op's argument order; restored afterwards,
-        # so that a second backward (retain_graph) sees the original.
-        flat_needs = ctx.needs_input_grad
-        ctx.needs_input_grad = tuple(_nest(flat_needs[2:], parts.list_arg, ctx.n_list))
-        try:
-            result = parts.backward(ctx, *grads)
-        finally:
-            ctx.needs_input_grad = flat_needs
-        result = result if isinstance(result, tuple) else (result,)
-        return (None, None, *_flat(result, parts.list_arg))
+    def backward(ctx, dy, *_dsaved):
+        n_weights = len(ctx.saved_tensors) - 2 - ctx.n_saved
+        if dy is None:
+            return (None,) * (9 + n_weights)
+        x, seed, *tail = ctx.saved_tensors
+        saved, weights = list(tail[: ctx.n_saved]), list(tail[ctx.n_saved :])
+        weight_needs = list(ctx.needs_input_grad[9:])
+        it = iter(weight_needs)
+        needs = [bool(ctx.needs_input_grad[0]), *(p and next(it) for p in ctx.present)]
+        scalings, dropouts, activation, mask_p, mask_rescale, backend = ctx.rest
+        dx, grads = _dispatch(masked_gated_mlp_backward, _masked_gated_mlp_backward_impl, dy, x, saved, weights,
+                              ctx.present, seed, scalings, dropouts, activation, mask_p, mask_rescale, needs, backend)
+        dx = _or_none(dx) if needs[0] else None
+        grads = [_or_none(g) if n else None for g, n in zip(grads, weight_needs)]
+        return (dx, *(None,) * 8, *grads)
 
 
-def call(name: str, *args):
-    """Run op ``transpeft::<name>``. Under torch.compile, through the dispatcher (one traced node);
-    in eager mode, the same implementation, setup and backward through ``_EagerOp``; without grad,
-    the implementation alone."""
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.transpeft, name)(*args)
-    parts = _PARTS[name]
-    if not torch.is_grad_enabled():
-        return parts.impl(*args)
-    n_list = 0 if parts.list_arg is None else len(args[parts.list_arg])
-    out = _EagerOp.apply(parts, n_list, *_flat(args, parts.list_arg))
-    return (out[0], list(out[1:])) if parts.list_output else out
+# ---- entry points: without grad mode, the forward op alone (no autograd bookkeeping) -------------
+def lora_linear_apply(x, weight, bias, A, B, seed, scaling, dropout, backend):
+    if torch.is_grad_enabled():
+        return LoraLinearFunction.apply(x, weight, bias, A, B, seed, scaling, dropout, backend)
+    return _dispatch(lora_linear, _lora_linear_impl, x, weight, bias, A, B, seed, scaling, dropout, backend)
+
+
+def masked_gated_act_apply(g, u, seed, activation, mask_p, mask_rescale, backend):
+    if torch.is_grad_enabled():
+        return MaskedGatedActFunction.apply(g, u, seed, activation, mask_p, mask_rescale, backend)
+    return _dispatch(masked_gated_act, _masked_gated_act_impl, g, u, seed, activation, mask_p, mask_rescale, backend)
+
+
+def masked_gated_mlp_apply(x, seed, present, scalings, dropouts, activation, mask_p, mask_rescale, backend, *weights):
+    """-> y (the saved outputs stay inside autograd)."""
+    if torch.is_grad_enabled():
+        return MaskedGatedMLPFunction.apply(x, seed, present, scalings, dropouts, activation, mask_p, mask_rescale,
+                                            backend, *weights)[0]
+    return _dispatch(masked_gated_mlp, _masked_gated_mlp_impl, x, list(weights), present, seed, scalings, dropouts,
+                     activation, mask_p, mask_rescale, backend)[0]
