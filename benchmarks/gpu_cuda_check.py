@@ -127,12 +127,12 @@ def smoke() -> None:
     from transpeft_kernels.kernels.cuda import library
     from transpeft_kernels.reference.lora import dropout_multiplier
     from transpeft_kernels.reference.philox import philox_uniform
-    from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec, Stream, stream_seed
+    from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec, SubSeed, sub_seed
 
     dev = torch.device("cuda")
     seed = torch.tensor(2**41 + 3)
     g = (1 + torch.rand(3000, 1537, device=dev)).bfloat16()
-    want = R.keep_mask(stream_seed(seed, Stream.MASK), 3000, 1537, 0.1, device=dev)
+    want = R.keep_mask(sub_seed(seed, SubSeed.MASK), 3000, 1537, 0.1, device=dev)
     names = dict.fromkeys([*ops.runnable_backends(), "cuda"])  # cuda is required here: resolve() says why not
     for name in names:
         h = ops.masked_gated_act(g, g, R.Activation.SILU, MaskSpec(0.1), seed, ops.resolve(name, dev))

@@ -4,7 +4,8 @@ interface (csrc/emulation/host_capi.cpp: the kernels' per-element math in host l
 It checks what can be checked without a GPU: which kernel gets which pointer, stride, dtype code,
 mask and scale; the fused down-projection shrink and LoRA gradient term; the dtype rounding; masks bit
 for bit against the reference. The device code paths themselves (packs, block reductions) are only
-exercised by test_cuda_ops.py on a GPU. The op-level tests of test_ops.py run here again on "cuda".
+exercised by test_cuda_ops.py on a GPU. The op-level tests of test_ops.py run on "cuda" through the
+same emulation (their backend fixture).
 """
 import shutil
 
@@ -48,20 +49,6 @@ def calls(monkeypatch):
     return seen
 
 
-# The op-level tests against the reference, with this module's `backend` fixture.
-test_lora_linear_matches_reference = test_ops.test_lora_linear_matches_reference
-test_lora_linear_without_lora_and_frozen_base = test_ops.test_lora_linear_without_lora_and_frozen_base
-test_gated_mlp_matches_reference_fp32 = test_ops.test_gated_mlp_matches_reference_fp32
-test_gated_mlp_matches_reference_low_precision = test_ops.test_gated_mlp_matches_reference_low_precision
-test_gated_mlp_full_finetune_gradients_reach_base_weights = test_ops.test_gated_mlp_full_finetune_gradients_reach_base_weights
-test_gated_mlp_gradcheck_float64 = test_ops.test_gated_mlp_gradcheck_float64
-test_masked_gated_act_matches_reference_and_keeps_1_minus_p = test_ops.test_masked_gated_act_matches_reference_and_keeps_1_minus_p
-test_second_backward_gives_the_same_gradients = test_ops.test_second_backward_gives_the_same_gradients
-test_noncontiguous_and_empty_inputs = test_ops.test_noncontiguous_and_empty_inputs
-test_seed_is_required_for_random_ops = test_ops.test_seed_is_required_for_random_ops
-test_mask_depends_only_on_seed_row_and_column = test_ops.test_mask_depends_only_on_seed_row_and_column
-
-
 def test_the_emulated_backend_is_the_cuda_backend_and_runs_the_kernels(backend, calls):
     assert backend.name == "cuda" and K.load().emulated
     w = test_ops.make_mlp(16, 24, Layout.SPLIT, torch.bfloat16, adapter_dtype=torch.float32, rank=4, dropout=0.1)
@@ -79,7 +66,7 @@ def test_masked_act_forward_masks_bit_for_bit_and_values_to_rounding(dtype, acti
     """The kept set equals reference.keep_mask exactly; values differ from torch's activation only by
     the last bit of act(g) (expf / erff / tanhf against ATen's vectorised versions)."""
     g, u = torch.randn(37, 53).to(dtype), torch.randn(37, 53).to(dtype)
-    seed = torch.tensor(2**40 + 11)  # knowledge_mask adds Stream.MASK (= 0) itself
+    seed = torch.tensor(2**40 + 11)  # knowledge_mask adds SubSeed.MASK (= 0) itself
     dense = R.act(g, activation) * u
     for mask in (None, MaskSpec(0.3), MaskSpec(0.3, rescale=True)):
         p, rescale = (0.0, False) if mask is None else (mask.p, mask.rescale)

@@ -9,7 +9,7 @@ from helpers import assert_same_training_step, batch, lora_model, twin
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels.cuda.library import emulating
 from transpeft_kernels.reference.philox import philox_uniform
-from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec, Stream, stream_seed
+from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec, SubSeed, sub_seed
 
 
 def _cuda_reason() -> str | None:
@@ -134,7 +134,7 @@ def test_empty_and_noncontiguous_inputs():
 def test_knowledge_masks_are_bit_equal_across_backends(dtype):
     seed = torch.tensor(2**41 + 3)
     g = (1 + torch.rand(3000, 1537, device=DEV)).to(dtype)  # never zero: h' == 0 exactly where dropped
-    want = R.keep_mask(stream_seed(seed, Stream.MASK), 3000, 1537, 0.1, device=DEV)
+    want = R.keep_mask(sub_seed(seed, SubSeed.MASK), 3000, 1537, 0.1, device=DEV)
     names = dict.fromkeys([*ops.runnable_backends(), "cuda"])  # cuda is required here: resolve() says why not
     for name in names:
         h = ops.masked_gated_act(g, g, R.Activation.SILU, MaskSpec(0.1), seed, ops.resolve(name, DEV))

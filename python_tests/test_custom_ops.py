@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import test_ops
-from test_ops import _backend_names, make_linear, make_mlp
+from test_ops import EMULATED_CUDA, _backend_names, make_linear, make_mlp
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.ops import custom_ops  # noqa: F401  (registers the ops)
 from transpeft_kernels.specs import Layout, MaskSpec
@@ -17,12 +17,7 @@ T = torch.ops.transpeft
 
 def _names() -> list[str]:
     """The backends that run here; "cuda" also on CPU through its host emulation (needs g++)."""
-    import shutil
-
-    names = _backend_names()
-    if "cuda" not in names and shutil.which("g++") is not None and not torch.cuda.is_available():
-        names.append("cuda")
-    return names
+    return ["cuda" if n == EMULATED_CUDA else n for n in _backend_names()]
 
 
 @pytest.fixture(autouse=True)

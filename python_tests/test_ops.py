@@ -1,7 +1,8 @@
 """Autograd ops on every available backend against the reference (same dtype and float64), forward
 and backward. "triton" joins when it can run (a GPU, or the interpreter that conftest selects on CPU),
-"cuda" on a GPU with its library built (on CPU it runs these tests in test_cuda_emulation.py)."""
+"cuda" on a GPU with its library built, and on a CPU through its host emulation."""
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -13,13 +14,25 @@ from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, Lora
 pytestmark = pytest.mark.usefixtures("on_accelerator")
 
 def _backend_names() -> list[str]:
-    # cuda joins on a GPU with its library built (on CPU: test_cuda_emulation.py)
-    return ops.runnable_backends()
+    """Every backend that runs here; without a GPU, "cuda" runs through its host emulation (g++)."""
+    names = ops.runnable_backends()
+    if "cuda" not in names and not torch.cuda.is_available() and shutil.which("g++") is not None:
+        names.append(EMULATED_CUDA)
+    return names
+
+
+EMULATED_CUDA = "cuda-emulated"
 
 
 @pytest.fixture(params=_backend_names())
-def backend(request):
-    return ops.resolve(request.param, torch.get_default_device())
+def backend(request, monkeypatch):
+    name = request.param
+    if name == EMULATED_CUDA:
+        monkeypatch.setenv("TRANSPEFT_CUDA_EMULATE", "1")
+        name = "cuda"
+    return ops.resolve(name, torch.get_default_device())
+
+
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 

@@ -20,25 +20,25 @@ from transpeft_kernels.kernels.triton._common import rounded_to  # noqa: E402
 from transpeft_kernels.ops.torch_backend import TORCH  # noqa: E402
 from transpeft_kernels.reference import philox as P  # noqa: E402
 from transpeft_kernels.reference.activations import Activation, act  # noqa: E402
-from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec, Stream, stream_seed  # noqa: E402
+from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec, SubSeed, sub_seed  # noqa: E402
 
 M, D, I = 45, 77, 70  # ragged against every tile size
 
 
 def _proj(n, dtype, adapter_dtype, rank, bias, x, q=0.0, key=None):
-    """A Projection of width n and its float64 value on x (using the kernel's own S)."""
+    """A GateUpOperand of width n and its float64 value on x (using the kernel's own S)."""
     w = (torch.randn(n, D, device=DEV) / D**0.5).to(dtype)
     b = (torch.randn(n, device=DEV) * 0.1).to(dtype) if bias else None
     exact = x.double().cpu() @ w.double().cpu().t()
     if b is not None:
         exact = exact + b.double().cpu()
     if adapter_dtype is None:
-        return K.Projection(w, b), exact
+        return K.GateUpOperand(w, b), exact
     A = (torch.randn(rank, D, device=DEV) / D**0.5).to(adapter_dtype)
     B = torch.randn(n, rank, device=DEV).to(adapter_dtype)  # non-zero B
     s = K.lora_shrink(x, A, q, key)
     exact = exact + 0.75 * s.double().cpu() @ B.double().cpu().t()
-    return K.Projection(w, b, s, B, 0.75), exact
+    return K.GateUpOperand(w, b, s, B, 0.75), exact
 
 
 def _check_h(h, g, u, activation, p, rescale, key, dtype):
@@ -110,28 +110,28 @@ def test_gate_up_act_mask_is_bit_equal_to_reference(dtype):
     p, key = 0.4, seed(2**41 + 5)
     x = (1 + torch.rand(M, D, device=DEV)).to(dtype)
     w = (torch.rand(2 * I, D, device=DEV) / D).to(dtype)
-    for gate, up in ((K.Projection(w), None), (K.Projection(w[:I]), K.Projection(w[I:]))):
+    for gate, up in ((K.GateUpOperand(w), None), (K.GateUpOperand(w[:I]), K.GateUpOperand(w[I:]))):
         _, h = K.gate_up_act(x, gate, up, "silu", p, False, key)
         assert torch.equal(h != 0, P.keep_mask(key, M, I, p).to(DEV))
 
 
 def test_gate_up_act_single_row_empty_and_bad_arguments():
     x, w = torch.randn(1, 9, device=DEV), torch.randn(10, 9, device=DEV)
-    (gu,), h = K.gate_up_act(x, K.Projection(w), None, "gelu", 0.5, False, seed(3))
+    (gu,), h = K.gate_up_act(x, K.GateUpOperand(w), None, "gelu", 0.5, False, seed(3))
     assert_close64(gu, x.double() @ w.double().t(), torch.float32)
     assert torch.equal(h != 0, P.keep_mask(seed(3), 1, 5, 0.5).to(DEV) & (gu[:, :5] != 0) & (gu[:, 5:] != 0))
-    (g, u), h = K.gate_up_act(x[:0], K.Projection(w[:5]), K.Projection(w[5:]), "silu")
+    (g, u), h = K.gate_up_act(x[:0], K.GateUpOperand(w[:5]), K.GateUpOperand(w[5:]), "silu")
     assert g.shape == u.shape == h.shape == (0, 5)
     with pytest.raises(ValueError, match="even"):
-        K.gate_up_act(x, K.Projection(w[:9]), None, "silu")
+        K.gate_up_act(x, K.GateUpOperand(w[:9]), None, "silu")
     with pytest.raises(ValueError, match="up.weight"):
-        K.gate_up_act(x, K.Projection(w[:5]), K.Projection(w[:4]), "silu")
+        K.gate_up_act(x, K.GateUpOperand(w[:5]), K.GateUpOperand(w[:4]), "silu")
     with pytest.raises(TypeError, match="weight"):
-        K.gate_up_act(x, K.Projection(w.half()), None, "silu")
+        K.gate_up_act(x, K.GateUpOperand(w.half()), None, "silu")
     with pytest.raises(ValueError, match="seed"):
-        K.gate_up_act(x, K.Projection(w), None, "silu", 0.1)
+        K.gate_up_act(x, K.GateUpOperand(w), None, "silu", 0.1)
     with pytest.raises(ValueError, match="s and b"):
-        K.gate_up_act(x, K.Projection(w, None, torch.randn(1, 2, device=DEV)), None, "silu")
+        K.gate_up_act(x, K.GateUpOperand(w, None, torch.randn(1, 2, device=DEV)), None, "silu")
 
 
 # ---- TritonBackend.gate_up_act_fwd against TorchBackend.gate_up_act_fwd ----------------------------
@@ -176,7 +176,7 @@ def test_backend_gate_up_act_fwd_matches_torch_backend(dtype, layout, loras, act
         assert (a is None) == (b is None)
         if a is not None:
             assert_within_budget(a, b, e, a.dtype, depth, "shrink")
-    keep = P.keep_mask(stream_seed(key, Stream.MASK), M, I, mask.p).to(DEV)
+    keep = P.keep_mask(sub_seed(key, SubSeed.MASK), M, I, mask.p).to(DEV)
     assert not (h[~keep] != 0).any()  # dropped exactly where the mask drops; kept values checked below
     # h' from the torch backend rounds act(g) and the product separately, and its g, u differ by a
     # rounding from ours: compare against h' evaluated in float64 on torch's g and u

@@ -84,8 +84,8 @@ class MaskSpec:
         return 1.0 / (1.0 - self.p) if self.rescale else 1.0
 
 
-class Stream(enum.IntEnum):
-    """Offsets added to a forward's base seed, one Philox key per random use inside a patched MLP.
+class SubSeed(enum.IntEnum):
+    """Offsets added to a forward's base seed: one Philox key per random use inside a patched MLP.
 
     The fused gate_up projection draws its LoRA dropout from GATE.
     """
@@ -96,6 +96,16 @@ class Stream(enum.IntEnum):
     DOWN = 3
 
 
-def stream_seed(seed: torch.Tensor, stream: Stream) -> torch.Tensor:
-    """Philox key of one random use; ``seed`` is the int64 base seed drawn for the forward."""
-    return seed + int(stream)
+# Base seeds are drawn as torch.randint(SEED_BOUND, ()) from torch's default generator, once per forward
+SEED_BOUND = 2**62
+
+
+def sub_seed(seed: torch.Tensor | None, which: SubSeed) -> torch.Tensor | None:
+    """Philox key of one random use; ``seed`` is the int64 base seed drawn for the forward (None: none)."""
+    return None if seed is None else seed + int(which)
+
+
+def split_gate_up(outs, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, u) from the gate/up projection outputs: the two of SPLIT, or the halves of FUSED_GATE_UP's
+    one (..., 2I) output, gate first (views, no copy)."""
+    return tuple(outs[0].chunk(2, dim=-1)) if layout is Layout.FUSED_GATE_UP else (outs[0], outs[1])

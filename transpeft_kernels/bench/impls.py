@@ -26,12 +26,11 @@ from torch import nn
 from .. import ops
 from ..baselines import vanilla_masked_mlp
 from ..reference.activations import Activation
-from ..specs import GatedMLPWeights, LinearWeights, MaskSpec
+from ..specs import SEED_BOUND, GatedMLPWeights, LinearWeights, MaskSpec
 from .cases import OpCase
 
 IMPL_NAMES = ("vanilla", "vanilla_compiled", "floor", "torch", "triton", "cuda")
 BACKEND_IMPLS = ("torch", "triton", "cuda")
-SEED_BOUND = 2**62  # as integration.mlp_forward draws its per-forward seed
 
 
 def dtype_of(name: str) -> torch.dtype:

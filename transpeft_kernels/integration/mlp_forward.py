@@ -4,7 +4,7 @@ Eval mode: the MLP's original forward, untouched. Training mode, per call:
 1. dropping > 0: one draw ``torch.rand(())`` from torch's default CPU generator.
 2. masking > 0, or LoRA dropout on a fused projection: one seed ``torch.randint(2**62)`` from the
    same generator (also when the FFN is then skipped); Philox streams of it give the mask and the
-   dropout masks (specs.Stream).
+   dropout masks (specs.SubSeed).
    If the draw of 1. is below ``dropping`` the FFN is skipped: it returns zeros, no FFN compute.
    Under torch.compile the decision is a ``torch.cond``, so it causes no graph break.
 3. All projections readable as LinearWeights: one ``masked_gated_mlp``; otherwise each projection
@@ -23,13 +23,10 @@ from torch import nn
 
 from .. import ops
 from ..reference.activations import Activation
-from ..reference.mlp import INPUT_STREAMS
-from ..specs import GatedMLPWeights, Layout, MaskSpec, Stream, stream_seed
+from ..reference.mlp import INPUT_SUB_SEEDS
+from ..specs import SEED_BOUND, GatedMLPWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
 from .families import Family
 from .projections import cast_for_autocast, read_projection
-
-SEED_BOUND = 2**62
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -96,10 +93,6 @@ def _skipped_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
-def _split(outs, layout: Layout):
-    return outs[0].chunk(2, dim=-1) if layout is Layout.FUSED_GATE_UP else (outs[0], outs[1])
-
-
 def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state: MLPPatch = mlp._transpeft
     if not mlp.training:
@@ -149,11 +142,11 @@ def _run_ffn(mlp: nn.Module, x: torch.Tensor, state: MLPPatch, projections, seed
         if weights[i] is None:
             return projections[i].module(inp)
         with outside_autocast():
-            return ops.lora_linear(inp, weights[i], None if seed is None else stream_seed(seed, stream), backend)
+            return ops.lora_linear(inp, weights[i], sub_seed(seed, stream), backend)
 
     layout = state.family.layout
-    outs = [run(i, x, stream) for i, stream in enumerate(INPUT_STREAMS[layout])]
-    g, u = _split(outs, layout)
+    outs = [run(i, x, stream) for i, stream in enumerate(INPUT_SUB_SEEDS[layout])]
+    g, u = split_gate_up(outs, layout)
     with outside_autocast():
         h = ops.masked_gated_act(g, u, state.activation, state.mask, seed, backend)
-    return run(len(projections) - 1, h, Stream.DOWN)
+    return run(len(projections) - 1, h, SubSeed.DOWN)

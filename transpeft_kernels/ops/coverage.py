@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.env import kernel_device_ok
-from ..specs import LinearWeights, MaskSpec, Stream, stream_seed
+from ..specs import LinearWeights, MaskSpec, SubSeed, sub_seed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,11 +35,11 @@ def linear_covered(x2d: torch.Tensor, lin: LinearWeights, cpu_ok: bool) -> bool:
     return covered(x2d, w, b, None if lora is None else lora.A, None if lora is None else lora.B, cpu_ok=cpu_ok)
 
 
-def mask_args(mask: MaskSpec | None, seed: torch.Tensor | None) -> tuple[float, bool, torch.Tensor | None]:
+def knowledge_mask_args(mask: MaskSpec | None, seed: torch.Tensor | None) -> tuple[float, bool, torch.Tensor | None]:
     """(p, rescale, Philox key of the MASK stream) for the masked-activation kernels; (0, False, None)
     when masking is off."""
     if mask is None or mask.p == 0.0:
         return 0.0, False, None
     if seed is None:
         raise ValueError("seed: required when masking is on")
-    return mask.p, mask.rescale, stream_seed(seed, Stream.MASK)
+    return mask.p, mask.rescale, sub_seed(seed, SubSeed.MASK)

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from ..kernels.cuda.library import emulating
 from ..reference.activations import Activation
-from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream
-from .coverage import covered, linear_covered, mask_args
-from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend, _sub_seed, split_gate_up
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
+from .coverage import covered, linear_covered, knowledge_mask_args
+from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend
 
 
 def _runnable(*tensors: torch.Tensor | None) -> bool:
@@ -103,14 +103,14 @@ class CudaBackend(TorchBackend):
         """g, u (M, I) -> h' (M, I) = act(g) * u * keep * c, in g's dtype."""
         if g.dtype != u.dtype or not _runnable(g, u):
             return super().masked_act_fwd(g, u, activation, mask, seed)
-        return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, *mask_args(mask, seed))
+        return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, *knowledge_mask_args(mask, seed))
 
     def masked_act_bwd(self, dh, g, u, activation: Activation, mask: MaskSpec | None, seed):
         """dh' (M, I) -> (dg, du) in g's and u's dtypes, computed in float32."""
         if g.dtype != u.dtype or dh.dtype != g.dtype or not _runnable(dh, g, u):
             return super().masked_act_bwd(dh, g, u, activation, mask, seed)
         dg, du, _, _ = self._k.masked_gated_act_bwd(dh, g, u, Activation(activation).value,
-                                                    *mask_args(mask, seed))
+                                                    *knowledge_mask_args(mask, seed))
         return dg, du
 
     # ---- masked gated MLP ----------------------------------------------------------------------
@@ -126,14 +126,14 @@ class CudaBackend(TorchBackend):
         if not self._fusable(x2d, w):
             return super().mlp_fwd(x2d, w, activation, mask, seed)
         K, down = self._k, w.down
-        margs = mask_args(mask, seed)
+        margs = knowledge_mask_args(mask, seed)
         outs, shrinks = self.inputs_fwd(x2d, w, seed)
         g, u = split_gate_up(outs, w.layout)
         act = Activation(activation).value
         if down.lora is None:
             h, s_down = K.masked_gated_act_fwd(g, u, act, *margs), None
         else:
-            drop = self._dropout(down, _sub_seed(seed, Stream.DOWN))
+            drop = self._dropout(down, sub_seed(seed, SubSeed.DOWN))
             h, s_down = K.masked_gated_act_fwd(g, u, act, *margs, down_a=down.lora.A, down_drop=drop)
         y = F.linear(h, down.weight, down.bias)
         del h
@@ -149,7 +149,7 @@ class CudaBackend(TorchBackend):
                 or (lora is not None and saved.s_down is None)):
             return super().mlp_bwd(dy, x2d, saved, w, activation, mask, seed, needs)
         K = self._k
-        margs = mask_args(mask, seed)
+        margs = knowledge_mask_args(mask, seed)
         g, u = split_gate_up(saved.outs, w.layout)
         M, inter = g.shape
         nd = needs[-1]
@@ -168,7 +168,7 @@ class CudaBackend(TorchBackend):
             t = K.lora_shrink(dy, lora.B.t())
             dg, du, h, xd = K.masked_gated_act_bwd(
                 dh_base, g, u, act, *margs, down_t=t, down_a=lora.A, down_scaling=lora.scaling,
-                down_drop=self._dropout(down, _sub_seed(seed, Stream.DOWN)), want_h=nd.weight, want_xd=nd.A, out=out)
+                down_drop=self._dropout(down, sub_seed(seed, SubSeed.DOWN)), want_h=nd.weight, want_xd=nd.A, out=out)
         del dh_base
         dW = (dy.t() @ h).to(down.weight.dtype) if nd.weight else None
         db = dy.sum(0).to(down.bias.dtype) if nd.bias else None

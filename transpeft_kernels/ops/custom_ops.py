@@ -285,17 +285,16 @@ class MaskedGatedMLPFunction(torch.autograd.Function):
                              activation, mask_p, mask_rescale, backend)
         ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
-        ctx.n_saved, ctx.present = len(saved), present
+        ctx.n_saved, ctx.present, ctx.present_weights = len(saved), present, [None] * len(weights)
         ctx.save_for_backward(x, seed, *saved, *weights)
         ctx.rest = (scalings, dropouts, activation, mask_p, mask_rescale, backend)
         return (y, *saved)
 
     @staticmethod
     def backward(ctx, dy, *_dsaved):
-        n_weights = len(ctx.saved_tensors) - 2 - ctx.n_saved
         if dy is None:
-            return (None,) * (9 + n_weights)
-        x, seed, *tail = ctx.saved_tensors
+            return (None,) * (9 + len(ctx.present_weights))
+        x, seed, *tail = ctx.saved_tensors  # read once: non-reentrant checkpointing unpacks each only once
         saved, weights = list(tail[: ctx.n_saved]), list(tail[ctx.n_saved :])
         weight_needs = list(ctx.needs_input_grad[9:])
         it = iter(weight_needs)

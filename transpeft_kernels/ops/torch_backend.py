@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from ..reference.activations import Activation, act, act_grad
 from ..reference.lora import dropout_multiplier
-from ..reference.mlp import INPUT_STREAMS
+from ..reference.mlp import INPUT_SUB_SEEDS
 from ..reference.philox import keep_mask
-from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, Stream, stream_seed
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,6 @@ class MLPSaved:
     outs: tuple[torch.Tensor, ...]
     shrinks: tuple[torch.Tensor | None, ...]
     s_down: torch.Tensor | None
-
-
-def split_gate_up(outs, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, u) views of the gate/up outputs; the fused layout keeps the gate in the first half."""
-    return tuple(outs[0].chunk(2, dim=-1)) if layout is Layout.FUSED_GATE_UP else (outs[0], outs[1])
-
-
-def _sub_seed(seed, stream: Stream):
-    return None if seed is None else stream_seed(seed, stream)
 
 
 def _dropped_input(x2d: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None):
@@ -125,7 +116,7 @@ class TorchBackend:
     def _mask_multiplier(self, g: torch.Tensor, mask: MaskSpec | None, seed):
         if mask is None or mask.p == 0.0:
             return None
-        keep = keep_mask(stream_seed(seed, Stream.MASK), g.shape[0], g.shape[1], mask.p, device=g.device)
+        keep = keep_mask(sub_seed(seed, SubSeed.MASK), g.shape[0], g.shape[1], mask.p, device=g.device)
         return keep.to(g.dtype) * mask.multiplier if mask.rescale else keep.to(g.dtype)
 
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
@@ -146,15 +137,15 @@ class TorchBackend:
     # ---- masked gated MLP ----------------------------------------------------------------------
     def inputs_fwd(self, x2d, w: GatedMLPWeights, seed):
         """The gate/up projections one lora_linear each: x2d (M, d) -> (outs, shrinks) as MLPSaved holds them."""
-        pairs = [self.lora_linear_fwd(x2d, lin, _sub_seed(seed, stream))
-                 for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout])]
+        pairs = [self.lora_linear_fwd(x2d, lin, sub_seed(seed, stream))
+                 for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout])]
         return tuple(y for y, _ in pairs), tuple(s for _, s in pairs)
 
     def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...]):
         """Backward of the gate/up projections: d_outs like saved.outs -> (dx (M, d) or None, their LinearGrads)."""
         dx, grads = None, []
-        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_STREAMS[w.layout])):
-            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, _sub_seed(seed, stream), needs[i])
+        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
+            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i])
             if gi.x is not None:
                 dx = gi.x if dx is None else dx + gi.x
             grads.append(gi)
@@ -170,7 +161,7 @@ class TorchBackend:
     def mlp_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
         """x2d (M, d) -> (y (M, d_out) in x dtype, MLPSaved)."""
         outs, shrinks, h = self.gate_up_act_fwd(x2d, w, activation, mask, seed)
-        y, s_down = self.lora_linear_fwd(h, w.down, _sub_seed(seed, Stream.DOWN))
+        y, s_down = self.lora_linear_fwd(h, w.down, sub_seed(seed, SubSeed.DOWN))
         return y, MLPSaved(outs, shrinks, s_down)
 
     def mlp_bwd(self, dy, x2d, saved: MLPSaved, w: GatedMLPWeights, activation: Activation,
@@ -180,7 +171,7 @@ class TorchBackend:
         g, u = split_gate_up(saved.outs, w.layout)
         h = self.masked_act_fwd(g, u, activation, mask, seed)  # recomputed, never saved
         nd = needs[-1]
-        down = self.lora_linear_bwd(dy, h, saved.s_down, w.down, _sub_seed(seed, Stream.DOWN),
+        down = self.lora_linear_bwd(dy, h, saved.s_down, w.down, sub_seed(seed, SubSeed.DOWN),
                                     LinearNeeds(True, nd.weight, nd.bias, nd.A, nd.B))
         del h
         dg, du = self.masked_act_bwd(down.x, g, u, activation, mask, seed)

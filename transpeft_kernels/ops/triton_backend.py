@@ -37,10 +37,10 @@ from __future__ import annotations
 import torch
 
 from ..reference.activations import Activation
-from ..reference.mlp import INPUT_STREAMS
-from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, stream_seed
+from ..reference.mlp import INPUT_SUB_SEEDS
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, sub_seed
 from ..kernels.env import interpreting
-from .coverage import covered, linear_covered, mask_args
+from .coverage import covered, linear_covered, knowledge_mask_args
 from .torch_backend import LinearGrads, LinearNeeds, TorchBackend
 
 def _runnable(*tensors: torch.Tensor | None) -> bool:
@@ -108,14 +108,14 @@ class TritonBackend(TorchBackend):
         """g, u (M, I) -> h' (M, I) = act(g) * u * keep * c, in g's dtype."""
         if g.dtype != u.dtype or not _runnable(g, u):
             return super().masked_act_fwd(g, u, activation, mask, seed)
-        p, rescale, mseed = mask_args(mask, seed)
+        p, rescale, mseed = knowledge_mask_args(mask, seed)
         return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, p, rescale, mseed)
 
     def masked_act_bwd(self, dh, g, u, activation: Activation, mask: MaskSpec | None, seed):
         """dh' (M, I) -> (dg, du) in g's and u's dtypes, computed in float32."""
         if g.dtype != u.dtype or not _runnable(dh, g, u):
             return super().masked_act_bwd(dh, g, u, activation, mask, seed)
-        p, rescale, mseed = mask_args(mask, seed)
+        p, rescale, mseed = knowledge_mask_args(mask, seed)
         return self._k.masked_gated_act_bwd(dh, g, u, Activation(activation).value, p, rescale, mseed)
 
     # ---- masked gated MLP ----------------------------------------------------------------------
@@ -127,16 +127,16 @@ class TritonBackend(TorchBackend):
             return super().gate_up_act_fwd(x2d, w, activation, mask, seed)
         K = self._k
         projs, shrinks = [], []
-        for lin, stream in zip(w.inputs, INPUT_STREAMS[w.layout]):
+        for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout]):
             lora = lin.lora
             if lora is None:
-                projs.append(K.Projection(lin.weight, lin.bias))
+                projs.append(K.GateUpOperand(lin.weight, lin.bias))
                 shrinks.append(None)
                 continue
-            s = K.lora_shrink(x2d, lora.A, lora.dropout, None if seed is None else stream_seed(seed, stream))
-            projs.append(K.Projection(lin.weight, lin.bias, s, lora.B, lora.scaling))
+            s = K.lora_shrink(x2d, lora.A, lora.dropout, sub_seed(seed, stream))
+            projs.append(K.GateUpOperand(lin.weight, lin.bias, s, lora.B, lora.scaling))
             shrinks.append(s)
         gate, up = (projs[0], None) if w.layout is Layout.FUSED_GATE_UP else projs
-        p, rescale, mseed = mask_args(mask, seed)
+        p, rescale, mseed = knowledge_mask_args(mask, seed)
         outs, h = K.gate_up_act(x2d, gate, up, Activation(activation).value, p, rescale, mseed)
         return outs, tuple(shrinks), h

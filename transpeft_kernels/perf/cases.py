@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..specs import SEED_BOUND
+
 IMPLS = ("vanilla", "floor", "torch", "triton", "cuda")
 OPS = ("lora_linear", "gated_mlp", "train_step")
 
@@ -69,7 +71,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _seed() -> torch.Tensor:
-    return torch.randint(2**62, (), dtype=torch.int64)  # drawn on the CPU, as the patched MLP does
+    return torch.randint(SEED_BOUND, (), dtype=torch.int64)  # drawn on the CPU, as the patched MLP does
 
 
 # ---- lora_linear and gated_mlp -------------------------------------------------------------------

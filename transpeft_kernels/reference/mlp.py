@@ -5,29 +5,25 @@
     h'   = h * keep * c                        keep ~ Bernoulli(1 - p) from Philox, c = 1 or 1/(1-p)
     y    = down(h')
 
-Each projection is a ``lora_linear``. Random uses draw from ``stream_seed(seed, Stream.*)``.
+Each projection is a ``lora_linear``. Random uses draw from ``sub_seed(seed, SubSeed.*)``.
 The mask is materialised here; the fast paths regenerate it instead.
 """
 from __future__ import annotations
 
 import torch
 
-from ..specs import GatedMLPWeights, Layout, MaskSpec, Stream, stream_seed
+from ..specs import GatedMLPWeights, Layout, MaskSpec, SubSeed, split_gate_up, sub_seed
 from .activations import Activation, act
 from .lora import lora_linear
 from .philox import keep_mask
 
-INPUT_STREAMS = {Layout.SPLIT: (Stream.GATE, Stream.UP), Layout.FUSED_GATE_UP: (Stream.GATE,)}
-
-
-def _seed(seed: torch.Tensor | None, stream: Stream) -> torch.Tensor | None:
-    return None if seed is None else stream_seed(seed, stream)
+INPUT_SUB_SEEDS = {Layout.SPLIT: (SubSeed.GATE, SubSeed.UP), Layout.FUSED_GATE_UP: (SubSeed.GATE,)}
 
 
 def knowledge_mask(h: torch.Tensor, mask: MaskSpec, seed: torch.Tensor) -> torch.Tensor:
     """h (..., I) * keep * multiplier, keep from the MASK stream over the flattened (M, I) view."""
     h2d = h.reshape(-1, h.shape[-1])
-    keep = keep_mask(stream_seed(seed, Stream.MASK), h2d.shape[0], h2d.shape[1], mask.p, device=h.device)
+    keep = keep_mask(sub_seed(seed, SubSeed.MASK), h2d.shape[0], h2d.shape[1], mask.p, device=h.device)
     kept = keep.to(h.dtype)
     if mask.rescale:
         kept = kept * mask.multiplier
@@ -35,10 +31,8 @@ def knowledge_mask(h: torch.Tensor, mask: MaskSpec, seed: torch.Tensor) -> torch
 
 
 def gate_and_up(x: torch.Tensor, weights: GatedMLPWeights, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    outs = [lora_linear(x, lin, _seed(seed, s)) for lin, s in zip(weights.inputs, INPUT_STREAMS[weights.layout])]
-    if weights.layout is Layout.FUSED_GATE_UP:
-        return outs[0].chunk(2, dim=-1)
-    return outs[0], outs[1]
+    outs = [lora_linear(x, lin, sub_seed(seed, s)) for lin, s in zip(weights.inputs, INPUT_SUB_SEEDS[weights.layout])]
+    return split_gate_up(outs, weights.layout)
 
 
 def gated_mlp(
@@ -55,4 +49,4 @@ def gated_mlp(
         if seed is None:
             raise ValueError("seed: required when masking > 0")
         h = knowledge_mask(h, mask, seed)
-    return lora_linear(h, weights.down, _seed(seed, Stream.DOWN))
+    return lora_linear(h, weights.down, sub_seed(seed, SubSeed.DOWN))

@@ -2,7 +2,7 @@
 ``data_ptr()``s, strides, dtype codes and the current CUDA stream to the C functions (capi.h).
 
 Shapes: M tokens, I intermediate width, K/N feature widths, R rank. Seeds are the Philox keys of
-the stream in question (int64 one-element tensors, ``specs.stream_seed`` already applied); they are
+the stream in question (int64 one-element tensors, ``specs.sub_seed`` already applied); they are
 copied to the tensors' device and read there by the kernels. Masks (see reference/philox.py):
     knowledge mask   keep[i, j] = philox_uniform(mask_seed, i * I + j) >= p, scale c = 1 or 1/(1-p)
     LoRA dropout     keep[i, k] = philox_uniform(drop_seed, i * K + k) >= q, scale 1/(1-q)

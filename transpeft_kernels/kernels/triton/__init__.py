@@ -8,10 +8,10 @@
 
 Import this package only after choosing TRITON_INTERPRET (it is read when the kernels are defined).
 """
-from .gate_up_act import Projection, gate_up_act
+from .gate_up_act import GateUpOperand, gate_up_act
 from .gemm_lora_expand import gemm_lora_expand
 from .lora_shrink import lora_shrink
 from .masked_gated_act import masked_gated_act_bwd, masked_gated_act_fwd
 from .token_reduce import token_reduce
 
-__all__ = ["Projection", "gate_up_act", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]
+__all__ = ["GateUpOperand", "gate_up_act", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]

@@ -34,7 +34,7 @@ from ._common import (cast_like, check_2d, check_out, check_same_device, dot_ope
                       pow2_at_least, seed_on, to_code, upcast_dots)
 from .activations import ACT_CODES, act_fwd
 from .gemm_lora_expand import grouped_tile, lora_expand_tile
-from .masked_gated_act import _mask_args
+from .masked_gated_act import _mask_scalars
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def gate_up_act_kernel(
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols64[None, :] * stride_hn, cast_like(h, h_ptr), mask=inb)
 
 
-class Projection(NamedTuple):
+class GateUpOperand(NamedTuple):
     """One input projection: ``x W^T + b + scaling * S B^T``. weight (N, d), bias (N,) or None,
     s (M, r) and b (N, r) in the adapter dtype, or both None without LoRA."""
 
@@ -111,7 +111,7 @@ class Projection(NamedTuple):
     scaling: float = 1.0
 
 
-def _check_projection(proj: Projection, name: str, x: torch.Tensor, n: int) -> int:
+def _check_projection(proj: GateUpOperand, name: str, x: torch.Tensor, n: int) -> int:
     """Validates one projection of width n against x; returns its rank (0 without LoRA)."""
     w, bias, s, b = proj.weight, proj.bias, proj.s, proj.b
     check_2d(w, f"{name}.weight")
@@ -136,14 +136,14 @@ def _check_projection(proj: Projection, name: str, x: torch.Tensor, n: int) -> i
     return s.shape[1]
 
 
-def _halves(proj: Projection, inter: int) -> tuple[Projection, Projection]:
+def _halves(proj: GateUpOperand, inter: int) -> tuple[GateUpOperand, GateUpOperand]:
     """The gate and up halves of a fused gate_up projection (views; S is shared)."""
     w, bias, s, b = proj.weight, proj.bias, proj.s, proj.b
-    return (Projection(w[:inter], None if bias is None else bias[:inter], s, None if b is None else b[:inter], proj.scaling),
-            Projection(w[inter:], None if bias is None else bias[inter:], s, None if b is None else b[inter:], proj.scaling))
+    return (GateUpOperand(w[:inter], None if bias is None else bias[:inter], s, None if b is None else b[:inter], proj.scaling),
+            GateUpOperand(w[inter:], None if bias is None else bias[inter:], s, None if b is None else b[inter:], proj.scaling))
 
 
-def gate_up_act(x: torch.Tensor, gate: Projection, up: Projection | None, activation: str,
+def gate_up_act(x: torch.Tensor, gate: GateUpOperand, up: GateUpOperand | None, activation: str,
                 p: float = 0.0, rescale: bool = False, seed: torch.Tensor | None = None,
                 out: tuple[torch.Tensor, ...] | None = None, out_h: torch.Tensor | None = None):
     """(outs, h'): the gate/up projections of x (M, d) and h' = act(g) * u * keep * c, all in x's dtype.
@@ -173,7 +173,7 @@ def gate_up_act(x: torch.Tensor, gate: Projection, up: Projection | None, activa
         g_proj, u_proj = gate, up
     device = check_same_device(x=x, wg=g_proj.weight, wu=u_proj.weight, bg=g_proj.bias, bu=u_proj.bias,
                                sg=g_proj.s, bbg=g_proj.b, su=u_proj.s, bbu=u_proj.b)
-    has_mask, p, c = _mask_args(p, rescale, x.dtype, seed)
+    has_mask, p, c = _mask_scalars(p, rescale, x.dtype, seed)
     shapes = ((M, 2 * inter),) if fused else ((M, inter), (M, inter))
     if out is None:
         outs = tuple(torch.empty(sh, dtype=x.dtype, device=device) for sh in shapes)

@@ -77,7 +77,7 @@ def _rows_view(t: torch.Tensor, name: str) -> torch.Tensor:
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
-def _mask_args(p: float, rescale: bool, dtype: torch.dtype, seed):
+def _mask_scalars(p: float, rescale: bool, dtype: torch.dtype, seed):
     if p < 0.0 or p >= 1.0:
         raise ValueError(f"p: expected a probability in [0, 1), got {p}")
     if p == 0.0:
@@ -99,7 +99,7 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, seed: t
     if g.shape != u.shape:
         raise ValueError(f"u: expected shape {tuple(g.shape)} like g, got {tuple(u.shape)}")
     device = check_same_device(g=g, u=u)
-    has_mask, p, c = _mask_args(p, rescale, g.dtype, seed)
+    has_mask, p, c = _mask_scalars(p, rescale, g.dtype, seed)
     M, I = g.shape
     check_out(out, (M, I), g.dtype)
     h = torch.empty((M, I), dtype=g.dtype, device=device) if out is None else out
@@ -126,7 +126,7 @@ def masked_gated_act_bwd(dh, g, u, activation: str, p: float, rescale: bool, see
         if t.shape != g.shape:
             raise ValueError(f"{name}: expected shape {tuple(g.shape)} like g, got {tuple(t.shape)}")
     device = check_same_device(dh=dh, g=g, u=u)
-    has_mask, p, c = _mask_args(p, rescale, g.dtype, seed)
+    has_mask, p, c = _mask_scalars(p, rescale, g.dtype, seed)
     M, I = g.shape
     if out is None:
         dg = torch.empty((M, I), dtype=g.dtype, device=device)
