@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..atomic_io import atomic_path, atomic_write_text
+
 
 COLORS = {"vanilla_compiled": "#8c8c8c", "torch": "#4c72b0", "triton": "#dd8452", "cuda": "#55a868"}
 BAR_IMPLS = ("vanilla_compiled", "torch", "triton", "cuda")
@@ -48,7 +50,7 @@ def write_chart(records: list[dict], out_dir: Path) -> Path:
         import matplotlib
     except ImportError:
         path = out_dir / "speedup.svg"
-        path.write_text(_svg(data, _title(records)))
+        atomic_write_text(path, _svg(data, _title(records)))
         return path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,7 +77,8 @@ def write_chart(records: list[dict], out_dir: Path) -> Path:
     fig.suptitle(_title(records), fontsize=9)
     fig.tight_layout()
     path = out_dir / "speedup.png"
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -89,12 +89,14 @@ def add_speedups(records: list[dict]) -> None:
 
 
 def append_jsonl(path: Path, records: Iterable[dict]) -> None:
-    """Append and flush at once, so a run cut short keeps everything measured so far."""
+    """Append whole lines in one write and fsync, so a run cut short keeps everything measured so far;
+    a run killed inside the write leaves at most a torn last line, which ``read_jsonl`` drops."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     with path.open("a") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.write(text)
         f.flush()
+        os.fsync(f.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -6,6 +6,7 @@ recorded as skipped with that reason, so a cut-short run is visible as such.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from .cases import OPS, OpCase, Preset, TrainCase
 from .chart import write_chart
 from .impls import IMPL_NAMES
 from .op_runner import run_case
-from .records import append_jsonl, environment, make_record
+from ..atomic_io import atomic_write_text
+from .records import append_jsonl, environment, make_record, read_jsonl
 from .table import format_table, summary_lines
 from .train import TRAIN_IMPLS, run_train_case
 
@@ -70,7 +72,10 @@ def _skipped(case, impls, env, preset, reason):
             for p in case.passes for i in impls]
 
 
-def run_suite(preset: Preset, out_dir: Path, ops=None, impls=None, budget_s: float | None = None, log=print) -> SuiteResult:
+def run_suite(preset: Preset, out_dir: Path, ops=None, impls=None, budget_s: float | None = None, log=print,
+              resume: bool = False) -> SuiteResult:
+    """``resume``: keep the cases an earlier run of ``out_dir`` finished (any record not skipped) and
+    run only the others; otherwise results.jsonl starts empty."""
     impls = check_impls(impls)
     cases = select(preset, ops)
     device = device_for(preset)
@@ -79,20 +84,36 @@ def run_suite(preset: Preset, out_dir: Path, ops=None, impls=None, budget_s: flo
     if preset.cpu_threads is not None:
         torch.set_num_threads(preset.cpu_threads)
     try:
-        return _run(preset, cases, impls, device, out_dir, budget_s, log)
+        return _run(preset, cases, impls, device, out_dir, budget_s, log, resume)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(preset, cases, impls, device, out_dir: Path, budget_s, log) -> SuiteResult:
+def _finished(jsonl: Path) -> list[dict]:
+    """The records of the cases an earlier run finished (case_key set, at least one record not skipped)."""
+    if not jsonl.is_file():
+        return []
+    old = read_jsonl(jsonl)
+    done = {r["case_key"] for r in old if r.get("case_key") and r.get("status") != "skipped"}
+    return [r for r in old if r.get("case_key") in done]
+
+
+def _run(preset, cases, impls, device, out_dir: Path, budget_s, log, resume: bool = False) -> SuiteResult:
     jsonl = out_dir / RESULTS
-    jsonl.write_text("")  # a fresh file per run: records of one run only
+    kept = _finished(jsonl) if resume else []
+    done = {r["case_key"] for r in kept}
+    # a fresh file per run (records of one run only), or the finished cases of the run being resumed
+    atomic_write_text(jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     env = environment(device)
     log(f"bench: preset {preset.name}, {len(cases)} cases, impls {', '.join(impls)}, device {env['gpu'] or 'cpu'}")
     for note in preset.notes:
         log(f"bench: {note}")
     records, start, op_cases = [], time.perf_counter(), 0
     for k, case in enumerate(cases, 1):
+        if case.key in done:
+            log(f"bench: [{k}/{len(cases)}] {case.key}: finished by the earlier run, kept")
+            records += [r for r in kept if r["case_key"] == case.key]
+            continue
         elapsed = time.perf_counter() - start
         if budget_s is not None and elapsed > budget_s:
             recs = _skipped(case, impls, env, preset, f"time budget of {budget_s:g} s reached before this case")
@@ -107,10 +128,12 @@ def _run(preset, cases, impls, device, out_dir: Path, budget_s, log) -> SuiteRes
                     skip["vanilla_compiled"] = (f"preset {preset.name}: compiled on its first {preset.compiled_cases} "
                                                 "op cases only (a compilation per shape; see the full preset)")
                 recs = run_case(case, impls, device, preset, env, log, skip)
+        for r in recs:
+            r["case_key"] = case.key
         append_jsonl(jsonl, recs)
         records += recs
     table = format_table(records)
-    (out_dir / "table.txt").write_text(table + "\n\n" + "\n".join(summary_lines(records)) + "\n")
+    atomic_write_text(out_dir / "table.txt", table + "\n\n" + "\n".join(summary_lines(records)) + "\n")
     try:
         chart = write_chart(records, out_dir)
     except ValueError as e:

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vanilla vanilla_compiled floor torch triton cuda (default all; vanilla always needed)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new case after this many seconds (default: 360 for gpu, none otherwise)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cases a killed or cut-short run in --out finished, run the rest")
     p.add_argument("--list", action="store_true", help="measure nothing: print the preset's cases in run order")
     p.add_argument("--chart-from", type=Path, default=None, metavar="JSONL",
                    help="measure nothing: redraw the chart and table of an existing results.jsonl into --out")
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(SMOKE_NOTICE)
     log = lambda msg: print(msg, flush=True)  # noqa: E731 - progress must reach a log file as it happens
     result = run_suite(preset, args.out, ops=tuple(args.ops) if args.ops else None,
-                       impls=tuple(args.impls) if args.impls else None, budget_s=budget, log=log)
+                       impls=tuple(args.impls) if args.impls else None, budget_s=budget, log=log,
+                       resume=args.resume)
     from ..bench.table import summary_lines
 
     print()

@@ -31,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow.jobs import require
 
     require("peft", "the demo trains LoRA adapters")
-    require("matplotlib", "the demo draws its chart")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} exists and is not a directory")

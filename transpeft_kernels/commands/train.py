@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, initialisation and masks (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint (adapter, optimizer, scheduler, random states, data position) every N "
+                        "optimizer steps under OUT/checkpoint (default 0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint (same arguments): ends with the same adapter as an uninterrupted run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha, targets=tuple(args.targets), lora_dropout=args.lora_dropout, epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
         gradient_checkpointing=args.gradient_checkpointing, backend=args.backend, max_length=args.max_length,
-        seed=args.seed, progress=not args.no_progress))
+        seed=args.seed, progress=not args.no_progress, checkpoint_every=args.checkpoint_every, resume=args.resume))
     return 0

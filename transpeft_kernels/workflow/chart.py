@@ -36,6 +36,9 @@ def save_chart(results: dict, path: Path) -> Path:
                  f"{results.get('mode', '')} mode)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    from ..atomic_io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

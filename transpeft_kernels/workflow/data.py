@@ -94,10 +94,13 @@ def load_jsonl(path: str | Path, argument: str = "--data") -> Dataset:
 
 def write_jsonl(path: str | Path, dataset: Dataset) -> None:
     """Write a dataset in the format ``load_jsonl`` reads."""
-    with open(path, "w", encoding="utf-8") as f:
-        for ex in dataset.examples:
-            obj = {"text": ex.text} if dataset.kind == TEXT else {"prompt": ex.prompt, "completion": ex.completion}
-            f.write(json.dumps(obj) + "\n")
+    from ..atomic_io import atomic_write_text
+
+    lines = []
+    for ex in dataset.examples:
+        obj = {"text": ex.text} if dataset.kind == TEXT else {"prompt": ex.prompt, "completion": ex.completion}
+        lines.append(json.dumps(obj) + "\n")
+    atomic_write_text(path, "".join(lines))
 
 
 def from_pairs(pairs, source: str = "<generated>") -> Dataset:

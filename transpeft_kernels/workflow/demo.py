@@ -88,6 +88,21 @@ PRESETS = {
 }
 
 
+UPDATE_LOG = "update_log.json"
+ADAPTER_INFO = "adapter_info.json"
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
 def _device_and_dtype():
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
@@ -124,11 +139,27 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
     from .training import continual_training, train_adapter
     from .transfer import evaluate_adapters, format_table, retention
 
+    from ..atomic_io import atomic_dir, atomic_path, atomic_write_json
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = _device_and_dtype()
     torch.manual_seed(seed)
+    # Finished cells (bases, adapters, evaluations) of an earlier run with the same settings are reused:
+    # each is written atomically, so one that exists is complete. Other settings start afresh.
+    settings = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "seed": seed,
+                "device": str(device), "dtype": str(dtype)}
+    settings_file, cells = out / "demo_settings.json", out / "cells"
+    reuse = settings_file.is_file() and _read_json(settings_file) == settings
+    if not reuse:
+        import shutil
+
+        for stale in (cells, out / "new_base", out / "adapters", out / "old_base"):
+            shutil.rmtree(stale, ignore_errors=True)
+        atomic_write_json(settings_file, settings)
+    elif progress:
+        log(f"continuing the run in {out}: finished cells are reused")
 
     t = time.perf_counter()
     old, tok, model_desc, gguf = demo_old_base(cfg.tiny, seed, log=log)
@@ -136,8 +167,10 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
     old_dir = None
     if gguf is None:  # a config-built base exists only in memory: save it so `transfer` can re-run the evaluation
         old_dir = out / "old_base"
-        old.save_pretrained(old_dir, safe_serialization=True)
-        tok.save_pretrained(old_dir)
+        if not old_dir.is_dir():
+            with atomic_dir(old_dir) as tmp:
+                old.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
     timings["load old base"] = time.perf_counter() - t
 
     train, test = arithmetic_split(cfg.n_train, cfg.n_test, seed=seed)
@@ -153,20 +186,26 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
         f"({cfg.update_loop.max_steps} steps, lr {cfg.update_loop.lr:g})")
     # Full-weight training runs in fp32 whatever the demo's dtype: bf16 weights would round away most
     # AdamW updates at these learning rates. The checkpoint is saved in the demo's dtype.
-    new = copy.deepcopy(old).float()
-    update_log = continual_training(new, tok, corpus, replace(cfg.update_loop, seed=seed + cfg.update_loop.seed),
-                                    cfg.update_length, desc="base update (all weights)", progress=progress)
     new_dir = out / "new_base"
-    new = new.to(dtype)
-    new.save_pretrained(new_dir, safe_serialization=True)
-    tok.save_pretrained(new_dir)
-    del new
+    if (new_dir / UPDATE_LOG).is_file():
+        update_log = _read_json(new_dir / UPDATE_LOG)
+    else:
+        new = copy.deepcopy(old).float()
+        log_ = continual_training(new, tok, corpus, replace(cfg.update_loop, seed=seed + cfg.update_loop.seed),
+                                  cfg.update_length, desc="base update (all weights)", progress=progress)
+        update_log = {"steps": log_.steps, "first_loss": log_.losses[0], "last_loss": log_.losses[-1]}
+        new = new.to(dtype)
+        with atomic_dir(new_dir) as tmp:
+            new.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            atomic_write_json(tmp / UPDATE_LOG, update_log)
+        del new
     # Reload from disk: the new base is used exactly as a released checkpoint would be.
     new_spec = resolve_base(new_dir, "new base")
     new = load_model(new_spec, dtype=dtype).to(device)
     new_tok = load_tokenizer(new_spec)
     timings["make new base"] = time.perf_counter() - t
-    log(f"new base saved to {new_dir} (loss on the update corpus {update_log.losses[0]:.3f} -> {update_log.losses[-1]:.3f})")
+    log(f"new base in {new_dir} (loss on the update corpus {update_log['first_loss']:.3f} -> {update_log['last_loss']:.3f})")
 
     # --- adapters ---
     adapter_dirs: dict[str, Path | None] = {NO_ADAPTER: None} if cfg.eval_bases_alone else {}
@@ -176,27 +215,45 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
              ("retuned-on-new", new, new_tok, cfg.adapter)]
     for name, base, base_tok, adapter_cfg in plans:
         t = time.perf_counter()
+        path = out / "adapters" / name
+        adapter_dirs[name] = path
+        if (path / ADAPTER_INFO).is_file():
+            adapter_info[name] = _read_json(path / ADAPTER_INFO)
+            log(f"adapter {name}: reused from {path}")
+            continue
         peft_model, train_log, report = train_adapter(base, base_tok, train, adapter_cfg,
                                                       replace(cfg.adapter_loop, seed=seed), cfg.max_length,
                                                       desc=f"adapter {name}", progress=progress)
         assert not is_patched(peft_model)
-        path = out / "adapters" / name
-        peft_model.save_pretrained(path)
+        info = {"path": str(path), "trained_on": "new" if base is new else "old",
+                "masking": adapter_cfg.masking, "dropping": adapter_cfg.dropping,
+                "patched": report is not None, "steps": train_log.steps,
+                "first_loss": train_log.losses[0], "last_loss": train_log.losses[-1],
+                "tokens_per_s": train_log.tokens_per_s, "seconds": train_log.seconds}
+        with atomic_dir(path) as tmp:
+            peft_model.save_pretrained(tmp)
+            atomic_write_json(tmp / ADAPTER_INFO, info)
         peft_model.unload()  # the base gets its plain Linear layers back, weights untouched
         timings[f"train {name}"] = time.perf_counter() - t
-        adapter_dirs[name] = path
-        adapter_info[name] = {"path": str(path), "trained_on": "new" if base is new else "old",
-                              "masking": adapter_cfg.masking, "dropping": adapter_cfg.dropping,
-                              "patched": report is not None, "steps": train_log.steps,
-                              "first_loss": train_log.losses[0], "last_loss": train_log.losses[-1],
-                              "tokens_per_s": train_log.tokens_per_s, "seconds": train_log.seconds}
+        adapter_info[name] = info
         log(f"adapter {name}: train loss {train_log.losses[0]:.3f} -> {train_log.losses[-1]:.3f}, "
             f"{train_log.tokens_per_s:,.0f} tokens/s")
 
     # --- evaluation on both bases ---
     t = time.perf_counter()
-    on_old = evaluate_adapters(old, tok, adapter_dirs, test, cfg.max_length, cfg.eval_batch, "old base", progress)
-    on_new = evaluate_adapters(new, new_tok, adapter_dirs, test, cfg.max_length, cfg.eval_batch, "new base", progress)
+    def evaluated(base, base_tok, label, key):
+        """Each (adapter, base) evaluation is a cell of its own: reused when an earlier run finished it."""
+        done = {n: _read_json(cells / f"eval_{key}_{_slug(n)}.json") for n in adapter_dirs
+                if (cells / f"eval_{key}_{_slug(n)}.json").is_file()}
+        todo = {n: p for n, p in adapter_dirs.items() if n not in done}
+        for n, res in evaluate_adapters(base, base_tok, todo, test, cfg.max_length, cfg.eval_batch, label,
+                                        progress).items():
+            atomic_write_json(cells / f"eval_{key}_{_slug(n)}.json", res)
+            done[n] = res
+        return done
+
+    on_old = evaluated(old, tok, "old base", "old")
+    on_new = evaluated(new, new_tok, "new base", "new")
     timings["evaluate"] = time.perf_counter() - t
 
     rows, table, retentions = [], [], {}
@@ -218,9 +275,9 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
         "old_base": model_desc,
         "old_base_path": str(gguf) if gguf else str(old_dir),
         "new_base": {"path": str(new_dir), "corpus": corpus.source, "corpus_fingerprint": fingerprint(corpus),
-                     "passages": len(corpus), "steps": update_log.steps, "lr": cfg.update_loop.lr,
-                     "sequence_length": cfg.update_length, "first_loss": update_log.losses[0],
-                     "last_loss": update_log.losses[-1]},
+                     "passages": len(corpus), "steps": update_log["steps"], "lr": cfg.update_loop.lr,
+                     "sequence_length": cfg.update_length, "first_loss": update_log["first_loss"],
+                     "last_loss": update_log["last_loss"]},
         "task": {"kind": "arithmetic word problems, exact match", "n_train": len(train), "n_test": len(test),
                  "data": str(out / "data")},
         "adapters": adapter_info,
@@ -232,10 +289,14 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "environment": environment(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    save_chart(results, out / "results.png")
+    atomic_write_json(out / "results.json", results, indent=2)
+    try:
+        save_chart(results, out / "results.png")
+        chart = str(out / "results.png")
+    except ImportError:
+        chart = "not drawn: pip install matplotlib, then rerun the same command (finished cells are reused)"
     old_arg = str(gguf) if gguf else str(old_dir)
-    log(f"\nresults: {out / 'results.json'}, chart: {out / 'results.png'} ({timings['total']:.0f} s in all)")
+    log(f"\nresults: {out / 'results.json'}, chart: {chart} ({timings['total']:.0f} s in all)")
     log(f"re-evaluate with: python -m transpeft_kernels transfer --old-base {old_arg} --new-base {new_dir} "
         f"--data {out / 'data' / 'test.jsonl'} {' '.join(str(out / 'adapters' / n) for n in ADAPTERS)}")
     return results

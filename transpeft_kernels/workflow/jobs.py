@@ -2,11 +2,11 @@
 configs, tokenizers, adapter shapes, settings), and only then are weights loaded and work started."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic_io import atomic_files, atomic_write_json
 from ..errors import UserError
 
 
@@ -52,6 +52,17 @@ class TrainRequest:
     max_length: int = 512
     seed: int = 0
     progress: bool = True
+    checkpoint_every: int = 0
+    resume: bool = False
+
+    def arguments(self) -> dict:
+        """What must be the same for ``--resume`` to continue this run (not where or how it reports)."""
+        from dataclasses import asdict
+
+        d = asdict(self)
+        for k in ("out", "progress", "checkpoint_every", "resume"):
+            d.pop(k)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _check_targets(targets, shapes: dict, base_name: str) -> None:
@@ -80,6 +91,8 @@ def train(req: TrainRequest, log=print) -> dict:
                         ("--max-length", req.max_length)):
         _positive(name, value)
     _positive("--max-steps", req.max_steps, allow_none=True)
+    if not isinstance(req.checkpoint_every, int) or req.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every: expected a number of steps >= 0 (0: no checkpoints), got {req.checkpoint_every}")
     try:
         backend = validate_backend_name(req.backend)
         if backend != "auto" and (req.masking > 0 or req.dropping > 0):
@@ -89,6 +102,11 @@ def train(req: TrainRequest, log=print) -> dict:
     out = Path(req.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} exists and is not a directory")
+    from .checkpoint import Checkpointing, load as load_checkpoint
+
+    checkpointing = Checkpointing(out / "checkpoint", req.checkpoint_every, req.arguments(), req.resume)
+    if req.resume:
+        load_checkpoint(checkpointing)  # a missing or mismatched checkpoint fails here, before any weights load
     dataset = load_jsonl(req.data, "--data")
     spec = resolve_base(req.base, "--base")
     config = load_config(spec)
@@ -112,12 +130,14 @@ def train(req: TrainRequest, log=print) -> dict:
     loop = LoopConfig(lr=req.lr, epochs=req.epochs, max_steps=req.max_steps, batch_size=req.batch_size,
                       grad_accum=req.grad_accum, seed=req.seed)
     peft_model, train_log, report = train_adapter(model, tokenizer, dataset, adapter, loop, req.max_length,
-                                                  desc="train", progress=req.progress)
+                                                  desc="train", progress=req.progress, checkpointing=checkpointing)
     log(str(report) if report is not None else "not patched: masking = dropping = 0 (vanilla LoRA)")
-    peft_model.save_pretrained(out, safe_serialization=True)
+    # the weights first, the config last: a directory with adapter_config.json holds a whole adapter
+    with atomic_files(out, last=("adapter_config.json",)) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
     record = train_log.to_json()
     record.update(base=spec.display, data=str(req.data), patch_report=None if report is None else str(report))
-    (out / "train_log.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out / "train_log.json", record, indent=2)
     log(f"loss {record['first_loss']:.4f} -> {record['last_loss']:.4f} over {train_log.steps} steps, "
         f"{train_log.tokens_per_s:,.0f} tokens/s; adapter and train_log.json in {out}")
     return record
@@ -187,7 +207,7 @@ def transfer(req: TransferRequest, log=print) -> tuple[dict, bool]:
                      "" if req.min_retention is None else ("ok" if ok else "FAIL")])
     log(format_table(rows, ["adapter", "loss old", "loss new", "acc old", "acc new", "retention", "gate"]))
     if req.json_out is not None:
-        Path(req.json_out).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(req.json_out, results, indent=2)
     if not passed:
         failing = [a["path"] for a in results["adapters"]
                    if a["retention"] is None or a["retention"] < req.min_retention]

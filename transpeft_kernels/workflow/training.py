@@ -128,10 +128,13 @@ def plan_steps(n_items: int, cfg: LoopConfig) -> int:
 
 
 def train_loop(model, items: list[Encoded], pad_id: int, cfg: LoopConfig, desc: str = "train",
-               progress: bool = True) -> TrainLog:
+               progress: bool = True, checkpointing=None) -> TrainLog:
     """AdamW over the trainable parameters of ``model`` with linear warm-up and linear decay to zero.
     Micro-batches are drawn from a reshuffle of ``items`` per epoch (generator seeded by ``cfg.seed``);
-    gradients are averaged over the labelled tokens of each optimizer step."""
+    gradients are averaged over the labelled tokens of each optimizer step.
+    ``checkpointing`` (workflow.checkpoint.Checkpointing): save every N steps and/or resume from the
+    last checkpoint; a resumed run ends with the same parameters as an uninterrupted one."""
+    from . import checkpoint as ckpt
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -153,9 +156,12 @@ def train_loop(model, items: list[Encoded], pad_id: int, cfg: LoopConfig, desc: 
         return [items[i] for i in take]
 
     log = TrainLog()
+    if checkpointing is not None and checkpointing.resume:
+        order = ckpt.restore(ckpt.load(checkpointing), model, opt, sched, gen, log)
     model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter() - log.seconds
+    bar = tqdm(range(log.steps, steps), desc=desc, disable=not progress, dynamic_ncols=True,
+               initial=log.steps, total=steps)
     for _ in bar:
         micro = [collate(next_micro(), pad_id) for _ in range(cfg.grad_accum)]
         total = sum(int((b["labels"] != IGNORE).sum()) for b in micro)
@@ -172,6 +178,10 @@ def train_loop(model, items: list[Encoded], pad_id: int, cfg: LoopConfig, desc: 
         log.steps += 1
         log.losses.append(step_loss / max(total, 1))
         bar.set_postfix(loss=f"{log.losses[-1]:.3f}")
+        if checkpointing is not None and checkpointing.every and log.steps % checkpointing.every == 0 \
+                and log.steps < steps:
+            log.seconds = time.perf_counter() - start
+            ckpt.save(checkpointing, model, opt, sched, gen, order, log)
     log.seconds = time.perf_counter() - start
     model.eval()
     return log
@@ -212,7 +222,7 @@ def add_adapter(model, cfg: AdapterConfig):
 
 
 def train_adapter(model, tokenizer, dataset: Dataset, adapter: AdapterConfig, loop: LoopConfig, max_length: int,
-                  desc: str = "adapter", progress: bool = True):
+                  desc: str = "adapter", progress: bool = True, checkpointing=None):
     """Train one LoRA adapter on ``model`` (modified in place: it gains the adapter). Returns
     (peft model, TrainLog, patch report or None); the model is unpatched and in eval mode afterwards."""
     from ..integration import unpatch
@@ -221,7 +231,8 @@ def train_adapter(model, tokenizer, dataset: Dataset, adapter: AdapterConfig, lo
     items = encode(dataset, tokenizer, max_length)
     peft_model, report = add_adapter(model, adapter)
     try:
-        log = train_loop(peft_model, items, tokenizer.pad_token_id, loop, desc=desc, progress=progress)
+        log = train_loop(peft_model, items, tokenizer.pad_token_id, loop, desc=desc, progress=progress,
+                         checkpointing=checkpointing)
     finally:
         if report is not None:
             unpatch(peft_model)
