@@ -61,3 +61,25 @@ def test_accelerate_launch(tmp_path):
     assert ranks[0]["ran"] == ranks[1]["ran"]
     for name, p in ranks[0]["params"].items():
         torch.testing.assert_close(p, ranks[1]["params"][name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_deepspeed_zero_ranks_agree_with_masking_and_dropping(tmp_path, mode):
+    """DeepSpeed ZeRO-2 and ZeRO-3 on its CPU accelerator over gloo. Under ZeRO-3 the sharded
+    projections run their own forward (which gathers the weights) and the mask still applies."""
+    pytest.importorskip("deepspeed")
+    ranks = _launch(tmp_path, mode, 2)
+    assert ranks[0]["ran"] == ranks[1]["ran"], "dropping decisions differ between ranks"
+    assert len(ranks[0]["ran"]) < 2 * 4, "no FFN was skipped: dropping was not exercised"
+    for name, p in ranks[0]["params"].items():
+        torch.testing.assert_close(p, ranks[1]["params"][name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_deepspeed_zero_equals_single_process_without_masking_and_dropping(tmp_path, mode):
+    pytest.importorskip("deepspeed")
+    flags = ("--masking", "0", "--dropping", "0")
+    single = _launch(tmp_path / "single", "single", 1, *flags)[0]
+    parallel = _launch(tmp_path / mode, mode, 2, *flags)[0]
+    for name, p in single["params"].items():
+        torch.testing.assert_close(parallel["params"][name], p, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -48,5 +48,15 @@ def test_trl_sft_trainer(tmp_path):
     data = datasets.Dataset.from_dict({"input_ids": [batch(seed=i, shape=(12,)).tolist() for i in range(8)]})
     cfg = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, use_cpu=True,
                         report_to=[], save_strategy="no", gradient_checkpointing=True)
-    trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data)
+    from test_workflow import _tokenizer
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    calls = []
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    # a local tokenizer: without one SFTTrainer would fetch the model's from the hub
+    trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=_tokenizer())
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    assert tpk.is_patched(model) and calls  # the patched MLPs ran (masking and dropping on)
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any(".mlp." in n for n in changed), "FFN adapters did not train"

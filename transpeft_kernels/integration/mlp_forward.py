@@ -88,7 +88,9 @@ def _distributed() -> bool:
 def _skipped_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if _distributed():
         params = [p for p in mlp.parameters() if p.requires_grad]
-        if params:
+        # DeepSpeed ZeRO-3 shards parameters in place and reduces only the gradients that arrive: an
+        # unused one is fine there, and a zero-sized stand-in would not match the full-size reduction
+        if params and not any(hasattr(p, "ds_id") for p in params):
             return _SkippedFFN.apply(x, *params)
     return torch.zeros_like(x)
 

@@ -88,6 +88,9 @@ def read_projection(module: nn.Module) -> Projection:
     """The fused-path view of one projection module, or the reason it falls back."""
     if _has_hooks(module):
         return Projection(module, None, "module hooks (e.g. PEFT mixed-batch adapter selection)")
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        # ZeRO-3 keeps each rank's shard only and gathers the full weight inside the module's own call
+        return Projection(module, None, "DeepSpeed ZeRO-3 partitioned weights (gathered by its own forward)")
     if type(module) is nn.Linear:
         return Projection(module, LinearWeights(module.weight, module.bias))
     lora_cls = _lora_layer_class()
