@@ -89,25 +89,41 @@ def add_speedups(records: list[dict]) -> None:
 
 
 def append_jsonl(path: Path, records: Iterable[dict]) -> None:
-    """Append whole lines in one write and fsync, so a run cut short keeps everything measured so far;
-    a run killed inside the write leaves at most a torn last line, which ``read_jsonl`` drops."""
+    """Append whole lines in one write and fsync, so a run cut short keeps everything measured so far.
+    A run killed inside the write leaves at most a torn last line (no newline): ``read_jsonl`` ignores
+    it, and the next append cuts it off first rather than gluing a record onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    with path.open("a") as f:
-        f.write(text)
+    with path.open("ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(max(0, end - 65536))
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut < 0 and end > len(tail):
+                    raise ValueError(f"{path}: its last line is longer than 64 KiB and unterminated; "
+                                     "not a records file to append to")
+                f.truncate(end - len(tail) + cut + 1)
+        f.write(text.encode())
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn last line (a run killed mid-write) is ignored."""
+    """Records of a JSONL file. A last line without its newline that does not parse is a record torn
+    by a killed run and is ignored; any other line that does not parse is an error naming it."""
+    text = Path(path).read_text()
+    lines = text.split("\n")
     out = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line:
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
             continue
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline after it: the write was cut short
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON record ({e.msg}); the file was edited or is not "
+                             "a results JSONL") from None
     return out

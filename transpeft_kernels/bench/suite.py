@@ -74,8 +74,8 @@ def _skipped(case, impls, env, preset, reason):
 
 def run_suite(preset: Preset, out_dir: Path, ops=None, impls=None, budget_s: float | None = None, log=print,
               resume: bool = False) -> SuiteResult:
-    """``resume``: keep the cases an earlier run of ``out_dir`` finished (any record not skipped) and
-    run only the others; otherwise results.jsonl starts empty."""
+    """``resume``: keep the cases an earlier run of ``out_dir`` finished (see ``_finished``) and run
+    only the others; otherwise results.jsonl starts empty."""
     impls = check_impls(impls)
     cases = select(preset, ops)
     device = device_for(preset)
@@ -89,22 +89,36 @@ def run_suite(preset: Preset, out_dir: Path, ops=None, impls=None, budget_s: flo
         torch.set_num_threads(threads)
 
 
-def _finished(jsonl: Path) -> list[dict]:
-    """The records of the cases an earlier run finished (case_key set, at least one record not skipped)."""
+# A record measured elsewhere or with other code is not a finished cell of this run.
+_SAME_RUN = ("preset", "device", "gpu", "torch", "commit")
+
+
+def _finished(jsonl: Path, cases, impls, env: dict, preset: Preset) -> dict[str, list[dict]]:
+    """Per case key, the records of the cases an earlier run of the same preset, device and code
+    finished: a record for every (pass, impl) this run would write, not all of them skipped (a case
+    the time budget skipped is run again)."""
     if not jsonl.is_file():
-        return []
-    old = read_jsonl(jsonl)
-    done = {r["case_key"] for r in old if r.get("case_key") and r.get("status") != "skipped"}
-    return [r for r in old if r.get("case_key") in done]
+        return {}
+    by_key: dict[str, list[dict]] = {}
+    for r in read_jsonl(jsonl):
+        if r.get("case_key") and all(r.get(k) == (preset.name if k == "preset" else env.get(k)) for k in _SAME_RUN):
+            by_key.setdefault(r["case_key"], []).append(r)
+    done = {}
+    for case in cases:
+        recs = by_key.get(case.key, [])
+        expected = {(r["pass"], r["impl"]) for r in _skipped(case, impls, env, preset, "")}
+        if {(r["pass"], r["impl"]) for r in recs} == expected and any(r["status"] != "skipped" for r in recs):
+            done[case.key] = [r for r in recs if (r["pass"], r["impl"]) in expected]
+    return done
 
 
 def _run(preset, cases, impls, device, out_dir: Path, budget_s, log, resume: bool = False) -> SuiteResult:
     jsonl = out_dir / RESULTS
-    kept = _finished(jsonl) if resume else []
-    done = {r["case_key"] for r in kept}
-    # a fresh file per run (records of one run only), or the finished cases of the run being resumed
-    atomic_write_text(jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     env = environment(device)
+    done = _finished(jsonl, cases, impls, env, preset) if resume else {}
+    # A fresh file per run (records of one run only), or the finished cases of the run being resumed.
+    kept = [r for recs in done.values() for r in recs]
+    atomic_write_text(jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     log(f"bench: preset {preset.name}, {len(cases)} cases, impls {', '.join(impls)}, device {env['gpu'] or 'cpu'}")
     for note in preset.notes:
         log(f"bench: {note}")
@@ -112,7 +126,8 @@ def _run(preset, cases, impls, device, out_dir: Path, budget_s, log, resume: boo
     for k, case in enumerate(cases, 1):
         if case.key in done:
             log(f"bench: [{k}/{len(cases)}] {case.key}: finished by the earlier run, kept")
-            records += [r for r in kept if r["case_key"] == case.key]
+            records += done[case.key]
+            op_cases += isinstance(case, OpCase)
             continue
         elapsed = time.perf_counter() - start
         if budget_s is not None and elapsed > budget_s:

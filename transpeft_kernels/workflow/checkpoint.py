@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic_io import atomic_dir
+from ..atomic_io import atomic_dir, recover_dir
 from ..errors import UserError
 
 STATE_FILE = "state.pt"
@@ -53,12 +53,13 @@ def save(ck: Checkpointing, model, opt, sched, data_gen: torch.Generator, order:
 
 def load(ck: Checkpointing) -> dict:
     """The checkpoint's state, after checking it belongs to a run with the same arguments."""
+    recover_dir(ck.directory)  # a run killed while replacing the checkpoint left the previous one aside
     path = Path(ck.directory) / STATE_FILE
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint in {ck.directory} (start without --resume, "
                         "with --checkpoint-every N to write one)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file: say so in one line
         raise UserError(f"--resume: cannot read the checkpoint {path}: {type(e).__name__}: {e}") from None
     theirs = state.get("arguments") or {}

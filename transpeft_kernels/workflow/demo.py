@@ -9,7 +9,9 @@
 5. every adapter evaluated on both bases: loss, exact-match accuracy, retention = new / old accuracy;
    a table, ``results.json``, ``results.png``.
 Every artefact (data, new base, adapters) is written under the output directory, so the evaluation can be
-repeated with ``transpeft transfer``.
+repeated with ``transpeft transfer``. Each phase's output (the new base, each adapter, each evaluation in
+``cells/``) is written atomically, so one that exists is whole: a rerun with the same settings
+(``demo_settings.json``) reuses them and does only what a killed run left undone; other settings start afresh.
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
     from .training import continual_training, train_adapter
     from .transfer import evaluate_adapters, format_table, retention
 
-    from ..atomic_io import atomic_dir, atomic_path, atomic_write_json
+    from ..atomic_io import atomic_dir, atomic_write_json, recover_dir
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -158,7 +160,7 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
         for stale in (cells, out / "new_base", out / "adapters", out / "old_base"):
             shutil.rmtree(stale, ignore_errors=True)
         atomic_write_json(settings_file, settings)
-    elif progress:
+    else:
         log(f"continuing the run in {out}: finished cells are reused")
 
     t = time.perf_counter()
@@ -167,6 +169,7 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
     old_dir = None
     if gguf is None:  # a config-built base exists only in memory: save it so `transfer` can re-run the evaluation
         old_dir = out / "old_base"
+        recover_dir(old_dir)
         if not old_dir.is_dir():
             with atomic_dir(old_dir) as tmp:
                 old.save_pretrained(tmp, safe_serialization=True)
@@ -187,9 +190,16 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
     # Full-weight training runs in fp32 whatever the demo's dtype: bf16 weights would round away most
     # AdamW updates at these learning rates. The checkpoint is saved in the demo's dtype.
     new_dir = out / "new_base"
+    recover_dir(new_dir)
     if (new_dir / UPDATE_LOG).is_file():
         update_log = _read_json(new_dir / UPDATE_LOG)
     else:
+        # what was made from an earlier new base is not made from this one
+        import shutil
+
+        shutil.rmtree(out / "adapters" / "retuned-on-new", ignore_errors=True)
+        for stale in cells.glob("eval_new_*.json"):
+            stale.unlink()
         new = copy.deepcopy(old).float()
         log_ = continual_training(new, tok, corpus, replace(cfg.update_loop, seed=seed + cfg.update_loop.seed),
                                   cfg.update_length, desc="base update (all weights)", progress=progress)
@@ -217,10 +227,13 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
         t = time.perf_counter()
         path = out / "adapters" / name
         adapter_dirs[name] = path
+        recover_dir(path)
         if (path / ADAPTER_INFO).is_file():
             adapter_info[name] = _read_json(path / ADAPTER_INFO)
             log(f"adapter {name}: reused from {path}")
             continue
+        for key in ("old", "new"):  # evaluations of an earlier adapter of this name
+            (cells / f"eval_{key}_{_slug(name)}.json").unlink(missing_ok=True)
         peft_model, train_log, report = train_adapter(base, base_tok, train, adapter_cfg,
                                                       replace(cfg.adapter_loop, seed=seed), cfg.max_length,
                                                       desc=f"adapter {name}", progress=progress)
