@@ -37,8 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     command = next(c for c in COMMANDS if c.NAME == args.command)
     try:
         return command.run(args)
-    except (UserError, ValueError, TypeError, RuntimeError) as e:
+    except (UserError, ValueError, TypeError, RuntimeError, OSError) as e:
+        # OSError: what the checks cannot foresee, such as a disk that fills up or a permission lost mid-run
         if os.environ.get("TRANSPEFT_DEBUG"):
             raise
-        print(f"transpeft: error: {e}", file=sys.stderr)
+        print(f"transpeft: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: line breaks and other unprintable characters (in a library's message, or in a
+    path the user gave) are written as escapes, so the error stays one line and names the path unambiguously."""
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in message.strip())

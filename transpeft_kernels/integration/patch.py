@@ -28,14 +28,23 @@ class _Target:
     mlp: nn.Module
 
 
+def _type_name(value) -> str:
+    """``str``, or ``numpy.float32`` for types outside builtins (numpy calls its bool ``bool`` too)."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def _check_probability(name: str, value, upper_inclusive: bool) -> float:
+    interval = "[0, 1]" if upper_inclusive else "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
-    value = float(value)
-    upper = "1]" if upper_inclusive else "1)"
+        raise TypeError(f"{name}: expected a float in {interval}, got {_type_name(value)} {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}") from None
     ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
     if not ok or math.isnan(value):
-        raise ValueError(f"{name}: expected a value in [0, {upper}, got {value!r}")
+        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
     return value
 
 
@@ -43,7 +52,7 @@ def _settings(masking, dropping, mask_scale, backend) -> Settings:
     masking = _check_probability("masking", masking, upper_inclusive=False)
     dropping = _check_probability("dropping", dropping, upper_inclusive=True)
     if not isinstance(mask_scale, bool):
-        raise TypeError(f"mask_scale: expected bool, got {type(mask_scale).__name__} {mask_scale!r}")
+        raise TypeError(f"mask_scale: expected bool (True or False), got {_type_name(mask_scale)} {mask_scale!r}")
     backend = validate_backend_name(backend)
     if backend != "auto":
         check_available(backend)
@@ -97,16 +106,17 @@ def _select_layers(layers, n: int) -> list[int]:
     if layers is None:
         return list(range(n))
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise TypeError(f"layers: expected an iterable of decoder-layer indices or None, got {type(layers).__name__}")
+        raise TypeError(f"layers: expected an iterable of decoder-layer indices in [0, {n}) or None, "
+                        f"got {_type_name(layers)}")
     chosen = []
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layers: expected int indices, got {type(i).__name__} {i!r}")
+            raise TypeError(f"layers: expected int indices in [0, {n}), got {_type_name(i)} {i!r}")
         if not 0 <= i < n:
             raise ValueError(f"layers: index {i} is outside [0, {n}) for this model's {n} decoder layers")
         chosen.append(i)
     if not chosen:
-        raise ValueError("layers: selects no decoder layer")
+        raise ValueError(f"layers: selects no decoder layer (give indices in [0, {n}), or None for all)")
     return sorted(set(chosen))
 
 

@@ -49,8 +49,9 @@ def _record_kind(obj, where: str) -> str:
             if not isinstance(obj.get(key), str):
                 raise UserError(f"{where}: a prompt/completion record needs string fields 'prompt' and 'completion'"
                                 f" ('{key}' is {'missing' if key not in obj else type(obj[key]).__name__})")
-        if not obj["completion"].strip():
-            raise UserError(f"{where}: 'completion' is empty")
+        for key in ("prompt", "completion"):  # an empty prompt leaves greedy decoding nothing to start from
+            if not obj[key].strip():
+                raise UserError(f"{where}: '{key}' is empty")
         return PROMPT_COMPLETION
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
@@ -68,7 +69,9 @@ def load_jsonl(path: str | Path, argument: str = "--data") -> Dataset:
     if not path.is_file():
         raise UserError(f"{argument}: {path} is not a file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" only (JSONL), not at every break splitlines() or universal newlines know: JSON
+        # strings may hold U+2028 or U+0085, and a lone "\r" is whitespace between JSON tokens.
+        lines = path.read_bytes().decode("utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{argument}: cannot read {path}: {e}") from None
     kind, examples = None, []
@@ -80,7 +83,17 @@ def load_jsonl(path: str | Path, argument: str = "--data") -> Dataset:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{where}: JSON nested too deeply to read") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise UserError(f"{where}: cannot read this JSON ({str(e).split(':')[0]})") from None
         this = _record_kind(obj, where)
+        for key in (("text",) if this == TEXT else ("prompt", "completion")):
+            try:  # JSON escapes can spell lone surrogates, which no tokenizer takes
+                obj[key].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"{where}: '{key}' holds the unpaired surrogate {e.object[e.start]!r}, "
+                                f"which is not text") from None
         if kind is None:
             kind = this
         elif this != kind:

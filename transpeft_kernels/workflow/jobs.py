@@ -27,8 +27,31 @@ def _probability(name: str, value: float, upper_inclusive: bool) -> None:
 def _positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if value is None or value <= 0 or (isinstance(value, float) and math.isnan(value)):
-        raise UserError(f"{name}: expected a positive number, got {value}")
+    if value is None or not 0 < value < math.inf:  # NaN and inf fail too
+        raise UserError(f"{name}: expected a positive finite number, got {value}")
+
+
+def _max_length(value) -> None:
+    _positive("--max-length", value)
+    if value < 4:  # a prompt token, a completion token and EOS at least (training.encode)
+        raise UserError(f"--max-length: expected at least 4 tokens, got {value}")
+
+
+def check_writable(argument: str, path: Path) -> None:
+    """UserError unless files can be made in the directory ``path``, or in its nearest existing parent when it
+    does not exist yet. Tried with an unnamed temporary file: permission bits do not stop root, and a read-only
+    mount stops everyone."""
+    import tempfile
+
+    here = path
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise UserError(f"{argument}: cannot create {path}: {here} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=here).close()
+    except OSError as e:
+        raise UserError(f"{argument}: cannot write in {here}: {e.strerror or e}") from None
 
 
 @dataclass(frozen=True)
@@ -62,7 +85,17 @@ class TrainRequest:
         d = asdict(self)
         for k in ("out", "progress", "checkpoint_every", "resume"):
             d.pop(k)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        # The same files however they are spelled; the data by content, as it is cheap to hash.
+        d["base"] = str(Path(self.base).resolve())
+        d["data"] = str(Path(self.data).resolve())
+        import hashlib
+
+        try:
+            d["data_sha256"] = hashlib.sha256(Path(self.data).read_bytes()).hexdigest()
+        except OSError:  # reported by the data check, which names the argument
+            d["data_sha256"] = None
+        return d
 
 
 def _check_targets(targets, shapes: dict, base_name: str) -> None:
@@ -87,9 +120,9 @@ def train(req: TrainRequest, log=print) -> dict:
     _probability("--dropping", req.dropping, upper_inclusive=True)
     _probability("--lora-dropout", req.lora_dropout, upper_inclusive=False)
     for name, value in (("--r", req.r), ("--alpha", req.alpha), ("--epochs", req.epochs), ("--lr", req.lr),
-                        ("--batch-size", req.batch_size), ("--grad-accum", req.grad_accum),
-                        ("--max-length", req.max_length)):
+                        ("--batch-size", req.batch_size), ("--grad-accum", req.grad_accum)):
         _positive(name, value)
+    _max_length(req.max_length)
     _positive("--max-steps", req.max_steps, allow_none=True)
     if not isinstance(req.checkpoint_every, int) or req.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every: expected a number of steps >= 0 (0: no checkpoints), got {req.checkpoint_every}")
@@ -102,25 +135,25 @@ def train(req: TrainRequest, log=print) -> dict:
     out = Path(req.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} exists and is not a directory")
-    from .checkpoint import Checkpointing, load as load_checkpoint
-
-    checkpointing = Checkpointing(out / "checkpoint", req.checkpoint_every, req.arguments(), req.resume)
-    if req.resume:
-        load_checkpoint(checkpointing)  # a missing or mismatched checkpoint fails here, before any weights load
     dataset = load_jsonl(req.data, "--data")
     spec = resolve_base(req.base, "--base")
     config = load_config(spec)
     tokenizer = load_tokenizer(spec)
     _check_targets(req.targets, module_shapes(config), spec.display)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot create {out}: {e}") from None
+    from .checkpoint import Checkpointing, load as load_checkpoint
+
+    checkpointing = None
+    if req.checkpoint_every or req.resume:
+        checkpointing = Checkpointing(out / "checkpoint", req.checkpoint_every, req.arguments(), req.resume)
+    if req.resume:
+        load_checkpoint(checkpointing)  # a missing or mismatched checkpoint fails here, before any weights load
+    check_writable("--out", out)  # created once the base has loaded: a base that fails to load leaves nothing
 
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(spec).to(device)
+    out.mkdir(parents=True, exist_ok=True)
     log(f"base: {spec.display} ({config.model_type}, {config.num_hidden_layers} layers); data: {dataset.source} "
         f"({len(dataset)} {dataset.kind} records)")
     targets = "all-linear" if list(req.targets) == ["all-linear"] else tuple(req.targets)
@@ -132,12 +165,13 @@ def train(req: TrainRequest, log=print) -> dict:
     peft_model, train_log, report = train_adapter(model, tokenizer, dataset, adapter, loop, req.max_length,
                                                   desc="train", progress=req.progress, checkpointing=checkpointing)
     log(str(report) if report is not None else "not patched: masking = dropping = 0 (vanilla LoRA)")
-    # the weights first, the config last: a directory with adapter_config.json holds a whole adapter
-    with atomic_files(out, last=("adapter_config.json",)) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
     record = train_log.to_json()
     record.update(base=spec.display, data=str(req.data), patch_report=None if report is None else str(report))
-    atomic_write_json(out / "train_log.json", record, indent=2)
+    # One publish for the adapter and its log, the config last: a directory with adapter_config.json
+    # holds a whole adapter, and the log beside it is that adapter's.
+    with atomic_files(out, last=("adapter_config.json",)) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        atomic_write_json(tmp / "train_log.json", record, indent=2)
     log(f"loss {record['first_loss']:.4f} -> {record['last_loss']:.4f} over {train_log.steps} steps, "
         f"{train_log.tokens_per_s:,.0f} tokens/s; adapter and train_log.json in {out}")
     return record
@@ -162,27 +196,33 @@ def transfer(req: TransferRequest, log=print) -> tuple[dict, bool]:
 
     from .bases import load_config, load_model, load_tokenizer, module_shapes, resolve_base
     from .data import load_jsonl
-    from .transfer import check_adapter, evaluate_adapters, format_table, read_adapter, retention
+    from .transfer import check_adapter, check_adapter_config, evaluate_adapters, format_table, read_adapter, retention
 
     require("peft", "adapters are loaded with PEFT")
     if not req.adapters:
         raise UserError("ADAPTER_DIR: give at least one adapter directory")
     if req.min_retention is not None and (math.isnan(req.min_retention) or req.min_retention < 0):
         raise UserError(f"--min-retention: expected a non-negative number, got {req.min_retention}")
-    _positive("--max-length", req.max_length)
+    _max_length(req.max_length)
+    _positive("--batch-size", req.batch_size)
     if req.json_out is not None:
         parent = Path(req.json_out).resolve().parent
         if not parent.is_dir():
             raise UserError(f"--json: the directory {parent} does not exist")
+        if Path(req.json_out).is_dir():
+            raise UserError(f"--json: {req.json_out} is a directory (give a file name)")
+        check_writable("--json", parent)
     dataset = load_jsonl(req.data, "--data")
-    bases = {}
+    bases, configs = {}, {}
     for label, path, arg in (("old", req.old_base, "--old-base"), ("new", req.new_base, "--new-base")):
         spec = resolve_base(path, arg)
-        bases[label] = (spec, load_tokenizer(spec), module_shapes(load_config(spec)))
+        configs[label] = load_config(spec)
+        bases[label] = (spec, load_tokenizer(spec), module_shapes(configs[label]))
     infos = [read_adapter(a) for a in req.adapters]
     for info in infos:
-        for spec, _, shapes in bases.values():
+        for label, (spec, _, shapes) in bases.items():
             check_adapter(info, shapes, spec.display)
+            check_adapter_config(info, configs[label], spec.display)
 
     names = {str(info.path): info.path for info in infos}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -38,7 +38,7 @@ def read_adapter(path: str | Path, argument: str = "ADAPTER_DIR") -> AdapterInfo
         raise UserError(f"{argument}: {path} has no adapter_config.json (not a PEFT adapter)")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
         raise UserError(f"{argument}: cannot read {cfg_path}: {e}") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise UserError(f"{argument}: {cfg_path} is not a PEFT adapter config (no peft_type)")
@@ -93,6 +93,35 @@ def check_adapter(info: AdapterInfo, base_shapes: dict[str, tuple[int, int]], ba
         if want != got:
             raise UserError(f"{argument}: {info.path} does not fit the base {base_name}: '{module}' has {what} size "
                             f"{got} in the adapter and {want} in the base (an adapter for another hidden size?)")
+
+
+def check_adapter_config(info: AdapterInfo, base_config, base_name: str, argument: str = "ADAPTER_DIR") -> None:
+    """Raise UserError unless PEFT can build the LoRA adapter that ``adapter_config.json`` describes on the base
+    (on the meta device: no memory, no weights) with the shapes of the saved tensors. Catches what loading would
+    otherwise fail on after the bases' weights load: fields of the wrong type, another rank than the tensors'."""
+    import torch
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from .bases import _first_line
+
+    cfg_path = info.path / "adapter_config.json"
+    peft_type, r = info.config.get("peft_type"), info.config.get("r", 8)
+    if peft_type != "LORA":
+        raise UserError(f"{argument}: {cfg_path} has peft_type {peft_type!r}; only LoRA adapters (\"LORA\") are supported")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UserError(f"{argument}: {cfg_path}: 'r' (the LoRA rank) must be a positive integer, got {r!r}")
+    try:
+        with torch.device("meta"):
+            model = PeftModel(AutoModelForCausalLM.from_config(base_config), PeftConfig.from_pretrained(str(info.path)))
+        built = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    except Exception as e:  # PEFT raises TypeError, ValueError, KeyError, AttributeError... for bad fields
+        raise UserError(f"{argument}: {cfg_path} is not a LoRA config PEFT can apply to {base_name}: "
+                        f"{_first_line(e)}") from None
+    for key, shape in info.shapes.items():
+        if key in built and built[key] != shape:
+            raise UserError(f"{argument}: {info.weights} does not match {cfg_path.name}: '{key}' has shape "
+                            f"{list(shape)} in the file and {list(built[key])} by the config (another rank?)")
 
 
 def retention(old: dict, new: dict) -> float | None:
