@@ -140,12 +140,14 @@ def test_jsonl_round_trip_ignores_a_torn_last_line(tmp_path):
 
 
 def test_commit_from_env_or_file(tmp_path, monkeypatch):
-    monkeypatch.setenv(records.COMMIT_ENV, "deadbeef")
+    from transpeft_kernels import provenance
+
+    monkeypatch.setenv(provenance.COMMIT_ENV, "deadbeef")
     assert records.commit(tmp_path) == "deadbeef"
-    monkeypatch.delenv(records.COMMIT_ENV)
-    (tmp_path / records.COMMIT_FILE).write_text("cafe123\n")
+    monkeypatch.delenv(provenance.COMMIT_ENV)
+    (tmp_path / provenance.COMMIT_FILE).write_text("cafe123\n")
     assert records.commit(tmp_path) == "cafe123"
-    (tmp_path / records.COMMIT_FILE).unlink()
+    (tmp_path / provenance.COMMIT_FILE).unlink()
     assert records.commit(tmp_path) == "unknown"  # not a git checkout
 
 

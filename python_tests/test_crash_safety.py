@@ -292,7 +292,8 @@ def test_demo_rerun_reuses_finished_cells(tmp_path, capsys):
 # ---- the benchmark runner keeps finished cases -----------------------------------------------------
 def test_bench_resume_keeps_finished_cases_and_drops_a_torn_line(tmp_path, monkeypatch):
     from transpeft_kernels.bench import cases
-    from transpeft_kernels.bench.records import COMMIT_ENV, read_jsonl
+    from transpeft_kernels.bench.records import read_jsonl
+    from transpeft_kernels.provenance import COMMIT_ENV
 
     monkeypatch.setenv(COMMIT_ENV, "under-test")  # records of other code are not resumed; a commit meanwhile is not this test's
     from transpeft_kernels.bench.suite import run_suite

@@ -7,6 +7,7 @@ intermediate width, r LoRA rank.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +110,25 @@ def split_gate_up(outs, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, u) from the gate/up projection outputs: the two of SPLIT, or the halves of FUSED_GATE_UP's
     one (..., 2I) output, gate first (views, no copy)."""
     return tuple(outs[0].chunk(2, dim=-1)) if layout is Layout.FUSED_GATE_UP else (outs[0], outs[1])
+
+
+# ---- argument checks shared by patch() and the commands ------------------------------------------
+def type_name(value) -> str:
+    """``str``, or ``numpy.float32`` for types outside builtins (numpy calls its bool ``bool`` too)."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def check_probability(name: str, value, upper_inclusive: bool) -> float:
+    """``value`` as a float in [0, 1) (or [0, 1]); TypeError or ValueError naming ``name`` and the interval."""
+    interval = "[0, 1]" if upper_inclusive else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float in {interval}, got {type_name(value)} {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}") from None
+    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
+    if not ok or math.isnan(value):
+        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
+    return value

@@ -15,60 +15,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
+from ..provenance import commit, environment  # noqa: F401  (part of this module's API)
 
 REQUIRED_FIELDS = (
     "op", "pass", "impl", "status", "dtype", "M", "d", "n", "I", "r", "masking", "lora_dropout", "median_ms",
     "peak_mem_bytes", "saved_bytes", "speedup_vs_vanilla", "gpu", "torch", "triton", "cuda", "commit",
 )
-COMMIT_ENV = "TPK_COMMIT"
-COMMIT_FILE = "COMMIT"  # at the repository root, for machines without git
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or broken: the record says so by None
-        return None
-
-
-def commit(repo: Path | None = None) -> str:
-    """The source version measured: $TPK_COMMIT, else a COMMIT file at the repo root, else git
-    (with "-dirty" when the tree has uncommitted changes), else "unknown"."""
-    repo = repo or Path(__file__).resolve().parents[2]
-    if os.environ.get(COMMIT_ENV):
-        return os.environ[COMMIT_ENV].strip()
-    f = repo / COMMIT_FILE
-    if f.is_file() and f.read_text().strip():
-        return f.read_text().strip()
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0 or not head.stdout.strip():
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: torch.device) -> dict:
-    """What every record carries about where and with what it was measured."""
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-    else:
-        gpu = None
-    return {
-        "device": device.type, "gpu": gpu, "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda,
-        "transformers": _version("transformers"), "peft": _version("peft"), "commit": commit(),
-    }
 
 
 def make_record(env: dict, preset: str, **fields) -> dict:

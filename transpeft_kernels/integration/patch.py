@@ -6,7 +6,6 @@ before anything is modified, so a failed call leaves the model as it was.
 """
 from __future__ import annotations
 
-import math
 import types
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from ..reference.activations import CONFIG_NAMES, activation_from_config_name
 from .families import FAMILIES, Family
 from .mlp_forward import MLPPatch, Settings, patched_forward
 from .projections import read_projection
+from ..specs import check_probability, type_name
 from .report import PatchReport
 
 _ATTR = "_transpeft"
@@ -28,31 +28,11 @@ class _Target:
     mlp: nn.Module
 
 
-def _type_name(value) -> str:
-    """``str``, or ``numpy.float32`` for types outside builtins (numpy calls its bool ``bool`` too)."""
-    t = type(value)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def _check_probability(name: str, value, upper_inclusive: bool) -> float:
-    interval = "[0, 1]" if upper_inclusive else "[0, 1)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float in {interval}, got {_type_name(value)} {value!r}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond float range
-        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}") from None
-    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-    if not ok or math.isnan(value):
-        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
-    return value
-
-
 def _settings(masking, dropping, mask_scale, backend) -> Settings:
-    masking = _check_probability("masking", masking, upper_inclusive=False)
-    dropping = _check_probability("dropping", dropping, upper_inclusive=True)
+    masking = check_probability("masking", masking, upper_inclusive=False)
+    dropping = check_probability("dropping", dropping, upper_inclusive=True)
     if not isinstance(mask_scale, bool):
-        raise TypeError(f"mask_scale: expected bool (True or False), got {_type_name(mask_scale)} {mask_scale!r}")
+        raise TypeError(f"mask_scale: expected bool (True or False), got {type_name(mask_scale)} {mask_scale!r}")
     backend = validate_backend_name(backend)
     if backend != "auto":
         check_available(backend)
@@ -107,11 +87,11 @@ def _select_layers(layers, n: int) -> list[int]:
         return list(range(n))
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
         raise TypeError(f"layers: expected an iterable of decoder-layer indices in [0, {n}) or None, "
-                        f"got {_type_name(layers)}")
+                        f"got {type_name(layers)}")
     chosen = []
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layers: expected int indices in [0, {n}), got {_type_name(i)} {i!r}")
+            raise TypeError(f"layers: expected int indices in [0, {n}), got {type_name(i)} {i!r}")
         if not 0 <= i < n:
             raise ValueError(f"layers: index {i} is outside [0, {n}) for this model's {n} decoder layers")
         chosen.append(i)

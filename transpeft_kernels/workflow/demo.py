@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -111,29 +110,10 @@ def _device_and_dtype():
     return torch.device("cpu"), torch.float32
 
 
-def environment() -> dict:
-    """Versions and hardware the numbers were measured on."""
-    import peft
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, log=print) -> dict:
     """Run the whole demo into ``out`` and return the results dict also written to ``out/results.json``."""
     from ..integration import is_patched
+    from ..provenance import environment
     from .bases import demo_old_base, load_model, load_tokenizer, resolve_base
     from .chart import save_chart
     from .corpus import fingerprint, stdlib_docs
@@ -300,7 +280,7 @@ def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, l
                      "adapter_training": asdict(cfg.adapter_loop), "max_length": cfg.max_length,
                      "device": str(device), "dtype": str(dtype).replace("torch.", "")},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "environment": environment(),
+        "environment": environment(device),
     }
     atomic_write_json(out / "results.json", results, indent=2)
     try:

@@ -19,9 +19,12 @@ def require(module: str, why: str) -> None:
 
 
 def _probability(name: str, value: float, upper_inclusive: bool) -> None:
-    ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-    if math.isnan(value) or not ok:
-        raise UserError(f"{name}: expected a value in [0, 1{']' if upper_inclusive else ')'}, got {value}")
+    from ..specs import check_probability
+
+    try:
+        check_probability(name, value, upper_inclusive)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
