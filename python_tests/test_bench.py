@@ -126,7 +126,7 @@ def test_speedups_are_vanilla_over_own_median():
     records.add_speedups(recs)
     assert [r["speedup_vs_vanilla"] for r in recs] == [1.0, 2.5, 5.0, None]
     assert all(k in recs[0] for k in records.REQUIRED_FIELDS)
-    text = table.format_table(recs)
+    text = table.records_table(recs)
     assert "4.000 (2.50x)" in text and "10.000" in text
     assert any("Test GPU" in line for line in table.summary_lines(recs))
 

@@ -19,7 +19,7 @@ from .impls import IMPL_NAMES
 from .op_runner import run_case
 from ..atomic_io import atomic_write_text
 from .records import append_jsonl, environment, make_record, read_jsonl
-from .table import format_table, summary_lines
+from .table import records_table, summary_lines
 from .train import TRAIN_IMPLS, run_train_case
 
 RESULTS = "results.jsonl"
@@ -147,7 +147,7 @@ def _run(preset, cases, impls, device, out_dir: Path, budget_s, log, resume: boo
             r["case_key"] = case.key
         append_jsonl(jsonl, recs)
         records += recs
-    table = format_table(records)
+    table = records_table(records)
     atomic_write_text(out_dir / "table.txt", table + "\n\n" + "\n".join(summary_lines(records)) + "\n")
     try:
         chart = write_chart(records, out_dir)

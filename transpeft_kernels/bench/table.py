@@ -31,7 +31,7 @@ def _cell(r: dict | None) -> str:
     return text
 
 
-def format_table(records: list[dict]) -> str:
+def records_table(records: list[dict]) -> str:
     """The table of ``records`` (any mix of ops and presets), rows in first-seen order."""
     if not records:
         return "(no records)"

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _redraw(path: Path, out: Path) -> int:
     from ..bench.chart import write_chart
     from ..bench.records import read_jsonl
-    from ..bench.table import format_table, summary_lines
+    from ..bench.table import records_table, summary_lines
 
     if not path.is_file():
         raise ValueError(f"--chart-from: no such file: {path}")
@@ -44,7 +44,7 @@ def _redraw(path: Path, out: Path) -> int:
     if not records:
         raise ValueError(f"--chart-from: no records in {path}")
     print(f"chart: {write_chart(records, out)}")
-    print(format_table(records))
+    print(records_table(records))
     print("\n".join(summary_lines(records)))
     return 0
 

@@ -83,19 +83,16 @@ def _prepare(case, impl):
 
 
 def format_table(records: list[dict]) -> str:
-    header = ("op", "r", "q", "adapters", "impl", "ms (model)", "x floor", "x vanilla", "launches", "GB moved",
-              "extra GB", "syncs", "h2d")
-    rows = [header]
-    for r in records:
-        rows.append((r["op"], str(r["r"]), str(r["lora_dropout"]), r["adapter_dtype"].replace("float", "fp"), r["impl"],
-                     f"{r['predicted_ms']:.3f}", f"{r['ratio_vs_floor']:.2f}" if r["ratio_vs_floor"] else "-",
-                     f"{r['speedup_vs_vanilla']:.2f}" if r["speedup_vs_vanilla"] else "-", str(r["launches"]),
-                     f"{(r['bytes_read'] + r['bytes_written']) / 1e9:.2f}",
-                     f"{r['extra_bytes_vs_floor'] / 1e9:.2f}" if r["extra_bytes_vs_floor"] is not None else "-",
-                     str(r["host_syncs"]), str(r["h2d_copies"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if i >= 5 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in rows)
+    from ..text_table import format_table as table
+
+    header = ["op", "r", "q", "adapters", "impl", "ms (model)", "x floor", "x vanilla", "launches", "GB moved",
+              "extra GB", "syncs", "h2d"]
+    rows = [[r["op"], r["r"], r["lora_dropout"], r["adapter_dtype"].replace("float", "fp"), r["impl"],
+             r["predicted_ms"], r["ratio_vs_floor"], r["speedup_vs_vanilla"], r["launches"],
+             round((r["bytes_read"] + r["bytes_written"]) / 1e9, 2),
+             None if r["extra_bytes_vs_floor"] is None else round(r["extra_bytes_vs_floor"] / 1e9, 2),
+             r["host_syncs"], r["h2d_copies"]] for r in records]
+    return table(rows, header)
 
 
 def _predict_case(case, impls, dev) -> dict:
