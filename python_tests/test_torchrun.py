@@ -1,5 +1,5 @@
-"""Scaling out under torchrun (and accelerate launch): DDP (find_unused_parameters False and True) and
-FSDP2, two CPU ranks over gloo, adapters on the FFN projections. Time-bounded: a hang fails the test."""
+"""Scaling out under torchrun (and accelerate launch): DDP (find_unused_parameters False and True),
+FSDP2 and DeepSpeed ZeRO-2/3, two CPU ranks over gloo, adapters on the FFN projections. Time-bounded: a hang fails the test."""
 import os
 import shutil
 import socket
@@ -31,8 +31,16 @@ def _launch(out: Path, mode: str, nproc: int, *extra: str, launcher=None, env=No
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp_unused", "fsdp2"])
+def _available(mode: str) -> None:
+    """DeepSpeed ZeRO-2/3 (its CPU accelerator over gloo) when deepspeed is installed. Under ZeRO-3 the
+    sharded projections run their own forward (which gathers the weights); the mask still applies."""
+    if mode.startswith("zero"):
+        pytest.importorskip("deepspeed")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ddp_unused", "fsdp2", "zero2", "zero3"])
 def test_ranks_agree_with_masking_and_dropping(tmp_path, mode):
+    _available(mode)
     ranks = _launch(tmp_path, mode, 2)
     assert ranks[0]["ran"] == ranks[1]["ran"], "dropping decisions differ between ranks"
     assert len(ranks[0]["ran"]) < 2 * 4, "no FFN was skipped: dropping was not exercised"
@@ -40,8 +48,9 @@ def test_ranks_agree_with_masking_and_dropping(tmp_path, mode):
         torch.testing.assert_close(p, ranks[1]["params"][name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "zero2", "zero3"])
 def test_data_parallel_equals_single_process_without_masking_and_dropping(tmp_path, mode):
+    _available(mode)
     flags = ("--masking", "0", "--dropping", "0")
     single = _launch(tmp_path / "single", "single", 1, *flags)[0]
     parallel = _launch(tmp_path / mode, mode, 2, *flags)[0]
@@ -62,24 +71,3 @@ def test_accelerate_launch(tmp_path):
     for name, p in ranks[0]["params"].items():
         torch.testing.assert_close(p, ranks[1]["params"][name], atol=0, rtol=0)
 
-
-@pytest.mark.parametrize("mode", ["zero2", "zero3"])
-def test_deepspeed_zero_ranks_agree_with_masking_and_dropping(tmp_path, mode):
-    """DeepSpeed ZeRO-2 and ZeRO-3 on its CPU accelerator over gloo. Under ZeRO-3 the sharded
-    projections run their own forward (which gathers the weights) and the mask still applies."""
-    pytest.importorskip("deepspeed")
-    ranks = _launch(tmp_path, mode, 2)
-    assert ranks[0]["ran"] == ranks[1]["ran"], "dropping decisions differ between ranks"
-    assert len(ranks[0]["ran"]) < 2 * 4, "no FFN was skipped: dropping was not exercised"
-    for name, p in ranks[0]["params"].items():
-        torch.testing.assert_close(p, ranks[1]["params"][name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("mode", ["zero2", "zero3"])
-def test_deepspeed_zero_equals_single_process_without_masking_and_dropping(tmp_path, mode):
-    pytest.importorskip("deepspeed")
-    flags = ("--masking", "0", "--dropping", "0")
-    single = _launch(tmp_path / "single", "single", 1, *flags)[0]
-    parallel = _launch(tmp_path / mode, mode, 2, *flags)[0]
-    for name, p in single["params"].items():
-        torch.testing.assert_close(parallel["params"][name], p, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
