@@ -11,9 +11,10 @@ import sys
 import warnings
 
 from .commands import bench, build_cuda, compile_check, demo, model, quickstart, train, transfer
+from .commands import study
 from .errors import UserError
 
-COMMANDS = [demo, train, transfer, quickstart, bench, compile_check, build_cuda, model]
+COMMANDS = [demo, train, transfer, quickstart, bench, compile_check, build_cuda, model, study]
 DEFAULT_COMMAND = demo.NAME
 
 
