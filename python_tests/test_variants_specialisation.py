@@ -8,7 +8,8 @@ recorded with a pre-run hook (interpreter on CPU; compiled kernels on a GPU), wi
 row-major contiguous tensors and no dimension of size 1. A launch is keyed by its kernel, its phase
 (forward, or under a ``*_bwd`` method of the ops layer) and the constexpr flags that decide which
 operands exist; each variant's unit strides must equal the int arguments equal to 1 of the
-launches with its key."""
+launches with its key. The arguments that launches pass as Python floats must be the ones
+variants.FLOAT_ARGS compiles as fp32."""
 import os
 import sys
 
@@ -72,11 +73,13 @@ def _leaves(x, w: GatedMLPWeights):
 
 
 @pytest.fixture(scope="module")
-def launches():
-    """{key: {frozenset of the int args equal to 1}} over the recorded launches."""
+def recorded_launches():
+    """({key: {frozenset of the int args equal to 1}}, {kernel: {frozenset of the float args}}) over the
+    recorded launches."""
     import importlib
 
     recorded: dict = {}
+    floats: dict = {}
     kernels = {}
     for name, mod in MODULES.items():
         kernels[name] = getattr(importlib.import_module(f"transpeft_kernels.kernels.triton.{mod}"), name)
@@ -85,6 +88,7 @@ def launches():
         def hook(*args, **kwargs):
             ones = frozenset(n for n, v in zip(fn.arg_names, args) if type(v) is int and v == 1)
             recorded.setdefault(_key(name, _phase(), kwargs), set()).add(ones)
+            floats.setdefault(name, set()).add(frozenset(n for n, v in zip(fn.arg_names, args) if type(v) is float))
         return hook
 
     saved = {name: fn.pre_run_hooks for name, fn in kernels.items()}
@@ -116,7 +120,12 @@ def launches():
     finally:
         for name, fn in kernels.items():
             fn.pre_run_hooks = saved[name]
-    return recorded
+    return recorded, floats
+
+
+@pytest.fixture(scope="module")
+def launches(recorded_launches):
+    return recorded_launches[0]
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
@@ -143,3 +152,14 @@ def test_elementwise_variants_have_no_unit_strides():
     assert acts and all(v.unit_strides == () for v in acts)
     assert all(v.elements_per_thread == v.constexprs["BLOCK_M"] * v.constexprs["BLOCK_N"] // (32 * v.num_warps)
                for v in acts)
+
+
+def test_float_arguments_are_what_real_launches_pass(recorded_launches):
+    # compile-check compiles FLOAT_ARGS as fp32 and every other scalar as an int: a launch passing a
+    # Python int there would run another specialisation than the one checked
+    from transpeft_kernels.kernels.triton.variants import FLOAT_ARGS
+
+    floats = recorded_launches[1]
+    for kernel, names in FLOAT_ARGS.items():
+        name = kernel.rsplit(".", 1)[1]
+        assert floats[name] == {frozenset(names)}, (kernel, [sorted(f) for f in floats[name]])

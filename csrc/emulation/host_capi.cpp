@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "transpeft/capi.h"
+#include "transpeft/capi_layout.h"
 #include "transpeft/fused_math.h"
 
 namespace {
@@ -26,8 +27,8 @@ struct Mask {
   float at(uint64_t offset) const { return keep_factor(on, seed, offset, p, kept); }
 };
 
-Mask make_mask(float p, float kept, const int64_t* seed, int32_t on) {
-  return Mask{on != 0, on ? static_cast<uint64_t>(*seed) : 0u, p, kept};
+Mask make_mask(const TranspeftRandomMask& m) {
+  return Mask{m.on != 0, m.on ? static_cast<uint64_t>(*m.seed) : 0u, m.p, m.kept};
 }
 
 template <typename T>
@@ -61,24 +62,31 @@ bool adapter_ok(int32_t a_dtype, int32_t dtype) { return a_dtype == 0 || a_dtype
 
 extern "C" int transpeft_cuda_abi_version(void) { return TRANSPEFT_CUDA_ABI_VERSION; }
 
+extern "C" int64_t transpeft_cuda_struct_size(const char* name) {
+  return transpeft::abi::layout_value(name, nullptr);
+}
+
+extern "C" int64_t transpeft_cuda_field_offset(const char* name, const char* field) {
+  return field == nullptr ? -1 : transpeft::abi::layout_value(name, field);
+}
+
 extern "C" const char* transpeft_cuda_error_string(int error) {
   return error == kSuccess ? "no error" : error == kInvalidValue ? "invalid argument" : "unknown error";
 }
 
-extern "C" int transpeft_masked_gated_act_fwd(const void* g, int64_t ldg, const void* u, int64_t ldu, void* h,
-                                              int64_t ldh, int64_t M, int64_t I, int32_t dtype, int32_t activation,
-                                              float mask_p, float mask_kept, const int64_t* mask_seed,
-                                              int32_t mask_on, const void* a_d, int64_t lda, int64_t rank,
-                                              int32_t a_dtype, float drop_q, float drop_kept,
-                                              const int64_t* drop_seed, int32_t drop_on, void* s_d, int64_t lds,
-                                              uint64_t) {
-  if (M < 0 || I < 0 || activation < 0 || activation > 2) return kInvalidValue;
+extern "C" int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, uint64_t) {
+  if (args == nullptr) return kInvalidValue;
+  const TranspeftActFwdArgs& p = *args;
+  const int64_t M = p.M, I = p.I, rank = p.rank;
+  if (M < 0 || I < 0 || p.activation < 0 || p.activation > 2) return kInvalidValue;
   if (M == 0) return kSuccess;
-  if (a_d != nullptr && (rank < 1 || rank > 64 || s_d == nullptr || !adapter_ok(a_dtype, dtype))) return kInvalidValue;
-  const Activation act = static_cast<Activation>(activation);
-  const Mask mask = make_mask(mask_p, mask_kept, mask_seed, mask_on);
-  const Mask drop = a_d != nullptr ? make_mask(drop_q, drop_kept, drop_seed, drop_on) : Mask{false, 0, 0, 1};
-  return with_dtypes(dtype, a_d != nullptr ? a_dtype : dtype, [&](auto tt, auto ta) {
+  if (p.a != nullptr && (rank < 1 || rank > 64 || p.s == nullptr || !adapter_ok(p.a_dtype, p.dtype))) {
+    return kInvalidValue;
+  }
+  const Activation act = static_cast<Activation>(p.activation);
+  const Mask mask = make_mask(p.mask);
+  const Mask drop = p.a != nullptr ? make_mask(p.drop) : Mask{false, 0, 0, 1};
+  return with_dtypes(p.dtype, p.a != nullptr ? p.a_dtype : p.dtype, [&](auto tt, auto ta) {
     using T = decltype(tt);
     using TA = decltype(ta);
     float acc[64];
@@ -86,39 +94,35 @@ extern "C" int transpeft_masked_gated_act_fwd(const void* g, int64_t ldg, const 
       for (int64_t k = 0; k < rank; ++k) acc[k] = 0.0f;
       for (int64_t j = 0; j < I; ++j) {
         const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(I) + static_cast<uint64_t>(j);
-        const float hv = masked_gated_act_value<T>(act, ld<T>(g, i * ldg + j), ld<T>(u, i * ldu + j), mask.at(off));
-        st<T>(h, i * ldh + j, hv);
-        if (a_d != nullptr) {
+        const float hv = masked_gated_act_value<T>(act, ld<T>(p.g, i * p.ldg + j), ld<T>(p.u, i * p.ldu + j),
+                                                   mask.at(off));
+        st<T>(p.h, i * p.ldh + j, hv);
+        if (p.a != nullptr) {
           const float xd = lora_input<TA>(hv, drop.at(off));
-          for (int64_t k = 0; k < rank; ++k) acc[k] += xd * ld<TA>(a_d, k * lda + j);
+          for (int64_t k = 0; k < rank; ++k) acc[k] += xd * ld<TA>(p.a, k * p.lda + j);
         }
       }
-      if (a_d != nullptr) {
-        for (int64_t k = 0; k < rank; ++k) st<TA>(s_d, i * lds + k, acc[k]);
+      if (p.a != nullptr) {
+        for (int64_t k = 0; k < rank; ++k) st<TA>(p.s, i * p.lds + k, acc[k]);
       }
     }
     return kSuccess;
   });
 }
 
-extern "C" int transpeft_masked_gated_act_bwd(const void* dh_base, int64_t lddh, const void* g, int64_t ldg,
-                                              const void* u, int64_t ldu, void* dg, int64_t lddg, void* du,
-                                              int64_t lddu, int64_t M, int64_t I, int32_t dtype, int32_t activation,
-                                              float mask_p, float mask_kept, const int64_t* mask_seed,
-                                              int32_t mask_on, const void* t_d, int64_t ldt, const void* a_d,
-                                              int64_t lda, int64_t rank, int32_t a_dtype, float scaling,
-                                              float drop_q, float drop_kept, const int64_t* drop_seed,
-                                              int32_t drop_on, void* h_out, int64_t ldh_out, void* xd_out,
-                                              int64_t ldxd, uint64_t) {
-  if (M < 0 || I < 0 || activation < 0 || activation > 2) return kInvalidValue;
+extern "C" int transpeft_masked_gated_act_bwd(const TranspeftActBwdArgs* args, uint64_t) {
+  if (args == nullptr) return kInvalidValue;
+  const TranspeftActBwdArgs& p = *args;
+  const int64_t M = p.M, I = p.I, rank = p.rank;
+  if (M < 0 || I < 0 || p.activation < 0 || p.activation > 2) return kInvalidValue;
   if (M == 0 || I == 0) return kSuccess;
-  if (t_d != nullptr && (a_d == nullptr || rank < 1 || rank > 64)) return kInvalidValue;
-  const bool has_a = t_d != nullptr || xd_out != nullptr;
-  if (has_a && !adapter_ok(a_dtype, dtype)) return kInvalidValue;
-  const Activation act = static_cast<Activation>(activation);
-  const Mask mask = make_mask(mask_p, mask_kept, mask_seed, mask_on);
-  const Mask drop = make_mask(drop_q, drop_kept, drop_seed, drop_on);
-  return with_dtypes(dtype, has_a ? a_dtype : dtype, [&](auto tt, auto ta) {
+  if (p.t != nullptr && (p.a == nullptr || rank < 1 || rank > 64)) return kInvalidValue;
+  const bool has_a = p.t != nullptr || p.xd_out != nullptr;
+  if (has_a && !adapter_ok(p.a_dtype, p.dtype)) return kInvalidValue;
+  const Activation act = static_cast<Activation>(p.activation);
+  const Mask mask = make_mask(p.mask);
+  const Mask drop = make_mask(p.drop);
+  return with_dtypes(p.dtype, has_a ? p.a_dtype : p.dtype, [&](auto tt, auto ta) {
     using T = decltype(tt);
     using TA = decltype(ta);
     for (int64_t i = 0; i < M; ++i) {
@@ -126,21 +130,21 @@ extern "C" int transpeft_masked_gated_act_bwd(const void* dh_base, int64_t lddh,
         const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(I) + static_cast<uint64_t>(j);
         const float m = mask.at(off);
         const float d = drop.at(off);
-        const float gv = ld<T>(g, i * ldg + j);
-        const float uv = ld<T>(u, i * ldu + j);
-        float dh = ld<T>(dh_base, i * lddh + j);
-        if (t_d != nullptr) {
+        const float gv = ld<T>(p.g, i * p.ldg + j);
+        const float uv = ld<T>(p.u, i * p.ldu + j);
+        float dh = ld<T>(p.dh, i * p.lddh + j);
+        if (p.t != nullptr) {
           float z = 0.0f;
-          for (int64_t k = 0; k < rank; ++k) z += ld<TA>(t_d, i * ldt + k) * ld<TA>(a_d, k * lda + j);
-          dh = lora_grad_sum<T, TA>(dh, z, scaling, d);
+          for (int64_t k = 0; k < rank; ++k) z += ld<TA>(p.t, i * p.ldt + k) * ld<TA>(p.a, k * p.lda + j);
+          dh = lora_grad_sum<T, TA>(dh, z, p.scaling, d);
         }
         const GatedGrads gr = masked_gated_act_grads(act, dh, gv, uv, m);
-        st<T>(dg, i * lddg + j, gr.dg);
-        st<T>(du, i * lddu + j, gr.du);
-        if (h_out != nullptr || xd_out != nullptr) {
+        st<T>(p.dg, i * p.lddg + j, gr.dg);
+        st<T>(p.du, i * p.lddu + j, gr.du);
+        if (p.h_out != nullptr || p.xd_out != nullptr) {
           const float hv = masked_gated_act_value<T>(act, gv, uv, m);
-          if (h_out != nullptr) st<T>(h_out, i * ldh_out + j, hv);
-          if (xd_out != nullptr) st<TA>(xd_out, i * ldxd + j, lora_input<TA>(hv, d));
+          if (p.h_out != nullptr) st<T>(p.h_out, i * p.ldh_out + j, hv);
+          if (p.xd_out != nullptr) st<TA>(p.xd_out, i * p.ldxd + j, lora_input<TA>(hv, d));
         }
       }
     }
@@ -148,67 +152,65 @@ extern "C" int transpeft_masked_gated_act_bwd(const void* dh_base, int64_t lddh,
   });
 }
 
-extern "C" int transpeft_lora_shrink(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype, const void* a,
-                                     int64_t sar, int64_t sak, int32_t a_dtype, void* s, int64_t lds, int64_t M,
-                                     int64_t K, int64_t R, float drop_q, float drop_kept, const int64_t* drop_seed,
-                                     int32_t drop_on, uint64_t) {
-  if (M < 0 || K < 0 || R < 0) return kInvalidValue;
-  if (M == 0 || R == 0) return kSuccess;
-  const Mask drop = make_mask(drop_q, drop_kept, drop_seed, drop_on);
-  return with_dtypes(x_dtype, a_dtype, [&](auto tx, auto ta) {
+extern "C" int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64_t) {
+  if (args == nullptr) return kInvalidValue;
+  const TranspeftLoraShrinkArgs& p = *args;
+  if (p.M < 0 || p.K < 0 || p.R < 0) return kInvalidValue;
+  if (p.M == 0 || p.R == 0) return kSuccess;
+  const Mask drop = make_mask(p.drop);
+  return with_dtypes(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) {
     using TX = decltype(tx);
     using TA = decltype(ta);
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = 0; i < p.M; ++i) {
+      for (int64_t r = 0; r < p.R; ++r) {
         float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k) {
-          const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(K) + static_cast<uint64_t>(k);
-          acc += lora_input<TA>(ld<TX>(x, i * sxm + k * sxk), drop.at(off)) * ld<TA>(a, r * sar + k * sak);
+        for (int64_t k = 0; k < p.K; ++k) {
+          const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
+          acc += lora_input<TA>(ld<TX>(p.x, i * p.sxm + k * p.sxk), drop.at(off)) * ld<TA>(p.a, r * p.sar + k * p.sak);
         }
-        st<TA>(s, i * lds + r, acc);
+        st<TA>(p.s, i * p.lds + r, acc);
       }
     }
     return kSuccess;
   });
 }
 
-extern "C" int transpeft_lora_expand(void* y, int64_t ldy, int32_t y_dtype, const void* s, int64_t ssm, int64_t ssr,
-                                     const void* b, int64_t sbn, int64_t sbr, int32_t lora_dtype, int64_t M,
-                                     int64_t N, int64_t R, float scaling, int32_t grad_mode, float drop_q,
-                                     float drop_kept, const int64_t* drop_seed, int32_t drop_on, uint64_t) {
-  if (M < 0 || N < 0 || R < 0) return kInvalidValue;
-  if (M == 0 || N == 0) return kSuccess;
-  const Mask drop = make_mask(drop_q, drop_kept, drop_seed, drop_on);
-  return with_dtypes(y_dtype, lora_dtype, [&](auto ty, auto tl) {
+extern "C" int transpeft_lora_expand(const TranspeftLoraExpandArgs* args, uint64_t) {
+  if (args == nullptr) return kInvalidValue;
+  const TranspeftLoraExpandArgs& p = *args;
+  if (p.M < 0 || p.N < 0 || p.R < 0) return kInvalidValue;
+  if (p.M == 0 || p.N == 0) return kSuccess;
+  const Mask drop = make_mask(p.drop);
+  return with_dtypes(p.y_dtype, p.lora_dtype, [&](auto ty, auto tl) {
     using TY = decltype(ty);
     using TL = decltype(tl);
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t n = 0; n < N; ++n) {
+    for (int64_t i = 0; i < p.M; ++i) {
+      for (int64_t n = 0; n < p.N; ++n) {
         float z = 0.0f;
-        for (int64_t r = 0; r < R; ++r) z += ld<TL>(s, i * ssm + r * ssr) * ld<TL>(b, n * sbn + r * sbr);
-        const float yv = ld<TY>(y, i * ldy + n);
-        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(N) + static_cast<uint64_t>(n);
-        st<TY>(y, i * ldy + n, grad_mode ? lora_grad_sum<TY, TL>(yv, z, scaling, drop.at(off))
-                                         : lora_forward_sum<TY, TL>(yv, z, scaling));
+        for (int64_t r = 0; r < p.R; ++r) z += ld<TL>(p.s, i * p.ssm + r * p.ssr) * ld<TL>(p.b, n * p.sbn + r * p.sbr);
+        const float yv = ld<TY>(p.y, i * p.ldy + n);
+        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(p.N) + static_cast<uint64_t>(n);
+        st<TY>(p.y, i * p.ldy + n, p.grad_mode ? lora_grad_sum<TY, TL>(yv, z, p.scaling, drop.at(off))
+                                               : lora_forward_sum<TY, TL>(yv, z, p.scaling));
       }
     }
     return kSuccess;
   });
 }
 
-extern "C" int transpeft_lora_dropout_cast(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype, void* out,
-                                           int64_t ldo, int32_t out_dtype, int64_t M, int64_t K, float drop_q,
-                                           float drop_kept, const int64_t* drop_seed, int32_t drop_on, uint64_t) {
-  if (M < 0 || K < 0) return kInvalidValue;
-  if (M == 0 || K == 0) return kSuccess;
-  const Mask drop = make_mask(drop_q, drop_kept, drop_seed, drop_on);
-  return with_dtypes(x_dtype, out_dtype, [&](auto tx, auto to) {
+extern "C" int transpeft_lora_dropout_cast(const TranspeftLoraDropoutCastArgs* args, uint64_t) {
+  if (args == nullptr) return kInvalidValue;
+  const TranspeftLoraDropoutCastArgs& p = *args;
+  if (p.M < 0 || p.K < 0) return kInvalidValue;
+  if (p.M == 0 || p.K == 0) return kSuccess;
+  const Mask drop = make_mask(p.drop);
+  return with_dtypes(p.x_dtype, p.out_dtype, [&](auto tx, auto to) {
     using TX = decltype(tx);
     using TO = decltype(to);
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t k = 0; k < K; ++k) {
-        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(K) + static_cast<uint64_t>(k);
-        st<TO>(out, i * ldo + k, lora_input<TO>(ld<TX>(x, i * sxm + k * sxk), drop.at(off)));
+    for (int64_t i = 0; i < p.M; ++i) {
+      for (int64_t k = 0; k < p.K; ++k) {
+        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
+        st<TO>(p.out, i * p.ldo + k, lora_input<TO>(ld<TX>(p.x, i * p.sxm + k * p.sxk), drop.at(off)));
       }
     }
     return kSuccess;

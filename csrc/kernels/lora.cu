@@ -20,38 +20,10 @@ namespace transpeft {
 namespace cuda {
 namespace {
 
-struct ShrinkArgs {
-  const void* x;
-  int64_t sxm, sxk;
-  const void* a;
-  int64_t sar, sak;
-  void* s;
-  int64_t lds;
-  int64_t M, K, R;
-  RandomMask drop;
-};
-
-struct ExpandArgs {
-  void* y;
-  int64_t ldy;
-  const void* s;
-  int64_t ssm, ssr;
-  const void* b;
-  int64_t sbn, sbr;
-  int64_t M, N, R;
-  float scaling;
-  int32_t grad_mode;
-  RandomMask drop;
-};
-
-struct CastArgs {
-  const void* x;
-  int64_t sxm, sxk;
-  void* out;
-  int64_t ldo;
-  int64_t M, K;
-  RandomMask drop;
-};
+// The kernels take the C interface's argument structs (transpeft/capi.h) as their parameter block.
+using ShrinkArgs = TranspeftLoraShrinkArgs;
+using ExpandArgs = TranspeftLoraExpandArgs;
+using CastArgs = TranspeftLoraDropoutCastArgs;
 
 constexpr int kShrinkRows = 4;
 constexpr int kShrinkRanks = 16;
@@ -171,54 +143,47 @@ cudaError_t with_dtypes(int32_t c1, int32_t c2, F&& f) {
 
 using namespace transpeft::cuda;
 
-extern "C" int transpeft_lora_shrink(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype, const void* a,
-                                     int64_t sar, int64_t sak, int32_t a_dtype, void* s, int64_t lds, int64_t M,
-                                     int64_t K, int64_t R, float drop_q, float drop_kept, const int64_t* drop_seed,
-                                     int32_t drop_on, uint64_t stream) {
-  if (M < 0 || K < 0 || R < 0) return cudaErrorInvalidValue;
-  if (M == 0 || R == 0) return cudaSuccess;
-  const ShrinkArgs args{x, sxm, sxk, a, sar, sak, s, lds, M, K, R, RandomMask{drop_q, drop_kept, drop_seed, drop_on}};
-  const unsigned grid = grid_for((M + kShrinkRows - 1) / kShrinkRows);
-  return with_dtypes(x_dtype, a_dtype, [&](auto tx, auto ta) -> cudaError_t {
+extern "C" int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const ShrinkArgs& p = *args;
+  if (p.M < 0 || p.K < 0 || p.R < 0) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.R == 0) return cudaSuccess;
+  const unsigned grid = grid_for((p.M + kShrinkRows - 1) / kShrinkRows);
+  return with_dtypes(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) -> cudaError_t {
     using TX = typename decltype(tx)::type;
     using TA = typename decltype(ta)::type;
-    shrink_kernel<TX, TA><<<grid, kThreads, 0, as_stream(stream)>>>(args);
+    shrink_kernel<TX, TA><<<grid, kThreads, 0, as_stream(stream)>>>(p);
     return cudaGetLastError();
   });
 }
 
-extern "C" int transpeft_lora_expand(void* y, int64_t ldy, int32_t y_dtype, const void* s, int64_t ssm, int64_t ssr,
-                                     const void* b, int64_t sbn, int64_t sbr, int32_t lora_dtype, int64_t M,
-                                     int64_t N, int64_t R, float scaling, int32_t grad_mode, float drop_q,
-                                     float drop_kept, const int64_t* drop_seed, int32_t drop_on, uint64_t stream) {
-  if (M < 0 || N < 0 || R < 0) return cudaErrorInvalidValue;
-  if (M == 0 || N == 0) return cudaSuccess;
-  const ExpandArgs args{y, ldy, s, ssm, ssr, b, sbn, sbr, M, N, R, scaling, grad_mode,
-                        RandomMask{drop_q, drop_kept, drop_seed, drop_on}};
-  const int64_t col_blocks = (N + kThreads - 1) / kThreads;
+extern "C" int transpeft_lora_expand(const TranspeftLoraExpandArgs* args, uint64_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const ExpandArgs& p = *args;
+  if (p.M < 0 || p.N < 0 || p.R < 0) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  const int64_t col_blocks = (p.N + kThreads - 1) / kThreads;
   if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  int64_t row_blocks = (M + kExpandRows - 1) / kExpandRows;
+  int64_t row_blocks = (p.M + kExpandRows - 1) / kExpandRows;
   if (row_blocks > 65535) row_blocks = 65535;  // grid-stride over the rest
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
-  return with_dtypes(y_dtype, lora_dtype, [&](auto ty, auto tl) -> cudaError_t {
+  return with_dtypes(p.y_dtype, p.lora_dtype, [&](auto ty, auto tl) -> cudaError_t {
     using TY = typename decltype(ty)::type;
     using TL = typename decltype(tl)::type;
-    expand_kernel<TY, TL><<<grid, kThreads, 0, as_stream(stream)>>>(args);
+    expand_kernel<TY, TL><<<grid, kThreads, 0, as_stream(stream)>>>(p);
     return cudaGetLastError();
   });
 }
 
-extern "C" int transpeft_lora_dropout_cast(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype, void* out,
-                                           int64_t ldo, int32_t out_dtype, int64_t M, int64_t K, float drop_q,
-                                           float drop_kept, const int64_t* drop_seed, int32_t drop_on,
-                                           uint64_t stream) {
-  if (M < 0 || K < 0) return cudaErrorInvalidValue;
-  if (M == 0 || K == 0) return cudaSuccess;
-  const CastArgs args{x, sxm, sxk, out, ldo, M, K, RandomMask{drop_q, drop_kept, drop_seed, drop_on}};
-  return with_dtypes(x_dtype, out_dtype, [&](auto tx, auto to) -> cudaError_t {
+extern "C" int transpeft_lora_dropout_cast(const TranspeftLoraDropoutCastArgs* args, uint64_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const CastArgs& p = *args;
+  if (p.M < 0 || p.K < 0) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.K == 0) return cudaSuccess;
+  return with_dtypes(p.x_dtype, p.out_dtype, [&](auto tx, auto to) -> cudaError_t {
     using TX = typename decltype(tx)::type;
     using TO = typename decltype(to)::type;
-    dropout_cast_kernel<TX, TO><<<grid_for(M), kThreads, 0, as_stream(stream)>>>(args);
+    dropout_cast_kernel<TX, TO><<<grid_for(p.M), kThreads, 0, as_stream(stream)>>>(p);
     return cudaGetLastError();
   });
 }

@@ -26,52 +26,9 @@ namespace transpeft {
 namespace cuda {
 namespace {
 
-struct FwdArgs {
-  const void* g;
-  int64_t ldg;
-  const void* u;
-  int64_t ldu;
-  void* h;
-  int64_t ldh;
-  int64_t M;
-  int64_t I;
-  Activation act;
-  RandomMask mask;
-  const void* a;
-  int64_t lda;
-  int64_t rank;
-  RandomMask drop;
-  void* s;
-  int64_t lds;
-};
-
-struct BwdArgs {
-  const void* dh;
-  int64_t lddh;
-  const void* g;
-  int64_t ldg;
-  const void* u;
-  int64_t ldu;
-  void* dg;
-  int64_t lddg;
-  void* du;
-  int64_t lddu;
-  int64_t M;
-  int64_t I;
-  Activation act;
-  RandomMask mask;
-  const void* t;
-  int64_t ldt;
-  const void* a;
-  int64_t lda;
-  int64_t rank;
-  float scaling;
-  RandomMask drop;
-  void* h_out;
-  int64_t ldh_out;
-  void* xd_out;
-  int64_t ldxd;
-};
+// The kernels take the C interface's argument structs (transpeft/capi.h) as their parameter block.
+using FwdArgs = TranspeftActFwdArgs;
+using BwdArgs = TranspeftActBwdArgs;
 
 __host__ __device__ constexpr int rows_for(int rt) { return rt == 0 ? 1 : 64 / rt; }
 
@@ -109,7 +66,8 @@ __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
           const float m = keep_factor(p.mask.on, mseed, base + v, p.mask.p, p.mask.kept);
-          const float hv = masked_gated_act_value<T>(p.act, to_float(gp.v[v]), to_float(up.v[v]), m);
+          const float hv = masked_gated_act_value<T>(static_cast<Activation>(p.activation), to_float(gp.v[v]),
+                                                     to_float(up.v[v]), m);
           hp.v[v] = from_float<T>(hv);
           if (RT > 0) xd[r][v] = lora_input<TA>(hv, keep_factor(p.drop.on, dseed, base + v, p.drop.p, p.drop.kept));
         }
@@ -202,11 +160,11 @@ __global__ void __launch_bounds__(kThreads) act_bwd_kernel(BwdArgs p) {
           const float uv = to_float(up.v[v]);
           float dhv = to_float(dhp.v[v]);
           if constexpr (RT > 0) dhv = lora_grad_sum<T, TA>(dhv, z[r][v], p.scaling, d);
-          const GatedGrads gr = masked_gated_act_grads(p.act, dhv, gv, uv, m);
+          const GatedGrads gr = masked_gated_act_grads(static_cast<Activation>(p.activation), dhv, gv, uv, m);
           dgp.v[v] = from_float<T>(gr.dg);
           dup.v[v] = from_float<T>(gr.du);
           if (want_h) {
-            const float hv = masked_gated_act_value<T>(p.act, gv, uv, m);
+            const float hv = masked_gated_act_value<T>(static_cast<Activation>(p.activation), gv, uv, m);
             hp.v[v] = from_float<T>(hv);
             if (xd_out != nullptr) xd_out[row * p.ldxd + j + v] = from_float<TA>(lora_input<TA>(hv, d));
           }
@@ -286,60 +244,43 @@ bool valid_act(int32_t a) { return a >= 0 && a <= 2; }
 }  // namespace cuda
 }  // namespace transpeft
 
-using transpeft::Activation;
 using namespace transpeft::cuda;
 
-extern "C" int transpeft_masked_gated_act_fwd(const void* g, int64_t ldg, const void* u, int64_t ldu, void* h,
-                                              int64_t ldh, int64_t M, int64_t I, int32_t dtype, int32_t activation,
-                                              float mask_p, float mask_kept, const int64_t* mask_seed,
-                                              int32_t mask_on, const void* a_d, int64_t lda, int64_t rank,
-                                              int32_t a_dtype, float drop_q, float drop_kept,
-                                              const int64_t* drop_seed, int32_t drop_on, void* s_d, int64_t lds,
-                                              uint64_t stream) {
-  if (M < 0 || I < 0 || !valid_act(activation)) return cudaErrorInvalidValue;
-  if (M == 0) return cudaSuccess;
-  if (a_d != nullptr && (rank < 1 || s_d == nullptr)) return cudaErrorInvalidValue;
-  const FwdArgs args{g, ldg, u, ldu, h, ldh, M, I, static_cast<Activation>(activation),
-                     RandomMask{mask_p, mask_kept, mask_seed, mask_on}, a_d, lda, rank,
-                     RandomMask{drop_q, drop_kept, drop_seed, drop_on}, s_d, lds};
+extern "C" int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, uint64_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const FwdArgs& p = *args;
+  if (p.M < 0 || p.I < 0 || !valid_act(p.activation)) return cudaErrorInvalidValue;
+  if (p.M == 0) return cudaSuccess;
+  if (p.a != nullptr && (p.rank < 1 || p.s == nullptr)) return cudaErrorInvalidValue;
   const cudaStream_t st = as_stream(stream);
-  return with_dtype(dtype, [&](auto tag) -> cudaError_t {
+  return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    if (a_d == nullptr) {
-      if (I == 0) return cudaSuccess;
-      return launch_fwd<T, T, 0>(args, st);
+    if (p.a == nullptr) {
+      if (p.I == 0) return cudaSuccess;
+      return launch_fwd<T, T, 0>(p, st);
     }
     // I == 0 still runs: S_d is then a sum over nothing, written as zeros.
-    if (a_dtype == 0) return by_rank<T, float>(rank, args, st, FwdLaunch{});
-    if (a_dtype == dtype) return by_rank<T, T>(rank, args, st, FwdLaunch{});
+    if (p.a_dtype == 0) return by_rank<T, float>(p.rank, p, st, FwdLaunch{});
+    if (p.a_dtype == p.dtype) return by_rank<T, T>(p.rank, p, st, FwdLaunch{});
     return cudaErrorInvalidValue;
   });
 }
 
-extern "C" int transpeft_masked_gated_act_bwd(const void* dh_base, int64_t lddh, const void* g, int64_t ldg,
-                                              const void* u, int64_t ldu, void* dg, int64_t lddg, void* du,
-                                              int64_t lddu, int64_t M, int64_t I, int32_t dtype, int32_t activation,
-                                              float mask_p, float mask_kept, const int64_t* mask_seed,
-                                              int32_t mask_on, const void* t_d, int64_t ldt, const void* a_d,
-                                              int64_t lda, int64_t rank, int32_t a_dtype, float scaling,
-                                              float drop_q, float drop_kept, const int64_t* drop_seed,
-                                              int32_t drop_on, void* h_out, int64_t ldh_out, void* xd_out,
-                                              int64_t ldxd, uint64_t stream) {
-  if (M < 0 || I < 0 || !valid_act(activation)) return cudaErrorInvalidValue;
-  if (M == 0 || I == 0) return cudaSuccess;
-  if (t_d != nullptr && (a_d == nullptr || rank < 1)) return cudaErrorInvalidValue;
-  const BwdArgs args{dh_base, lddh, g, ldg, u, ldu, dg, lddg, du, lddu, M, I, static_cast<Activation>(activation),
-                     RandomMask{mask_p, mask_kept, mask_seed, mask_on}, t_d, ldt, a_d, lda, rank, scaling,
-                     RandomMask{drop_q, drop_kept, drop_seed, drop_on}, h_out, ldh_out, xd_out, ldxd};
+extern "C" int transpeft_masked_gated_act_bwd(const TranspeftActBwdArgs* args, uint64_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const BwdArgs& p = *args;
+  if (p.M < 0 || p.I < 0 || !valid_act(p.activation)) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.I == 0) return cudaSuccess;
+  if (p.t != nullptr && (p.a == nullptr || p.rank < 1)) return cudaErrorInvalidValue;
   const cudaStream_t st = as_stream(stream);
-  return with_dtype(dtype, [&](auto tag) -> cudaError_t {
+  return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    const bool has_a = t_d != nullptr || xd_out != nullptr;
-    if (has_a && a_dtype != 0 && a_dtype != dtype) return cudaErrorInvalidValue;
-    if (t_d == nullptr) {
-      return a_dtype == 0 ? launch_bwd<T, float, 0>(args, st) : launch_bwd<T, T, 0>(args, st);
+    const bool has_a = p.t != nullptr || p.xd_out != nullptr;
+    if (has_a && p.a_dtype != 0 && p.a_dtype != p.dtype) return cudaErrorInvalidValue;
+    if (p.t == nullptr) {
+      return p.a_dtype == 0 ? launch_bwd<T, float, 0>(p, st) : launch_bwd<T, T, 0>(p, st);
     }
-    if (a_dtype == 0) return by_rank<T, float>(rank, args, st, BwdLaunch{});
-    return by_rank<T, T>(rank, args, st, BwdLaunch{});
+    if (p.a_dtype == 0) return by_rank<T, float>(p.rank, p, st, BwdLaunch{});
+    return by_rank<T, T>(p.rank, p, st, BwdLaunch{});
   });
 }

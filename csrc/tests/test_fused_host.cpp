@@ -31,9 +31,26 @@ int main() {
   std::vector<float> s(M * R, NAN);
   const int64_t seed_mask = kFusedSeedMask, seed_drop = kFusedSeedDrop;
 
-  int rc = transpeft_masked_gated_act_fwd(kFusedG, I, kFusedU, I, h.data(), I, M, I, /*bf16*/ 2, /*silu*/ 0,
-                                          kFusedP, kept, &seed_mask, 1, kFusedA, I, R, /*fp32*/ 0,
-                                          kFusedQ, drop_kept, &seed_drop, 1, s.data(), R, 0);
+  TranspeftActFwdArgs fwd{};
+  fwd.g = kFusedG;
+  fwd.ldg = I;
+  fwd.u = kFusedU;
+  fwd.ldu = I;
+  fwd.h = h.data();
+  fwd.ldh = I;
+  fwd.M = M;
+  fwd.I = I;
+  fwd.dtype = 2;       // bf16
+  fwd.activation = 0;  // silu
+  fwd.mask = TranspeftRandomMask{kFusedP, kept, &seed_mask, 1};
+  fwd.a = kFusedA;
+  fwd.lda = I;
+  fwd.rank = R;
+  fwd.a_dtype = 0;  // fp32
+  fwd.drop = TranspeftRandomMask{kFusedQ, drop_kept, &seed_drop, 1};
+  fwd.s = s.data();
+  fwd.lds = R;
+  int rc = transpeft_masked_gated_act_fwd(&fwd, 0);
   if (rc != 0) {
     std::printf("FAIL transpeft_masked_gated_act_fwd returned %d\n", rc);
     return 1;
@@ -55,21 +72,52 @@ int main() {
     u[i] = to_float(bf16_t{kFusedU[i]});
     dh[i] = 0.25f + 0.01f * static_cast<float>(i % 7);
   }
-  rc = transpeft_masked_gated_act_bwd(dh.data(), I, g.data(), I, u.data(), I, dg.data(), I, du.data(), I, M, I,
-                                      /*fp32*/ 0, /*silu*/ 0, kFusedP, 1.0f, &seed_mask, 1, nullptr, 0, nullptr, 0,
-                                      0, 0, 0.0f, 0.0f, 1.0f, nullptr, 0, nullptr, 0, nullptr, 0, 0);
+  TranspeftActBwdArgs bwd{};  // no LoRA term, no optional outputs
+  bwd.dh = dh.data();
+  bwd.lddh = I;
+  bwd.g = g.data();
+  bwd.ldg = I;
+  bwd.u = u.data();
+  bwd.ldu = I;
+  bwd.dg = dg.data();
+  bwd.lddg = I;
+  bwd.du = du.data();
+  bwd.lddu = I;
+  bwd.M = M;
+  bwd.I = I;
+  bwd.dtype = 0;       // fp32
+  bwd.activation = 0;  // silu
+  bwd.mask = TranspeftRandomMask{kFusedP, 1.0f, &seed_mask, 1};
+  rc = transpeft_masked_gated_act_bwd(&bwd, 0);
   if (rc != 0) {
     std::printf("FAIL transpeft_masked_gated_act_bwd returned %d\n", rc);
     return 1;
   }
   // The mask of the (M, I) tensor, then h' of one element with that mask applied.
   std::vector<float> ones(M * I, 1.0f), keep(M * I);
-  transpeft_masked_gated_act_fwd(ones.data(), I, ones.data(), I, keep.data(), I, M, I, 0, 0, kFusedP, 1.0f,
-                                 &seed_mask, 1, nullptr, 0, 0, 0, 0.0f, 1.0f, nullptr, 0, nullptr, 0, 0);
+  TranspeftActFwdArgs keep_args{};
+  keep_args.g = ones.data();
+  keep_args.ldg = I;
+  keep_args.u = ones.data();
+  keep_args.ldu = I;
+  keep_args.h = keep.data();
+  keep_args.ldh = I;
+  keep_args.M = M;
+  keep_args.I = I;
+  keep_args.mask = TranspeftRandomMask{kFusedP, 1.0f, &seed_mask, 1};
+  transpeft_masked_gated_act_fwd(&keep_args, 0);  // fp32, silu
   auto h_at = [&](int64_t i, float gv, float uv) {
     float out = 0.0f;
-    transpeft_masked_gated_act_fwd(&gv, 1, &uv, 1, &out, 1, 1, 1, 0, 0, 0.0f, 1.0f, nullptr, 0, nullptr, 0, 0, 0,
-                                   0.0f, 1.0f, nullptr, 0, nullptr, 0, 0);
+    TranspeftActFwdArgs one{};  // one fp32 element, silu, unmasked
+    one.g = &gv;
+    one.ldg = 1;
+    one.u = &uv;
+    one.ldu = 1;
+    one.h = &out;
+    one.ldh = 1;
+    one.M = 1;
+    one.I = 1;
+    transpeft_masked_gated_act_fwd(&one, 0);
     return keep[i] == 0.0f ? 0.0f : out;
   };
   for (int64_t i = 0; i < M * I; i += 5) {

@@ -6,6 +6,9 @@ import torch
 
 # dtype codes, the same in the Triton constexprs and the CUDA C interface: 0 float32, 1 float16, 2 bfloat16
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# activation codes, the same in the Triton constexprs (triton/activations.py) and the CUDA C interface
+# (transpeft::Activation in csrc/include/transpeft/activations.h)
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
 def dtype_code(t: torch.Tensor, name: str) -> int:

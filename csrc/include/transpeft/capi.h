@@ -1,19 +1,29 @@
 // The C interface of libtranspeft_cuda (csrc/kernels/*.cu), called from Python through ctypes
-// (transpeft_kernels/kernels/cuda) and usable from C++. No torch types cross it.
+// (transpeft_kernels/kernels/cuda) and usable from C and C++. No torch types cross it.
+//
+// Each entry point takes one argument struct by const pointer, plus the stream. The structs below are
+// the kernels' own parameter blocks (passed to them by value) and the host emulation's input, so a
+// field is named once, here. The activation structs keep each field their kernels read at its offset
+// of ABI version 1 (when the kernels had private structs): moving them changed ptxas's scheduling and
+// the spills of the rank-64 backward. The ctypes mirrors in transpeft_kernels/kernels/cuda/abi.py are
+// checked against this library's sizes and field offsets (transpeft_cuda_struct_size /
+// transpeft_cuda_field_offset) when it is loaded. Change a struct: edit its mirror and the offset
+// table (capi_layout.h) with it, and bump TRANSPEFT_CUDA_ABI_VERSION and the mirror's ABI_VERSION.
 //
 // Conventions:
 //   * 2-D tensors are (rows, cols) with element (i, j) at ptr + i * ld + j (unit column stride),
 //     unless both strides are given (s*m, s*k). Sizes and strides are int64 (elements, not bytes).
 //   * dtype codes: 0 float32, 1 float16, 2 bfloat16 (transpeft::DType). Activation codes:
 //     0 silu, 1 gelu, 2 gelu_tanh (transpeft::Activation).
-//   * A random mask is (p, kept, seed, on): element (i, j) of a (rows, cols) tensor is kept iff
+//   * A random mask (TranspeftRandomMask): element (i, j) of a (rows, cols) tensor is kept iff
 //     philox_uniform(*seed, i * cols + j) >= p, and then multiplied by `kept` (the reference's scale,
 //     already rounded to the tensor's dtype by the caller). `seed` points to one int64 in device
-//     memory (the stream's Philox key), read by the kernels, so no host sync is needed.
+//     memory (the stream's Philox key), read by the kernels, so no host sync is needed. on = 0: no
+//     mask (p, kept and seed are not read).
 //   * `stream` is a cudaStream_t cast to an integer (0: the legacy default stream).
-//   * Every function returns a cudaError_t (0 on success; cudaErrorInvalidValue for an unsupported
-//     dtype combination or bad size); transpeft_cuda_error_string() names it. Empty tensors return 0
-//     without touching the device.
+//   * Every function returns a cudaError_t (0 on success; cudaErrorInvalidValue for a NULL argument
+//     struct, an unsupported dtype combination or a bad size); transpeft_cuda_error_string() names it.
+//     Empty tensors return 0 without touching the device.
 //   * Outputs never alias inputs. Results are deterministic: fixed-order reductions, no atomics.
 #pragma once
 
@@ -23,60 +33,149 @@
 extern "C" {
 #endif
 
-#define TRANSPEFT_CUDA_ABI_VERSION 1
+#define TRANSPEFT_CUDA_ABI_VERSION 2
 
 int transpeft_cuda_abi_version(void);
 const char* transpeft_cuda_error_string(int error);
 
-// h' = act(g) * u * m over (M, I), m the knowledge mask (mask_*).
-// Fused down-projection shrink when a_d != NULL (A_d: (rank, I), row stride lda, dtype a_dtype,
-// rank <= 64, a_dtype float32 or equal to dtype):
-//   S_d (M, rank, row stride lds, dtype a_dtype) = dropout_qd(cast_A(h')) A_d^T
-// with the dropout mask drop_* over the (M, I) view of h'.
-int transpeft_masked_gated_act_fwd(const void* g, int64_t ldg, const void* u, int64_t ldu, void* h, int64_t ldh,
-                                   int64_t M, int64_t I, int32_t dtype, int32_t activation,
-                                   float mask_p, float mask_kept, const int64_t* mask_seed, int32_t mask_on,
-                                   const void* a_d, int64_t lda, int64_t rank, int32_t a_dtype,
-                                   float drop_q, float drop_kept, const int64_t* drop_seed, int32_t drop_on,
-                                   void* s_d, int64_t lds, uint64_t stream);
+// sizeof(struct `name`) and offsetof(`name`, `field`) as this library was compiled; -1 for a struct
+// or field it does not have. Names are the typedef names below ("TranspeftActFwdArgs", "ldg").
+int64_t transpeft_cuda_struct_size(const char* name);
+int64_t transpeft_cuda_field_offset(const char* name, const char* field);
+
+typedef struct TranspeftRandomMask {
+  float p;
+  float kept;
+  const int64_t* seed;
+  int32_t on;
+} TranspeftRandomMask;
+
+// h' = act(g) * u * m over (M, I), m the knowledge mask `mask`.
+// Fused down-projection shrink when a != NULL (A_d: (rank, I), row stride lda, dtype a_dtype,
+// 1 <= rank <= 64, a_dtype float32 or equal to dtype):
+//   S_d = s (M, rank, row stride lds, dtype a_dtype) = dropout_qd(cast_A(h')) A_d^T
+// with the dropout mask `drop` over the (M, I) view of h'.
+typedef struct TranspeftActFwdArgs {
+  const void* g;
+  int64_t ldg;
+  const void* u;
+  int64_t ldu;
+  void* h;
+  int64_t ldh;
+  int64_t M;
+  int64_t I;
+  int32_t activation;
+  int32_t dtype;
+  TranspeftRandomMask mask;
+  const void* a;
+  int64_t lda;
+  int64_t rank;
+  TranspeftRandomMask drop;
+  void* s;
+  int64_t lds;
+  int32_t a_dtype;  // of A_d and S_d
+} TranspeftActFwdArgs;
+
+int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, uint64_t stream);
 
 // (dg, du) of h' = act(g) * u * m, given dh' = T(dh_base + T(s * d * (t_d A_d))) formed on the fly:
-//   dh_base (M, I) the base part dY W_d; t_d (M, rank) = cast_A(dY) B_d, or NULL for no LoRA term;
-//   d the down projection's dropout mask drop_* over (M, I).
+//   dh (M, I) the base part dY W_d; t (M, rank) = t_d = cast_A(dY) B_d, or NULL for no LoRA term;
+//   a = A_d (rank, I); d the down projection's dropout mask `drop` over (M, I); s = scaling.
 // Optional outputs (NULL to skip), recomputed from g, u in the same pass for the down weights'
 // gradients: h_out (M, I, dtype) = h', xd_out (M, I, a_dtype) = dropout_qd(cast_A(h')).
-int transpeft_masked_gated_act_bwd(const void* dh_base, int64_t lddh, const void* g, int64_t ldg, const void* u,
-                                   int64_t ldu, void* dg, int64_t lddg, void* du, int64_t lddu,
-                                   int64_t M, int64_t I, int32_t dtype, int32_t activation,
-                                   float mask_p, float mask_kept, const int64_t* mask_seed, int32_t mask_on,
-                                   const void* t_d, int64_t ldt, const void* a_d, int64_t lda, int64_t rank,
-                                   int32_t a_dtype, float scaling,
-                                   float drop_q, float drop_kept, const int64_t* drop_seed, int32_t drop_on,
-                                   void* h_out, int64_t ldh_out, void* xd_out, int64_t ldxd, uint64_t stream);
+typedef struct TranspeftActBwdArgs {
+  const void* dh;
+  int64_t lddh;
+  const void* g;
+  int64_t ldg;
+  const void* u;
+  int64_t ldu;
+  void* dg;
+  int64_t lddg;
+  void* du;
+  int64_t lddu;
+  int64_t M;
+  int64_t I;
+  int32_t activation;
+  int32_t dtype;
+  TranspeftRandomMask mask;
+  const void* t;
+  int64_t ldt;
+  const void* a;
+  int64_t lda;
+  int64_t rank;
+  float scaling;
+  int32_t a_dtype;
+  TranspeftRandomMask drop;
+  void* h_out;
+  int64_t ldh_out;
+  void* xd_out;
+  int64_t ldxd;
+} TranspeftActBwdArgs;
 
-// S (M, R, row stride lds, dtype a_dtype) = dropout_q(cast_A(X)) A^T, fp32 accumulation.
-// X (M, K) with strides (sxm, sxk); A (R, K) with strides (sar, sak): pass B^T's strides for t = dY B.
-int transpeft_lora_shrink(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype,
-                          const void* a, int64_t sar, int64_t sak, int32_t a_dtype,
-                          void* s, int64_t lds, int64_t M, int64_t K, int64_t R,
-                          float drop_q, float drop_kept, const int64_t* drop_seed, int32_t drop_on,
-                          uint64_t stream);
+int transpeft_masked_gated_act_bwd(const TranspeftActBwdArgs* args, uint64_t stream);
 
-// In place on a fresh Y (M, N, row stride ldy, dtype y_dtype), z = S B^T (S (M, R), B (N, R), any
-// strides, dtype lora_dtype):
-//   grad_mode 0 (forward):   Y = T(Y + TA(TA(z) * s))
-//   grad_mode 1 (dX):        Y = T(Y + T(TA(TA(TA(z) * s) * d))),  d the dropout mask drop_* over (M, N)
-int transpeft_lora_expand(void* y, int64_t ldy, int32_t y_dtype,
-                          const void* s, int64_t ssm, int64_t ssr, const void* b, int64_t sbn, int64_t sbr,
-                          int32_t lora_dtype, int64_t M, int64_t N, int64_t R, float scaling, int32_t grad_mode,
-                          float drop_q, float drop_kept, const int64_t* drop_seed, int32_t drop_on,
-                          uint64_t stream);
+// s (M, R, row stride lds, dtype a_dtype) = dropout_q(cast_A(x)) a^T, fp32 accumulation.
+// x (M, K) with strides (sxm, sxk); a (R, K) with strides (sar, sak): pass B^T's strides for t = dY B.
+typedef struct TranspeftLoraShrinkArgs {
+  const void* x;
+  int64_t sxm;
+  int64_t sxk;
+  const void* a;
+  int64_t sar;
+  int64_t sak;
+  void* s;
+  int64_t lds;
+  int64_t M;
+  int64_t K;
+  int64_t R;
+  int32_t x_dtype;
+  int32_t a_dtype;
+  TranspeftRandomMask drop;
+} TranspeftLoraShrinkArgs;
 
-// out (M, K, row stride ldo, dtype out_dtype) = dropout_q(cast_out(X)), X (M, K) with strides (sxm, sxk).
-int transpeft_lora_dropout_cast(const void* x, int64_t sxm, int64_t sxk, int32_t x_dtype,
-                                void* out, int64_t ldo, int32_t out_dtype, int64_t M, int64_t K,
-                                float drop_q, float drop_kept, const int64_t* drop_seed, int32_t drop_on,
-                                uint64_t stream);
+int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64_t stream);
+
+// In place on a fresh y (M, N, row stride ldy, dtype y_dtype), z = s b^T (s (M, R), b (N, R), any
+// strides, dtype lora_dtype), with s = scaling and d the dropout mask `drop` over (M, N):
+//   grad_mode 0 (forward):   y = T(y + TA(TA(z) * s))
+//   grad_mode 1 (dX):        y = T(y + T(TA(TA(TA(z) * s) * d)))
+typedef struct TranspeftLoraExpandArgs {
+  void* y;
+  int64_t ldy;
+  const void* s;
+  int64_t ssm;
+  int64_t ssr;
+  const void* b;
+  int64_t sbn;
+  int64_t sbr;
+  int64_t M;
+  int64_t N;
+  int64_t R;
+  int32_t y_dtype;
+  int32_t lora_dtype;
+  float scaling;
+  int32_t grad_mode;
+  TranspeftRandomMask drop;
+} TranspeftLoraExpandArgs;
+
+int transpeft_lora_expand(const TranspeftLoraExpandArgs* args, uint64_t stream);
+
+// out (M, K, row stride ldo, dtype out_dtype) = dropout_q(cast_out(x)), x (M, K) with strides (sxm, sxk).
+typedef struct TranspeftLoraDropoutCastArgs {
+  const void* x;
+  int64_t sxm;
+  int64_t sxk;
+  void* out;
+  int64_t ldo;
+  int64_t M;
+  int64_t K;
+  int32_t x_dtype;
+  int32_t out_dtype;
+  TranspeftRandomMask drop;
+} TranspeftLoraDropoutCastArgs;
+
+int transpeft_lora_dropout_cast(const TranspeftLoraDropoutCastArgs* args, uint64_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -10,15 +10,6 @@
 namespace transpeft {
 namespace cuda {
 
-// A Philox keep mask as the kernels receive it: drop with probability p, scale kept values by `kept`
-// (1 or the rounded 1 / (1 - p)); `seed` points at the int64 key on the device; `on` = 0 disables it.
-struct RandomMask {
-  float p;
-  float kept;
-  const int64_t* seed;
-  int32_t on;
-};
-
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride beyond this

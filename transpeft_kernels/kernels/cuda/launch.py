@@ -1,5 +1,6 @@
-"""Tensor-level wrappers of libtranspeft_cuda: check arguments, allocate fresh outputs, pass
-``data_ptr()``s, strides, dtype codes and the current CUDA stream to the C functions (capi.h).
+"""Tensor-level wrappers of libtranspeft_cuda: check arguments, allocate fresh outputs, fill each C
+function's argument struct (abi.py, by field name) with ``data_ptr()``s, strides and dtype codes, and
+call it on the current CUDA stream (capi.h).
 
 Shapes: M tokens, I intermediate width, K/N feature widths, R rank. Seeds are the Philox keys of
 the stream in question (int64 one-element tensors, ``specs.sub_seed`` already applied); they are
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..launch_args import check_2d, check_same_device, dtype_code, rounded_to, seed_on
+from ..launch_args import ACT_CODES, check_2d, check_same_device, dtype_code, rounded_to, seed_on
+from .abi import ActBwdArgs, ActFwdArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
 from .library import load
 
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 MAX_FUSED_RANK = 64  # the act kernels keep the down projection's rank-sized sums in registers
 
 
@@ -54,15 +55,15 @@ def _on_device(device: torch.device):
 
 
 def _mask_args(p: float, kept: float, seed: torch.Tensor | None, device: torch.device, what: str):
-    """(p, kept, seed pointer, on) for the C interface, and the device seed tensor to keep alive."""
+    """The RandomMask for the C interface, and the device seed tensor to keep alive over the call."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{what}: expected a probability in [0, 1), got {p}")
     if p == 0.0:
-        return (0.0, 1.0, None, 0), None
+        return RandomMask.off(), None
     if seed is None:
         raise ValueError(f"seed: required when the {what} probability is > 0")
     s = seed_on(seed, device)
-    return (float(p), float(kept), s.data_ptr(), 1), s
+    return RandomMask(p=float(p), kept=float(kept), seed=s.data_ptr(), on=1), s
 
 
 def _dropout_args(drop: Dropout | None, dtype: torch.dtype, device: torch.device):
@@ -87,18 +88,19 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     M, I = g.shape
     h = torch.empty((M, I), dtype=g.dtype, device=device)
     mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
-    a_args, drop, s = (None, 0, 0, 0), (0.0, 1.0, None, 0), None
+    fused, s = {}, None
     if down_a is not None:
         down_a = _rows(down_a, "down_a")
         if down_a.shape[1] != I or not 1 <= down_a.shape[0] <= MAX_FUSED_RANK:
             raise ValueError(f"down_a: expected (r <= {MAX_FUSED_RANK}, {I}), got {tuple(down_a.shape)}")
         s = torch.empty((M, down_a.shape[0]), dtype=down_a.dtype, device=device)
-        a_args = (down_a.data_ptr(), _ld(down_a), down_a.shape[0], dtype_code(down_a, "down_a"))
         drop, _keep2 = _dropout_args(down_drop, down_a.dtype, device)
+        fused = dict(a=down_a.data_ptr(), lda=_ld(down_a), rank=down_a.shape[0], a_dtype=dtype_code(down_a, "down_a"),
+                     drop=drop, s=s.data_ptr(), lds=_ld(s))
+    args = ActFwdArgs(g=g.data_ptr(), ldg=_ld(g), u=u.data_ptr(), ldu=_ld(u), h=h.data_ptr(), ldh=_ld(h), M=M, I=I,
+                      dtype=dtype_code(g, "g"), activation=ACT_CODES[activation], mask=mask, **fused)
     with _on_device(device):
-        load().call("transpeft_masked_gated_act_fwd", g.data_ptr(), _ld(g), u.data_ptr(), _ld(u), h.data_ptr(), _ld(h),
-                    M, I, dtype_code(g, "g"), ACT_CODES[activation], *mask, *a_args, *drop,
-                    None if s is None else s.data_ptr(), 0 if s is None else _ld(s), _stream(device))
+        load().call("transpeft_masked_gated_act_fwd", args, _stream(device))
     return h if down_a is None else (h, s)
 
 
@@ -134,25 +136,29 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
     h = torch.empty((M, I), dtype=g.dtype, device=device) if want_h else None
     xd = torch.empty((M, I), dtype=down_a.dtype, device=device) if want_xd else None
     mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
-    t_args = (None, 0)
-    a_args = (None, 0, 0, 0 if down_a is None else dtype_code(down_a, "down_a"))
+    lora = {}
     if down_a is not None:
         down_a = _rows(down_a, "down_a")
-        a_args = (down_a.data_ptr(), _ld(down_a), down_a.shape[0], dtype_code(down_a, "down_a"))
+        lora.update(a=down_a.data_ptr(), lda=_ld(down_a), rank=down_a.shape[0], a_dtype=dtype_code(down_a, "down_a"))
     if down_t is not None:
         down_t = _rows(down_t, "down_t")
         r = down_a.shape[0]
         if down_t.shape != (M, r) or down_t.dtype != down_a.dtype or down_a.shape[1] != I or r > MAX_FUSED_RANK:
             raise ValueError(f"down_t, down_a: expected ({M}, r) and (r <= {MAX_FUSED_RANK}, {I}) in one dtype, got "
                              f"{tuple(down_t.shape)} {down_t.dtype} and {tuple(down_a.shape)} {down_a.dtype}")
-        t_args = (down_t.data_ptr(), _ld(down_t))
+        lora.update(t=down_t.data_ptr(), ldt=_ld(down_t))
     drop, _keep2 = _dropout_args(down_drop, down_a.dtype if down_a is not None else g.dtype, device)
+    outputs = {}
+    if h is not None:
+        outputs.update(h_out=h.data_ptr(), ldh_out=_ld(h))
+    if xd is not None:
+        outputs.update(xd_out=xd.data_ptr(), ldxd=_ld(xd))
+    args = ActBwdArgs(dh=dh_base.data_ptr(), lddh=_ld(dh_base), g=g.data_ptr(), ldg=_ld(g), u=u.data_ptr(), ldu=_ld(u),
+                      dg=dg.data_ptr(), lddg=_ld(dg), du=du.data_ptr(), lddu=_ld(du), M=M, I=I,
+                      dtype=dtype_code(g, "g"), activation=ACT_CODES[activation], mask=mask,
+                      scaling=float(down_scaling), drop=drop, **lora, **outputs)
     with _on_device(device):
-        load().call("transpeft_masked_gated_act_bwd", dh_base.data_ptr(), _ld(dh_base), g.data_ptr(), _ld(g),
-                    u.data_ptr(), _ld(u), dg.data_ptr(), _ld(dg), du.data_ptr(), _ld(du), M, I,
-                    dtype_code(g, "g"), ACT_CODES[activation], *mask, *t_args, *a_args, float(down_scaling), *drop,
-                    None if h is None else h.data_ptr(), 0 if h is None else _ld(h),
-                    None if xd is None else xd.data_ptr(), 0 if xd is None else _ld(xd), _stream(device))
+        load().call("transpeft_masked_gated_act_bwd", args, _stream(device))
     return dg, du, h, xd
 
 
@@ -169,10 +175,11 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None) -
     R = a.shape[0]
     s = torch.empty((M, R), dtype=a.dtype, device=device)
     d, _keep = _dropout_args(drop, a.dtype, device)
+    args = LoraShrinkArgs(x=x.data_ptr(), sxm=x.stride(0), sxk=x.stride(1), a=a.data_ptr(), sar=a.stride(0),
+                          sak=a.stride(1), s=s.data_ptr(), lds=max(R, 1), M=M, K=K, R=R, x_dtype=dtype_code(x, "x"),
+                          a_dtype=dtype_code(a, "a"), drop=d)
     with _on_device(device):
-        load().call("transpeft_lora_shrink", x.data_ptr(), x.stride(0), x.stride(1), dtype_code(x, "x"),
-                    a.data_ptr(), a.stride(0), a.stride(1), dtype_code(a, "a"), s.data_ptr(), max(R, 1),
-                    M, K, R, *d, _stream(device))
+        load().call("transpeft_lora_shrink", args, _stream(device))
     return s
 
 
@@ -189,10 +196,11 @@ def lora_expand_(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: flo
     device = check_same_device(y=y, s=s, b=b)
     M, N = y.shape
     d, _keep = _dropout_args(drop if grad else None, s.dtype, device)
+    args = LoraExpandArgs(y=y.data_ptr(), ldy=_ld(y), s=s.data_ptr(), ssm=s.stride(0), ssr=s.stride(1), b=b.data_ptr(),
+                          sbn=b.stride(0), sbr=b.stride(1), M=M, N=N, R=s.shape[1], y_dtype=dtype_code(y, "y"),
+                          lora_dtype=dtype_code(s, "s"), scaling=float(scaling), grad_mode=int(grad), drop=d)
     with _on_device(device):
-        load().call("transpeft_lora_expand", y.data_ptr(), _ld(y), dtype_code(y, "y"), s.data_ptr(), s.stride(0),
-                    s.stride(1), b.data_ptr(), b.stride(0), b.stride(1), dtype_code(s, "s"), M, N, s.shape[1],
-                    float(scaling), int(grad), *d, _stream(device))
+        load().call("transpeft_lora_expand", args, _stream(device))
     return y
 
 
@@ -203,7 +211,8 @@ def lora_dropout_cast(x: torch.Tensor, dtype: torch.dtype, drop: Dropout) -> tor
     M, K = x.shape
     out = torch.empty((M, K), dtype=dtype, device=x.device)
     d, _keep = _dropout_args(drop, dtype, x.device)
+    args = LoraDropoutCastArgs(x=x.data_ptr(), sxm=x.stride(0), sxk=x.stride(1), out=out.data_ptr(), ldo=max(K, 1),
+                               M=M, K=K, x_dtype=dtype_code(x, "x"), out_dtype=dtype_code(out, "out"), drop=d)
     with _on_device(x.device):
-        load().call("transpeft_lora_dropout_cast", x.data_ptr(), x.stride(0), x.stride(1), dtype_code(x, "x"),
-                    out.data_ptr(), max(K, 1), dtype_code(out, "out"), M, K, *d, _stream(x.device))
+        load().call("transpeft_lora_dropout_cast", args, _stream(x.device))
     return out

@@ -15,23 +15,10 @@ import os
 from pathlib import Path
 
 from . import build as _build
+from .abi import ABI_VERSION, ENTRY_POINTS, AbiMismatch, check_library
 
-_I64, _I32, _F32, _U64, _P = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_uint64, ctypes.c_void_p
-_MASK = [_F32, _F32, _P, _I32]  # p, kept, seed pointer, on
-
-# argtypes of each entry point of csrc/include/transpeft/capi.h, in order.
-SIGNATURES = {
-    "transpeft_masked_gated_act_fwd": [_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I32, _I32, *_MASK,
-                                       _P, _I64, _I64, _I32, *_MASK, _P, _I64, _U64],
-    "transpeft_masked_gated_act_bwd": [_P, _I64, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I32, _I32,
-                                       *_MASK, _P, _I64, _P, _I64, _I64, _I32, _F32, *_MASK,
-                                       _P, _I64, _P, _I64, _U64],
-    "transpeft_lora_shrink": [_P, _I64, _I64, _I32, _P, _I64, _I64, _I32, _P, _I64, _I64, _I64, _I64, *_MASK, _U64],
-    "transpeft_lora_expand": [_P, _I64, _I32, _P, _I64, _I64, _P, _I64, _I64, _I32, _I64, _I64, _I64, _F32, _I32,
-                              *_MASK, _U64],
-    "transpeft_lora_dropout_cast": [_P, _I64, _I64, _I32, _P, _I64, _I32, _I64, _I64, *_MASK, _U64],
-}
-ABI_VERSION = 1  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
+__all__ = ["ABI_VERSION", "AbiMismatch", "BUILD_ROUTES", "Library", "candidate_paths", "emulating", "find_library",
+           "load"]
 
 BUILD_ROUTES = (
     "build it one of three ways: "
@@ -69,25 +56,35 @@ class Library:
         self.path = path
         self.emulated = emulated
         self._lib = ctypes.CDLL(str(path))
-        self._lib.transpeft_cuda_abi_version.restype = ctypes.c_int
         self._lib.transpeft_cuda_error_string.restype = ctypes.c_char_p
         self._lib.transpeft_cuda_error_string.argtypes = [ctypes.c_int]
-        abi = self._lib.transpeft_cuda_abi_version()
-        if abi != ABI_VERSION:
-            raise RuntimeError(f"{path}: C interface version {abi}, this package needs {ABI_VERSION}: rebuild it")
-        for name, argtypes in SIGNATURES.items():
+        check_library(self._lib, path, rebuild_hint(path, emulated))
+        self._fns = {}
+        for name, struct in ENTRY_POINTS.items():
             fn = getattr(self._lib, name)
-            fn.argtypes = argtypes
+            fn.argtypes = [ctypes.POINTER(struct), ctypes.c_uint64]
             fn.restype = ctypes.c_int
+            self._fns[name] = fn
 
     def error_string(self, code: int) -> str:
         return self._lib.transpeft_cuda_error_string(code).decode()
 
-    def call(self, name: str, *args) -> None:
-        """Call an entry point; RuntimeError with the CUDA error name on a non-zero return."""
-        code = getattr(self._lib, name)(*args)
+    def call(self, name: str, args: ctypes.Structure, stream: int = 0) -> None:
+        """Call an entry point with its argument struct (kernels/cuda/abi.py); RuntimeError with the
+        CUDA error name on a non-zero return."""
+        expected = ENTRY_POINTS[name]
+        if type(args) is not expected:
+            raise TypeError(f"{name}: expected a {expected.__name__}, got {type(args).__name__}")
+        code = self._fns[name](ctypes.byref(args), stream)
         if code != 0:
             raise RuntimeError(f"{name} failed: CUDA error {code} ({self.error_string(code)}) [{self.path}]")
+
+
+def rebuild_hint(path: Path, emulated: bool) -> str:
+    """How to replace a stale library at ``path``."""
+    if emulated:  # rebuilt from csrc/ on first use when its sources digest is missing or differs
+        return f"delete {path.parent} and rerun to rebuild the emulation from this checkout's csrc/"
+    return f"rebuild it from this checkout's csrc/ ({BUILD_ROUTES})"
 
 
 _LOADED: Library | None = None

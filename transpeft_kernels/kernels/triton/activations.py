@@ -1,6 +1,6 @@
 """Gated-FFN activations in fp32 for the Triton kernels (formulas: reference/activations.py).
 
-ACT codes (constexpr): 0 silu, 1 gelu (erf), 2 gelu (tanh approximation).
+ACT codes (constexpr; the table is launch_args.ACT_CODES): 0 silu, 1 gelu (erf), 2 gelu (tanh approximation).
 tanh is written as 2 sigmoid(2z) - 1 so that no libdevice entry point is needed (the name of the
 libdevice module differs between the supported Triton versions).
 """
@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-SILU, GELU, GELU_TANH = 0, 1, 2
-ACT_CODES = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH}
-ACT_NAMES = {v: k for k, v in ACT_CODES.items()}
 
 # Constants are written inline as literals: compiled kernels may read only constexpr globals, and the
 # interpreter mishandles a constexpr global on the left of a tensor product.

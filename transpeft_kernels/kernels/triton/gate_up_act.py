@@ -29,10 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch_args import ACT_CODES
 from . import configs
 from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
                       pow2_at_least, seed_on, to_code, upcast_dots)
-from .activations import ACT_CODES, act_fwd
+from .activations import act_fwd
 from .gemm_lora_expand import grouped_tile, lora_expand_tile
 from .masked_gated_act import _mask_scalars
 

@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch_args import ACT_CODES
 from . import configs
 from ._common import cast_like, check_2d, check_out, check_same_device, dtype_code, philox_keep, rounded_to, seed_on
-from .activations import ACT_CODES, act_fwd, act_fwd_and_grad
+from .activations import act_fwd, act_fwd_and_grad
 
 
 @triton.jit

@@ -4,7 +4,9 @@ A variant is one kernel with its constexprs fixed (dtypes, layout flags, block s
 options (warps, stages). The set covers each I/O dtype and layout of every kernel with the default
 config of the architecture, and every autotune candidate of the architecture with bf16 operands (the
 performance dtype) — candidates whose shared-memory estimate exceeds the limit for a dtype are
-dropped by the tuner at run time, so they are compiled only where the tuner could pick them.
+dropped by the tuner at run time, so they are compiled only where the tuner could pick them. The
+tables (ACT_CASES, SHRINK_CASES, EXPAND_CASES, GATE_UP_CASES, TOKEN_REDUCE_CASES) hold one record
+per case, built with keywords; a record with ``tuned=True`` is compiled with every candidate.
 
 Each variant is compiled as a real launch specialises it: pointers 16-byte aligned, the int arguments
 that the launch passes as 1 turned into the constant 1 (the launcher's JIT makes an int argument
@@ -31,11 +33,24 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..launch_args import ACT_CODES
 from . import configs
 from ._common import BF16, CODE_NAMES, FP16, FP32
 
 _PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16"}
-_FLOAT_ARGS = {"p", "c", "scaling", "drop_p", "drop_scale", "scale", "scaling_g", "scaling_u"}
+SILU, GELU, GELU_TANH = ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_tanh"]
+
+# The fp32 scalar arguments of each kernel. Every other argument that is neither a pointer nor a
+# constexpr is an int (i32, or the constant 1 for a unit stride); compile_variant refuses a name here
+# that is not an argument of the kernel.
+FLOAT_ARGS = {
+    "masked_gated_act.masked_gated_act_fwd_kernel": ("p", "c"),
+    "masked_gated_act.masked_gated_act_bwd_kernel": ("p", "c"),
+    "lora_shrink.lora_shrink_kernel": ("drop_p", "drop_scale"),
+    "gemm_lora_expand.gemm_lora_expand_kernel": ("scaling", "drop_p", "drop_scale"),
+    "gate_up_act.gate_up_act_kernel": ("scaling_g", "scaling_u", "p", "c"),
+    "token_reduce.token_reduce_kernel": ("scale", "drop_p", "drop_scale"),
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class Variant:
     num_stages: int
     phase: str  # "forward" or "backward": the launch it stands for (decides the transposed operands)
     unit_strides: tuple  # the int args a real launch passes as 1 (compiled as the constant 1)
+    floats: tuple  # the fp32 scalar args (FLOAT_ARGS[kernel])
 
     def load(self):
         import importlib
@@ -106,101 +122,303 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
     raise KeyError(f"no unit-stride rule for kernel {kernel!r}")
 
 
-def _v(kernel, label, pointers, constexprs, config, phase="forward", **extra):
-    meta = {**config.kwargs(), **extra}
-    consts = {**constexprs, **meta}
-    return Variant(kernel, label, pointers, consts, config.num_warps, config.num_stages, phase,
-                   unit_strides(kernel, phase, consts))
+# ---- the variant tables ---------------------------------------------------------------------------
+# One record per compiled case of a kernel family, built with keywords. Each record compiles with its
+# family's default config of the architecture, and with ``tuned=True`` also with every other autotune
+# candidate of the family. ``label`` is the variant's name in compile-check's table and --only.
+
+def _names(*codes) -> str:
+    return ",".join(CODE_NAMES[c] if c is not None else "-" for c in codes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Case:
+    tuned: bool = False
+    family = ""  # configs.FAMILIES key
+    kernel = ""  # module.function
+    phase = "forward"
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def pointers(self) -> dict:
+        raise NotImplementedError
+
+    def constexprs(self) -> dict:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        """Block sizes fixed by the case (the config sets the others); they override the config's."""
+        return {}
+
+    def variants(self, default, extra: list) -> list[Variant]:
+        out = []
+        for config in [default] + (extra if self.tuned else []):
+            consts = {**self.constexprs(), **config.kwargs(), **self.meta()}
+            out.append(Variant(kernel=self.kernel, label=self.label, pointers=self.pointers(), constexprs=consts,
+                               num_warps=config.num_warps, num_stages=config.num_stages, phase=self.phase,
+                               unit_strides=unit_strides(self.kernel, self.phase, consts),
+                               floats=FLOAT_ARGS[self.kernel]))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActFwd(_Case):
+    """h' = act(g) * u * mask."""
+
+    dtype: int
+    act: int
+    mask: bool
+    family = "elementwise"
+    kernel = "masked_gated_act.masked_gated_act_fwd_kernel"
+    _name = "act_fwd"
+    _ptrs = ("g_ptr", "u_ptr", "h_ptr")
+
+    @property
+    def label(self) -> str:
+        return f"{self._name} {CODE_NAMES[self.dtype]} act={self.act} mask={self.mask}"
+
+    def pointers(self) -> dict:
+        return {n: _PTR[self.dtype] for n in self._ptrs} | {"seed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        return dict(ACT=self.act, HAS_MASK=self.mask)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActBwd(ActFwd):
+    """dg, du of h' = act(g) * u * mask."""
+
+    kernel = "masked_gated_act.masked_gated_act_bwd_kernel"
+    phase = "backward"
+    _name = "act_bwd"
+    _ptrs = ("dh_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shrink(_Case):
+    """S = dropout(x) A^T. Without dropout it stands for the backward's t = dy B, whose "A" is the
+    transposed view B^T (unit stride along the rank)."""
+
+    x: int
+    adapter: int  # the dtype of A and S (and of the tl.dot)
+    dropout: bool
+    block_r: int = 16
+    family = "shrink"
+    kernel = "lora_shrink.lora_shrink_kernel"
+
+    @property
+    def phase(self) -> str:
+        return "forward" if self.dropout else "backward"
+
+    @property
+    def label(self) -> str:
+        return f"shrink x={CODE_NAMES[self.x]} A={CODE_NAMES[self.adapter]} drop={self.dropout} R={self.block_r}"
+
+    def pointers(self) -> dict:
+        return {"x_ptr": _PTR[self.x], "a_ptr": _PTR[self.adapter], "s_ptr": _PTR[self.adapter], "seed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        return dict(HAS_DROPOUT=self.dropout, DOT_DTYPE=self.adapter, UPCAST=False)
+
+    def meta(self) -> dict:
+        return dict(BLOCK_R=self.block_r)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expand(_Case):
+    """y = x W^T (+ b) (+ s S B^T): the forward with a bias, or dX = dy W + s t A with the dropout mask in
+    the epilogue (both weights transposed views, unit stride on their first dimension)."""
+
+    x: int  # the dtype of x, W, the bias and y
+    lora: int | None  # the dtype of S and B; None: no LoRA term
+    bias: bool
+    dropout_mask: bool  # the backward's dX (dropout mask on the LoRA term)
+    family = "gemm"
+    kernel = "gemm_lora_expand.gemm_lora_expand_kernel"
+
+    @property
+    def phase(self) -> str:
+        return "backward" if self.dropout_mask else "forward"
+
+    @property
+    def label(self) -> str:
+        if self.lora is None:
+            return f"expand x={CODE_NAMES[self.x]} no-lora"
+        return f"expand x={CODE_NAMES[self.x]} lora={CODE_NAMES[self.lora]} bias={self.bias} dropmask={self.dropout_mask}"
+
+    def pointers(self) -> dict:
+        lora = self.x if self.lora is None else self.lora
+        return {"x_ptr": _PTR[self.x], "w_ptr": _PTR[self.x], "bias_ptr": _PTR[self.x], "s_ptr": _PTR[lora],
+                "b_ptr": _PTR[lora], "y_ptr": _PTR[self.x], "seed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        return dict(HAS_BIAS=self.bias, HAS_LORA=self.lora is not None, LORA_DROPOUT=self.dropout_mask,
+                    X_DTYPE=self.x, LORA_DTYPE=self.x if self.lora is None else self.lora, UPCAST=False)
+
+    def meta(self) -> dict:
+        return dict(BLOCK_R=16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateUp(_Case):
+    """g, u = x Wg^T, x Wu^T (+ biases, + LoRA per side) with h' = act(g) * u * mask in the epilogue. The
+    fused layout (one adapter and one bias for both halves) compiles the same kernel; it is its own
+    case so that the table says which combinations a fused projection reaches."""
+
+    x: int
+    layout: str  # "split" or "fused"
+    act: int
+    gate_lora: int | None  # the gate adapter's dtype; None: no LoRA on the gate
+    up_lora: int | None
+    gate_bias: bool
+    up_bias: bool
+    mask: bool
+    family = "gate_up"
+    kernel = "gate_up_act.gate_up_act_kernel"
+
+    @property
+    def label(self) -> str:
+        return (f"gate_up {self.layout} x={CODE_NAMES[self.x]} act={self.act} lora=({_names(self.gate_lora, self.up_lora)}) "
+                f"bias=({self.gate_bias},{self.up_bias}) mask={self.mask}")
+
+    def _lora_dtypes(self) -> tuple[int, int]:
+        return tuple(self.x if c is None else c for c in (self.gate_lora, self.up_lora))
+
+    def pointers(self) -> dict:
+        g, u = self._lora_dtypes()
+        x = _PTR[self.x]
+        return {"x_ptr": x, "wg_ptr": x, "wu_ptr": x, "bg_ptr": x, "bu_ptr": x, "sg_ptr": _PTR[g], "lbg_ptr": _PTR[g],
+                "su_ptr": _PTR[u], "lbu_ptr": _PTR[u], "g_ptr": x, "u_ptr": x, "h_ptr": x, "seed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        g, u = self._lora_dtypes()
+        return dict(ACT=self.act, BIAS_G=self.gate_bias, BIAS_U=self.up_bias, LORA_G=self.gate_lora is not None,
+                    LORA_U=self.up_lora is not None, HAS_MASK=self.mask, X_DTYPE=self.x, LORA_G_DTYPE=g,
+                    LORA_U_DTYPE=u, UPCAST=False)
+
+    def meta(self) -> dict:
+        return dict(BLOCK_R=64 if self.act == GELU else 16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenReduce(_Case):
+    """out = P^T Q summed over tokens: dA (narrow A, dropout on Q), dB (narrow B), dW + db (wide, with
+    the column sum of P)."""
+
+    what: str  # "dA", "dB" or "dW"
+    p: int
+    q: int
+    dot: int
+    q_dropout: bool
+    colsum: bool
+    block_a: int | None = None  # a narrow side's block size (None: the config's)
+    block_b: int | None = None
+    family = "token_reduce"
+    kernel = "token_reduce.token_reduce_kernel"
+    phase = "backward"
+
+    @property
+    def label(self) -> str:
+        return f"token_reduce {self.what} P={CODE_NAMES[self.p]} Q={CODE_NAMES[self.q]} dot={CODE_NAMES[self.dot]}"
+
+    def pointers(self) -> dict:
+        return {"p_ptr": _PTR[self.p], "q_ptr": _PTR[self.q], "out_ptr": _PTR[self.dot], "colsum_ptr": _PTR[self.p],
+                "seed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        return dict(Q_DROPOUT=self.q_dropout, HAS_COLSUM=self.colsum, DOT_DTYPE=self.dot, UPCAST=False)
+
+    def meta(self) -> dict:
+        return {k: v for k, v in (("BLOCK_A", self.block_a), ("BLOCK_B", self.block_b)) if v is not None}
+
+
+# masked gated activation: every dtype, every activation (cycled over dtypes), mask on and off
+ACT_CASES = (
+    ActFwd(dtype=FP32, act=SILU, mask=True),
+    ActBwd(dtype=FP32, act=SILU, mask=True),
+    ActFwd(dtype=FP16, act=GELU, mask=True),
+    ActBwd(dtype=FP16, act=GELU, mask=True),
+    ActFwd(dtype=BF16, act=GELU_TANH, mask=True, tuned=True),
+    ActBwd(dtype=BF16, act=GELU_TANH, mask=True, tuned=True),
+    ActFwd(dtype=BF16, act=SILU, mask=False),
+    ActBwd(dtype=BF16, act=SILU, mask=False),
+)
+
+# LoRA shrink: (x dtype, adapter dtype), the forward with dropout and the backward's t = dy B without
+SHRINK_CASES = (
+    Shrink(x=FP32, adapter=FP32, dropout=True),
+    Shrink(x=BF16, adapter=FP32, dropout=True),
+    Shrink(x=BF16, adapter=BF16, dropout=True, tuned=True),
+    Shrink(x=BF16, adapter=BF16, dropout=True, block_r=64),  # rank 64 in one block
+    Shrink(x=FP16, adapter=FP32, dropout=False),
+    Shrink(x=FP16, adapter=FP16, dropout=True),
+    Shrink(x=BF16, adapter=FP32, dropout=False),
+)
+
+# base GEMM + LoRA expand: the forward (bias, no epilogue mask), dX (epilogue mask), no LoRA
+EXPAND_CASES = (
+    Expand(x=FP32, lora=FP32, bias=True, dropout_mask=False),
+    Expand(x=BF16, lora=FP32, bias=True, dropout_mask=False, tuned=True),
+    Expand(x=BF16, lora=BF16, bias=True, dropout_mask=False),
+    Expand(x=FP16, lora=FP32, bias=True, dropout_mask=False),
+    Expand(x=FP16, lora=FP16, bias=True, dropout_mask=False),
+    Expand(x=BF16, lora=FP32, bias=False, dropout_mask=True),
+    Expand(x=BF16, lora=BF16, bias=False, dropout_mask=True),
+    Expand(x=FP16, lora=FP16, bias=False, dropout_mask=True),
+    Expand(x=BF16, lora=None, bias=False, dropout_mask=False),
+)
+
+# gate/up GEMM + masked activation epilogue: every I/O dtype x layout x activation; LoRA on both, one
+# or neither side (the adapter in fp32 or the I/O dtype), biases and masking vary across the rows
+GATE_UP_CASES = (
+    GateUp(x=FP32, layout="split", act=SILU, gate_lora=FP32, up_lora=FP32, gate_bias=True, up_bias=True, mask=True),
+    GateUp(x=FP32, layout="split", act=GELU, gate_lora=FP32, up_lora=None, gate_bias=True, up_bias=False, mask=True),
+    GateUp(x=FP32, layout="split", act=GELU_TANH, gate_lora=None, up_lora=None, gate_bias=False, up_bias=False,
+           mask=False),
+    GateUp(x=FP16, layout="split", act=SILU, gate_lora=None, up_lora=FP32, gate_bias=False, up_bias=True, mask=True),
+    GateUp(x=FP16, layout="split", act=GELU, gate_lora=FP16, up_lora=FP16, gate_bias=True, up_bias=True, mask=False),
+    GateUp(x=FP16, layout="split", act=GELU_TANH, gate_lora=FP32, up_lora=FP32, gate_bias=False, up_bias=False,
+           mask=True),
+    GateUp(x=BF16, layout="split", act=SILU, gate_lora=FP32, up_lora=FP32, gate_bias=True, up_bias=True, mask=True,
+           tuned=True),
+    GateUp(x=BF16, layout="split", act=GELU, gate_lora=BF16, up_lora=BF16, gate_bias=False, up_bias=False, mask=True),
+    GateUp(x=BF16, layout="split", act=GELU_TANH, gate_lora=FP32, up_lora=BF16, gate_bias=True, up_bias=False,
+           mask=False),
+    GateUp(x=FP32, layout="fused", act=SILU, gate_lora=FP32, up_lora=FP32, gate_bias=True, up_bias=True, mask=True),
+    GateUp(x=FP32, layout="fused", act=GELU, gate_lora=None, up_lora=None, gate_bias=False, up_bias=False, mask=False),
+    GateUp(x=FP32, layout="fused", act=GELU_TANH, gate_lora=FP32, up_lora=FP32, gate_bias=False, up_bias=False,
+           mask=True),
+    GateUp(x=FP16, layout="fused", act=SILU, gate_lora=FP16, up_lora=FP16, gate_bias=False, up_bias=False, mask=True),
+    GateUp(x=FP16, layout="fused", act=GELU, gate_lora=FP32, up_lora=FP32, gate_bias=True, up_bias=True, mask=True),
+    GateUp(x=FP16, layout="fused", act=GELU_TANH, gate_lora=None, up_lora=None, gate_bias=True, up_bias=True,
+           mask=False),
+    GateUp(x=BF16, layout="fused", act=SILU, gate_lora=FP32, up_lora=FP32, gate_bias=False, up_bias=False, mask=True),
+    GateUp(x=BF16, layout="fused", act=GELU, gate_lora=BF16, up_lora=BF16, gate_bias=True, up_bias=True, mask=True),
+    GateUp(x=BF16, layout="fused", act=GELU_TANH, gate_lora=None, up_lora=None, gate_bias=False, up_bias=False,
+           mask=False),
+)
+
+# token reductions: dA (narrow A, dropout on Q), dB (narrow B), dW + db (wide, column sum)
+TOKEN_REDUCE_CASES = (
+    TokenReduce(what="dA", p=FP32, q=FP32, dot=FP32, q_dropout=True, colsum=False, block_a=16),
+    TokenReduce(what="dA", p=BF16, q=BF16, dot=BF16, q_dropout=True, colsum=False, block_a=16),
+    TokenReduce(what="dB", p=BF16, q=FP32, dot=FP32, q_dropout=False, colsum=False, block_b=16),
+    TokenReduce(what="dW", p=BF16, q=BF16, dot=BF16, q_dropout=False, colsum=True, tuned=True),
+    TokenReduce(what="dW", p=FP16, q=FP16, dot=FP16, q_dropout=False, colsum=True),
+    TokenReduce(what="dW", p=FP32, q=FP32, dot=FP32, q_dropout=False, colsum=True),
+)
+
+CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES)
 
 
 def variants(arch: str) -> list[Variant]:
-    fam = configs.FAMILIES
     out: list[Variant] = []
-    default = {name: f.default[arch] for name, f in fam.items()}
-    extra = {name: [c for c in f.configs(arch) if c != f.default[arch]] for name, f in fam.items()}
-
-    # masked gated activation: every dtype, every activation (cycled over dtypes), mask on and off
-    for code, act in ((FP32, 0), (FP16, 1), (BF16, 2), (BF16, 0)):
-        has_mask = not (code == BF16 and act == 0)
-        for kern, ptrs in (("fwd", ("g_ptr", "u_ptr", "h_ptr")), ("bwd", ("dh_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr"))):
-            p = {n: _PTR[code] for n in ptrs} | {"seed_ptr": "*i64"}
-            configs_here = [default["elementwise"]] + (extra["elementwise"] if code == BF16 and act == 2 else [])
-            for c in configs_here:
-                out.append(_v(f"masked_gated_act.masked_gated_act_{kern}_kernel",
-                              f"act_{kern} {CODE_NAMES[code]} act={act} mask={has_mask}", p,
-                              dict(ACT=act, HAS_MASK=has_mask), c, "forward" if kern == "fwd" else "backward"))
-
-    # LoRA shrink: (x dtype, adapter dtype), with and without dropout. Without dropout the variant is
-    # the backward's t = dy B: its "A" is the transposed view B^T, unit stride along the rank.
-    for xc, ac, drop in ((FP32, FP32, True), (BF16, FP32, True), (BF16, BF16, True), (FP16, FP32, False),
-                         (FP16, FP16, True), (BF16, FP32, False)):
-        p = {"x_ptr": _PTR[xc], "a_ptr": _PTR[ac], "s_ptr": _PTR[ac], "seed_ptr": "*i64"}
-        for c in [default["shrink"]] + (extra["shrink"] if (xc, ac) == (BF16, BF16) else []):
-            for br in ((16, 64) if c is default["shrink"] and (xc, ac) == (BF16, BF16) else (16,)):
-                out.append(_v("lora_shrink.lora_shrink_kernel",
-                              f"shrink x={CODE_NAMES[xc]} A={CODE_NAMES[ac]} drop={drop} R={br}", p,
-                              dict(HAS_DROPOUT=drop, DOT_DTYPE=ac, UPCAST=False), c,
-                              "forward" if drop else "backward", BLOCK_R=br))
-
-    # base GEMM + LoRA expand: forward (bias, no epilogue mask) and dX (epilogue mask: dy W^T-view
-    # + s t A^T-view, both weights transposed views with the unit stride on their first dim), no-LoRA
-    gemm_cases = [(FP32, FP32, True, False), (BF16, FP32, True, False), (BF16, BF16, True, False),
-                  (FP16, FP32, True, False), (FP16, FP16, True, False), (BF16, FP32, False, True),
-                  (BF16, BF16, False, True), (FP16, FP16, False, True)]
-    for xc, lc, bias, drop in gemm_cases:
-        p = {"x_ptr": _PTR[xc], "w_ptr": _PTR[xc], "bias_ptr": _PTR[xc], "s_ptr": _PTR[lc], "b_ptr": _PTR[lc],
-             "y_ptr": _PTR[xc], "seed_ptr": "*i64"}
-        for c in [default["gemm"]] + (extra["gemm"] if (xc, lc, drop) == (BF16, FP32, False) else []):
-            out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel",
-                          f"expand x={CODE_NAMES[xc]} lora={CODE_NAMES[lc]} bias={bias} dropmask={drop}", p,
-                          dict(HAS_BIAS=bias, HAS_LORA=True, LORA_DROPOUT=drop, X_DTYPE=xc, LORA_DTYPE=lc, UPCAST=False),
-                          c, "backward" if drop else "forward", BLOCK_R=16))
-    p = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "s_ptr", "b_ptr", "y_ptr")} | {"seed_ptr": "*i64"}
-    out.append(_v("gemm_lora_expand.gemm_lora_expand_kernel", "expand x=bf16 no-lora", p,
-                  dict(HAS_BIAS=False, HAS_LORA=False, LORA_DROPOUT=False, X_DTYPE=BF16, LORA_DTYPE=BF16, UPCAST=False),
-                  default["gemm"], BLOCK_R=16))
-
-    # gate/up GEMM + masked activation epilogue: every I/O dtype x layout x activation with the
-    # default config; LoRA (on both, one or neither side, with the adapter in fp32 or the I/O dtype),
-    # biases and masking vary across the rows. Fused layout: one adapter and one bias for both halves.
-    #   (x dtype, layout, act, gate adapter, up adapter (None: no LoRA), bias g, bias u, mask)
-    gate_up_cases = [
-        (FP32, "split", 0, FP32, FP32, True, True, True), (FP32, "split", 1, FP32, None, True, False, True),
-        (FP32, "split", 2, None, None, False, False, False), (FP16, "split", 0, None, FP32, False, True, True),
-        (FP16, "split", 1, FP16, FP16, True, True, False), (FP16, "split", 2, FP32, FP32, False, False, True),
-        (BF16, "split", 0, FP32, FP32, True, True, True), (BF16, "split", 1, BF16, BF16, False, False, True),
-        (BF16, "split", 2, FP32, BF16, True, False, False),
-        (FP32, "fused", 0, FP32, FP32, True, True, True), (FP32, "fused", 1, None, None, False, False, False),
-        (FP32, "fused", 2, FP32, FP32, False, False, True), (FP16, "fused", 0, FP16, FP16, False, False, True),
-        (FP16, "fused", 1, FP32, FP32, True, True, True), (FP16, "fused", 2, None, None, True, True, False),
-        (BF16, "fused", 0, FP32, FP32, False, False, True), (BF16, "fused", 1, BF16, BF16, True, True, True),
-        (BF16, "fused", 2, None, None, False, False, False),
-    ]
-    for xc, layout, act, lcg, lcu, bias_g, bias_u, mask in gate_up_cases:
-        gcode, ucode = lcg if lcg is not None else xc, lcu if lcu is not None else xc
-        p = {"x_ptr": _PTR[xc], "wg_ptr": _PTR[xc], "wu_ptr": _PTR[xc], "bg_ptr": _PTR[xc], "bu_ptr": _PTR[xc],
-             "sg_ptr": _PTR[gcode], "lbg_ptr": _PTR[gcode], "su_ptr": _PTR[ucode], "lbu_ptr": _PTR[ucode],
-             "g_ptr": _PTR[xc], "u_ptr": _PTR[xc], "h_ptr": _PTR[xc], "seed_ptr": "*i64"}
-        consts = dict(ACT=act, BIAS_G=bias_g, BIAS_U=bias_u, LORA_G=lcg is not None, LORA_U=lcu is not None,
-                      HAS_MASK=mask, X_DTYPE=xc, LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=False)
-        lora = ",".join(CODE_NAMES[c] if c is not None else "-" for c in (lcg, lcu))
-        tuned = (xc, layout, act) == (BF16, "split", 0)
-        for c in [default["gate_up"]] + (extra["gate_up"] if tuned else []):
-            out.append(_v("gate_up_act.gate_up_act_kernel",
-                          f"gate_up {layout} x={CODE_NAMES[xc]} act={act} lora=({lora}) bias=({bias_g},{bias_u}) "
-                          f"mask={mask}", p, consts, c, BLOCK_R=64 if act == 1 else 16))
-
-    # token reductions: dA (narrow A, dropout on Q), dB (narrow B), dW + db (wide, colsum)
-    tr_cases = [("dA", FP32, FP32, FP32, True, False, {"BLOCK_A": 16}), ("dA", BF16, BF16, BF16, True, False, {"BLOCK_A": 16}),
-                ("dB", BF16, FP32, FP32, False, False, {"BLOCK_B": 16}), ("dW", BF16, BF16, BF16, False, True, {}),
-                ("dW", FP16, FP16, FP16, False, True, {}), ("dW", FP32, FP32, FP32, False, True, {})]
-    for what, pc, qc, dc, drop, colsum, narrow in tr_cases:
-        p = {"p_ptr": _PTR[pc], "q_ptr": _PTR[qc], "out_ptr": _PTR[dc], "colsum_ptr": _PTR[pc], "seed_ptr": "*i64"}
-        for c in [default["token_reduce"]] + (extra["token_reduce"] if (what, dc) == ("dW", BF16) else []):
-            out.append(_v("token_reduce.token_reduce_kernel",
-                          f"token_reduce {what} P={CODE_NAMES[pc]} Q={CODE_NAMES[qc]} dot={CODE_NAMES[dc]}", p,
-                          dict(Q_DROPOUT=drop, HAS_COLSUM=colsum, DOT_DTYPE=dc, UPCAST=False), c, "backward",
-                          **narrow))
+    for case in CASES:
+        family = configs.FAMILIES[case.family]
+        default = family.default[arch]
+        out += case.variants(default, [c for c in family.configs(arch) if c != default])
     return out
 
 
@@ -231,10 +449,11 @@ def compile_variant(v: Variant, arch: int, sass: bool = False) -> dict:
     from triton.compiler import ASTSource
 
     fn = v.load()
-    units = set(v.unit_strides)
-    unknown = units - set(fn.arg_names)
-    if unknown:
-        raise ValueError(f"{v.label}: unit strides {sorted(unknown)} are not arguments of {fn.__name__}")
+    units, floats = set(v.unit_strides), set(v.floats)
+    for what, names in (("unit strides", units), ("float arguments", floats)):
+        unknown = names - set(fn.arg_names)
+        if unknown:
+            raise ValueError(f"{v.label}: {what} {sorted(unknown)} are not arguments of {fn.__name__}")
     sig, constexprs, attrs = {}, dict(v.constexprs), {}
     aligned = [["tt.divisibility", 16]]
     for i, name in enumerate(fn.arg_names):
@@ -243,7 +462,7 @@ def compile_variant(v: Variant, arch: int, sass: bool = False) -> dict:
         elif name in v.pointers:
             sig[name] = v.pointers[name]
             attrs[(i,)] = aligned
-        elif name in _FLOAT_ARGS:
+        elif name in floats:
             sig[name] = "fp32"
         elif name in units:
             sig[name] = "constexpr"

@@ -1,0 +1,157 @@
+"""The argument structs of csrc/include/transpeft/capi.h as ctypes mirrors. Standard library only.
+
+Each entry point takes one struct by pointer (plus the stream), so a value reaches the field it is
+named for or the call fails: the mirrors are built with keywords only, every field without a
+default must be given, and a library whose structs differ from these (another ABI version, or a
+size or field offset that does not match) is refused when it is loaded (``check_library``).
+
+Changing a struct: edit capi.h, capi_layout.h (its offset table) and the mirror here, and bump
+TRANSPEFT_CUDA_ABI_VERSION and ABI_VERSION together.
+"""
+from __future__ import annotations
+
+import ctypes
+
+ABI_VERSION = 2  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class _Args(ctypes.Structure):
+    """A capi.h struct; ``_c_name_`` is its typedef name there, ``_defaults_`` the fields that may be
+    left out (the optional parts of an operation: NULL pointers, zero sizes, an off mask)."""
+
+    _c_name_ = ""
+    _defaults_: dict = {}
+
+    def __init__(self, **fields):
+        names = [f[0] for f in self._fields_]
+        unknown = sorted(set(fields) - set(names))
+        missing = [n for n in names if n not in fields and n not in self._defaults_]
+        problems = ([f"unknown fields {unknown}"] if unknown else []) + ([f"missing fields {missing}"] if missing else [])
+        if problems:
+            raise TypeError(f"{type(self).__name__}: " + "; ".join(problems))
+        for name, ftype in self._fields_:
+            # ctypes would also take a tuple for a nested struct, filled positionally
+            if issubclass(ftype, _Args) and name in fields and not isinstance(fields[name], ftype):
+                raise TypeError(f"{type(self).__name__}.{name}: expected a {ftype.__name__}, "
+                                f"got {type(fields[name]).__name__}")
+        # a nested struct's default is a factory (RandomMask.off)
+        defaults = {k: (v() if callable(v) else v) for k, v in self._defaults_.items() if k not in fields}
+        super().__init__(**defaults, **fields)
+
+
+class RandomMask(_Args):
+    """Keep element (i, j) of a (rows, cols) tensor iff philox_uniform(*seed, i * cols + j) >= p, then
+    scale it by ``kept``; ``seed`` is the address of the int64 key in device memory; on = 0: no mask."""
+
+    _c_name_ = "TranspeftRandomMask"
+    _fields_ = [("p", _F32), ("kept", _F32), ("seed", _P), ("on", _I32)]
+
+    @classmethod
+    def off(cls) -> "RandomMask":
+        return cls(p=0.0, kept=1.0, seed=None, on=0)
+
+
+class ActFwdArgs(_Args):
+    _c_name_ = "TranspeftActFwdArgs"
+    _fields_ = [
+        ("g", _P), ("ldg", _I64), ("u", _P), ("ldu", _I64), ("h", _P), ("ldh", _I64),
+        ("M", _I64), ("I", _I64), ("activation", _I32), ("dtype", _I32), ("mask", RandomMask),
+        # the fused down-projection shrink, absent when a is NULL
+        ("a", _P), ("lda", _I64), ("rank", _I64), ("drop", RandomMask), ("s", _P), ("lds", _I64), ("a_dtype", _I32),
+    ]
+    _defaults_ = dict(a=None, lda=0, rank=0, a_dtype=0, drop=RandomMask.off, s=None, lds=0)
+
+
+class ActBwdArgs(_Args):
+    _c_name_ = "TranspeftActBwdArgs"
+    _fields_ = [
+        ("dh", _P), ("lddh", _I64), ("g", _P), ("ldg", _I64), ("u", _P), ("ldu", _I64),
+        ("dg", _P), ("lddg", _I64), ("du", _P), ("lddu", _I64),
+        ("M", _I64), ("I", _I64), ("activation", _I32), ("dtype", _I32), ("mask", RandomMask),
+        # the down projection's LoRA term (absent when t is NULL) and the optional outputs
+        ("t", _P), ("ldt", _I64), ("a", _P), ("lda", _I64), ("rank", _I64), ("scaling", _F32), ("a_dtype", _I32),
+        ("drop", RandomMask), ("h_out", _P), ("ldh_out", _I64), ("xd_out", _P), ("ldxd", _I64),
+    ]
+    _defaults_ = dict(t=None, ldt=0, a=None, lda=0, rank=0, a_dtype=0, scaling=0.0, drop=RandomMask.off,
+                      h_out=None, ldh_out=0, xd_out=None, ldxd=0)
+
+
+class LoraShrinkArgs(_Args):
+    _c_name_ = "TranspeftLoraShrinkArgs"
+    _fields_ = [
+        ("x", _P), ("sxm", _I64), ("sxk", _I64), ("a", _P), ("sar", _I64), ("sak", _I64), ("s", _P), ("lds", _I64),
+        ("M", _I64), ("K", _I64), ("R", _I64), ("x_dtype", _I32), ("a_dtype", _I32), ("drop", RandomMask),
+    ]
+    _defaults_ = dict(drop=RandomMask.off)
+
+
+class LoraExpandArgs(_Args):
+    _c_name_ = "TranspeftLoraExpandArgs"
+    _fields_ = [
+        ("y", _P), ("ldy", _I64), ("s", _P), ("ssm", _I64), ("ssr", _I64), ("b", _P), ("sbn", _I64), ("sbr", _I64),
+        ("M", _I64), ("N", _I64), ("R", _I64), ("y_dtype", _I32), ("lora_dtype", _I32), ("scaling", _F32),
+        ("grad_mode", _I32), ("drop", RandomMask),
+    ]
+    _defaults_ = dict(drop=RandomMask.off)
+
+
+class LoraDropoutCastArgs(_Args):
+    _c_name_ = "TranspeftLoraDropoutCastArgs"
+    _fields_ = [
+        ("x", _P), ("sxm", _I64), ("sxk", _I64), ("out", _P), ("ldo", _I64), ("M", _I64), ("K", _I64),
+        ("x_dtype", _I32), ("out_dtype", _I32), ("drop", RandomMask),
+    ]
+    _defaults_ = dict(drop=RandomMask.off)
+
+
+STRUCTS = (RandomMask, ActFwdArgs, ActBwdArgs, LoraShrinkArgs, LoraExpandArgs, LoraDropoutCastArgs)
+
+# entry point -> the struct it takes (by const pointer, followed by the stream as uint64)
+ENTRY_POINTS = {
+    "transpeft_masked_gated_act_fwd": ActFwdArgs,
+    "transpeft_masked_gated_act_bwd": ActBwdArgs,
+    "transpeft_lora_shrink": LoraShrinkArgs,
+    "transpeft_lora_expand": LoraExpandArgs,
+    "transpeft_lora_dropout_cast": LoraDropoutCastArgs,
+}
+
+
+class AbiMismatch(RuntimeError):
+    """The library's C interface is not the one these mirrors describe."""
+
+
+def layout_mismatch(size_of, offset_of) -> str | None:
+    """The first difference between the mirrors and a library's layout, described, or None.
+    ``size_of(c_name)`` and ``offset_of(c_name, field)`` are the library's answers (-1: unknown)."""
+    for struct in STRUCTS:
+        name = struct._c_name_
+        lib_size, own = size_of(name), ctypes.sizeof(struct)
+        if lib_size != own:
+            have = "does not have it" if lib_size < 0 else f"has {lib_size} bytes"
+            return f"struct {name}: the library {have}, this package's mirror has {own} bytes"
+        for field, _ in struct._fields_:
+            lib_off, own_off = offset_of(name, field), getattr(struct, field).offset
+            if lib_off != own_off:
+                have = "has no such field" if lib_off < 0 else f"has it at offset {lib_off}"
+                return f"field {name}.{field}: the library {have}, this package's mirror at offset {own_off}"
+    return None
+
+
+def check_library(lib: ctypes.CDLL, path, rebuild: str) -> None:
+    """Raise AbiMismatch unless ``lib`` speaks this ABI version with these struct layouts.
+    ``rebuild`` says how to rebuild the library; it ends each message."""
+    lib.transpeft_cuda_abi_version.restype = ctypes.c_int
+    lib.transpeft_cuda_abi_version.argtypes = []
+    version = lib.transpeft_cuda_abi_version()
+    if version != ABI_VERSION:
+        raise AbiMismatch(f"{path}: C interface version {version}, this package needs {ABI_VERSION} "
+                          f"(the library was built from older or newer sources); {rebuild}")
+    size_fn, offset_fn = lib.transpeft_cuda_struct_size, lib.transpeft_cuda_field_offset
+    size_fn.restype, size_fn.argtypes = ctypes.c_int64, [ctypes.c_char_p]
+    offset_fn.restype, offset_fn.argtypes = ctypes.c_int64, [ctypes.c_char_p, ctypes.c_char_p]
+    problem = layout_mismatch(lambda s: size_fn(s.encode()), lambda s, f: offset_fn(s.encode(), f.encode()))
+    if problem is not None:
+        raise AbiMismatch(f"{path}: {problem} (both say C interface version {ABI_VERSION}: the library was built "
+                          f"from other sources); {rebuild}")
