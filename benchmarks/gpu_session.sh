@@ -6,9 +6,13 @@
 #   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh bench    # ~7 min: the benchmark suite
 #   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh all      # both, with tighter caps (<= 570 s)
 #
-# checks: benchmarks/gpu_triton_check.py (tl.rand bits, the kernel/op/custom-op tests compiled on the GPU,
-#         op numerics vs torch and float64, a LoRA-linear timing), then benchmarks/gpu_cuda_check.py
-#         (JIT build of the CUDA library for this GPU, masks, numerics, bandwidth, gated MLP vs floor).
+# checks: benchmarks/gpu_triton_check.py (pytest python_tests/test_gpu_triton.py -m gpu: tl.rand bits, masks
+#         and op numerics vs torch and float64 compiled on the GPU; a LoRA-linear timing; then the
+#         kernel/op/custom-op tests on the GPU while its budget lasts), then benchmarks/gpu_cuda_check.py
+#         (pytest python_tests/test_gpu_cuda.py -m gpu: JIT build of the CUDA library for this GPU, load,
+#         numerics; test_cuda_ops.py's masks; bandwidth and gated MLP vs floor reported against their
+#         targets, never failing the stage; then the rest of test_cuda_ops.py while its budget lasts).
+#         A stage's exit status is 1 when a test failed (see the *.junit.xml files), not for a missed target.
 # bench:  the CUDA library built for this GPU when none is found (JIT route, <= 150 s), then
 #         benchmarks/gpu_run.sh (the `gpu` preset of the benchmark suite; see that script).
 # Every part starts with a preflight (versions of python, torch + CUDA, triton, transformers, peft,
@@ -16,8 +20,10 @@
 # model's predictions for this GPU (model.json) so that every measured time has its prediction beside it.
 # Every stage has its own time cap; a stage that fails or hits its cap does not stop the next one.
 # Caps of `all`: preflight 30 + model 60 + triton 140 + cuda 140 + bench 120 (killed at 180) = 550 s.
-# Outputs under $OUT: preflight.txt, model.json, model_vs_measured.json (bench), triton_check.txt, cuda_check.txt + cuda_check.json,
-# the gpu_run.sh files, and session.txt (commit, versions, each stage's exit status and seconds).
+# Outputs under $OUT: preflight.txt, model.json, model_vs_measured.json (bench), triton_check.txt + triton_check.json
+# + triton_check.junit.xml (+ triton_suite.junit.xml), cuda_check.txt + cuda_check.json + cuda_check.junit.xml
+# (+ cuda_masks.junit.xml, cuda_ops.junit.xml), the gpu_run.sh files, and session.txt (commit, versions, each
+# stage's exit status and seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -103,7 +109,7 @@ gpu_key=$("$PY" -c "import torch; n = torch.cuda.get_device_name(0); print('h200
 stage model 60 "$PY" -m transpeft_kernels model --device "$gpu_key" --impls vanilla,floor,triton,cuda --json "$OUT/model.json"
 
 if [ "$TRITON_S" -gt 0 ]; then
-  stage triton_check "$TRITON_S" "$PY" -u benchmarks/gpu_triton_check.py
+  stage triton_check "$TRITON_S" env OUT="$OUT" "$PY" -u benchmarks/gpu_triton_check.py --budget-s $((TRITON_S - 20))
 fi
 if [ "$CUDA_S" -gt 0 ]; then
   stage cuda_check "$CUDA_S" env OUT="$OUT" "$PY" -u benchmarks/gpu_cuda_check.py --budget-s $((CUDA_S - 40))

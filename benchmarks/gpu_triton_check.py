@@ -1,167 +1,195 @@
-"""GPU check of the Triton backend, for a session with a CUDA GPU (sized for ~10 minutes on an H200).
+"""GPU check of the Triton backend, for a session with a CUDA GPU: correctness through pytest, then timing.
 
-    PYTHONPATH=. python benchmarks/gpu_triton_check.py [--skip-pytest] [--autotune]
+    OUT=out/triton PYTHONPATH=. python benchmarks/gpu_triton_check.py [--budget-s 600] [--skip-pytest] [--autotune]
 
-1. GPU ``tl.rand`` / ``tl.randint`` bits equal reference.philox at offsets past 2**31, and the keep
-   masks the compiled kernels regenerate equal reference.keep_mask bit for bit.
-2. The kernel, op and custom-op tests (test_triton_kernels, test_ops, test_triton_ops,
-   test_custom_ops) compiled on the GPU, with their tensors on the GPU.
-3. The autograd ops on CUDA tensors (lora_linear, masked_gated_mlp in both layouts; fp32, bf16 with
-   fp32 and bf16 adapters) on "triton" against "torch" on the same GPU and against float64 on CPU,
-   with a check that the Triton kernels really ran (no silent fallback).
-4. Informational timings (median ms) of a LoRA linear 4096->4096, r=16, 8192 tokens, bf16, forward
-   + backward, "triton" vs "torch".
-Prints one line per check and exits non-zero if any check fails. Autotuning is off unless --autotune
-(timing every candidate costs minutes; the fixed defaults are what the numerics depend on anyway).
+1. Correctness: ``python -m pytest python_tests/test_gpu_triton.py -m gpu`` (tl.rand bits compiled for
+   the GPU, the kernels' masks at realistic shapes and past 2**31 elements, lora_linear and the gated
+   MLP at realistic shapes against "torch" and float64 with their Triton launches counted).
+2. Timing, informational: median ms of a LoRA linear 4096->4096, r=16, 8192 tokens, bf16, forward +
+   backward, "triton" vs "torch".
+3. Unless --skip-pytest, while the budget lasts: the kernel, op and custom-op tests (test_triton_kernels,
+   test_triton_gate_up_act, test_ops, test_triton_ops, test_custom_ops) compiled on the GPU with their
+   tensors there; stopped (SIGINT, so its JUnit XML keeps what ran) when the budget is spent.
+Prints one PASS/FAIL/SKIP line per test of part 1 (FAIL lines only for part 3) and INFO lines for
+timings. Writes under $OUT: triton_check.json (GPU, versions, commit, each pytest run and test, the
+timings; rewritten after every part), triton_check.junit.xml (part 1), triton_suite.junit.xml (part 3).
+Exit status 1 when a test failed or part 1 did not complete, 2 without a GPU. Autotuning is off
+unless --autotune (timing every candidate costs minutes; the fixed defaults are what the numerics
+depend on anyway).
+
+The helpers above main() (Report: pytest runs, JUnit reading, the JSON) serve gpu_cuda_check.py too.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-FAILED: list[str] = []
-
-
-def check(name: str, ok: bool, detail: str = "") -> None:
-    print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}", flush=True)
-    if not ok:
-        FAILED.append(name)
+SUITE = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_gate_up_act.py", "python_tests/test_ops.py",
+         "python_tests/test_triton_ops.py", "python_tests/test_custom_ops.py"]
 
 
-def rand_bits() -> None:
-    import torch
-    import triton
-    import triton.language as tl
-
-    from transpeft_kernels.reference.philox import keep_mask, philox_randint, philox_uniform
-
-    @triton.jit
-    def draw(out_i, out_f, seed_ptr, base, n, BLOCK: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs = idx.to(tl.int64) + base
-        ok = idx < n
-        seed = tl.load(seed_ptr)
-        tl.store(out_i + idx, tl.randint(seed, offs).to(tl.int64) & 0xFFFFFFFF, mask=ok)
-        tl.store(out_f + idx, tl.rand(seed, offs), mask=ok)
-
-    n = 1 << 16
-    for seed, base in [(0, 0), (123456789, 5), (2**40 + 7, 2**33 - 100), (2**62 + 12345, 2**31 - 64)]:
-        s = torch.tensor([seed], dtype=torch.int64, device="cuda")
-        oi = torch.full((n,), -1, dtype=torch.int64, device="cuda")
-        of = torch.full((n,), -1.0, device="cuda")
-        draw[(triton.cdiv(n, 1024),)](oi, of, s, base, n, BLOCK=1024)
-        offs = torch.arange(n, dtype=torch.int64) + base
-        check(f"tl.randint bits seed={seed} base={base}", torch.equal(oi.cpu(), philox_randint(seed, offs)))
-        check(f"tl.rand bits seed={seed} base={base}", torch.equal(of.cpu(), philox_uniform(seed, offs)))
-
-    from transpeft_kernels.kernels import triton as K
-
-    key = torch.tensor(2**41 + 3)
-    g = (1 + torch.rand(3000, 1537, device="cuda")).bfloat16()
-    h = K.masked_gated_act_fwd(g, g, "silu", 0.1, False, key)
-    check("masked_gated_act keep mask == reference", torch.equal((h != 0).cpu(), keep_mask(key, 3000, 1537, 0.1)))
-    x = (1 + torch.rand(1000, 96, device="cuda"))
-    s = K.lora_shrink(x, torch.eye(96, device="cuda"), 0.05, key)
-    check("lora_shrink dropout mask == reference", torch.equal((s != 0).cpu(), keep_mask(key, 1000, 96, 0.05)))
+def commit() -> str:
+    if os.environ.get("TPK_COMMIT"):
+        return os.environ["TPK_COMMIT"]
+    if (ROOT / "COMMIT").is_file():
+        return (ROOT / "COMMIT").read_text().strip()
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-def run_pytest() -> None:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("TRITON_INTERPRET", None)
-    t0 = time.time()
-    files = [f"python_tests/{n}.py" for n in ("test_triton_kernels", "test_triton_gate_up_act", "test_ops", "test_triton_ops",
-                                                  "test_custom_ops")]
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    tail = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
-    check(f"pytest {' '.join(files)} (compiled, CUDA tensors)", out.returncode == 0, f"{tail} ({time.time() - t0:.0f}s)")
-    if out.returncode:
-        print(out.stdout[-4000:])
-
-
-def ops_numerics() -> None:
+def environment() -> dict:
     import torch
 
-    from transpeft_kernels import ops, reference as R
-    from transpeft_kernels.kernels import triton as K
-    from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec
+    env = {"gpu": torch.cuda.get_device_name(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+           "torch": torch.__version__, "torch_cuda": torch.version.cuda, "commit": commit(), "python": sys.version.split()[0]}
+    try:
+        import triton
 
-    # Count launches of the GEMM kernels, so that a silent fallback to torch fails the check.
-    spied = ("gemm_lora_expand", "gate_up_act")
-    originals = {name: getattr(K, name) for name in spied}
-    calls = dict.fromkeys(spied, 0)
-
-    def counter(name):
-        def counted(*a, **k):
-            calls[name] += 1
-            return originals[name](*a, **k)
-        return counted
-
-    for name in spied:
-        setattr(K, name, counter(name))
-    tri, tor = ops.resolve("triton", torch.device("cuda")), ops.resolve("torch", torch.device("cuda"))
-
-    def linear(d_in, d_out, dtype, adt, rank, q, gen):
-        W = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(dtype)
-        b = (torch.randn(d_out, generator=gen) * 0.1).to(dtype)
-        A = (torch.randn(rank, d_in, generator=gen) / d_in**0.5).to(adt).requires_grad_()
-        B = (torch.randn(d_out, rank, generator=gen) / rank**0.5).to(adt).requires_grad_()
-        return LinearWeights(W, b, LoraWeights(A, B, 2.0, q))
-
-    def to(lin, device, dtype=None):
-        def c(t):
-            if t is None:
-                return None
-            return t.detach().to(device=device, dtype=dtype or t.dtype).requires_grad_(t.requires_grad)
-        return lin.with_tensors(*(c(t) for t in lin.tensors()))
-
-    def grads(fn, x, lins):
-        leaves = [x] + [t for lin in lins for t in lin.tensors() if t is not None and t.requires_grad]
-        y = fn(x, lins)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device=y.device, dtype=y.dtype)
-        return [y] + list(torch.autograd.grad(y, leaves, dy))
-
-    seed = torch.tensor(11)
-    for dtype, adt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(3, 333, 257, generator=gen).to(dtype)
-        cases = {
-            "lora_linear": ([linear(257, 515, dtype, adt, 16, 0.1, gen)],
-                            lambda x, ls, be: ops.lora_linear(x, ls[0], seed, be)),
-        }
-        for layout in (Layout.SPLIT, Layout.FUSED_GATE_UP):
-            width = 700 if layout is Layout.SPLIT else 1400
-            ins = [linear(257, width, dtype, adt, 8, 0.05, gen) for _ in range(2 if layout is Layout.SPLIT else 1)]
-            cases[f"gated_mlp {layout.value}"] = (ins + [linear(700, 257, dtype, adt, 8, 0.05, gen)],
-                                                  lambda x, ls, be: ops.masked_gated_mlp(
-                                                      x, GatedMLPWeights(tuple(ls[:-1]), ls[-1]), R.Activation.SILU,
-                                                      MaskSpec(0.1), seed, be))
-        for name, (lins, f) in cases.items():
-            for k in calls:
-                calls[k] = 0
-            xc = x.cuda().requires_grad_()
-            got = grads(lambda x, ls: f(x, ls, tri), xc, [to(lin, "cuda") for lin in lins])
-            ran = calls["gemm_lora_expand"] > 0 and (name == "lora_linear" or calls["gate_up_act"] > 0)
-            ref = grads(lambda x, ls: f(x, ls, tor), x.cuda().requires_grad_(), [to(lin, "cuda") for lin in lins])
-            exact = grads(lambda x, ls: f(x, ls, tor), x.double().requires_grad_(), [to(lin, "cpu", torch.float64) for lin in lins])
-            worst = 0.0
-            for a, b, e in zip(got, ref, exact):
-                err_ours = (a.double().cpu() - e).abs().max().item()
-                err_ref = (b.double().cpu() - e).abs().max().item()
-                worst = max(worst, err_ours / (3 * err_ref + 1e-3 * e.abs().max().item() + 1e-6))
-            check(f"{name} {dtype} adapters {adt} vs torch and float64", ran and worst <= 1.0,
-                  f"kernels ran={ran} worst error ratio={worst:.3f} (<= 1)")
-    for name, fn in originals.items():
-        setattr(K, name, fn)
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
 
 
-def timings() -> None:
+def read_junit(path: Path) -> tuple[list[dict], dict]:
+    """(tests, suite properties) of a pytest JUnit XML file: each test's name, status (passed, failed,
+    error, skipped), seconds and message."""
+    root = ET.parse(path).getroot()
+    tests, props = [], {}
+    for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+        for prop in suite.findall("./properties/property"):
+            props[prop.get("name")] = prop.get("value")
+        for case in suite.iter("testcase"):
+            if case.get("name") is None:  # the test a SIGINT interrupted: not a result
+                continue
+            module = (case.get("classname") or "").rsplit(".", 1)[-1]
+            status, message = "passed", ""
+            for tag, name in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+                found = case.find(tag)
+                if found is not None:
+                    status, message = name, (found.get("message") or found.text or "").strip()
+                    break
+            tests.append({"name": f"{module}.py::{case.get('name')}" if module else case.get("name"), "status": status,
+                          "seconds": round(float(case.get("time") or 0.0), 2), "message": message[:2000]})
+    return tests, props
+
+
+class Report:
+    """The results of one check script: printed as they come, kept in ``data`` and written to
+    $OUT/<stem>.json by ``save``; ``failed`` names what makes the script exit with status 1."""
+
+    def __init__(self, out: Path, stem: str):
+        self.out, self.stem, self.t0 = out, stem, time.time()
+        self.data: dict = {"environment": {}, "pytest": {}, "checks": []}
+        self.failed: list[str] = []
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(self.elapsed(), 1)
+        self.data["failed"] = list(self.failed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"{self.stem}.json").write_text(json.dumps(self.data, indent=2) + "\n")
+
+    def fail(self, name: str, detail: str) -> None:
+        print(f"FAIL  {name}  {detail}", flush=True)
+        self.data["checks"].append({"name": name, "ok": False, "status": "failed", "detail": detail})
+        self.failed.append(name)
+
+    def info(self, name: str, detail: str) -> None:
+        print(f"INFO  {name}  {detail}", flush=True)
+
+    def target(self, name: str, measured: float, op: str, bound: float, detail: str) -> None:
+        """A performance target: reported, never a failure."""
+        met = measured >= bound if op == ">=" else measured <= bound
+        self.data.setdefault("targets", []).append(
+            {"name": name, "measured": round(measured, 4), "target": f"{op} {bound}", "met": met})
+        self.info(name, f"{detail}; target {op} {bound}: {'met' if met else 'MISSED'}")
+
+    def pytest(self, label: str, args: list[str], junit: str, timeout_s: float, required: bool,
+               every_test: bool = True) -> dict:
+        """Runs ``python -m pytest ARGS`` in a child process (its output streams through) with a JUnit XML
+        under $OUT, interrupted with SIGINT after ``timeout_s`` (pytest then still writes what ran).
+        Failed tests always count as failures; a ``required`` run also fails when it was interrupted,
+        passed nothing or exited non-zero otherwise. Lines per test: all (``every_test``) or failures only."""
+        junit_path = self.out / junit
+        self.out.mkdir(parents=True, exist_ok=True)
+        junit_path.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("TRITON_INTERPRET", None)  # the kernels compiled for the GPU, never the interpreter
+        env.pop("TRANSPEFT_CUDA_EMULATE", None)  # the library on the GPU, never its host emulation
+        env.setdefault("TRANSPEFT_TRITON_AUTOTUNE", "0")  # numerics only: no minutes of candidate timing
+        env["PYTHONUNBUFFERED"] = "1"  # its output in order with ours, and kept if a time cap kills it
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit_path}", *args]
+        print(f"== pytest: {label} (budget {timeout_s:.0f}s): {shlex.join(cmd[1:])}", flush=True)
+        t, interrupted = time.time(), False
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        try:
+            rc = proc.wait(timeout=max(timeout_s, 1.0))
+        except subprocess.TimeoutExpired:
+            interrupted = True
+            proc.send_signal(signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        except BaseException:  # our own SIGTERM (a session's time cap): do not leave the child running
+            proc.kill()
+            proc.wait()
+            self.data["pytest"][label] = {"command": cmd[1:], "terminated_after_s": round(time.time() - t, 1)}
+            raise
+        tests, props = read_junit(junit_path) if junit_path.is_file() else ([], {})
+        counts = {s: sum(1 for x in tests if x["status"] == s) for s in ("passed", "failed", "error", "skipped")}
+        summary = {"command": cmd[1:], "rc": rc, "interrupted": interrupted, "seconds": round(time.time() - t, 1),
+                   "junit": junit if junit_path.is_file() else None, **counts, "properties": props}
+        self.data["pytest"][label] = summary
+        for x in tests:
+            bad = x["status"] in ("failed", "error")
+            if bad or every_test:
+                word = {"passed": "PASS", "skipped": "SKIP"}.get(x["status"], "FAIL")
+                detail = f"({x['seconds']:.1f}s)" + (f" {x['message'].splitlines()[0][:300]}" if x["message"] else "")
+                print(f"{word}  {x['name']}  {detail}", flush=True)
+            if bad:
+                self.failed.append(x["name"])
+            if bad or every_test:
+                self.data["checks"].append({"name": x["name"], "ok": not bad, "status": x["status"],
+                                            "seconds": x["seconds"], "detail": x["message"][:500]})
+        line = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
+                f"{counts['skipped']} skipped in {summary['seconds']:.0f}s (exit {rc})")
+        if interrupted:
+            line += f"; stopped at its budget of {timeout_s:.0f}s"
+        if not junit_path.is_file():
+            line += "; no JUnit XML was written"
+        incomplete = interrupted or rc not in (0, 1) or counts["passed"] == 0
+        if required and incomplete and not (counts["failed"] or counts["error"]):
+            self.fail(f"pytest {label}", line + " (expected to complete with tests passed)")
+        else:
+            print(f"{'FAIL' if counts['failed'] or counts['error'] else 'INFO'}  pytest {label}  {line}", flush=True)
+        self.save()
+        return {**summary, "tests": tests}
+
+
+def _terminate(signum, frame):  # a session's time cap: exit through the finally blocks (the JSON is saved)
+    raise SystemExit(128 + signum)
+
+
+def timings(report: Report) -> None:
     import torch
 
     from transpeft_kernels import ops
@@ -174,6 +202,8 @@ def timings() -> None:
     lin = LinearWeights(W, None, LoraWeights(A, B, 2.0, 0.05))
     x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     seed = torch.tensor(3)
+    key = "lora_linear_4096x4096_r16_8192_tokens_bf16_fwd_bwd_ms"
+    report.data.setdefault("timings", {})[key] = {}
     for name in ("torch", "triton"):
         be = ops.resolve(name, torch.device("cuda"))
 
@@ -191,32 +221,56 @@ def timings() -> None:
             torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
         times.sort()
-        print(f"TIME  lora_linear 4096->4096 r=16 8192 tokens bf16 fwd+bwd  {name}: {times[len(times) // 2]:.3f} ms (median of 20)")
+        ms = times[len(times) // 2]
+        report.data["timings"][key][name] = round(ms, 3)
+        report.info(f"lora_linear 4096->4096 r=16 8192 tokens bf16 fwd+bwd {name}", f"{ms:.3f} ms (median of 20)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--skip-pytest", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="start no part after this many seconds")
+    ap.add_argument("--skip-pytest", action="store_true", help="skip part 3 (the kernel/op/custom-op tests)")
     ap.add_argument("--autotune", action="store_true")
     args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "out/gpu_triton_check"))
     os.environ.pop("TRITON_INTERPRET", None)
-    if not args.autotune:
-        os.environ["TRANSPEFT_TRITON_AUTOTUNE"] = "0"
+    os.environ["TRANSPEFT_TRITON_AUTOTUNE"] = "1" if args.autotune else "0"  # the pytest runs inherit it
     import torch
-    import triton
 
     if not torch.cuda.is_available():
         print("no CUDA device: this script checks the Triton backend on a GPU")
         return 2
-    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    # Fast and most telling first: a session's time cap may cut the pytest run short.
-    rand_bits()
-    ops_numerics()
-    timings()
-    if not args.skip_pytest:
-        run_pytest()
-    print(f"\n{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
-    return 1 if FAILED else 0
+    signal.signal(signal.SIGTERM, _terminate)
+    report = Report(out, "triton_check")
+    report.data["environment"] = environment()
+    print(json.dumps(report.data["environment"]), flush=True)
+    try:
+        # Fast and most telling first: a session's time cap may cut the later parts short.
+        report.pytest("test_gpu_triton.py", ["python_tests/test_gpu_triton.py", "-m", "gpu"], "triton_check.junit.xml",
+                      args.budget_s - report.elapsed(), required=True)
+        if report.elapsed() < args.budget_s:
+            try:
+                timings(report)
+            except Exception as e:  # noqa: BLE001 - a crash is reported; the next part still runs
+                report.fail("timing", f"{type(e).__name__}: {e}"[:2000])
+            finally:
+                torch.cuda.empty_cache()
+                report.save()
+        else:
+            report.info("timing", "not run: budget spent")
+        left = args.budget_s - report.elapsed()
+        if args.skip_pytest:
+            pass
+        elif left > 60:
+            report.pytest("kernel, op and custom-op tests", SUITE, "triton_suite.junit.xml", left, required=False,
+                          every_test=False)
+        else:
+            report.info("pytest kernel, op and custom-op tests", f"not run: {max(left, 0):.0f}s of budget left")
+    finally:
+        report.save()
+    print(f"\n{len(report.failed)} failed" + (": " + ", ".join(report.failed) if report.failed else "")
+          + f"; results in {out / 'triton_check.json'}")
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""The CUDA C++ backend built for this GPU and run on it. Marked ``gpu`` and skipped without CUDA;
+benchmarks/gpu_cuda_check.py runs it (``python -m pytest python_tests/test_gpu_cuda.py -m gpu``).
+
+The session fixture builds libtranspeft_cuda.so with the JIT route (kernels/cuda/build.py, what
+``python -m transpeft_kernels build-cuda --arch <this GPU>`` does) for this GPU's architecture only,
+into the JIT cache where backend="cuda" finds it later (ninja makes a repeat build a no-op), and
+loads a private copy of it for the session. Without nvcc or ninja the tests are skipped.
+
+* the library builds for this GPU, loads (ABI checked) and its kernels run here;
+* a bf16 gated MLP with fp32 adapters at a realistic shape, both layouts, forward and every
+  gradient on "cuda" against "torch" on the same GPU and float64 on the CPU, within budget.py's
+  error budget, with the fused kernels counted as they are called (a silent fallback to torch fails).
+
+The op-level cases (every dtype, layout, rank, activation and mask) and the masks bit-equal to the
+reference (offsets past 2**31 included) are test_cuda_ops.py's, which runs once the library is
+found; benchmarks/gpu_cuda_check.py runs it after this file.
+"""
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from budget import assert_within_budget
+from transpeft_kernels import ops, reference as R
+from transpeft_kernels.kernels.cuda import build, library
+from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+def gpu_arch() -> str:
+    """This GPU's nvcc architecture: "90a" on H100/H200 (the sm_90a features), else e.g. "80"."""
+    major, minor = torch.cuda.get_device_capability(CUDA)
+    return f"{major}{minor}" + ("a" if major == 9 else "")
+
+
+@dataclass(frozen=True)
+class BuiltLibrary:
+    built: Path     # the build output in the JIT cache
+    loaded: Path    # the private copy this session loads
+    arch: str
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def cuda_library(tmp_path_factory, record_testsuite_property):
+    """Builds the library for this GPU's architecture and points backend="cuda" at a copy of it for the
+    session (a copy: a library already loaded from the cache path would otherwise be reused by the
+    dynamic loader). The JUnit XML gets the build's path, architecture and time as suite properties."""
+    missing = [what for what, found in (("the CUDA sources (csrc/)", build.find_csrc()), ("nvcc", build.find_nvcc()),
+                                        ("ninja", build.find_ninja())) if found is None]
+    if missing:
+        pytest.skip(f"cannot build the CUDA library here: {', '.join(missing)} not found")
+    arch = gpu_arch()
+    t0 = time.time()
+    try:
+        built = build.build(archs=(arch,))
+    except RuntimeError as e:
+        pytest.fail(f"building libtranspeft_cuda.so for sm_{arch} failed: {e}", pytrace=False)
+    seconds = round(time.time() - t0, 1)
+    loaded = tmp_path_factory.mktemp("cuda_library") / build.LIB_NAME
+    shutil.copy2(built, loaded)
+    record_testsuite_property("cuda_library", str(built))
+    record_testsuite_property("cuda_arch", arch)
+    record_testsuite_property("cuda_build_seconds", seconds)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSPEFT_CUDA_LIB", str(loaded))
+        mp.delenv("TRANSPEFT_CUDA_EMULATE", raising=False)
+        mp.setattr(library, "_LOADED", None)
+        yield BuiltLibrary(built, loaded, arch, seconds)
+
+
+@pytest.fixture
+def calls(cuda_library, monkeypatch):
+    """Names of the library's C functions called (a fallback to torch would call none)."""
+    seen: list[str] = []
+    original = library.Library.call
+
+    def spy(self, name, *args):
+        seen.append(name)
+        return original(self, name, *args)
+
+    monkeypatch.setattr(library.Library, "call", spy)
+    return seen
+
+
+def test_library_builds_for_this_gpu_and_loads(cuda_library):
+    from transpeft_kernels.kernels import cuda as K
+
+    assert cuda_library.built.is_file(), cuda_library
+    lib = library.load()  # checks the ABI version and the argument structs' layout
+    assert lib.path == cuda_library.loaded and not lib.emulated
+    ops.check_available("cuda")  # raises with the reason when backend="cuda" cannot run
+    assert ops.resolve("cuda", CUDA).name == "cuda"
+    # A kernel of this build runs on this GPU (an architecture mismatch fails here: no kernel image).
+    x = 1 + torch.rand(300, 64, device=CUDA)
+    s = K.lora_shrink(x, torch.eye(64, device=CUDA))  # S = x I^T = x exactly
+    torch.cuda.synchronize()
+    assert torch.equal(s, x)
+
+
+FUSED_MLP_CALLS = {"transpeft_lora_shrink", "transpeft_lora_expand", "transpeft_lora_dropout_cast",
+                   "transpeft_masked_gated_act_fwd", "transpeft_masked_gated_act_bwd"}
+
+
+def _linear(d_in, d_out, rank, gen):
+    """bf16 frozen base, fp32 adapters (as PEFT creates them on a bf16 model), LoRA dropout 0.05."""
+    W = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).bfloat16()
+    A = torch.randn(rank, d_in, generator=gen) / d_in**0.5
+    B = torch.randn(d_out, rank, generator=gen) / rank**0.5  # non-zero B
+    return LinearWeights(W, None, LoraWeights(A, B, 2.0, 0.05))
+
+
+def _placed(lin, device, dtype=None):
+    """A copy on ``device`` (every tensor in ``dtype`` when given): frozen base, trainable A and B."""
+    W, b, A, B = (None if t is None else t.detach().to(device=device, dtype=dtype or t.dtype) for t in lin.tensors())
+    return lin.with_tensors(W, b, A.requires_grad_(), B.requires_grad_())
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP], ids=lambda v: v.value)
+def test_gated_mlp_at_a_realistic_shape_matches_torch_and_float64(layout, calls):
+    gen = torch.Generator().manual_seed(0)
+    d, inter, rank = 512, 1536, 16  # rank <= 64 and fp32 adapters: the fused activation + down-LoRA path
+    widths = [inter, inter] if layout is Layout.SPLIT else [2 * inter]
+    lins = [_linear(d, w, rank, gen) for w in widths] + [_linear(inter, d, rank, gen)]
+    x = torch.randn(4, 300, d, generator=gen).bfloat16()
+    dy = torch.randn(4, 300, d, generator=gen).bfloat16()
+    seed = torch.tensor(2**41 + 3)
+
+    def run(backend, device, dtype=None):
+        ls = [_placed(lin, device, dtype) for lin in lins]
+        xx = x.to(device, dtype).requires_grad_()
+        y = ops.masked_gated_mlp(xx, GatedMLPWeights(tuple(ls[:-1]), ls[-1]), R.Activation.SILU, MaskSpec(0.1), seed,
+                                 ops.resolve(backend, device))
+        leaves = [xx] + [t for lin in ls for t in (lin.lora.A, lin.lora.B)]
+        return [y, *torch.autograd.grad(y, leaves, dy.to(device, dtype))]
+
+    got = run("cuda", CUDA)
+    missing = FUSED_MLP_CALLS - set(calls)
+    assert not missing, f"kernels not called (a fallback to torch?): {sorted(missing)}"
+    ref = run("torch", CUDA)
+    exact = run("torch", CPU, torch.float64)
+    # the longest chain of sums: the token reduction of dA, dB plus every projection's dimensions
+    depth = x.numel() // d + sum(lin.weight.shape[0] + lin.weight.shape[1] + rank for lin in lins) + 16
+    names = ["y", "dx"] + [f"{n}[{i}]" for i in range(len(lins)) for n in ("dA", "dB")]
+    for name, ours, theirs, e in zip(names, got, ref, exact, strict=True):
+        assert ours.device.type == "cuda" and ours.dtype == theirs.dtype, name
+        assert_within_budget(ours.cpu(), theirs.cpu(), e, ours.dtype, depth, f"{layout.value} {name}")
