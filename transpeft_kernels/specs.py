@@ -97,7 +97,7 @@ class SubSeed(enum.IntEnum):
     DOWN = 3
 
 
-# Base seeds are drawn as torch.randint(SEED_BOUND, ()) from torch's default generator, once per forward
+# Base seeds are drawn as torch.randint(SEED_BOUND, ()) on the input's device, once per forward
 SEED_BOUND = 2**62
 
 

@@ -202,8 +202,8 @@ def _backend_fns(setup: OpSetup, name: str):
     case = setup.case
     random = case.lora_dropout > 0 or case.masking > 0
 
-    def seed():  # drawn per forward on the CPU generator, as the patched MLP does
-        return torch.randint(SEED_BOUND, (), dtype=torch.int64) if random else None
+    def seed():  # drawn per forward on the input's device, as the patched MLP does
+        return torch.randint(SEED_BOUND, (), dtype=torch.int64, device=setup.device) if random else None
 
     if case.op == "lora_linear":
         def fwd(x, s=None):

@@ -2,16 +2,17 @@
 
 Eval mode: the MLP's original forward, untouched. Training mode, per call:
 1. dropping > 0: one draw ``torch.rand(())`` from torch's default CPU generator.
-2. masking > 0, or LoRA dropout on a fused projection: one seed ``torch.randint(2**62)`` from the
-   same generator (also when the FFN is then skipped); Philox streams of it give the mask and the
-   dropout masks (specs.SubSeed).
+2. masking > 0, or LoRA dropout on a fused projection: one seed ``torch.randint(2**62)`` drawn on
+   the input's device, from that device's default generator (also when the FFN is then skipped);
+   Philox streams of it give the mask and the dropout masks (specs.SubSeed). Drawn where the kernels
+   read it, the seed costs no host-to-device copy and no sync, so the call is CUDA-graph capturable.
    If the draw of 1. is below ``dropping`` the FFN is skipped: it returns zeros, no FFN compute.
    Under torch.compile the decision is a ``torch.cond``, so it causes no graph break.
 3. All projections readable as LinearWeights: one ``masked_gated_mlp``; otherwise each projection
    runs fused (``lora_linear``) or through its own forward, around ``masked_gated_act``.
-Draws come from the default generator inside the forward, so activation checkpointing (which saves
-and restores that generator) recomputes identical decisions and masks, and the draws depend on
-neither the backend nor which projections fell back.
+Draws come from the default generators inside the forward, so activation checkpointing (which saves
+and restores the CPU generator and those of the inputs' devices) recomputes identical decisions and
+masks, and the draws depend on neither the backend nor which projections fell back.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     projections = [read_projection(getattr(mlp, n)) for n in state.family.projection_names]
     random_dropout = any(p.weights is not None and p.weights.lora is not None and p.weights.lora.dropout > 0 for p in projections)
     # Drawn even when the FFN is then skipped, so eager and compiled runs consume the same draws.
-    seed = torch.randint(SEED_BOUND, (), dtype=torch.int64) if settings.masking > 0 or random_dropout else None
+    seed = (torch.randint(SEED_BOUND, (), dtype=torch.int64, device=x.device)
+            if settings.masking > 0 or random_dropout else None)
 
     backend = state.backend_for(x.device)  # outside torch.cond: its branches must not mutate state
 

@@ -3,7 +3,7 @@
 Each flattens its dataclass arguments into its autograd Function over the ``transpeft::*`` custom
 ops (custom_ops.py: the ops through the dispatcher under torch.compile, their implementations
 directly in eager mode) and restores the leading dims. The random seed is an int64 scalar tensor
-drawn by the caller from torch's default generator. What each saves for backward:
+drawn by the caller (the patched MLP draws it on the input's device: no host copy). What each saves for backward:
     lora_linear       x, S = dropout(x) A^T                       (no dropout mask)
     masked_gated_act  g, u                                        (no mask, no activation output)
     masked_gated_mlp  x, the gate/up outputs, the rank-sized S    (no mask, no h, no act(g))

@@ -71,7 +71,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _seed() -> torch.Tensor:
-    return torch.randint(SEED_BOUND, (), dtype=torch.int64)  # drawn on the CPU, as the patched MLP does
+    # drawn on the device the op runs on (here the meta stand-in for the GPU), as the patched MLP does
+    return torch.randint(SEED_BOUND, (), dtype=torch.int64, device="meta")
 
 
 # ---- lora_linear and gated_mlp -------------------------------------------------------------------
