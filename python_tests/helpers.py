@@ -92,3 +92,19 @@ def twin(model):
 def mlps(model):
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return [layer.mlp for layer in hf.model.layers]
+
+
+def spy_cuda_calls(monkeypatch) -> list[str]:
+    """Names of the CUDA library's C functions called from now on (a silent fallback to torch would
+    leave the list empty)."""
+    from transpeft_kernels.kernels.cuda import library
+
+    seen: list[str] = []
+    original = library.Library.call
+
+    def spy(self, name, *args):
+        seen.append(name)
+        return original(self, name, *args)
+
+    monkeypatch.setattr(library.Library, "call", spy)
+    return seen

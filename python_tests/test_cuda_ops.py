@@ -5,10 +5,10 @@ tiny models on "cuda" matching "torch"."""
 import pytest
 import torch
 
-from helpers import assert_same_training_step, batch, lora_model, twin
+from helpers import assert_same_training_step, batch, lora_model, spy_cuda_calls, twin
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels.cuda.library import emulating
-from transpeft_kernels.reference.philox import philox_uniform
+from transpeft_kernels.reference.philox import keep_threshold, philox_randint4x
 from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec, SubSeed, sub_seed
 
 
@@ -29,18 +29,7 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Names of the C functions called (a silent fallback to torch would leave this empty)."""
-    from transpeft_kernels.kernels.cuda import library
-
-    seen: list[str] = []
-    original = library.Library.call
-
-    def spy(self, name, *args):
-        seen.append(name)
-        return original(self, name, *args)
-
-    monkeypatch.setattr(library.Library, "call", spy)
-    return seen
+    return spy_cuda_calls(monkeypatch)
 
 
 def _linear(d_in, d_out, dtype, adt, rank, q, gen, bias=True, train_base=False):
@@ -145,18 +134,22 @@ def test_knowledge_masks_are_bit_equal_across_backends(dtype):
 def test_masks_past_2_pow_31_offsets_equal_the_reference():
     from transpeft_kernels.kernels import cuda as K
 
-    rows, cols = 150_000, 14_336  # rows * cols > 2**31
+    rows, cols = 150_000, 14_336  # element indices rows * cols > 2**31
     seed = torch.tensor(987654321)
+
+    def tail_keep(p):  # the mask spec for the last 3 rows: Philox call row * ceil(cols / 8) + j // 8, lane j % 8
+        groups = torch.arange(rows - 3, rows, device=DEV, dtype=torch.int64)[:, None] * (cols // 8) + torch.arange(cols // 8, device=DEV)
+        words = philox_randint4x(seed, groups)
+        lanes = torch.stack([(words[l // 2] >> (16 * (l % 2))) & 0xFFFF for l in range(8)], dim=-1).reshape(3, cols)
+        return lanes >= keep_threshold(p)
+
     g = torch.ones(rows, cols, dtype=torch.bfloat16, device=DEV)
     h = K.masked_gated_act_fwd(g, g, "silu", 0.3, False, seed)
-    tail = torch.arange(rows - 3, rows, device=DEV, dtype=torch.int64)[:, None] * cols + torch.arange(cols, device=DEV)
-    want = philox_uniform(seed, tail) >= torch.tensor(0.3, device=DEV)
-    assert torch.equal(h[-3:] != 0, want)
+    assert torch.equal(h[-3:] != 0, tail_keep(0.3))
     del g, h
     x = torch.ones(rows, cols, dtype=torch.bfloat16, device=DEV)
     xd = K.lora_dropout_cast(x, torch.float32, K.Dropout(0.2, seed))
-    want = philox_uniform(seed, tail) >= torch.tensor(0.2, device=DEV)
-    assert torch.equal(xd[-3:] != 0, want)
+    assert torch.equal(xd[-3:] != 0, tail_keep(0.2))
 
 
 def test_lora_dropout_masks_equal_the_reference():

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from budget import assert_within_budget
+from helpers import spy_cuda_calls
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels.cuda import build, library
 from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec
@@ -78,16 +79,7 @@ def cuda_library(tmp_path_factory, record_testsuite_property):
 
 @pytest.fixture
 def calls(cuda_library, monkeypatch):
-    """Names of the library's C functions called (a fallback to torch would call none)."""
-    seen: list[str] = []
-    original = library.Library.call
-
-    def spy(self, name, *args):
-        seen.append(name)
-        return original(self, name, *args)
-
-    monkeypatch.setattr(library.Library, "call", spy)
-    return seen
+    return spy_cuda_calls(monkeypatch)
 
 
 def test_library_builds_for_this_gpu_and_loads(cuda_library):
