@@ -38,7 +38,8 @@ case "${1:-}" in
     exec python -m pytest python_tests "$@"
     ;;
   "")
-    # The main job: the transfer demo sized for a CPU (14 minutes measured on 2 shared cores; see README).
+    # The main job: the transfer study's most informative point with its 95% interval and a plain answer
+    # (demo --quick; sized for about 12 minutes on 2 CPU cores, see the README's demo section).
     exec python -m transpeft_kernels demo --quick
     ;;
   *)

@@ -92,6 +92,7 @@ def test_every_cell_is_in_study_json(resumed):
                 assert row["seeds"] == (1 if method == "retuned" else seeds)
                 assert row["items"] == next(t.n_test for t in TINY.tasks if t.name == task)
                 assert ("gap_closed" in row) == (method == "trans-peft" and k > 0)
+                assert ("retention_minus_vanilla" in row) == (method == "trans-peft" and k > 0)
     assert [s["step"] for s in study["update"]["snapshots"]] == list(TINY.snapshots)
     for s in study["update"]["snapshots"][1:]:
         assert set(s["weight_change"]) >= {"q", "k", "v", "o", "gate", "up", "down", "attention", "ffn"}
@@ -201,6 +202,20 @@ def test_bootstrap_is_paired():
     half = np.where(rng.random((3, 400)) < 0.5, v, 1.0)
     g = stats.gap_closed_ci(half, v, r)
     assert g.low < g.mean < g.high and 0.3 < g.mean < 0.7
+
+
+def test_retention_difference_on_a_known_case():
+    rng = np.random.default_rng(2)
+    old = (rng.random((1, 500)) < 0.6).astype(float)
+    right = np.flatnonzero(old[0])
+    tp_new, v_new = old.copy(), old.copy()
+    v_new[0, right[:60]] = 0.0   # vanilla forgets 60 of its ~300 right answers, Trans-PEFT 15 of the same
+    tp_new[0, right[:15]] = 0.0
+    d = stats.retention_difference_ci(tp_new, old, v_new, old)
+    assert d.mean == pytest.approx(45 / old.sum())
+    assert 0 < d.low < d.mean < d.high  # paired: the shared items cancel, a 15-point gap is clear on 500 items
+    same = stats.retention_difference_ci(v_new, old, v_new, old)
+    assert same.to_json() == {"mean": 0.0, "low": 0.0, "high": 0.0}
 
 
 def test_bootstrap_resamples_seeds_too():

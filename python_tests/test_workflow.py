@@ -1,5 +1,5 @@
 """The transfer workflow end to end on tiny models: ``train``, ``transfer`` (with its retention gate), the
-demo in its tiny configuration, and every bad input the commands promise to reject in one line."""
+demo (the study's point) in its tiny configuration, and every bad input the commands promise to reject in one line."""
 import json
 import math
 
@@ -294,22 +294,115 @@ def test_missing_required_flag_is_argparse_usage_error(capsys):
 
 
 # ---- demo ---------------------------------------------------------------------------------------------
+# The demo is the transfer study reduced to one point (workflow/demo.py); here on the tiny study's model and
+# tasks, seconds end to end. Its resume after a kill is in test_crash_safety.py; without matplotlib in test_cli.py.
 
-def test_demo_tiny_configuration_writes_results_and_chart(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
-    res = json.loads((out / "results.json").read_text())
+ROWS = {("vanilla", "old"), ("vanilla", "new"), ("trans-peft", "old"), ("trans-peft", "new")}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["demo", "--tiny", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_demo_tiny_writes_results_the_point_and_its_chart(demo_run):
+    from transpeft_kernels.workflow.demo import PRESETS
+
+    res = json.loads((demo_run / "results.json").read_text())
     rows = res["rows"]
-    assert {(r["adapter"], r["base"]) for r in rows} == {
-        (a, b) for a in ("no adapter", "vanilla", "trans-peft", "retuned-on-new") for b in ("old", "new")}
+    assert {(r["adapter"], r["base"]) for r in rows} == ROWS
     for r in rows:
         assert set(r) == {"adapter", "base", "accuracy", "loss"}
         assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"])
-    assert set(res["retention"]) == {"no adapter", "vanilla", "trans-peft", "retuned-on-new"}
-    assert res["adapters"]["trans-peft"]["patched"] and not res["adapters"]["vanilla"]["patched"]
-    assert res["adapters"]["retuned-on-new"]["trained_on"] == "new"
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "new_base" / "model.safetensors").is_file() and (out / "new_base" / "tokenizer.json").is_file()
-    for name in ("vanilla", "trans-peft", "retuned-on-new"):
-        assert (out / "adapters" / name / "adapter_model.safetensors").is_file()
-    assert "built from a config" in capsys.readouterr().out  # says it is not the real model
+    point = res["point"]
+    cfg = PRESETS["tiny"]
+    assert point["update_steps"] == max(cfg.snapshots) and point["task"] == "facts" and point["seeds"] == 1
+    assert point["items"] == next(t.n_test for t in cfg.tasks if t.name == "facts")
+    assert set(point["retention_minus_vanilla"]) == {"mean", "low", "high"}
+    setting = point["trans_peft_setting"]
+    assert (setting["masking"], setting["dropping"]) == (cfg.grid_masking[0], cfg.grid_dropping[0])
+    assert setting["candidates"] == 1  # fixed in advance: no grid
+    for lab, info in res["adapters"]["trans-peft"].items():
+        assert info["patched"] and info["masking"] == setting["masking"]
+    assert not any(info["patched"] for info in res["adapters"]["vanilla"].values())
+    assert "retuned-on-new" not in res["adapters"] and not list(demo_run.glob("adapters/*/retuned_*"))
+    assert res["answer"].count("\n") == 0 and "full study" in res["answer"] and "re-tuned upper bound" in res["answer"]
+    assert (demo_run / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (demo_run / "study.json").is_file()
+    assert (demo_run / "update" / f"step_{max(cfg.snapshots)}.safetensors").is_file()
+    study = json.loads((demo_run / "study.json").read_text())
+    # the point scores one task on the test split; training and dev use both (the study's adapters)
+    assert {c["task"] for c in study["cells"] if c["split"] == "test"} == {"facts"}
+    assert {c["task"] for c in study["cells"] if c["split"] == "dev"} == {"facts", "words"}
+
+
+def test_the_full_demo_reports_the_whole_studys_point_with_seeds_and_the_retuned_adapter(tmp_path):
+    # the full demo is a whole study preset (cpu or gpu; here the tiny one): same report, every method, 2 seeds
+    from transpeft_kernels.workflow.demo import run_demo
+    from transpeft_kernels.workflow.study import PRESETS
+
+    res = run_demo(PRESETS["tiny"], tmp_path / "full", progress=False, log=lambda *a: None)
+    assert {(r["adapter"], r["base"]) for r in res["rows"]} == ROWS | {("retuned-on-new", "new")}
+    point = res["point"]
+    assert point["seeds"] == PRESETS["tiny"].seeds and point["update_steps"] == max(PRESETS["tiny"].snapshots)
+    assert point["trans_peft_setting"]["candidates"] == len(PRESETS["tiny"].grid_masking) * len(
+        PRESETS["tiny"].grid_dropping)
+    assert "gap_closed" in point and "re-tuned on the updated base reaches" in res["answer"]
+    assert "(this run)" in res["answer"]
+    assert json.loads((tmp_path / "full" / "results.json").read_text())["rows"] == res["rows"]
+
+
+def test_demo_rerun_with_another_mode_is_refused_in_one_line(demo_run, capsys):
+    # the full tiny study is another configuration: its cells would not be this run's
+    from transpeft_kernels.workflow.demo import config_for
+    from transpeft_kernels.workflow.study import check_out
+    from transpeft_kernels.errors import UserError
+
+    with pytest.raises(UserError, match="other settings"):
+        check_out(demo_run, config_for("full", False))
+
+
+def _point(mean, low, high, vanilla_high=0.9, qualified=True):
+    est = lambda m: {"mean": m, "low": m, "high": m}  # noqa: E731
+    methods = {name: {"old": {"accuracy": est(0.6), "loss": est(1.0)}, "new": {"accuracy": est(0.5), "loss": est(1.2)},
+                      "retention": {"mean": 0.8, "low": 0.7, "high": vanilla_high}}
+               for name in ("vanilla", "trans-peft", "retuned-on-new")}
+    return {"task": "facts", "update_steps": 200, "update": {"reference_ppl_change": 0.12}, "items": 500, "seeds": 1,
+            "methods": methods, "retention_minus_vanilla": {"mean": mean, "low": low, "high": high},
+            "trans_peft_setting": {"masking": 0.1, "dropping": 0.02, "qualified": qualified, "tolerance": 0.02,
+                                   "dev_accuracy": 0.6, "vanilla_dev_accuracy": 0.61}}
+
+
+def test_the_plain_answer_says_what_the_interval_allows():
+    from transpeft_kernels.workflow.demo import plain_answer
+
+    more = plain_answer(_point(0.05, 0.01, 0.09), "X/study.json")
+    assert "Yes: Trans-PEFT kept 5.0 points more" in more and "+1.0 to +9.0" in more and "excludes 0" in more
+    less = plain_answer(_point(-0.05, -0.09, -0.01), "X/study.json")
+    assert "No: Trans-PEFT kept 5.0 points less" in less
+    none = plain_answer(_point(0.01, -0.03, 0.05), "X/study.json")
+    assert "includes 0" in none and "no detectable difference" in none and "500 test items, one seed" in none
+    assert "X/study.json" in none and "The transfer study" in none
+    assert "little for Trans-PEFT to keep" in plain_answer(_point(0.0, -0.02, 0.02, vanilla_high=1.01), "X")
+    assert "The fixed Trans-PEFT setting was not within 2 points" in plain_answer(
+        _point(0.0, -0.02, 0.02, qualified=False), "X")
+    assert "cannot answer" in plain_answer(_point(None, None, None), "X")
+    for text in (more, less, none):
+        assert "\n" not in text
+
+
+def test_the_point_is_the_largest_update_where_vanilla_kept_least():
+    from transpeft_kernels.workflow.demo import most_informative
+
+    def row(task, k, ret):
+        return {"group": "g", "task": task, "snapshot": k, "method": "vanilla", "retention": {"mean": ret}}
+
+    study = {"update": {"snapshots": [{"step": 0}, {"step": 25}, {"step": 200}]},
+             "results": [row("facts", 25, 0.5), row("facts", 200, 0.9), row("words", 200, 0.7), row("words", 0, 1.0)]}
+    assert most_informative(study) == ("g", "words", 200)

@@ -1,4 +1,5 @@
-"""The demo's PNG chart: accuracy (and loss) of each adapter on the old and the new base."""
+"""The demo's PNG chart: accuracy (and loss) of each adapter on the old and the new base (a bar only where the
+results have that row), and Trans-PEFT's retention difference with its interval in the title."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,20 +21,26 @@ def save_chart(results: dict, path: Path) -> Path:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((ax_acc, "accuracy", "exact-match accuracy"), (ax_loss, "loss", "answer loss (nats/token)")):
         for offset, base, color in ((-width / 2, "old", "#4C72B0"), (width / 2, "new", "#DD8452")):
-            vals = [value[(n, base)][key] or 0.0 for n in names]
-            ax.bar([i + offset for i in x], vals, width, label=f"{base} base", color=color)
+            have = [i for i, n in enumerate(names) if (n, base) in value]  # e.g. no old-base row for a re-tuned adapter
+            vals = [value[(names[i], base)][key] or 0.0 for i in have]
+            ax.bar([i + offset for i in have], vals, width, label=f"{base} base", color=color)
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=15)
         ax.set_ylabel(label)
         ax.legend(frameon=False)
     for i, n in enumerate(names):
         ret = results.get("retention", {}).get(n)
-        top = max(value[(n, "old")]["accuracy"] or 0.0, value[(n, "new")]["accuracy"] or 0.0)
+        top = max((value[(n, b)]["accuracy"] or 0.0) for b in ("old", "new") if (n, b) in value)
         if ret is not None:
             ax_acc.text(i, top + 0.01, f"retention {ret:.2f}", ha="center", va="bottom", fontsize=8)
     ax_acc.set_ylim(0, min(1.0, max([(r["accuracy"] or 0.0) for r in rows] + [0.05]) * 1.25 + 0.02))
-    fig.suptitle(f"Adapters on the old base and on the updated base ({results.get('old_base', '')}, "
-                 f"{results.get('mode', '')} mode)", fontsize=10)
+    title = (f"Adapters on the old base and on the updated base ({results.get('old_base', '')}, "
+             f"{results.get('mode', '')})")
+    diff = (results.get("point") or {}).get("retention_minus_vanilla")
+    if diff and diff.get("low") is not None:
+        title += (f"\nTrans-PEFT retention minus vanilla's: {100 * diff['mean']:+.1f} points, 95% interval "
+                  f"[{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     from ..atomic_io import atomic_path

@@ -1,7 +1,7 @@
 """The offline corpus the demo's base update is trained on: documentation text shipped with Python itself
 (docstrings of standard-library modules and their public classes and functions).
 
-It is far from both the base's chat data and the arithmetic task, so continual training on it moves the
+It is far from both the base's chat data and the study's tasks, so continual training on it moves the
 base the way a version update does (new knowledge, weights all changed) without any download. The text
 depends only on the Python version; ``fingerprint`` records which text was used.
 """

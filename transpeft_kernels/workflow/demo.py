@@ -1,295 +1,235 @@
-"""The demo: do adapters trained on an old base keep working on an updated base?
+"""The demo: the transfer study's most informative point, with its interval and a plain answer.
 
-1. old base: SmolLM2-135M-Instruct (offline GGUF), or a small config-built model when it is missing;
-2. new base: a copy of the old base after continual training of all its weights on Python's own
-   documentation (``corpus.py``), saved as a safetensors checkpoint with its tokenizer;
-3. task: generated arithmetic word problems (``tasks.py``), a fixed train/test split by seed;
-4. adapters: ``vanilla`` (LoRA) and ``trans-peft`` (LoRA + masking + dropping) trained on the old base,
-   ``retuned-on-new`` (LoRA trained on the new base: the upper bound), plus the bases without an adapter;
-5. every adapter evaluated on both bases: loss, exact-match accuracy, retention = new / old accuracy;
-   a table, ``results.json``, ``results.png``.
-Every artefact (data, new base, adapters) is written under the output directory, so the evaluation can be
-repeated with ``transpeft transfer``. Each phase's output (the new base, each adapter, each evaluation in
-``cells/``) is written atomically, so one that exists is whole: a rerun with the same settings
-(``demo_settings.json``) reuses them and does only what a killed run left undone; other settings start afresh.
+Does an adapter trained on an old base keep working once the base is updated, and does Trans-PEFT keep more
+than vanilla LoRA? The demo runs the transfer study (``study.py``: one definition of the update, the tasks,
+the adapters, the scoring, the selection protocol and the bootstrap) at a size that answers that question for
+ONE point, then says what it found:
+
+- ``quick`` (what ``./run.sh`` runs; sized for at most 12 minutes on 2 CPU cores: 19.7 measured at one thread on a
+  shared machine, about 10.5 estimated on 2 idle cores, README): the ``cpu`` study preset reduced to its
+  most informative point, the old base and its LARGEST update (200 steps: the update that costs vanilla the
+  most, so the one where Trans-PEFT has the most to keep), one seed, the Trans-PEFT setting fixed in advance
+  (chosen by the cpu study's rule from old-base DEV accuracy only; its dev accuracy is re-measured and shown),
+  and the ``facts`` task scored on its 500 test items (both tasks are trained, as in the study, so the adapters
+  are the study's seed-0 adapters). What the 12 minutes cannot buy is left to the full study: the re-tuned
+  upper bound (about 1.5 more minutes), the held-out docs perplexity, other update sizes, seeds and the grid;
+- ``full``: the whole study preset of the device (``cpu``: 4 update sizes, 3 seeds, the selection over the
+  grid, about 1.5-2 hours on 2 cores; ``gpu`` on CUDA), and the same report for its most informative point.
+
+The point is the largest update, and among the tasks scored the one on which vanilla kept the least. Reported:
+accuracy and answer loss of vanilla, Trans-PEFT (and the re-tuned adapter) on the old and the updated base,
+retention (updated / old accuracy), and Trans-PEFT's retention minus vanilla's with a 95% paired bootstrap
+interval over test items (and seeds), then one paragraph in plain words. Files in ``--out``: the study's cells
+(a killed demo continues from its finished cells: each is written atomically), ``study.json``,
+``results.json`` (``rows`` of adapter, base, accuracy, loss; the estimates; the answer) and ``results.png``
+(only with matplotlib; without it everything else is written and one line says how to get the chart).
 """
 from __future__ import annotations
 
-import copy
-import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import torch
+from ..atomic_io import atomic_write_json
+from .study import PRESETS as STUDY_PRESETS
+from .study import StudyConfig, adapter_label, retuned_label, run_study
 
-from .data import write_jsonl
-from .training import AdapterConfig, LoopConfig
+# The quick demo's Trans-PEFT setting, fixed before any updated base is scored: the setting the cpu study's
+# rule chose from old-base dev accuracy (the strongest of masking {0.02, 0.05, 0.1} x dropping {0, 0.02} within
+# 2 points of vanilla's mean dev accuracy over facts and words, 0.807, in the cpu study run of 2026-12-03:
+# masking 0.02: 0.813, 0.02 + dropping 0.02: 0.790, 0.05: 0.790, 0.05 + 0.02: 0.747, 0.1: 0.783, 0.1 + 0.02:
+# 0.687; its selection_facts+words.json). The demo re-measures the dev accuracy and says if it still qualifies.
+QUICK_MASKING, QUICK_DROPPING = 0.05, 0.0
 
-ADAPTERS = ("vanilla", "trans-peft", "retuned-on-new")
-NO_ADAPTER = "no adapter"
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Sizes and settings of one demo run (see PRESETS)."""
-
-    mode: str
-    n_train: int
-    n_test: int
-    max_length: int            # task sequences (prompt + answer) fit in 48 SmolLM2 tokens
-    adapter_loop: LoopConfig
-    adapter: AdapterConfig     # vanilla / retuned-on-new settings; trans-peft adds masking and dropping
-    masking: float
-    dropping: float
-    update_passages: int       # corpus passages for the base update
-    update_length: int
-    update_loop: LoopConfig
-    eval_batch: int = 32
-    eval_bases_alone: bool = True  # also evaluate each base without an adapter (two more evaluations)
-    tiny: bool = False
+# Where the committed full study is (relative to the repository root).
+FULL_STUDY = Path("benchmarks") / "results" / "study_cpu" / "study.json"
+README_SECTION = "README.md, section 'The transfer study'"
 
 
-# Trans-PEFT settings for a 135M model. The paper's 0.1 masking + 0.1 dropping (tuned on 7B models) pushes
-# SmolLM2's training-mode loss from 1.8 to ~12 (PLATFORM.md). Masking 0.05 alone costs ~0.5 nats: a clear
-# but survivable push off FFN-stored knowledge. Dropping is scaled further down, to 0.02 (about 0.6 of 30
-# FFNs skipped per step): at 0.05 a first quick run showed training-loss spikes to 9-12 on the steps that
-# skipped an FFN this small model cannot do without, and the adapter ended far less trained (README).
-MASKING, DROPPING = 0.05, 0.02
-_ADAPTER = AdapterConfig(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_dropout=0.05)
+def point_config(study: StudyConfig, name: str, masking: float, dropping: float, task: str = "facts",
+                 retune: bool = False) -> StudyConfig:
+    """``study`` reduced to one point: the old base and the largest update, one seed, one fixed Trans-PEFT
+    setting, ``task`` scored on the test split; the update's size is measured by the drift of the old base's own
+    samples and the weight change (not the held-out docs perplexity: a minute of CPU). Everything else (data,
+    adapters, training, update) is the study's, so the point's adapters and snapshot are the study's seed-0 ones."""
+    return replace(study, preset=name, snapshots=(0, max(study.snapshots)), seeds=1, grid_masking=(masking,),
+                   grid_dropping=(dropping,), scored_tasks=(task,), measure_heldout=False, retune=retune,
+                   notes=(f"the {study.preset} study reduced to its most informative point: the largest update "
+                          f"({max(study.snapshots)} steps), seed 0, the Trans-PEFT setting fixed from old-base dev "
+                          f"accuracy, {task} scored on the test split",))
+
 
 PRESETS = {
-    # 2-core CPU, fp32 (README has the measured time). Full depth; short sequences, few steps and test items.
-    "quick": DemoConfig(
-        mode="quick", n_train=240, n_test=120, max_length=48,
-        adapter_loop=LoopConfig(lr=1e-3, max_steps=40, batch_size=6, warmup_steps=4),
-        adapter=_ADAPTER, masking=MASKING, dropping=DROPPING,
-        update_passages=80, update_length=64,
-        update_loop=LoopConfig(lr=2.5e-4, max_steps=10, batch_size=8, warmup_steps=2, seed=1),
-        eval_bases_alone=False,
-    ),
-    # A GPU: bf16 base, more data, more steps, a stronger base update.
-    "full": DemoConfig(
-        mode="full", n_train=4000, n_test=500, max_length=64,
-        adapter_loop=LoopConfig(lr=5e-4, max_steps=500, batch_size=32, warmup_steps=25),
-        adapter=_ADAPTER, masking=MASKING, dropping=DROPPING,
-        update_passages=2000, update_length=256,
-        update_loop=LoopConfig(lr=5e-5, max_steps=300, batch_size=16, warmup_steps=20, seed=1),
-        eval_batch=64,
-    ),
-    # Tests only: a config-built 2-layer model and a character tokenizer, seconds end to end.
-    "tiny": DemoConfig(
-        mode="tiny", n_train=24, n_test=6, max_length=160,
-        adapter_loop=LoopConfig(lr=1e-3, max_steps=2, batch_size=4),
-        adapter=replace(_ADAPTER, r=4, alpha=8), masking=MASKING, dropping=DROPPING,
-        update_passages=4, update_length=64,
-        update_loop=LoopConfig(lr=1e-3, max_steps=2, batch_size=4, seed=1),
-        eval_batch=8, tiny=True,
-    ),
+    "quick": point_config(STUDY_PRESETS["cpu"], "demo-quick", QUICK_MASKING, QUICK_DROPPING),
+    # Tests only: the tiny study's point, seconds end to end.
+    "tiny": point_config(STUDY_PRESETS["tiny"], "demo-tiny", 0.1, 0.0),
 }
 
 
-UPDATE_LOG = "update_log.json"
-ADAPTER_INFO = "adapter_info.json"
+def config_for(mode: str, cuda: bool) -> StudyConfig:
+    """The configuration of a demo mode: ``quick``, ``tiny`` or ``full`` (the device's whole study preset)."""
+    if mode == "full":
+        return STUDY_PRESETS["gpu" if cuda else "cpu"]
+    return PRESETS[mode]
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+def most_informative(study: dict) -> tuple[str, str, int]:
+    """(group, task, update steps) of the point to report: the largest update and, among the tasks scored,
+    the one on which vanilla kept the least of its accuracy."""
+    k = max(s["step"] for s in study["update"]["snapshots"])
+    rows = [r for r in study["results"] if r["snapshot"] == k and r["method"] == "vanilla"]
+    if not rows:
+        raise ValueError("the study has no results at its largest update")
+    kept = lambda r: r["retention"]["mean"] if r["retention"]["mean"] is not None else float("inf")  # noqa: E731
+    best = min(rows, key=kept)
+    return best["group"], best["task"], k
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+def point_of(study: dict) -> dict:
+    """Everything the demo reports about its point, from study.json."""
+    g, task, k = most_informative(study)
+
+    def row(method: str, step: int) -> dict:
+        return next(r for r in study["results"]
+                    if r["group"] == g and r["task"] == task and r["snapshot"] == step and r["method"] == method)
+
+    sel = study["selection"][g]
+    chosen = sel["chosen"]
+    tp_dev = next(c for c in sel["candidates"]
+                  if c["masking"] == chosen["masking"] and c["dropping"] == chosen["dropping"])
+    measure = next(s for s in study["update"]["snapshots"] if s["step"] == k)
+    methods = {}
+    present = {r["method"] for r in study["results"]}
+    for method, name in (("vanilla", "vanilla"), ("trans-peft", "trans-peft"), ("retuned", "retuned-on-new")):
+        if method not in present:
+            continue  # no re-tuned adapter in this configuration
+        old, new = row(method, 0), row(method, k)
+        methods[name] = {"old": {"accuracy": old["accuracy"], "loss": old["loss"]},
+                         "new": {"accuracy": new["accuracy"], "loss": new["loss"]},
+                         "retention": new["retention"]}
+    tp = row("trans-peft", k)
+    return {"group": g, "task": task, "task_description": study["tasks"][task]["description"], "update_steps": k,
+            "update": {key: measure.get(key) for key in ("reference_ppl_change", "heldout_ppl_change",
+                                                         "weight_change")},
+            "items": tp["items"], "seeds": tp["seeds"], "methods": methods,
+            "retention_minus_vanilla": tp.get("retention_minus_vanilla"),
+            "accuracy_minus_vanilla": tp.get("minus_vanilla"), "gap_closed": tp.get("gap_closed"),
+            "trans_peft_setting": {"masking": chosen["masking"], "dropping": chosen["dropping"],
+                                   "qualified": sel["qualified"], "tolerance": sel["tolerance"],
+                                   "dev_accuracy": tp_dev["dev_accuracy"],
+                                   "vanilla_dev_accuracy": sel["vanilla_dev_accuracy"],
+                                   "candidates": len(sel["candidates"])}}
 
 
-def _device_and_dtype():
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def run_demo(cfg: DemoConfig, out: Path, seed: int = 0, progress: bool = True, log=print) -> dict:
-    """Run the whole demo into ``out`` and return the results dict also written to ``out/results.json``."""
-    from ..integration import is_patched
-    from ..provenance import environment
-    from .bases import demo_old_base, load_model, load_tokenizer, resolve_base
+def plain_answer(point: dict, full_study: str) -> str:
+    """One paragraph: did Trans-PEFT keep more than vanilla at this point, by how much, with what confidence,
+    and where the full study's results are."""
+    m = point["methods"]
+    v, t, r = m["vanilla"], m["trans-peft"], m.get("retuned-on-new")
+    s = point["trans_peft_setting"]
+    d = point["retention_minus_vanilla"] or {"mean": None, "low": None, "high": None}
+    size = f"{point['items']} test items" + (f" and {point['seeds']} seeds" if point["seeds"] > 1 else ", one seed")
+    ppl = point["update"].get("reference_ppl_change")
+    update = (f"a base update of {point['update_steps']} steps of continual training on Python docstrings"
+              + (f" (perplexity of the old base's own samples {ppl:+.0%})" if ppl is not None else ""))
+    setting = (f"Trans-PEFT (masking {s['masking']:g}, dropping {s['dropping']:g}, "
+               + (f"fixed from old-base dev accuracy: {_pct(s['dev_accuracy'])} vs vanilla's "
+                  f"{_pct(s['vanilla_dev_accuracy'])})"))
+    parts = [f"On the {point['task']} task after {update}, vanilla LoRA went from {_pct(v['old']['accuracy']['mean'])} "
+             f"to {_pct(v['new']['accuracy']['mean'])} (retention {_pct(v['retention']['mean'])}) and {setting} "
+             f"went from {_pct(t['old']['accuracy']['mean'])} to {_pct(t['new']['accuracy']['mean'])} (retention "
+             f"{_pct(t['retention']['mean'])})"
+             + (f"; an adapter re-tuned on the updated base reaches {_pct(r['new']['accuracy']['mean'])}." if r
+                else ".")]
+    mean, low, high = (None if d[key] is None else 100 * d[key] for key in ("mean", "low", "high"))
+    if mean is None or low is None:
+        parts.append("The difference in retention has no interval here (an old-base accuracy of 0 leaves retention "
+                     "undefined), so this point cannot answer the question.")
+    elif low > 0:
+        parts.append(f"Yes: Trans-PEFT kept {mean:.1f} points more of its accuracy than vanilla, 95% interval "
+                     f"{low:+.1f} to {high:+.1f} points over {size}; the interval excludes 0, so the difference is "
+                     f"detectable at this size.")
+    elif high < 0:
+        parts.append(f"No: Trans-PEFT kept {-mean:.1f} points less of its accuracy than vanilla, 95% interval "
+                     f"{low:+.1f} to {high:+.1f} points over {size}; the interval excludes 0, so vanilla kept "
+                     f"detectably more here.")
+    else:
+        parts.append(f"Trans-PEFT's retention minus vanilla's is {mean:+.1f} points, 95% interval {low:+.1f} to "
+                     f"{high:+.1f} over {size}: the interval includes 0, so there is no detectable difference at "
+                     f"this size.")
+    vr = v["retention"]
+    if vr.get("high") is not None and vr["high"] >= 1.0:
+        parts.append("The update did not cost vanilla a detectable share of its accuracy (its retention interval "
+                     "reaches 100%), so there was little for Trans-PEFT to keep.")
+    if not s["qualified"]:
+        which = "The fixed Trans-PEFT setting was not" if s.get("candidates", 1) == 1 else "No Trans-PEFT setting was"
+        parts.append(f"{which} within {100 * s['tolerance']:.0f} points of vanilla's old-base dev accuracy, so the "
+                     f"comparison starts from a weaker Trans-PEFT adapter.")
+    parts.append("The full study (every update size, both tasks, several seeds, the setting chosen from a grid"
+                 + ("" if r else ", the re-tuned upper bound") + f") is in {full_study} and {README_SECTION}.")
+    return " ".join(parts)
+
+
+def _full_study_location(out: Path, cfg: StudyConfig) -> str:
+    if cfg.preset in STUDY_PRESETS:  # this run is a whole study
+        return f"{out / 'study.json'} (this run)"
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / FULL_STUDY).is_file():
+        return str(FULL_STUDY)
+    return (f"{FULL_STUDY} (not in this checkout yet: python -m transpeft_kernels study --preset cpu "
+            f"writes it)")
+
+
+def run_demo(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or continue) the demo in ``out``; returns the results dict also written to ``out/results.json``."""
     from .chart import save_chart
-    from .corpus import fingerprint, stdlib_docs
-    from .tasks import arithmetic_split
-    from .training import continual_training, train_adapter
-    from .transfer import evaluate_adapters, format_table, retention
 
-    from ..atomic_io import atomic_dir, atomic_write_json, recover_dir
-
-    timings: dict[str, float] = {}
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    device, dtype = _device_and_dtype()
-    torch.manual_seed(seed)
-    # Finished cells (bases, adapters, evaluations) of an earlier run with the same settings are reused:
-    # each is written atomically, so one that exists is complete. Other settings start afresh.
-    settings = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "seed": seed,
-                "device": str(device), "dtype": str(dtype)}
-    settings_file, cells = out / "demo_settings.json", out / "cells"
-    reuse = settings_file.is_file() and _read_json(settings_file) == settings
-    if not reuse:
-        import shutil
-
-        for stale in (cells, out / "new_base", out / "adapters", out / "old_base"):
-            shutil.rmtree(stale, ignore_errors=True)
-        atomic_write_json(settings_file, settings)
-    else:
-        log(f"continuing the run in {out}: finished cells are reused")
-
-    t = time.perf_counter()
-    old, tok, model_desc, gguf = demo_old_base(cfg.tiny, seed, log=log)
-    old = old.to(device=device, dtype=dtype)
-    old_dir = None
-    if gguf is None:  # a config-built base exists only in memory: save it so `transfer` can re-run the evaluation
-        old_dir = out / "old_base"
-        recover_dir(old_dir)
-        if not old_dir.is_dir():
-            with atomic_dir(old_dir) as tmp:
-                old.save_pretrained(tmp, safe_serialization=True)
-                tok.save_pretrained(tmp)
-    timings["load old base"] = time.perf_counter() - t
-
-    train, test = arithmetic_split(cfg.n_train, cfg.n_test, seed=seed)
-    (out / "data").mkdir(exist_ok=True)
-    write_jsonl(out / "data" / "train.jsonl", train)
-    write_jsonl(out / "data" / "test.jsonl", test)
-    log(f"task: {len(train)} train / {len(test)} test arithmetic word problems (seed {seed}), data in {out / 'data'}")
-
-    # --- the base update ---
-    t = time.perf_counter()
-    corpus = stdlib_docs(cfg.update_passages)
-    log(f"new base: continual training of all weights on {len(corpus)} passages of {corpus.source} "
-        f"({cfg.update_loop.max_steps} steps, lr {cfg.update_loop.lr:g})")
-    # Full-weight training runs in fp32 whatever the demo's dtype: bf16 weights would round away most
-    # AdamW updates at these learning rates. The checkpoint is saved in the demo's dtype.
-    new_dir = out / "new_base"
-    recover_dir(new_dir)
-    if (new_dir / UPDATE_LOG).is_file():
-        update_log = _read_json(new_dir / UPDATE_LOG)
-    else:
-        # what was made from an earlier new base is not made from this one
-        import shutil
-
-        shutil.rmtree(out / "adapters" / "retuned-on-new", ignore_errors=True)
-        for stale in cells.glob("eval_new_*.json"):
-            stale.unlink()
-        new = copy.deepcopy(old).float()
-        log_ = continual_training(new, tok, corpus, replace(cfg.update_loop, seed=seed + cfg.update_loop.seed),
-                                  cfg.update_length, desc="base update (all weights)", progress=progress)
-        update_log = {"steps": log_.steps, "first_loss": log_.losses[0], "last_loss": log_.losses[-1]}
-        new = new.to(dtype)
-        with atomic_dir(new_dir) as tmp:
-            new.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            atomic_write_json(tmp / UPDATE_LOG, update_log)
-        del new
-    # Reload from disk: the new base is used exactly as a released checkpoint would be.
-    new_spec = resolve_base(new_dir, "new base")
-    new = load_model(new_spec, dtype=dtype).to(device)
-    new_tok = load_tokenizer(new_spec)
-    timings["make new base"] = time.perf_counter() - t
-    log(f"new base in {new_dir} (loss on the update corpus {update_log['first_loss']:.3f} -> {update_log['last_loss']:.3f})")
-
-    # --- adapters ---
-    adapter_dirs: dict[str, Path | None] = {NO_ADAPTER: None} if cfg.eval_bases_alone else {}
-    adapter_info: dict[str, dict] = {}
-    plans = [("vanilla", old, tok, cfg.adapter),
-             ("trans-peft", old, tok, replace(cfg.adapter, masking=cfg.masking, dropping=cfg.dropping)),
-             ("retuned-on-new", new, new_tok, cfg.adapter)]
-    for name, base, base_tok, adapter_cfg in plans:
-        t = time.perf_counter()
-        path = out / "adapters" / name
-        adapter_dirs[name] = path
-        recover_dir(path)
-        if (path / ADAPTER_INFO).is_file():
-            adapter_info[name] = _read_json(path / ADAPTER_INFO)
-            log(f"adapter {name}: reused from {path}")
-            continue
-        for key in ("old", "new"):  # evaluations of an earlier adapter of this name
-            (cells / f"eval_{key}_{_slug(name)}.json").unlink(missing_ok=True)
-        peft_model, train_log, report = train_adapter(base, base_tok, train, adapter_cfg,
-                                                      replace(cfg.adapter_loop, seed=seed), cfg.max_length,
-                                                      desc=f"adapter {name}", progress=progress)
-        assert not is_patched(peft_model)
-        info = {"path": str(path), "trained_on": "new" if base is new else "old",
-                "masking": adapter_cfg.masking, "dropping": adapter_cfg.dropping,
-                "patched": report is not None, "steps": train_log.steps,
-                "first_loss": train_log.losses[0], "last_loss": train_log.losses[-1],
-                "tokens_per_s": train_log.tokens_per_s, "seconds": train_log.seconds}
-        with atomic_dir(path) as tmp:
-            peft_model.save_pretrained(tmp)
-            atomic_write_json(tmp / ADAPTER_INFO, info)
-        peft_model.unload()  # the base gets its plain Linear layers back, weights untouched
-        timings[f"train {name}"] = time.perf_counter() - t
-        adapter_info[name] = info
-        log(f"adapter {name}: train loss {train_log.losses[0]:.3f} -> {train_log.losses[-1]:.3f}, "
-            f"{train_log.tokens_per_s:,.0f} tokens/s")
-
-    # --- evaluation on both bases ---
-    t = time.perf_counter()
-    def evaluated(base, base_tok, label, key):
-        """Each (adapter, base) evaluation is a cell of its own: reused when an earlier run finished it."""
-        done = {n: _read_json(cells / f"eval_{key}_{_slug(n)}.json") for n in adapter_dirs
-                if (cells / f"eval_{key}_{_slug(n)}.json").is_file()}
-        todo = {n: p for n, p in adapter_dirs.items() if n not in done}
-        for n, res in evaluate_adapters(base, base_tok, todo, test, cfg.max_length, cfg.eval_batch, label,
-                                        progress).items():
-            atomic_write_json(cells / f"eval_{key}_{_slug(n)}.json", res)
-            done[n] = res
-        return done
-
-    on_old = evaluated(old, tok, "old base", "old")
-    on_new = evaluated(new, new_tok, "new base", "new")
-    timings["evaluate"] = time.perf_counter() - t
-
-    rows, table, retentions = [], [], {}
-    for name in adapter_dirs:
-        for base_name, res in (("old", on_old[name]), ("new", on_new[name])):
-            rows.append({"adapter": name, "base": base_name, "accuracy": res["accuracy"], "loss": res["loss"]})
-        retentions[name] = retention(on_old[name], on_new[name])
-        table.append([name, on_old[name]["accuracy"], on_new[name]["accuracy"], on_old[name]["loss"],
-                      on_new[name]["loss"], retentions[name]])
-    timings["total"] = time.perf_counter() - started
-    log("")
-    log(format_table(table, ["adapter", "acc old", "acc new", "loss old", "loss new", "retention"]))
-
+    study = run_study(cfg, out, seeds=seeds, progress=progress, log=log, chart=False)
+    point = point_of(study)
+    g, k = point["group"], point["update_steps"]
+    rows = [{"adapter": name, "base": base, "accuracy": res[base]["accuracy"]["mean"],
+             "loss": res[base]["loss"]["mean"]} for name, res in point["methods"].items() for base in ("old", "new")
+            if not (name == "retuned-on-new" and base == "old")]  # the re-tuned adapter exists on the new base only
+    chosen = point["trans_peft_setting"]
+    labels = {"vanilla": [adapter_label(0.0, 0.0, s) for s in range(study["seeds"])],
+              "trans-peft": [adapter_label(chosen["masking"], chosen["dropping"], s) for s in range(study["seeds"])],
+              "retuned-on-new": [retuned_label(k)] if "retuned-on-new" in point["methods"] else []}
+    full_study = _full_study_location(out, cfg)
+    answer = plain_answer(point, full_study)
     results = {
+        "question": study["question"],
+        "answer": answer,
+        "mode": cfg.preset,
         "rows": rows,
-        "retention": retentions,
-        "mode": cfg.mode,
-        "seed": seed,
-        "old_base": model_desc,
-        "old_base_path": str(gguf) if gguf else str(old_dir),
-        "new_base": {"path": str(new_dir), "corpus": corpus.source, "corpus_fingerprint": fingerprint(corpus),
-                     "passages": len(corpus), "steps": update_log["steps"], "lr": cfg.update_loop.lr,
-                     "sequence_length": cfg.update_length, "first_loss": update_log["first_loss"],
-                     "last_loss": update_log["last_loss"]},
-        "task": {"kind": "arithmetic word problems, exact match", "n_train": len(train), "n_test": len(test),
+        "retention": {name: res["retention"]["mean"] for name, res in point["methods"].items()},
+        "point": point,
+        "old_base": study["old_base"],
+        "new_base": {"update_steps": k, "snapshot": str(out / "update" / f"step_{k}.safetensors"),
+                     **next(s for s in study["update"]["snapshots"] if s["step"] == k)},
+        "task": {"name": point["task"], "description": point["task_description"], "test_items": point["items"],
                  "data": str(out / "data")},
-        "adapters": adapter_info,
-        "settings": {"lora": {"r": cfg.adapter.r, "alpha": cfg.adapter.alpha, "targets": list(cfg.adapter.targets),
-                              "lora_dropout": cfg.adapter.lora_dropout},
-                     "trans_peft": {"masking": cfg.masking, "dropping": cfg.dropping},
-                     "adapter_training": asdict(cfg.adapter_loop), "max_length": cfg.max_length,
-                     "device": str(device), "dtype": str(dtype).replace("torch.", "")},
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "environment": environment(device),
+        "adapters": {name: {lab: study["adapters"].get(f"{g}/{lab}") for lab in labs} for name, labs in labels.items()
+                     if labs},
+        "protocol": study["protocol"],
+        "full_study": full_study,
+        "study": str(out / "study.json"),
+        "timings_s": {**study["timings_s"], "demo total": round(time.perf_counter() - started, 1)},
+        "environment": study["environment"],
     }
     atomic_write_json(out / "results.json", results, indent=2)
     try:
-        save_chart(results, out / "results.png")
-        chart = str(out / "results.png")
+        chart = f", chart: {save_chart(results, out / 'results.png')}"
     except ImportError:
-        chart = "not drawn: pip install matplotlib, then rerun the same command (finished cells are reused)"
-    old_arg = str(gguf) if gguf else str(old_dir)
-    log(f"\nresults: {out / 'results.json'}, chart: {chart} ({timings['total']:.0f} s in all)")
-    log(f"re-evaluate with: python -m transpeft_kernels transfer --old-base {old_arg} --new-base {new_dir} "
-        f"--data {out / 'data' / 'test.jsonl'} {' '.join(str(out / 'adapters' / n) for n in ADAPTERS)}")
+        chart = ""
+        log("no chart: matplotlib is not installed (pip install matplotlib, then rerun the same command: "
+            "finished cells are reused)")
+    phases = ", ".join(f"{name} {sec:.0f} s" for name, sec in study["timings_s"].items() if name != "total")
+    log(f"results: {out / 'results.json'}{chart} ({time.perf_counter() - started:.0f} s in all: {phases})")
+    log("")
+    log(answer)
     return results

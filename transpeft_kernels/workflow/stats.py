@@ -82,3 +82,11 @@ def gap_closed_ci(method_new, vanilla_new, retuned_new, draws: int = 2000, seed:
     """(method - vanilla) / (retuned - vanilla) on the new base: the share of the transfer gap closed."""
     return bootstrap({"m": method_new, "v": vanilla_new, "r": retuned_new},
                      lambda m: (m["m"] - m["v"]) / (m["r"] - m["v"]), draws, seed)
+
+
+def retention_difference_ci(method_new, method_old, vanilla_new, vanilla_old, draws: int = 2000,
+                            seed: int = 0) -> Estimate:
+    """method_new/method_old - vanilla_new/vanilla_old: how much more of its accuracy the method kept than
+    vanilla (paired over items and seeds)."""
+    return bootstrap({"mn": method_new, "mo": method_old, "vn": vanilla_new, "vo": vanilla_old},
+                     lambda m: m["mn"] / m["mo"] - m["vn"] / m["vo"], draws, seed)

@@ -87,6 +87,17 @@ class StudyConfig:
     bootstrap_draws: int = 2000
     tiny: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Tasks scored on the TEST split; () is every task. Training and dev (the selection) always use every
+    # task of the group, so a preset that scores fewer tasks trains the same adapters (the demo's point).
+    scored_tasks: tuple[str, ...] = ()
+    measure_heldout: bool = True  # each snapshot's held-out docs perplexity (about a minute of CPU per snapshot)
+    retune: bool = True           # a re-tuned adapter per updated snapshot (the upper bound; the gap closed)
+
+    def methods(self) -> tuple[str, ...]:
+        return METHODS if self.retune else tuple(m for m in METHODS if m != "retuned")
+
+    def scored(self, group: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(t for t in group if not self.scored_tasks or t in self.scored_tasks)
 
 
 _ADAPTER = AdapterConfig(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_dropout=0.05)
@@ -429,10 +440,11 @@ def measure_snapshots(old, tok, cfg: StudyConfig, layout: _Layout, device, cells
             _load_weights(model, layout.snapshot(k))
         ref_loss = reference_loss(model, ref, tok.pad_token_id, cfg.eval_batch)
         held_loss = mean_loss(model, tok, heldout, cfg.update_length, cfg.eval_batch, desc=f"held-out k={k}",
-                              progress=progress)
+                              progress=progress) if cfg.measure_heldout else None
         changes = weight_change(old_state, model.state_dict()) if k else {}
         res = {"step": k, "reference_loss": ref_loss, "reference_ppl": math.exp(ref_loss),
-               "heldout_loss": held_loss, "heldout_ppl": math.exp(held_loss), "weight_change": changes}
+               "heldout_loss": held_loss, "heldout_ppl": None if held_loss is None else math.exp(held_loss),
+               "weight_change": changes}
         atomic_write_json(path, res)
         results.append(res)
         if k:
@@ -440,7 +452,8 @@ def measure_snapshots(old, tok, cfg: StudyConfig, layout: _Layout, device, cells
     base = results[0]
     for r in results:
         r["reference_ppl_change"] = r["reference_ppl"] / base["reference_ppl"] - 1
-        r["heldout_ppl_change"] = r["heldout_ppl"] / base["heldout_ppl"] - 1
+        r["heldout_ppl_change"] = (None if r["heldout_ppl"] is None or base["heldout_ppl"] is None
+                                   else r["heldout_ppl"] / base["heldout_ppl"] - 1)
     return results
 
 
@@ -500,7 +513,7 @@ def count_cells(cfg: StudyConfig, seeds: int) -> int:
     per_group = ((1 + grid) * 2              # grid training + dev scoring (vanilla included)
                  + 2 * (seeds - 1)           # more seeds of vanilla and Trans-PEFT
                  + 2 * seeds                 # test scores on the old base
-                 + later * (1 + 2 * seeds + 1))  # per snapshot: re-tune, score everything
+                 + later * (2 * cfg.retune + 2 * seeds))  # per snapshot: re-tune, score everything
     return later + len(cfg.snapshots) + len(cfg.groups) * per_group
 
 
@@ -508,8 +521,17 @@ def count_cells(cfg: StudyConfig, seeds: int) -> int:
 
 def settings_of(cfg: StudyConfig, device, dtype) -> dict:
     """What a rerun must match to reuse the cells (the number of seeds may grow: seed k's cells stay valid)."""
-    return {"config": json.loads(json.dumps(asdict(cfg), default=str)), "device": device.type,
+    config = asdict(cfg)
+    for name, default in _ADDED_FIELDS.items():
+        if config[name] == default:
+            del config[name]
+    return {"config": json.loads(json.dumps(config, default=str)), "device": device.type,
             "dtype": str(dtype).replace("torch.", ""), "data_seed": DATA_SEED, "update_seed": UPDATE_SEED}
+
+
+# Fields added after the first studies were run, left out of the settings at their defaults, so that a study
+# begun before them (whose settings file lacks them) is still continued from its cells.
+_ADDED_FIELDS = {"scored_tasks": (), "measure_heldout": True, "retune": True}
 
 
 def check_out(out: Path, cfg: StudyConfig) -> None:
@@ -525,8 +547,10 @@ def check_out(out: Path, cfg: StudyConfig) -> None:
                             f"delete it")
 
 
-def run_study(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: bool = True, log=print) -> dict:
-    """Run (or continue) the study in ``out``; returns the dict written to ``out/study.json``."""
+def run_study(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: bool = True, log=print,
+              chart: bool = True) -> dict:
+    """Run (or continue) the study in ``out``; returns the dict written to ``out/study.json``. ``chart``:
+    draw ``study.png`` (without matplotlib: everything else is written and one line says how to get it)."""
     import numpy as np
 
     from ..provenance import environment
@@ -567,8 +591,9 @@ def run_study(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: b
         wc = m["weight_change"]
         change = f", weight change attention {wc['attention']:.4f} ffn {wc['ffn']:.4f}" if "attention" in wc else ""
         log(f"snapshot {m['step']:>5} steps: old-base sample ppl {m['reference_ppl']:.2f} "
-            f"({m['reference_ppl_change']:+.1%}), held-out docs ppl {m['heldout_ppl']:.2f} "
-            f"({m['heldout_ppl_change']:+.1%}){change}")
+            f"({m['reference_ppl_change']:+.1%})" + (f", held-out docs ppl {m['heldout_ppl']:.2f} "
+                                                       f"({m['heldout_ppl_change']:+.1%})"
+                                                       if m.get("heldout_ppl_change") is not None else "") + change)
 
     old = old.to(device=device, dtype=dtype)
     grid = [(m, d) for m in cfg.grid_masking for d in cfg.grid_dropping if m > 0 or d > 0]
@@ -580,7 +605,7 @@ def run_study(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: b
         train = Dataset(PROMPT_COMPLETION, tuple(ex for name in group for ex in tasks[name].train.examples),
                         f"{g} train")
         dev = {name: tasks[name].dev for name in group}
-        group_data[g] = (train, dev, {name: tasks[name].test for name in group})
+        group_data[g] = (train, dev, {name: tasks[name].test for name in cfg.scored(group)})
         # 1. the grid on the old base, scored on dev: the choice is made here, before any updated base
         dev_acc = {}
         for m, d in [(0.0, 0.0)] + grid:
@@ -641,7 +666,8 @@ def run_study(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: b
             chosen = selections[g]["chosen"]
             labels = [adapter_label(0.0, 0.0, s) for s in range(seeds)] + \
                      [adapter_label(chosen["masking"], chosen["dropping"], s) for s in range(seeds)]
-            todo = [lab for lab in labels + [retuned_label(k)] if not layout.score(g, "test", k, lab).is_file()]
+            retuned = [retuned_label(k)] if cfg.retune else []
+            todo = [lab for lab in labels + retuned if not layout.score(g, "test", k, lab).is_file()]
             if todo and base is None:
                 base = copy.deepcopy(old)
                 _load_weights(base, layout.snapshot(k))
@@ -649,11 +675,11 @@ def run_study(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: b
             if retuned_label(k) in todo:
                 _train_cell(base, tok, train, cfg.adapter, replace(cfg.adapter_loop, seed=0), cfg,
                             layout.adapter(g, retuned_label(k)), cells, f"{g} {retuned_label(k)}", progress)
-            else:
+            elif retuned:
                 cells.start("", reused=True)
             t_train += time.perf_counter() - t
             t = time.perf_counter()
-            for lab in labels + [retuned_label(k)]:
+            for lab in labels + retuned:
                 if lab in todo:
                     _score_cell(base, tok, layout.adapter(g, lab), test, cfg, layout.score(g, "test", k, lab), cells,
                                 f"{g} {lab} on snapshot {k}", progress)
@@ -698,10 +724,14 @@ def run_study(cfg: StudyConfig, out: Path, seeds: int | None = None, progress: b
     atomic_write_json(out / "study.json", study, indent=1)
     log("")
     log(format_results(study))
-    chart = out / "study.png"
+    chart_path = out / "study.png"
+    if not chart:
+        log(f"\nstudy: {out / 'study.json'} ({timings['total']:.0f} s in all, {cells.computed} cells computed, "
+            f"{cells.reused} reused)")
+        return study
     try:
-        draw_chart(study, chart)
-        log(f"\nstudy: {out / 'study.json'}, chart: {chart} ({timings['total']:.0f} s in all, "
+        draw_chart(study, chart_path)
+        log(f"\nstudy: {out / 'study.json'}, chart: {chart_path} ({timings['total']:.0f} s in all, "
             f"{cells.computed} cells computed, {cells.reused} reused)")
     except ImportError:
         log(f"\nstudy: {out / 'study.json'} ({timings['total']:.0f} s in all); no chart: pip install matplotlib, then "
@@ -713,7 +743,7 @@ def summarize(cfg: StudyConfig, layout: _Layout, seeds: int, selections: dict, m
     """Every cell's accuracy and loss, and per (group, task, snapshot, method) the bootstrap estimates."""
     import numpy as np
 
-    from .stats import bootstrap, gap_closed_ci, mean_ci, ratio_ci
+    from .stats import bootstrap, gap_closed_ci, mean_ci, ratio_ci, retention_difference_ci
 
     draws = cfg.bootstrap_draws
     cells, summary, adapters = [], [], {}
@@ -736,7 +766,7 @@ def summarize(cfg: StudyConfig, layout: _Layout, seeds: int, selections: dict, m
             split, k = split_dir.name.split("_k")
             for f in sorted(split_dir.glob("*.json")):
                 scores = _read_json(f)
-                for task in group:
+                for task in (t for t in group if t in scores):  # dev: every task; test: the scored ones
                     c = scores[task]["correct"]
                     cells.append({"group": g, "task": task, "split": split, "snapshot": int(k), "adapter": f.stem,
                                   "accuracy": sum(c) / len(c), "loss": sum(scores[task]["loss"]) / len(c), "n": len(c)})
@@ -745,21 +775,26 @@ def summarize(cfg: StudyConfig, layout: _Layout, seeds: int, selections: dict, m
             rows = [_read_json(layout.score(g, "test", k, lab))[task][key] for lab in labels(method, k)]
             return np.asarray(rows, dtype=np.float64)
 
-        for task in group:
+        for task in cfg.scored(group):
             for k in cfg.snapshots:
-                acc = {m: arrays(m, k, task, "correct") for m in METHODS}
-                for method in METHODS:
+                acc = {m: arrays(m, k, task, "correct") for m in cfg.methods()}
+                for method in cfg.methods():
                     old_acc = arrays(method, 0, task, "correct")  # the re-tuned adapter's is vanilla seed 0's
                     row = {"group": g, "task": task, "snapshot": k, "method": method,
                            "seeds": int(acc[method].shape[0]), "items": int(acc[method].shape[1]),
                            "accuracy": mean_ci(acc[method], draws).to_json(),
                            "loss": mean_ci(arrays(method, k, task, "loss"), draws).to_json(),
                            "retention": ratio_ci(acc[method], old_acc, draws).to_json()}
-                    if method == "trans-peft" and k > 0:
+                    if method == "trans-peft" and k > 0 and cfg.retune:
                         row["gap_closed"] = gap_closed_ci(acc["trans-peft"], acc["vanilla"], acc["retuned"],
                                                           draws).to_json()
+                    if method == "trans-peft" and k > 0:
                         row["minus_vanilla"] = bootstrap({"t": acc["trans-peft"], "v": acc["vanilla"]},
                                                          lambda m: m["t"] - m["v"], draws).to_json()
+                        # retention of Trans-PEFT minus retention of vanilla, paired over items and seeds
+                        row["retention_minus_vanilla"] = retention_difference_ci(
+                            acc["trans-peft"], arrays("trans-peft", 0, task, "correct"), acc["vanilla"],
+                            arrays("vanilla", 0, task, "correct"), draws).to_json()
                     summary.append(row)
     snap = {m["step"]: m for m in measures}
     for row in summary:
@@ -787,8 +822,10 @@ def format_results(study: dict) -> str:
     lines = []
     for m in study["update"]["snapshots"]:
         wc = m["weight_change"]
-        lines.append(f"snapshot {m['step']}: old-base sample ppl {m['reference_ppl_change']:+.1%}, held-out docs ppl "
-                     f"{m['heldout_ppl_change']:+.1%}" + (f", weight change attention {wc['attention']:.4f}, "
+        held = m.get("heldout_ppl_change")
+        lines.append(f"snapshot {m['step']}: old-base sample ppl {m['reference_ppl_change']:+.1%}"
+                     + (f", held-out docs ppl {held:+.1%}" if held is not None else "")
+                     + (f", weight change attention {wc['attention']:.4f}, "
                                                          f"FFN {wc['ffn']:.4f}" if "attention" in wc else ""))
     for g, sel in study["selection"].items():
         lines.append(f"{g}: Trans-PEFT masking {sel['chosen']['masking']:g}, dropping {sel['chosen']['dropping']:g} "
@@ -796,11 +833,12 @@ def format_results(study: dict) -> str:
     tasks = list(dict.fromkeys((r["group"], r["task"]) for r in study["results"]))
     for g, task in tasks:
         rows = [[r["snapshot"], r["method"], _fmt(r["accuracy"], True), _fmt(r["loss"]), _fmt(r["retention"]),
+                 _fmt(r.get("retention_minus_vanilla")) if "retention_minus_vanilla" in r else "",
                  _fmt(r.get("gap_closed")) if "gap_closed" in r else ""]
                 for r in study["results"] if r["group"] == g and r["task"] == task]
         lines.append(f"\n{task} (adapter trained on {g}; accuracy %, 95% intervals)")
         lines.append(format_table(rows, ["update steps", "method", "accuracy", "answer loss", "retention",
-                                         "gap closed"]))
+                                         "retention - vanilla's", "gap closed"]))
     return "\n".join(lines)
 
 
@@ -822,6 +860,8 @@ def draw_chart(study: dict, path: Path) -> Path:
         for method in METHODS:
             rows = sorted((r for r in study["results"] if r["group"] == g and r["task"] == task
                            and r["method"] == method), key=lambda r: r["snapshot"])
+            if not rows:
+                continue  # a study without re-tuned adapters
             x = [steps.index(r["snapshot"]) for r in rows]
             y = [r["retention"]["mean"] if r["retention"]["mean"] is not None else float("nan") for r in rows]
             lo = [r["retention"]["low"] if r["retention"]["low"] is not None else v for r, v in zip(rows, y)]
