@@ -21,19 +21,19 @@ needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not foun
 
 
 def _mask():
-    return abi.RandomMask(p=0.25, kept=1.5, seed=None, on=0)
+    return abi.RandomMask(threshold=16384, kept=1.5, seed=None, on=0)
 
 
 def test_mirrors_take_keywords_only_and_every_required_field():
     with pytest.raises(TypeError):
-        abi.RandomMask(0.25, 1.5, None, 0)  # positional values are refused
+        abi.RandomMask(16384, 1.5, None, 0)  # positional values are refused
     with pytest.raises(TypeError, match=r"missing fields \['on'\]"):
-        abi.RandomMask(p=0.25, kept=1.5, seed=None)
+        abi.RandomMask(threshold=16384, kept=1.5, seed=None)
     with pytest.raises(TypeError, match=r"unknown fields \['ldx'\]"):
         abi.LoraDropoutCastArgs(x=None, sxm=1, sxk=1, out=None, ldo=1, M=0, K=0, x_dtype=0, out_dtype=0, ldx=3)
     with pytest.raises(TypeError, match=r"ActFwdArgs.mask: expected a RandomMask, got tuple"):
         abi.ActFwdArgs(g=None, ldg=1, u=None, ldu=1, h=None, ldh=1, M=0, I=0, dtype=0, activation=0,
-                       mask=(0.25, 1.5, None, 0))
+                       mask=(16384, 1.5, None, 0))
     # the optional parts default to absent: NULL pointers and an off mask, fresh per instance
     a = abi.ActFwdArgs(g=None, ldg=1, u=None, ldu=1, h=None, ldh=1, M=0, I=0, dtype=0, activation=0, mask=_mask())
     b = abi.ActFwdArgs(g=None, ldg=1, u=None, ldu=1, h=None, ldh=1, M=0, I=0, dtype=0, activation=0, mask=_mask())

@@ -36,7 +36,8 @@ import triton.language as tl  # noqa: E402
 from transpeft_kernels import ops, reference as R  # noqa: E402
 from transpeft_kernels.kernels import triton as K  # noqa: E402
 from transpeft_kernels.reference.lora import lora_dropout  # noqa: E402
-from transpeft_kernels.reference.philox import keep_mask, philox_randint, philox_uniform  # noqa: E402
+from transpeft_kernels.reference.philox import (keep_mask, keep_threshold, philox_randint,  # noqa: E402
+                                               philox_randint4x, philox_uniform)
 from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -110,9 +111,12 @@ def test_masked_gated_act_mask_past_2_pow_31_elements():
     h = K.masked_gated_act_fwd(ones, ones, "silu", p, False, key)
     del ones
     kept_value = torch.nn.functional.silu(torch.ones(())).bfloat16()  # act(1) * 1, rounded to bf16
-    for r0 in (0, rows - 3):  # the first rows, and the last ones at offsets past 2**31
-        offs = torch.arange(r0, r0 + 3, dtype=torch.int64)[:, None] * cols + torch.arange(cols)
-        keep = philox_uniform(key, offs) >= torch.tensor(p, dtype=torch.float32)
+    for r0 in (0, rows - 3):  # the first rows, and the last ones at element offsets past 2**31
+        # the mask spec: lane j % 8 of the Philox call at row * ceil(cols / 8) + j // 8
+        groups = torch.arange(r0, r0 + 3, dtype=torch.int64)[:, None] * (cols // 8) + torch.arange(cols // 8)
+        words = philox_randint4x(key, groups)
+        lanes = torch.stack([(words[l // 2] >> (16 * (l % 2))) & 0xFFFF for l in range(8)], dim=-1).reshape(3, cols)
+        keep = lanes >= keep_threshold(p)
         got = h[r0:r0 + 3].cpu()
         assert torch.equal(got != 0, keep), r0
         assert torch.equal(got, torch.where(keep, kept_value, torch.zeros((), dtype=torch.bfloat16))), r0

@@ -110,6 +110,37 @@ def test_gated_mlp_gemm_work_hand_count(impl):
         assert len(led.launches) > 200
 
 
+@pytest.mark.parametrize("adapter_dtype,lora_unit,factor", [("float32", "tc_tf32", 3), ("bfloat16", "tc_bf16", 1)])
+def test_triton_lora_dots_are_charged_to_the_tensor_cores(adapter_dtype, lora_unit, factor):
+    """The triton backend runs every LoRA dot on the tensor cores in the precision its kernels compile
+    (kernels/triton/_common.lora_dot): fp32 adapters as tf32x3, three tf32 products per multiply-add;
+    bf16 adapters as bf16. Nothing is charged to the CUDA cores (the hand count of
+    test_gated_mlp_gemm_work_hand_count: 9 (2 M d r + 2 M I r) LoRA FLOPs)."""
+    pytest.importorskip("triton")
+    M, d, I, r = 16, 32, 48, 4
+    case = C.ModelCase("gated_mlp", M, d, None, I, r, 0.25, 0.1, adapter_dtype=adapter_dtype)
+    with dry_running(H200):
+        step = C.prepare(case, "triton")
+    with recording(H200) as led:
+        step()
+    want = {"tc_bf16": 12 * M * d * I, "tc_fp16": 0, "tc_tf32": 0, "fp32": 0}
+    want[lora_unit] += factor * 9 * (2 * M * d * r + 2 * M * I * r)
+    assert led.flops_by_unit() == want
+
+
+def test_triton_gemm_is_charged_the_efficiency_factor():
+    """A Triton GEMM that replaces a cuBLAS one runs at TRITON_GEMM_VS_CUBLAS (0.85) of cuBLAS."""
+    from transpeft_kernels.perf.ledger import Launch
+    from transpeft_kernels.perf.roofline import TRITON_GEMM_VS_CUBLAS
+
+    dev = device("h200")
+    flops = {"tc_bf16": 2 * 4096**3, "tc_tf32": 3 * 2 * 4096**2 * 16}
+    x = Launch("gemm_lora_expand_kernel", "triton", 2 * 4096**2 * BF16, 4096**2 * BF16, flops)
+    assert x.gemm and TRITON_GEMM_VS_CUBLAS == 0.85
+    compute_ms = sum(f / (dev.peak_tflops[u] * 1e12 * dev.cublas_efficiency * 0.85) for u, f in flops.items()) * 1e3
+    assert launch_ms(x, dev) == pytest.approx(compute_ms + dev.launch_us * 1e-3)
+
+
 def test_roofline_of_one_launch():
     """max(bytes / copy bandwidth, FLOPs / (peak x efficiency)) + the launch cost."""
     dev = device("h200")

@@ -1,7 +1,8 @@
 """csrc/include/transpeft/philox.h, compiled by g++ on the host, against the Python reference.
 
 Builds csrc/tests/philox_shim.cpp into a shared library in pytest's tmp dir, loads it with ctypes,
-and checks randint and uniform bit for bit. No CMake and no GPU involved.
+and checks randint, randint4x, uniform and the keep mask (both the 8-lane and the one-element path)
+bit for bit. No CMake and no GPU involved.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from transpeft_kernels.reference import philox_randint, philox_uniform
+from transpeft_kernels.reference import keep_mask, philox_randint, philox_uniform
+from transpeft_kernels.reference.philox import keep_threshold, philox_randint4x
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "csrc" / "tests" / "philox_shim.cpp"
@@ -33,10 +35,13 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     if proc.returncode != 0:
         pytest.fail(f"building the shim failed:\n{' '.join(cmd)}\n{proc.stderr}")
     lib = ctypes.CDLL(str(lib_path))
-    for name in ("transpeft_philox_randint", "transpeft_philox_uniform"):
+    for name in ("transpeft_philox_randint", "transpeft_philox_randint4x", "transpeft_philox_uniform"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         fn.restype = None
+    lib.transpeft_philox_keep_mask.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
+                                               ctypes.c_void_p]
+    lib.transpeft_philox_keep_mask.restype = None
     return lib
 
 
@@ -84,3 +89,19 @@ def test_uniform_matches_reference_bitwise(shim: ctypes.CDLL, seed: int) -> None
 def test_random123_known_answer(shim: ctypes.CDLL) -> None:
     out = _call(shim.transpeft_philox_randint, 0, torch.zeros(1, dtype=torch.int64), torch.empty(1, dtype=torch.int32))
     assert out.item() & 0xFFFFFFFF == 0x6627E8D5
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4], ids=hex)
+def test_randint4x_matches_reference(shim: ctypes.CDLL, seed: int) -> None:
+    offsets = _offsets()
+    got = _call(shim.transpeft_philox_randint4x, seed, offsets, torch.empty(offsets.numel(), 4, dtype=torch.int32))
+    want = torch.stack(philox_randint4x(seed, offsets), dim=-1)
+    assert torch.equal(got.to(torch.int64) & 0xFFFFFFFF, want)
+
+
+@pytest.mark.parametrize("rows,cols,p", [(7, 64, 0.1), (5, 37, 0.3), (3, 5, 0.5), (4, 13, 1.2 / 65536), (2, 24, 1 - 2**-18)])
+def test_keep_mask_matches_reference(shim: ctypes.CDLL, rows: int, cols: int, p: float) -> None:
+    for seed in (3, 2**63 + 987654321):
+        out = torch.full((rows, cols), 7, dtype=torch.uint8)
+        shim.transpeft_philox_keep_mask(seed, rows, cols, keep_threshold(p), out.data_ptr())
+        assert torch.equal(out.bool(), keep_mask(seed, rows, cols, p)) and int(out.max()) <= 1

@@ -31,3 +31,62 @@ def test_compile_check_rejects_unknown_arch():
     out = subprocess.run([sys.executable, "-m", "transpeft_kernels", "compile-check", "--arch", "75"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2 and "--arch" in out.stderr
+
+
+# Compiled in a child process (no TRITON_INTERPRET): the default-config variant of every compile-check
+# case with an fp32 LoRA dot and no fp32 base dot, with its SASS metrics.
+_FP32_LORA_SASS = r"""
+import json, sys
+from transpeft_kernels.kernels.triton import configs, variants as V
+from transpeft_kernels.kernels.triton._common import FP32
+
+def fp32_lora_only(c):
+    if isinstance(c, V.Shrink):
+        return c.adapter == FP32
+    if isinstance(c, V.Expand):
+        return c.lora == FP32 and c.x != FP32
+    if isinstance(c, V.GateUp):
+        return FP32 in (c.gate_lora, c.up_lora) and c.x != FP32
+    if isinstance(c, V.TokenReduce):
+        return c.dot == FP32 and c.what != "dW"
+    return False
+
+for arch in (80, 90):
+    for case in filter(fp32_lora_only, V.CASES):
+        (v,) = case.variants(configs.CONFIG_SETS[case.family].default[f"sm_{arch}"], [])
+        row = V.compile_variant(v, arch, sass=True)
+        k = v.constexprs
+        if v.kernel.endswith("lora_shrink_kernel"):
+            products = k["BLOCK_M"] * k["BLOCK_K"] * k["BLOCK_R"]
+        elif v.kernel.endswith("token_reduce_kernel"):
+            products = k["BLOCK_A"] * k["BLOCK_B"] * k["BLOCK_T"]
+        else:
+            products = k["BLOCK_M"] * k["BLOCK_N"] * k["BLOCK_R"]
+        row["lora_ffma_if_on_cuda_cores"] = products // (32 * v.num_warps)
+        print(json.dumps(row), flush=True)
+"""
+
+
+def test_fp32_lora_dots_run_on_tensor_cores_without_spills():
+    """Every fp32-adapter variant (default config, sm_80 and sm_90) runs its LoRA dots on the tensor
+    cores (tf32x3: HMMA / HGMMA) and does not spill. On the CUDA cores one tile's LoRA dot alone would
+    take a thread (tile products / threads) FFMA per rank or K step; the variants chosen here have no
+    fp32 base product, so their FFMA count must stay below that (the epilogue's activation may use a
+    few)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _FP32_LORA_SASS], env=env, capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {r["arch"] for r in rows} == {80, 90} and len(rows) >= 20
+    for r in rows:
+        m = r["sass"]
+        what = f'sm_{r["arch"]} {r["label"]} {r["config"]}: {m}'
+        assert r["ok"], what
+        assert m["tensor_core_instructions"] > 0, what
+        assert m["ffma"] < r["lora_ffma_if_on_cuda_cores"], what
+        assert m["spill_bytes"] == 0, what

@@ -41,11 +41,17 @@ def assert_border_intact(buf, pad=(2, 3)):
     assert torch.all(buf[~inner] == SENTINEL), "kernel wrote outside its output"
 
 
-def assert_close64(got, exact, dtype, depth=32):
-    """Against float64 within a pure rounding budget (budget.py): ``depth`` fp32 accumulations and
-    up to 4 roundings to ``dtype`` (inputs to a dot, an activation, a product, the store), relative
-    to max(|exact|, 1)."""
-    assert_close_to_exact(got.cpu(), exact.cpu(), dtype, depth, roundings=4, min_scale=1.0)
+def assert_close64(got, exact, dtype, depth=32, tf32x3_depth=0):
+    """Against float64 within a pure rounding budget (budget.py): ``depth`` fp32 accumulations
+    (``tf32x3_depth`` of them fed by the tf32x3 products of fp32 LoRA dots) and up to 4 roundings
+    to ``dtype`` (inputs to a dot, an activation, a product, the store), relative to max(|exact|, 1)."""
+    assert_close_to_exact(got.cpu(), exact.cpu(), dtype, depth, roundings=4, min_scale=1.0,
+                          tf32x3_depth=tf32x3_depth)
+
+
+def tf32x3_steps(dot_dtype, n):
+    """The chain steps that run on tf32x3 products: the n products of an fp32 LoRA dot (budget.py)."""
+    return n if dot_dtype == torch.float32 else 0
 
 
 def strided(t):
@@ -114,23 +120,25 @@ def test_masked_gated_act_rejects_bad_arguments():
         K.masked_gated_act_fwd(g.double(), g.double(), "silu", 0.0, False, None)
 
 
-@triton.jit
-def _keep_block(out_ptr, seed_ptr, row0, n_cols, p, R: tl.constexpr, C: tl.constexpr):
+@triton.jit(do_not_specialize=["threshold"])
+def _keep_block(out_ptr, seed_ptr, row0, n_cols, threshold, R: tl.constexpr, C: tl.constexpr):
     rows = row0 + tl.arange(0, R)
     cols = tl.arange(0, C)
-    keep = philox_keep(tl.load(seed_ptr), rows, cols, n_cols, p)
+    keep = philox_keep(tl.load(seed_ptr), rows, 0, n_cols, threshold, C)
     tl.store(out_ptr + tl.arange(0, R)[:, None] * C + cols[None, :], keep.to(tl.int8))
 
 
 def test_mask_offsets_past_2_31_are_int64():
-    # Rows of a (2**27 + 9, 16) matrix: element offsets pass 2**31, where int32 offsets would wrap.
-    # Every kernel draws its mask through philox_keep, checked here at those rows.
-    row0, I, key = 2**27 + 5, 16, seed(5)
-    offs = torch.arange(row0, row0 + 4, dtype=torch.int64)[:, None] * I + torch.arange(I)[None, :]
-    assert offs.min() > 2**31
+    # Rows of a (2**28 + 9, 64) matrix: group offsets row * 8 + j // 8 pass 2**31, where int32 offsets
+    # would wrap. Every kernel draws its mask through philox_keep, checked here at those rows.
+    row0, I, key, p = 2**28 + 5, 64, seed(5), 0.5
+    groups = torch.arange(row0, row0 + 4, dtype=torch.int64)[:, None] * (I // 8) + torch.arange(I // 8)[None, :]
+    assert groups.min() > 2**31
+    words = P.philox_randint4x(key, groups)
+    lanes = torch.stack([(words[l // 2] >> (16 * (l % 2))) & 0xFFFF for l in range(8)], dim=-1).reshape(4, I)
     out = torch.zeros(4, I, dtype=torch.int8, device=DEV)
-    _keep_block[(1,)](out, key.reshape(1).to(DEV), row0, I, 0.5, R=4, C=I)
-    assert torch.equal(out.cpu().bool(), P.philox_uniform(key, offs) >= 0.5)
+    _keep_block[(1,)](out, key.reshape(1).to(DEV), row0, I, P.keep_threshold(p), R=4, C=I)
+    assert torch.equal(out.cpu().bool(), lanes >= P.keep_threshold(p))
 
 
 # ---- LoRA shrink with fused dropout --------------------------------------------------------------
@@ -154,7 +162,7 @@ def test_lora_shrink(dtype, adapter_dtype, rank, q):
     xa = x.to(adapter_dtype).double().cpu()  # PEFT casts x to the adapter dtype first
     if q:
         xa = xa * P.keep_mask(key, M, Kd, q).double() / (1 - q)
-    assert_close64(s, xa @ A.double().cpu().t(), adapter_dtype)
+    assert_close64(s, xa @ A.double().cpu().t(), adapter_dtype, tf32x3_depth=tf32x3_steps(adapter_dtype, Kd))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -165,7 +173,11 @@ def test_lora_shrink_dropout_mask_is_bit_equal_to_reference(dtype):
     s = K.lora_shrink(x, torch.eye(Kd, device=DEV, dtype=dtype), q, key)
     assert torch.equal(s != 0, P.keep_mask(key, M, Kd, q).to(DEV))
     from transpeft_kernels.reference.lora import lora_dropout
-    torch.testing.assert_close(s, lora_dropout(x, q, key), atol=0, rtol=0)  # the same bits
+    if dtype == torch.float32:
+        # fp32 runs as tf32x3 on the tensor cores: one product x * 1 per output, within TF32X3_ROUNDOFF
+        assert_close_to_exact(s, lora_dropout(x, q, key), dtype, 0, roundings=0, tf32x3_depth=1)
+    else:
+        torch.testing.assert_close(s, lora_dropout(x, q, key), atol=0, rtol=0)  # the same bits
 
 
 # ---- base GEMM with the LoRA expand fused ---------------------------------------------------------
@@ -196,7 +208,7 @@ def test_gemm_lora_expand(dtype, adapter_dtype, rank, bias, q, M):
     exact = x.double().cpu() @ w.double().cpu().t() + 0.5 * lora
     if bias:
         exact = exact + b.double().cpu()
-    assert_close64(y, exact, dtype)
+    assert_close64(y, exact, dtype, tf32x3_depth=tf32x3_steps(adapter_dtype, rank))
 
 
 def test_gemm_without_lora_and_empty():
@@ -245,7 +257,7 @@ def test_token_reduce(dtype, dot_dtype, q, splits, transpose):
     if q:
         qd = qd * P.keep_mask(key, T, B, q).double() / (1 - q)
     exact = 0.5 * p.to(dot_dtype).double().cpu().t() @ qd
-    assert_close64(out, exact.t() if transpose else exact, dot_dtype)
+    assert_close64(out, exact.t() if transpose else exact, dot_dtype, tf32x3_depth=tf32x3_steps(dot_dtype, T))
     assert_close64(colsum, p.double().cpu().sum(0), dtype)
 
 
@@ -256,4 +268,4 @@ def test_token_reduce_splits_agree_and_are_deterministic():
         a, _ = K.token_reduce(p, q, torch.float32, torch.float32, splits=n)
         b, _ = K.token_reduce(p, q, torch.float32, torch.float32, splits=n)
         assert torch.equal(a, b)
-        assert_close64(a, p.double().cpu().t() @ q.double().cpu(), torch.float32, depth=200)
+        assert_close64(a, p.double().cpu().t() @ q.double().cpu(), torch.float32, depth=200, tf32x3_depth=200)

@@ -74,8 +74,9 @@ class GatedMLPWeights:
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """Knowledge masking: keep h[i, j] iff philox_uniform(seed, i * I + j) >= p; scale kept values
-    by 1 / (1 - p) when ``rescale`` (off by default, as in the paper's code)."""
+    """Knowledge masking: keep h[i, j] per ``reference.philox.keep_mask(seed, M, I, p)`` (a 16-bit Philox
+    lane >= round(p * 65536): kept with probability 1 - p to within 2**-17); scale kept values by
+    1 / (1 - p) when ``rescale`` (off by default, as in the paper's code)."""
 
     p: float
     rescale: bool = False

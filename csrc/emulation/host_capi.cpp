@@ -22,13 +22,19 @@ constexpr int kInvalidValue = 1;  // cudaErrorInvalidValue
 struct Mask {
   bool on;
   uint64_t seed;
-  float p;
+  uint32_t threshold;
   float kept;
-  float at(uint64_t offset) const { return keep_factor(on, seed, offset, p, kept); }
+  // Element (i, j) of a mask `cols` wide, through the helpers the packed device path uses (the 8 keep
+  // bits of j's group, then j's lane); one Philox call per element: the emulation favours clarity.
+  float at(int64_t i, int64_t j, int64_t cols) const {
+    const uint32_t bits = keep_bits(on, seed, static_cast<uint64_t>(i), static_cast<uint64_t>(j),
+                                    static_cast<uint64_t>(cols), threshold);
+    return lane_factor(on, bits, static_cast<int>(j % kMaskLanes), kept);
+  }
 };
 
 Mask make_mask(const TranspeftRandomMask& m) {
-  return Mask{m.on != 0, m.on ? static_cast<uint64_t>(*m.seed) : 0u, m.p, m.kept};
+  return Mask{m.on != 0, m.on ? static_cast<uint64_t>(*m.seed) : 0u, m.threshold, m.kept};
 }
 
 template <typename T>
@@ -85,7 +91,7 @@ extern "C" int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, u
   }
   const Activation act = static_cast<Activation>(p.activation);
   const Mask mask = make_mask(p.mask);
-  const Mask drop = p.a != nullptr ? make_mask(p.drop) : Mask{false, 0, 0, 1};
+  const Mask drop = p.a != nullptr ? make_mask(p.drop) : Mask{false, 0, 0u, 1};
   return with_dtypes(p.dtype, p.a != nullptr ? p.a_dtype : p.dtype, [&](auto tt, auto ta) {
     using T = decltype(tt);
     using TA = decltype(ta);
@@ -93,12 +99,11 @@ extern "C" int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, u
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t k = 0; k < rank; ++k) acc[k] = 0.0f;
       for (int64_t j = 0; j < I; ++j) {
-        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(I) + static_cast<uint64_t>(j);
         const float hv = masked_gated_act_value<T>(act, ld<T>(p.g, i * p.ldg + j), ld<T>(p.u, i * p.ldu + j),
-                                                   mask.at(off));
+                                                   mask.at(i, j, I));
         st<T>(p.h, i * p.ldh + j, hv);
         if (p.a != nullptr) {
-          const float xd = lora_input<TA>(hv, drop.at(off));
+          const float xd = lora_input<TA>(hv, drop.at(i, j, I));
           for (int64_t k = 0; k < rank; ++k) acc[k] += xd * ld<TA>(p.a, k * p.lda + j);
         }
       }
@@ -127,9 +132,8 @@ extern "C" int transpeft_masked_gated_act_bwd(const TranspeftActBwdArgs* args, u
     using TA = decltype(ta);
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t j = 0; j < I; ++j) {
-        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(I) + static_cast<uint64_t>(j);
-        const float m = mask.at(off);
-        const float d = drop.at(off);
+        const float m = mask.at(i, j, I);
+        const float d = drop.at(i, j, I);
         const float gv = ld<T>(p.g, i * p.ldg + j);
         const float uv = ld<T>(p.u, i * p.ldu + j);
         float dh = ld<T>(p.dh, i * p.lddh + j);
@@ -165,8 +169,7 @@ extern "C" int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64
       for (int64_t r = 0; r < p.R; ++r) {
         float acc = 0.0f;
         for (int64_t k = 0; k < p.K; ++k) {
-          const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
-          acc += lora_input<TA>(ld<TX>(p.x, i * p.sxm + k * p.sxk), drop.at(off)) * ld<TA>(p.a, r * p.sar + k * p.sak);
+          acc += lora_input<TA>(ld<TX>(p.x, i * p.sxm + k * p.sxk), drop.at(i, k, p.K)) * ld<TA>(p.a, r * p.sar + k * p.sak);
         }
         st<TA>(p.s, i * p.lds + r, acc);
       }
@@ -189,8 +192,7 @@ extern "C" int transpeft_lora_expand(const TranspeftLoraExpandArgs* args, uint64
         float z = 0.0f;
         for (int64_t r = 0; r < p.R; ++r) z += ld<TL>(p.s, i * p.ssm + r * p.ssr) * ld<TL>(p.b, n * p.sbn + r * p.sbr);
         const float yv = ld<TY>(p.y, i * p.ldy + n);
-        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(p.N) + static_cast<uint64_t>(n);
-        st<TY>(p.y, i * p.ldy + n, p.grad_mode ? lora_grad_sum<TY, TL>(yv, z, p.scaling, drop.at(off))
+        st<TY>(p.y, i * p.ldy + n, p.grad_mode ? lora_grad_sum<TY, TL>(yv, z, p.scaling, drop.at(i, n, p.N))
                                                : lora_forward_sum<TY, TL>(yv, z, p.scaling));
       }
     }
@@ -209,8 +211,7 @@ extern "C" int transpeft_lora_dropout_cast(const TranspeftLoraDropoutCastArgs* a
     using TO = decltype(to);
     for (int64_t i = 0; i < p.M; ++i) {
       for (int64_t k = 0; k < p.K; ++k) {
-        const uint64_t off = static_cast<uint64_t>(i) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
-        st<TO>(p.out, i * p.ldo + k, lora_input<TO>(ld<TX>(p.x, i * p.sxm + k * p.sxk), drop.at(off)));
+        st<TO>(p.out, i * p.ldo + k, lora_input<TO>(ld<TX>(p.x, i * p.sxm + k * p.sxk), drop.at(i, k, p.K)));
       }
     }
     return kSuccess;

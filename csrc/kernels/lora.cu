@@ -3,7 +3,9 @@
 //   expand        Y += s * S B^T                        in place on a fresh GEMM output: forward y, dX
 //   dropout_cast  dropout_q(cast_A(X))                  the LoRA input for dA = s t^T xd
 // Rounding follows transpeft/fused_math.h, the contract transpeft/capi.h. Masks are regenerated
-// from (seed, row * cols + col) in 64 bits, never stored.
+// from (seed, row, col) (Philox offset row * ceil(cols / 8) + col / 8 in 64 bits, lane col % 8),
+// never stored. These kernels handle one column per thread, so each mask element costs one Philox
+// call here (keep_factor): correct, but without the 8-per-call saving of the activation kernels.
 //
 // shrink: a block owns 4 token rows and 16 ranks at a time; threads stride over K (coalesced for a
 // row-major X), each A element read serves the 4 rows, and the 64 partial sums are reduced over the
@@ -49,9 +51,8 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(ShrinkArgs p) {
         for (int r = 0; r < kShrinkRows; ++r) {
           const int64_t row = row0 + r;
           if (row < p.M) {
-            const uint64_t off = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
             xv[r] = lora_input<TA>(to_float(x[row * p.sxm + k * p.sxk]),
-                                   keep_factor(p.drop.on, seed, off, p.drop.p, p.drop.kept));
+                                   keep_factor(p.drop.on, seed, row, k, p.K, p.drop.threshold, p.drop.kept));
           } else {
             xv[r] = 0.0f;
           }
@@ -107,8 +108,8 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(ExpandArgs p) {
       const float yv = to_float(*out);
       float res;
       if (p.grad_mode) {
-        const uint64_t off = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.N) + static_cast<uint64_t>(n);
-        res = lora_grad_sum<TY, TL>(yv, z[r], p.scaling, keep_factor(p.drop.on, seed, off, p.drop.p, p.drop.kept));
+        res = lora_grad_sum<TY, TL>(yv, z[r], p.scaling,
+                                    keep_factor(p.drop.on, seed, row, n, p.N, p.drop.threshold, p.drop.kept));
       } else {
         res = lora_forward_sum<TY, TL>(yv, z[r], p.scaling);
       }
@@ -124,8 +125,7 @@ __global__ void __launch_bounds__(kThreads) dropout_cast_kernel(CastArgs p) {
   const uint64_t seed = load_seed(p.drop.seed, p.drop.on);
   for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
     for (int64_t k = threadIdx.x; k < p.K; k += kThreads) {
-      const uint64_t off = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.K) + static_cast<uint64_t>(k);
-      const float d = keep_factor(p.drop.on, seed, off, p.drop.p, p.drop.kept);
+      const float d = keep_factor(p.drop.on, seed, row, k, p.K, p.drop.threshold, p.drop.kept);
       out[row * p.ldo + k] = from_float<TO>(lora_input<TO>(to_float(x[row * p.sxm + k * p.sxk]), d));
     }
   }

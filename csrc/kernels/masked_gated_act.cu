@@ -10,8 +10,11 @@
 // Layout: one block owns ROWS token rows and sweeps their columns with 16-byte packs (VEC elements);
 // the rank-sized LoRA sums stay in registers (ROWS x RT of them: RT is the rank rounded up to 16,
 // 32 or 64, ROWS = 64 / RT, so each A_d element read from L1/L2 serves ROWS rows) and are reduced
-// over the block once per row group in a fixed order. Offsets into the masks are row * I + col in
-// 64 bits, so the masks do not depend on the launch configuration.
+// over the block once per row group in a fixed order. Masks: Philox offset row * ceil(I / 8) + col / 8
+// in 64 bits, lane col % 8 (transpeft/philox.h), so they do not depend on the launch configuration.
+// A pack starts at a multiple of VEC (1, 4 or 8; VEC divides 8), so its columns lie in one group of
+// 8: one Philox call per pack and mask (keep_bits), 8 elements per call for 16-bit dtypes, 4 for fp32,
+// 1 for the unpacked fallback.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -34,6 +37,7 @@ __host__ __device__ constexpr int rows_for(int rt) { return rt == 0 ? 1 : 64 / r
 
 template <typename T, typename TA, int VEC, int RT>
 __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
+  static_assert(kMaskLanes % VEC == 0, "a pack must lie in one group of 8 mask lanes");
   constexpr int ROWS = rows_for(RT);
   constexpr int NACC = RT == 0 ? 1 : ROWS * RT;
   __shared__ float smem[RT == 0 ? 1 : kWarps * NACC];
@@ -62,14 +66,16 @@ __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
         const Pack<T, VEC> gp = load_pack<T, VEC>(g + row * p.ldg + j);
         const Pack<T, VEC> up = load_pack<T, VEC>(u + row * p.ldu + j);
         Pack<T, VEC> hp;
-        const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.I) + static_cast<uint64_t>(j);
+        const uint32_t mbits = keep_bits(p.mask.on, mseed, row, j, p.I, p.mask.threshold);
+        const uint32_t dbits = RT == 0 ? 0u : keep_bits(p.drop.on, dseed, row, j, p.I, p.drop.threshold);
+        const int lane0 = VEC == kMaskLanes ? 0 : static_cast<int>(j % kMaskLanes);  // j is a multiple of VEC
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          const float m = keep_factor(p.mask.on, mseed, base + v, p.mask.p, p.mask.kept);
+          const float m = lane_factor(p.mask.on, mbits, lane0 + v, p.mask.kept);
           const float hv = masked_gated_act_value<T>(static_cast<Activation>(p.activation), to_float(gp.v[v]),
                                                      to_float(up.v[v]), m);
           hp.v[v] = from_float<T>(hv);
-          if (RT > 0) xd[r][v] = lora_input<TA>(hv, keep_factor(p.drop.on, dseed, base + v, p.drop.p, p.drop.kept));
+          if (RT > 0) xd[r][v] = lora_input<TA>(hv, lane_factor(p.drop.on, dbits, lane0 + v, p.drop.kept));
         }
         store_pack<T, VEC>(h + row * p.ldh + j, hp);
       }
@@ -101,6 +107,7 @@ __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
 
 template <typename T, typename TA, int VEC, int RT>
 __global__ void __launch_bounds__(kThreads) act_bwd_kernel(BwdArgs p) {
+  static_assert(kMaskLanes % VEC == 0, "a pack must lie in one group of 8 mask lanes");
   constexpr int ROWS = rows_for(RT);
   constexpr int TN = RT == 0 ? 1 : RT;
   const T* dh = static_cast<const T*>(p.dh);
@@ -151,11 +158,13 @@ __global__ void __launch_bounds__(kThreads) act_bwd_kernel(BwdArgs p) {
         const Pack<T, VEC> gp = load_pack<T, VEC>(g + row * p.ldg + j);
         const Pack<T, VEC> up = load_pack<T, VEC>(u + row * p.ldu + j);
         Pack<T, VEC> dgp, dup, hp;
-        const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(p.I) + static_cast<uint64_t>(j);
+        const uint32_t mbits = keep_bits(p.mask.on, mseed, row, j, p.I, p.mask.threshold);
+        const uint32_t dbits = keep_bits(p.drop.on, dseed, row, j, p.I, p.drop.threshold);
+        const int lane0 = VEC == kMaskLanes ? 0 : static_cast<int>(j % kMaskLanes);  // j is a multiple of VEC
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          const float m = keep_factor(p.mask.on, mseed, base + v, p.mask.p, p.mask.kept);
-          const float d = keep_factor(p.drop.on, dseed, base + v, p.drop.p, p.drop.kept);
+          const float m = lane_factor(p.mask.on, mbits, lane0 + v, p.mask.kept);
+          const float d = lane_factor(p.drop.on, dbits, lane0 + v, p.drop.kept);
           const float gv = to_float(gp.v[v]);
           const float uv = to_float(up.v[v]);
           float dhv = to_float(dhp.v[v]);

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from transpeft_kernels.reference import philox_randint, philox_uniform
+from transpeft_kernels.reference.philox import keep_threshold, philox_randint4x
 
 HERE = Path(__file__).resolve().parent
 M64 = (1 << 64) - 1
@@ -54,39 +55,44 @@ def philox_header() -> str:
     offsets = _offsets()
     off_t = torch.tensor([_as_int64(o) for o in offsets], dtype=torch.int64)
     rows = []
+    thresholds = [keep_threshold(p) for p in KEEP_PS]
     for seed in SEEDS:
-        r = philox_randint(seed, off_t).tolist()
+        words = [w.tolist() for w in philox_randint4x(seed, off_t)]
         u = philox_uniform(seed, off_t)
-        keeps = [(u >= torch.tensor(p, dtype=torch.float32)).tolist() for p in KEEP_PS]
         for i, off in enumerate(offsets):
+            c = [w[i] for w in words]
+            lanes = [(c[lane // 2] >> (16 * (lane % 2))) & 0xFFFF for lane in range(8)]
+            bits = [sum(int(v >= t) << lane for lane, v in enumerate(lanes)) for t in thresholds]
             rows.append(
-                f"    {{0x{seed:016x}ull, 0x{off:016x}ull, 0x{r[i]:08x}u, 0x{_f32_bits(u[i].item()):08x}u, "
-                f"{str(keeps[0][i]).lower()}, {str(keeps[1][i]).lower()}}},"
+                f"    {{0x{seed:016x}ull, 0x{off:016x}ull, {{{', '.join(f'0x{x:08x}u' for x in c)}}}, "
+                f"0x{_f32_bits(u[i].item()):08x}u, 0x{bits[0]:02x}u, 0x{bits[1]:02x}u}},"
             )
     assert philox_randint(0, torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5  # Random123 KAT
     return (
         HEADER_NOTE
-        + """// Philox4x32-10 known answers: randint, uniform (the float's bit pattern) and keep decisions
-// (uniform >= float32(p)) for p = 0.1 and p = 0.3.
+        + f"""// Philox4x32-10 known answers: the four words (randint4x; randint = c[0]), uniform (the float's bit
+// pattern) and the keep bits of the call's 8 mask lanes (bit l set iff lane l, the 16-bit value
+// (c[l / 2] >> 16 * (l % 2)) & 0xFFFF, is >= keep_threshold(p)) for p = 0.1 (threshold {thresholds[0]}) and
+// p = 0.3 (threshold {thresholds[1]}).
 #pragma once
 
 #include <cstdint>
 
-namespace transpeft_test {
+namespace transpeft_test {{
 
-struct PhiloxVector {
+struct PhiloxVector {{
   uint64_t seed;
   uint64_t offset;
-  uint32_t randint;
+  uint32_t words[4];
   uint32_t uniform_bits;
-  bool keep_p01;
-  bool keep_p03;
-};
+  uint32_t keep_bits_p01;
+  uint32_t keep_bits_p03;
+}};
 
-constexpr float kKeepP01 = 0.1f;
-constexpr float kKeepP03 = 0.3f;
+constexpr uint32_t kKeepThresholdP01 = {thresholds[0]}u;
+constexpr uint32_t kKeepThresholdP03 = {thresholds[1]}u;
 
-constexpr PhiloxVector kPhiloxVectors[] = {
+constexpr PhiloxVector kPhiloxVectors[] = {{
 """
         + "\n".join(rows)
         + "\n};\n\n}  // namespace transpeft_test\n"
@@ -223,6 +229,8 @@ constexpr int64_t kFusedSeedMask = {FUSED_SEED_MASK};
 constexpr int64_t kFusedSeedDrop = {FUSED_SEED_DROP};
 constexpr float kFusedP = {FUSED_P}f;
 constexpr float kFusedQ = {FUSED_Q}f;
+constexpr uint32_t kFusedMaskThreshold = {keep_threshold(FUSED_P)}u;  // keep_threshold(p)
+constexpr uint32_t kFusedDropThreshold = {keep_threshold(FUSED_Q)}u;  // keep_threshold(q)
 constexpr uint16_t kFusedMaskKeptBf16 = 0x{_bits16(c.reshape(1))[0]:04x};  // 1/(1-p) rounded to bf16
 """
         + arr("kFusedG", "uint16_t", _bits16(g.flatten()), hexs)

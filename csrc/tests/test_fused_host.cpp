@@ -42,12 +42,12 @@ int main() {
   fwd.I = I;
   fwd.dtype = 2;       // bf16
   fwd.activation = 0;  // silu
-  fwd.mask = TranspeftRandomMask{kFusedP, kept, &seed_mask, 1};
+  fwd.mask = TranspeftRandomMask{kFusedMaskThreshold, kept, &seed_mask, 1};
   fwd.a = kFusedA;
   fwd.lda = I;
   fwd.rank = R;
   fwd.a_dtype = 0;  // fp32
-  fwd.drop = TranspeftRandomMask{kFusedQ, drop_kept, &seed_drop, 1};
+  fwd.drop = TranspeftRandomMask{kFusedDropThreshold, drop_kept, &seed_drop, 1};
   fwd.s = s.data();
   fwd.lds = R;
   int rc = transpeft_masked_gated_act_fwd(&fwd, 0);
@@ -87,7 +87,7 @@ int main() {
   bwd.I = I;
   bwd.dtype = 0;       // fp32
   bwd.activation = 0;  // silu
-  bwd.mask = TranspeftRandomMask{kFusedP, 1.0f, &seed_mask, 1};
+  bwd.mask = TranspeftRandomMask{kFusedMaskThreshold, 1.0f, &seed_mask, 1};
   rc = transpeft_masked_gated_act_bwd(&bwd, 0);
   if (rc != 0) {
     std::printf("FAIL transpeft_masked_gated_act_bwd returned %d\n", rc);
@@ -104,7 +104,7 @@ int main() {
   keep_args.ldh = I;
   keep_args.M = M;
   keep_args.I = I;
-  keep_args.mask = TranspeftRandomMask{kFusedP, 1.0f, &seed_mask, 1};
+  keep_args.mask = TranspeftRandomMask{kFusedMaskThreshold, 1.0f, &seed_mask, 1};
   transpeft_masked_gated_act_fwd(&keep_args, 0);  // fp32, silu
   auto h_at = [&](int64_t i, float gv, float uv) {
     float out = 0.0f;

@@ -29,6 +29,14 @@ def check_2d(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
 
 
+def unit_column_stride(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` (checked 2-D, of a kernel dtype) with unit column stride: copied only when its columns
+    are strided. The elementwise kernels index rows by their stride and columns by position."""
+    check_2d(t, name)
+    dtype_code(t, name)
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
 def check_out(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, name: str = "out") -> None:
     if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype):
         raise ValueError(f"{name}: expected shape {tuple(shape)} and dtype {dtype}, got {tuple(out.shape)} {out.dtype}")

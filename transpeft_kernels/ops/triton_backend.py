@@ -92,7 +92,7 @@ class TritonBackend(TorchBackend):
                                         lora.dropout, seed)
         if needs.weight:
             dW, db = K.token_reduce(dy, x2d, lin.weight.dtype, x2d.dtype,
-                                    colsum_dtype=lin.bias.dtype if needs.bias else None)
+                                    colsum_dtype=lin.bias.dtype if needs.bias else None, lora=False)
         elif needs.bias:
             db = dy.sum(0).to(lin.bias.dtype)
         if lora is not None:

@@ -14,7 +14,9 @@ operation lands in the ledger as one ``Launch``:
 Bytes are a lower bound on HBM traffic: each operand counted once per launch (numel x element size
 of the view the launch reads or writes), as if every re-read hit in L2. FLOPs are counted per unit:
 ``tc_bf16``/``tc_fp16``/``tc_tf32`` (tensor cores) or ``fp32`` (CUDA-core FMA: fp32 "ieee" dots and
-fp32 cuBLAS GEMMs). ``elements`` counts the elementwise work of fused epilogues and elementwise
+fp32 cuBLAS GEMMs). The LoRA dots of our Triton kernels follow the precision the kernels compile them
+in (``kernels/triton/_common.LORA_DOT_PRECISION``): the adapter's 16-bit unit, or for fp32 adapters
+tf32x3, charged as three tf32 tensor-core products (``tc_tf32``, 3x the FLOPs). ``elements`` counts the elementwise work of fused epilogues and elementwise
 kernels, and ``philox`` the mask elements regenerated (a measure of RNG work). Host-side work that
 stalls a GPU stream is counted too: syncs (``.item()``, a device-to-host copy) and host-to-device
 copies (each pageable copy also blocks CUDA-graph capture).
@@ -76,8 +78,8 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def _unit(dtype: torch.dtype) -> str:
-    """The unit a dot of these operands runs on (fp32: CUDA cores; PyTorch's default fp32 matmul
-    precision is "highest", and our kernels' fp32 dots are "ieee")."""
+    """The unit an ATen dot of these operands runs on (fp32: CUDA cores; PyTorch's default fp32
+    matmul precision is "highest")."""
     return {torch.bfloat16: "tc_bf16", torch.float16: "tc_fp16"}.get(dtype, "fp32")
 
 
@@ -138,7 +140,27 @@ class _AtenRecorder(TorchDispatchMode):
 
 # ---- our Triton kernels --------------------------------------------------------------------------
 def _dot_unit(code: int) -> str:
+    """The unit of a base-operand dot of our Triton kernels (fp32: "ieee", on the CUDA cores)."""
     return ("fp32", "tc_fp16", "tc_bf16")[code]
+
+
+def _lora_flops(code: int, flops: int) -> dict:
+    """{unit: FLOPs} of one LoRA dot of our Triton kernels with adapter dtype code ``code``, in the
+    precision the kernels use (``_common.lora_dot``): tf32x3 is three tf32 tensor-core products."""
+    from ..kernels.triton._common import LORA_DOT_PRECISION  # triton is loaded whenever its kernels are recorded
+
+    precision = LORA_DOT_PRECISION[code]
+    if precision == "tf32x3":
+        return {"tc_tf32": 3 * flops}
+    if precision == "ieee":
+        return {"fp32": flops}
+    return {f"tc_{precision}": flops}
+
+
+def _add(into: dict, more: dict) -> dict:
+    for unit, f in more.items():
+        into[unit] = into.get(unit, 0) + f
+    return into
 
 
 def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
@@ -152,15 +174,14 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         return ["dh_ptr", "g_ptr", "u_ptr"], ["dg_ptr", "du_ptr"], {}, n, n if a["HAS_MASK"] else 0
     if kernel == "lora_shrink_kernel":
         M, K, R = a["M"], a["K"], a["R"]
-        return ["x_ptr", "a_ptr"], ["s_ptr"], {_dot_unit(a["DOT_DTYPE"]): 2 * M * K * R}, 0, \
+        return ["x_ptr", "a_ptr"], ["s_ptr"], _lora_flops(a["DOT_DTYPE"], 2 * M * K * R), 0, \
             M * K if a["HAS_DROPOUT"] else 0
     if kernel == "gemm_lora_expand_kernel":
         M, N, K, R = a["M"], a["N"], a["K"], a["R"]
         flops = {_dot_unit(a["X_DTYPE"]): 2 * M * N * K}
         reads = ["x_ptr", "w_ptr"] + (["bias_ptr"] if a["HAS_BIAS"] else [])
         if a["HAS_LORA"]:
-            unit = _dot_unit(a["LORA_DTYPE"])
-            flops[unit] = flops.get(unit, 0) + 2 * M * N * R
+            _add(flops, _lora_flops(a["LORA_DTYPE"], 2 * M * N * R))
             reads += ["s_ptr", "b_ptr"]
         return reads, ["y_ptr"], flops, M * N, M * N if a["LORA_DROPOUT"] else 0
     if kernel == "gate_up_act_kernel":
@@ -169,14 +190,15 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         reads = ["x_ptr", "wg_ptr", "wu_ptr"] + (["bg_ptr"] if a["BIAS_G"] else []) + (["bu_ptr"] if a["BIAS_U"] else [])
         for side, rank, dt in (("G", "RG", "LORA_G_DTYPE"), ("U", "RU", "LORA_U_DTYPE")):
             if a[f"LORA_{side}"]:
-                unit = _dot_unit(a[dt])
-                flops[unit] = flops.get(unit, 0) + 2 * M * I * a[rank]
+                _add(flops, _lora_flops(a[dt], 2 * M * I * a[rank]))
                 reads += [f"s{side.lower()}_ptr", f"lb{side.lower()}_ptr"]
         return reads, ["g_ptr", "u_ptr", "h_ptr"], flops, M * I, M * I if a["HAS_MASK"] else 0
     if kernel == "token_reduce_kernel":
         T, A, B = a["T"], a["A"], a["B"]
-        return ["p_ptr", "q_ptr"], ["out_ptr"] + (["colsum_ptr"] if a["HAS_COLSUM"] else []), \
-            {_dot_unit(a["DOT_DTYPE"]): 2 * T * A * B}, 0, T * B if a["Q_DROPOUT"] else 0
+        n = 2 * T * A * B  # dA, dB: a LoRA dot; dW: the base weight's (IEEE for fp32)
+        flops = _lora_flops(a["DOT_DTYPE"], n) if a["LORA_DOT"] else {_dot_unit(a["DOT_DTYPE"]): n}
+        return ["p_ptr", "q_ptr"], ["out_ptr"] + (["colsum_ptr"] if a["HAS_COLSUM"] else []), flops, 0, \
+            T * B if a["Q_DROPOUT"] else 0
     raise KeyError(f"no cost rule for Triton kernel {kernel!r}: add one to perf/ledger.py")
 
 

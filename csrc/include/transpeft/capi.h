@@ -15,11 +15,13 @@
 //     unless both strides are given (s*m, s*k). Sizes and strides are int64 (elements, not bytes).
 //   * dtype codes: 0 float32, 1 float16, 2 bfloat16 (transpeft::DType). Activation codes:
 //     0 silu, 1 gelu, 2 gelu_tanh (transpeft::Activation).
-//   * A random mask (TranspeftRandomMask): element (i, j) of a (rows, cols) tensor is kept iff
-//     philox_uniform(*seed, i * cols + j) >= p, and then multiplied by `kept` (the reference's scale,
+//   * A random mask (TranspeftRandomMask): element (i, j) of a (rows, cols) tensor is kept iff the
+//     16-bit lane j % 8 of the Philox4x32-10 call at offset i * ceil(cols / 8) + j / 8 is >= `threshold`
+//     (transpeft/philox.h; threshold = reference.philox.keep_threshold(p) = round(p * 65536), an
+//     integer in [0, 65536]), and then multiplied by `kept` (the reference's scale,
 //     already rounded to the tensor's dtype by the caller). `seed` points to one int64 in device
 //     memory (the stream's Philox key), read by the kernels, so no host sync is needed. on = 0: no
-//     mask (p, kept and seed are not read).
+//     mask (threshold, kept and seed are not read).
 //   * `stream` is a cudaStream_t cast to an integer (0: the legacy default stream).
 //   * Every function returns a cudaError_t (0 on success; cudaErrorInvalidValue for a NULL argument
 //     struct, an unsupported dtype combination or a bad size); transpeft_cuda_error_string() names it.
@@ -33,7 +35,7 @@
 extern "C" {
 #endif
 
-#define TRANSPEFT_CUDA_ABI_VERSION 2
+#define TRANSPEFT_CUDA_ABI_VERSION 3  // 3: the mask holds an integer threshold, not a float p
 
 int transpeft_cuda_abi_version(void);
 const char* transpeft_cuda_error_string(int error);
@@ -44,7 +46,7 @@ int64_t transpeft_cuda_struct_size(const char* name);
 int64_t transpeft_cuda_field_offset(const char* name, const char* field);
 
 typedef struct TranspeftRandomMask {
-  float p;
+  uint32_t threshold;  // at the offset and of the size of v2's float p
   float kept;
   const int64_t* seed;
   int32_t on;

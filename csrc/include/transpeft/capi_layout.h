@@ -29,7 +29,7 @@ struct LayoutEntry {
 // one's table.
 static constexpr LayoutEntry kLayout[] = {
     TRANSPEFT_SIZE(TranspeftRandomMask),
-    TRANSPEFT_FIELD(TranspeftRandomMask, p),
+    TRANSPEFT_FIELD(TranspeftRandomMask, threshold),
     TRANSPEFT_FIELD(TranspeftRandomMask, kept),
     TRANSPEFT_FIELD(TranspeftRandomMask, seed),
     TRANSPEFT_FIELD(TranspeftRandomMask, on),

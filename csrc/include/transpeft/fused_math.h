@@ -18,10 +18,26 @@
 
 namespace transpeft {
 
-// keep(seed, offset) ? kept : 0 for a mask that drops with probability p; 1 when the mask is off.
-TRANSPEFT_HD float keep_factor(bool on, uint64_t seed, uint64_t offset, float p, float kept) {
+// Element (row, col) of a mask `cols` wide that keeps lane values >= threshold (philox.h):
+// kept or 0; 1 when the mask is off. One Philox call per element: for code that handles single
+// columns. Code that handles a pack of columns within one group of 8 uses keep_bits + lane_factor.
+TRANSPEFT_HD float keep_factor(bool on, uint64_t seed, uint64_t row, uint64_t col, uint64_t cols, uint32_t threshold,
+                               float kept) {
   if (!on) return 1.0f;
-  return philox_keep(seed, offset, p) ? kept : 0.0f;
+  return philox_keep(seed, row, col, cols, threshold) ? kept : 0.0f;
+}
+
+// The keep bits (bit l: lane l) of the group of 8 columns holding column `col`; 0xFF when off.
+TRANSPEFT_HD uint32_t keep_bits(bool on, uint64_t seed, uint64_t row, uint64_t col, uint64_t cols, uint32_t threshold) {
+  if (!on) return 0xFFu;
+  return philox_keep_bits(seed, row, col / kMaskLanes, cols, threshold);
+}
+
+// The factor of lane `lane` (= col % 8) from its group's keep bits: kept or 0; 1 when the mask is off.
+// With a compile-time lane (a thread owning whole groups) the bit test folds into the lane's compare.
+TRANSPEFT_HD float lane_factor(bool on, uint32_t bits, int lane, float kept) {
+  if (!on) return 1.0f;
+  return ((bits >> lane) & 1u) ? kept : 0.0f;
 }
 
 template <typename T>

@@ -11,11 +11,16 @@
 //   10 rounds of
 //     c0, c1, c2, c3 = hi(B*c2) ^ c1 ^ k0, lo(B*c2), hi(A*c0) ^ c3 ^ k1, lo(A*c0)
 //     k0 += 0x9E3779B9; k1 += 0xBB67AE85
-//   with A = 0xD2511F53, B = 0xCD9E8D57.  randint = final c0.
+//   with A = 0xD2511F53, B = 0xCD9E8D57.  randint4x = final (c0, c1, c2, c3), randint = c0.
 //   uniform:  x = int32(c0); if (x < 0) x = ~x; u = float(x) * 4.6566127342e-10f   (u in [0, 1))
-//   keep:     u >= p   (p as float32)
 //
-// Offsets are 64-bit: rows * cols passes 2^31 at realistic sizes (160k tokens x 14336 features).
+// Masks (reference.philox.keep_mask): one Philox call gives 8 mask elements as 16-bit lanes.
+//   For a (rows, cols) mask, C8 = ceil(cols / 8). Element (i, j) reads the call at offset
+//   i * C8 + j / 8, lane l = j % 8: v = (c[l / 2] >> (16 * (l % 2))) & 0xFFFF; kept iff v >= T,
+//   T = round-half-to-even(p * 65536) computed on the host (keep_threshold), in [0, 65536].
+//   A thread that handles the 8 columns of a group makes one call (philox_keep_bits).
+//
+// Offsets are 64-bit: rows * C8 passes 2^31 at realistic sizes (1.2M tokens x 14336 features).
 // Known answer (Random123): seed 0, offset 0 -> randint 0x6627e8d5.
 //
 // Usable from g++ (host only) and nvcc (host and device).
@@ -46,8 +51,12 @@ TRANSPEFT_HD uint32_t philox_umulhi(uint32_t a, uint32_t b) {
 
 }  // namespace detail
 
-// c0 of Philox4x32-10 at (seed, offset): tl.randint(seed, offset).
-TRANSPEFT_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
+// The four output words of Philox4x32-10 at (seed, offset): tl.randint4x(seed, offset).
+struct PhiloxWords {
+  uint32_t c[4];
+};
+
+TRANSPEFT_HD PhiloxWords philox_randint4x(uint64_t seed, uint64_t offset) {
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(offset);
@@ -69,8 +78,11 @@ TRANSPEFT_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  return PhiloxWords{{c0, c1, c2, c3}};
 }
+
+// c0 of Philox4x32-10 at (seed, offset): tl.randint(seed, offset).
+TRANSPEFT_HD uint32_t philox_randint(uint64_t seed, uint64_t offset) { return philox_randint4x(seed, offset).c[0]; }
 
 // Uniform float in [0, 1): tl.rand(seed, offset), to the bit.
 TRANSPEFT_HD float philox_uniform(uint64_t seed, uint64_t offset) {
@@ -79,9 +91,33 @@ TRANSPEFT_HD float philox_uniform(uint64_t seed, uint64_t offset) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// Whether the element at `offset` is kept by a mask that drops with probability p.
-TRANSPEFT_HD bool philox_keep(uint64_t seed, uint64_t offset, float p) {
-  return philox_uniform(seed, offset) >= p;
+constexpr int kMaskLanes = 8;  // 16-bit mask lanes per Philox call
+
+// C8 = ceil(cols / 8): the Philox calls per mask row.
+TRANSPEFT_HD uint64_t mask_groups(uint64_t cols) { return (cols + (kMaskLanes - 1)) / kMaskLanes; }
+
+// Lane l (0..7) of a call's words: the 16-bit value (c[l / 2] >> (16 * (l % 2))) & 0xFFFF.
+TRANSPEFT_HD uint32_t mask_lane(const PhiloxWords& w, int lane) {
+  return (w.c[lane >> 1] >> (16 * (lane & 1))) & 0xFFFFu;
+}
+
+// The keep decisions of the 8 elements of group `group` of mask row `row` (columns 8 * group ..
+// 8 * group + 7 of a mask `cols` wide): bit l set iff lane l is kept (v >= threshold). One call.
+TRANSPEFT_HD uint32_t philox_keep_bits(uint64_t seed, uint64_t row, uint64_t group, uint64_t cols, uint32_t threshold) {
+  const PhiloxWords w = philox_randint4x(seed, row * mask_groups(cols) + group);
+  uint32_t bits = 0u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int l = 0; l < kMaskLanes; ++l) bits |= static_cast<uint32_t>(mask_lane(w, l) >= threshold) << l;
+  return bits;
+}
+
+// Whether element (row, col) of a mask `cols` wide is kept: one call for one element (for code
+// that does not own the whole group of 8 columns; philox_keep_bits amortises the call).
+TRANSPEFT_HD bool philox_keep(uint64_t seed, uint64_t row, uint64_t col, uint64_t cols, uint32_t threshold) {
+  const PhiloxWords w = philox_randint4x(seed, row * mask_groups(cols) + col / kMaskLanes);
+  return mask_lane(w, static_cast<int>(col % kMaskLanes)) >= threshold;
 }
 
 }  // namespace transpeft

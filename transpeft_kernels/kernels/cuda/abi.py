@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 2  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
+ABI_VERSION = 3  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
 
-_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+_P, _I64, _I32, _U32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_float
 
 
 class _Args(ctypes.Structure):
@@ -42,15 +42,16 @@ class _Args(ctypes.Structure):
 
 
 class RandomMask(_Args):
-    """Keep element (i, j) of a (rows, cols) tensor iff philox_uniform(*seed, i * cols + j) >= p, then
-    scale it by ``kept``; ``seed`` is the address of the int64 key in device memory; on = 0: no mask."""
+    """Keep element (i, j) of a (rows, cols) tensor iff 16-bit lane j % 8 of the Philox call at
+    i * ceil(cols / 8) + j // 8 is >= ``threshold`` (reference.philox.keep_threshold(p), in [0, 65536]),
+    then scale it by ``kept``; ``seed`` is the address of the int64 key in device memory; on = 0: no mask."""
 
     _c_name_ = "TranspeftRandomMask"
-    _fields_ = [("p", _F32), ("kept", _F32), ("seed", _P), ("on", _I32)]
+    _fields_ = [("threshold", _U32), ("kept", _F32), ("seed", _P), ("on", _I32)]
 
     @classmethod
     def off(cls) -> "RandomMask":
-        return cls(p=0.0, kept=1.0, seed=None, on=0)
+        return cls(threshold=0, kept=1.0, seed=None, on=0)
 
 
 class ActFwdArgs(_Args):

@@ -5,8 +5,10 @@ call it on the current CUDA stream (capi.h).
 Shapes: M tokens, I intermediate width, K/N feature widths, R rank. Seeds are the Philox keys of
 the stream in question (int64 one-element tensors, ``specs.sub_seed`` already applied); they are
 copied to the tensors' device and read there by the kernels. Masks (see reference/philox.py):
-    knowledge mask   keep[i, j] = philox_uniform(mask_seed, i * I + j) >= p, scale c = 1 or 1/(1-p)
-    LoRA dropout     keep[i, k] = philox_uniform(drop_seed, i * K + k) >= q, scale 1/(1-q)
+    knowledge mask   keep = keep_mask(mask_seed, M, I, p), scale c = 1 or 1/(1-p)
+    LoRA dropout     keep = keep_mask(drop_seed, M, K, q), scale 1/(1-q)
+(16-bit lanes, 8 per Philox call, compared with the integer threshold keep_threshold(p); the C
+interface gets the threshold.)
 Scales are rounded to the dtype the reference multiplies in (``rounded_to``). No output aliases an
 input; ``lora_expand_`` writes into the tensor it is given, which must be fresh (a GEMM output
 created by the caller, never a saved tensor or an incoming gradient).
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..launch_args import ACT_CODES, check_2d, check_same_device, dtype_code, rounded_to, seed_on
+from ..launch_args import ACT_CODES, check_same_device, dtype_code, rounded_to, seed_on, unit_column_stride
+from ...reference.philox import keep_threshold
 from .abi import ActBwdArgs, ActFwdArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
 from .library import load
 
@@ -31,13 +34,6 @@ class Dropout:
 
     q: float
     seed: torch.Tensor | None
-
-
-def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
-    """t as a 2-D tensor with unit column stride (copied only when its columns are strided)."""
-    check_2d(t, name)
-    dtype_code(t, name)
-    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
 def _ld(t: torch.Tensor) -> int:
@@ -63,7 +59,7 @@ def _mask_args(p: float, kept: float, seed: torch.Tensor | None, device: torch.d
     if seed is None:
         raise ValueError(f"seed: required when the {what} probability is > 0")
     s = seed_on(seed, device)
-    return RandomMask(p=float(p), kept=float(kept), seed=s.data_ptr(), on=1), s
+    return RandomMask(threshold=keep_threshold(p), kept=float(kept), seed=s.data_ptr(), on=1), s
 
 
 def _dropout_args(drop: Dropout | None, dtype: torch.dtype, device: torch.device):
@@ -81,7 +77,7 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
                          down_a: torch.Tensor | None = None, down_drop: Dropout | None = None):
     """h' = act(g) * u * keep * c, (M, I) in g's dtype; with ``down_a`` = A_d (r, I), r <= 64, also
     S_d = dropout_qd(cast_A(h')) A_d^T, (M, r) in A_d's dtype, returned as (h', S_d)."""
-    g, u = _rows(g, "g"), _rows(u, "u")
+    g, u = unit_column_stride(g, "g"), unit_column_stride(u, "u")
     if g.shape != u.shape or g.dtype != u.dtype:
         raise ValueError(f"u: expected {tuple(g.shape)} {g.dtype} like g, got {tuple(u.shape)} {u.dtype}")
     device = check_same_device(g=g, u=u, down_a=down_a)
@@ -90,7 +86,7 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
     fused, s = {}, None
     if down_a is not None:
-        down_a = _rows(down_a, "down_a")
+        down_a = unit_column_stride(down_a, "down_a")
         if down_a.shape[1] != I or not 1 <= down_a.shape[0] <= MAX_FUSED_RANK:
             raise ValueError(f"down_a: expected (r <= {MAX_FUSED_RANK}, {I}), got {tuple(down_a.shape)}")
         s = torch.empty((M, down_a.shape[0]), dtype=down_a.dtype, device=device)
@@ -115,7 +111,7 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
     xd = dropout_qd(cast_A(h')) (M, I) in A_d's dtype (for dA_d; needs down_a). Unrequested ones are None.
     out: optional (dg, du) (M, I) views with unit column stride to write into (e.g. two halves of one
     (M, 2I) buffer), which must not alias an input."""
-    dh_base, g, u = _rows(dh_base, "dh_base"), _rows(g, "g"), _rows(u, "u")
+    dh_base, g, u = unit_column_stride(dh_base, "dh_base"), unit_column_stride(g, "g"), unit_column_stride(u, "u")
     for name, t in (("u", u), ("dh_base", dh_base)):
         if t.shape != g.shape or t.dtype != g.dtype:
             raise ValueError(f"{name}: expected {tuple(g.shape)} {g.dtype} like g, got {tuple(t.shape)} {t.dtype}")
@@ -138,10 +134,10 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
     mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
     lora = {}
     if down_a is not None:
-        down_a = _rows(down_a, "down_a")
+        down_a = unit_column_stride(down_a, "down_a")
         lora.update(a=down_a.data_ptr(), lda=_ld(down_a), rank=down_a.shape[0], a_dtype=dtype_code(down_a, "down_a"))
     if down_t is not None:
-        down_t = _rows(down_t, "down_t")
+        down_t = unit_column_stride(down_t, "down_t")
         r = down_a.shape[0]
         if down_t.shape != (M, r) or down_t.dtype != down_a.dtype or down_a.shape[1] != I or r > MAX_FUSED_RANK:
             raise ValueError(f"down_t, down_a: expected ({M}, r) and (r <= {MAX_FUSED_RANK}, {I}) in one dtype, got "
@@ -188,7 +184,7 @@ def lora_expand_(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: flo
     """In place on a fresh y (M, N): y = T(y + s * (S b^T)) (forward) or, with ``grad``,
     y = T(y + T(s * D(S b^T))) with D the dropout mask over (M, N) (dX). S (M, R), b (N, R), any strides,
     one dtype. Returns y."""
-    y = _rows(y, "y")
+    y = unit_column_stride(y, "y")
     if s.dim() != 2 or b.dim() != 2 or s.shape[0] != y.shape[0] or b.shape[0] != y.shape[1] or s.shape[1] != b.shape[1]:
         raise ValueError(f"s, b: expected ({y.shape[0]}, R) and ({y.shape[1]}, R), got {tuple(s.shape)} {tuple(b.shape)}")
     if s.dtype != b.dtype:

@@ -81,12 +81,120 @@ def dot_operand(x, CODE: tl.constexpr, UPCAST: tl.constexpr):
     return y
 
 
-@triton.jit
-def philox_keep(seed, rows, cols, n_cols, p):
-    """Bool block: keep[i, j] = tl.rand(seed, rows[i] * n_cols + cols[j]) >= p (fp32 compare).
+# ---- LoRA dots on the tensor cores ---------------------------------------------------------------
+# Every LoRA product (shrink, expand, the rank-sized token reductions) goes through ``lora_dot``, with
+# the precision chosen by the adapter dtype (CODE):
+#   bf16 / fp16 adapters: the native 16-bit tensor-core dot with fp32 accumulation (operands are
+#       already in the adapter dtype, as the reference multiplies them).
+#   fp32 adapters (PEFT's default): tf32x3 (3xTF32, as CUTLASS and Triton's "tf32x3"):
+#       a = a_big + a_small with a_big = cvt.rna.tf32(a) (|a - a_big| <= 2^-11 |a|), and
+#       a b ~ a_small b_big + a_big b_small + a_big b_big, three tf32 MMAs (HMMA on sm_80, HGMMA
+#       on sm_90). The MMA reads the small part with 10 mantissa bits (the low 13 bits ignored:
+#       error <= 2^-10 |a_small| <= 2^-21 |a|) and a_small b_small (<= 2^-22 |a b|) is dropped, so
+#       each product is within (2^-21 + 2^-21 + 2^-22) |a b| = 2.5 * 2^-21 |a b| of a b: about 20
+#       fp32 ulps per product, not the 2^-8 of bf16 operands. That keeps fp32 adapters near fp32
+#       accuracy (the reference, the spec, computes them in fp32) at 3 tensor-core passes, instead
+#       of "ieee" FFMA on the CUDA cores (1024 FFMA per thread per tile, 254-255 registers, spills).
+#       tests: python_tests/budget.py (TF32X3_ROUNDOFF).
+#       The split is written out here rather than left to input_precision="tf32x3": Triton 3.9's
+#       F32DotTC pass sums the three products in a fresh zero tile and adds it to the accumulator
+#       afterwards (plus a NaN select), i.e. a second (BLOCK_M, BLOCK_N) fp32 tile, the one thing
+#       the expand-as-rank-steps design removes. Here all three MMAs chain into ``acc`` (small
+#       products first). Non-finite inputs give NaN where Triton's select would keep +-inf.
+# The interpreter ignores input_precision (always IEEE fp32), so interpreted runs (UPCAST) emulate
+# the split and the MMA's truncation with bit operations: the CPU tests see the error the GPU makes.
+# The precision lora_dot compiles a LoRA dot in, per adapter dtype code (perf/ledger.py charges by it).
+LORA_DOT_PRECISION = {FP32: "tf32x3", FP16: "fp16", BF16: "bf16"}
 
-    rows: (BM,) int, cols: (BN,) int, n_cols: the matrix width. Offsets are int64 so that
-    tokens x features past 2**31 do not wrap; this is the exact recipe of reference.keep_mask.
+
+@triton.jit
+def _tf32_rna(x, UPCAST: tl.constexpr):
+    """x rounded to tf32 (10 mantissa bits), to nearest with ties away from zero: cvt.rna.tf32.f32
+    (emulated with integer operations in the interpreter)."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        y = (((bits + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
+    else:
+        y = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return y
+
+
+@triton.jit
+def _tf32_dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b as one tf32 tensor-core product: the MMA reads the top 19 bits of each fp32
+    operand (sign, exponent, 10 mantissa bits); the interpreter drops the low 13 bits by hand."""
+    if UPCAST:
+        a = (((a.to(tl.uint32, bitcast=True)) >> 13) << 13).to(tl.float32, bitcast=True)
+        b = (((b.to(tl.uint32, bitcast=True)) >> 13) << 13).to(tl.float32, bitcast=True)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
+def lora_dot(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b on the tensor cores for operands prepared by ``dot_operand(.., CODE, UPCAST)``:
+    tf32x3 for fp32 adapters (CODE 0), the native 16-bit dot otherwise; fp32 accumulation."""
+    if CODE == 0:
+        a_big = _tf32_rna(a, UPCAST)
+        b_big = _tf32_rna(b, UPCAST)
+        acc = _tf32_dot(a - a_big, b_big, acc, UPCAST)
+        acc = _tf32_dot(a_big, b - b_big, acc, UPCAST)
+        acc = _tf32_dot(a_big, b_big, acc, UPCAST)
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")  # 16-bit operands (fp32 only when UPCAST)
+    return acc
+
+
+@triton.jit
+def philox4x32_10(seed, offsets):
+    """(c0, c1, c2, c3) of Philox4x32-10 at int64 ``offsets``: the words of ``tl.randint4x(seed,
+    offsets)`` (reference.philox.philox_randint4x), with each round's two 32 x 32 -> 64-bit products
+    written as one 64-bit multiply, which ptxas emits as one IMAD.WIDE.U32 (high and low word)
+    instead of separate IMAD.HI and IMAD instructions."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = offsets.to(tl.uint32)
+    c1 = (offsets >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(10):
+        pa = c0.to(tl.uint64) * 0xD2511F53
+        pb = c2.to(tl.uint64) * 0xCD9E8D57
+        c0, c1, c2, c3 = (pb >> 32).to(tl.uint32) ^ c1 ^ k0, pb.to(tl.uint32), (pa >> 32).to(tl.uint32) ^ c3 ^ k1, pa.to(tl.uint32)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_keep(seed, rows, col0, n_cols, threshold, BLOCK_N: tl.constexpr):
+    """Bool (BM, BLOCK_N) block of the keep mask over rows ``rows`` (BM,) and columns
+    col0 .. col0 + BLOCK_N - 1 of a matrix ``n_cols`` wide: the spec of reference.keep_mask.
+
+    Element (i, j) is lane j % 8 of the Philox4x32-10 call at int64 offset i * ceil(n_cols / 8) + j // 8,
+    v = (c[l // 2] >> 16 * (l % 2)) & 0xFFFF, kept iff v >= threshold (unsigned integer compare;
+    threshold = reference.keep_threshold(p), in [0, 65536]). One Philox call (``philox4x32_10``, the
+    words of ``tl.randint4x``) per 8 elements: the
+    (BM, BLOCK_N // 8) words are split into 16-bit lanes and interleaved back into natural column
+    order 8 g + l with tl.join / tl.reshape. col0 must be a multiple of 8 (every caller's tile starts at
+    a multiple of its power-of-two width) and BLOCK_N a multiple of 8; columns past n_cols are drawn
+    from the row's last (partial) group or beyond and must be masked by the caller, as for loads.
     """
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
-    return tl.rand(seed, offsets) >= p
+    tl.static_assert(BLOCK_N % 8 == 0, "philox_keep: BLOCK_N must be a multiple of 8")
+    groups = (n_cols + 7) // 8
+    g = tl.arange(0, BLOCK_N // 8).to(tl.int64) + col0 // 8
+    offsets = rows.to(tl.int64)[:, None] * groups + g[None, :]
+    c0, c1, c2, c3 = philox4x32_10(seed, offsets)
+    lo = 0xFFFF
+    # Lanes v0..v7 = lo/hi halves of c0..c3. join adds a new last axis of 2, so in
+    # join(join(join(v0, v4), join(v2, v6)), join(join(v1, v5), join(v3, v7))) the innermost join's
+    # index is the most significant: element [x, y, z] is lane 4x + 2y + z, and the row-major reshape
+    # puts lane l of group g at column 8 g + l.
+    v = tl.join(tl.join(tl.join(c0 & lo, c2 & lo), tl.join(c1 & lo, c3 & lo)),
+                tl.join(tl.join(c0 >> 16, c2 >> 16), tl.join(c1 >> 16, c3 >> 16)))
+    v = tl.reshape(v, (rows.shape[0], BLOCK_N))
+    return v >= threshold  # uint32 vs an int32 (or int) threshold: Triton promotes to uint32, an unsigned compare

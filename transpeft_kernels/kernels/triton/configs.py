@@ -1,15 +1,23 @@
 """Launch configurations: per-architecture autotune sets, fixed defaults, and the tuner.
 
-Every kernel family has
-  * a fixed DEFAULT config per architecture (used when autotuning is off, and the first candidate),
-  * a list of CANDIDATES per architecture that the tuner times once per shape key,
+Every kernel family has a ConfigSet:
+  * a fixed DEFAULT config per architecture: what runs when autotuning is off (whatever the shape),
+    the tuner's first candidate, and the one config ``compile-check`` compiles,
+  * a list of CANDIDATES per architecture that the tuner times once per key,
   * one small config for the CPU interpreter (timing there is meaningless and slow).
 Architectures: "sm_90" (H100/H200), "sm_80" (A100; also used for other CUDA devices), "interp".
 
 Autotuning runs on CUDA unless TRANSPEFT_TRITON_AUTOTUNE=0; the key is (kernel, arch, the shape
-key each launcher gives — token counts bucketed to powers of two — and the dtype codes), so a new
-batch size in the same bucket does not re-tune. Candidates whose estimated shared memory exceeds
-the device limit are dropped before timing; ``compile-check`` verifies the real figure.
+key each launcher gives — token counts bucketed to powers of two — the dtype codes, and the operands'
+layouts, ``layout_key``: which stride is the unit one and whether addresses and strides are 16-byte
+aligned, since both change the code Triton generates and so the best config). A new batch size in
+the same bucket does not re-tune. Candidates whose estimated shared memory exceeds the device limit
+are dropped before timing; ``compile-check`` verifies the real figure.
+
+Reproducibility: the reduction order of a kernel depends on its config (the split of token_reduce,
+the K tiling of a GEMM), so tuned runs can differ in the last bits from one process to the next. With
+TRANSPEFT_TRITON_AUTOTUNE=0 every launch uses the fixed config of its shape bucket: the same bits on
+every run on the same GPU model and versions.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ def cfg(num_warps=4, num_stages=2, **meta) -> KernelConfig:
 
 
 @dataclass(frozen=True)
-class Family:
+class ConfigSet:
     """Configs of one kernel family. ``smem(config, elem_bytes)`` estimates its shared memory."""
 
     name: str
@@ -78,7 +86,7 @@ def _shrink_smem(c: KernelConfig, elem: int) -> int:
 
 
 # Y = X W^T (+ fused epilogues): the big GEMMs (forward, dX).
-GEMM = Family(
+GEMM = ConfigSet(
     "gemm",
     default={
         "sm_90": cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
@@ -109,7 +117,7 @@ GEMM = Family(
 # accumulators per program, so BLOCK_N is half the plain GEMM's for the same registers. The defaults
 # fit float32 operands too (3 * (128 + 2 * 64) * 64 * 4 B = 192 KiB on sm_90), since the tuner never
 # drops a default.
-GATE_UP = Family(
+GATE_UP = ConfigSet(
     "gate_up",
     default={
         "sm_90": cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
@@ -135,7 +143,7 @@ GATE_UP = Family(
 )
 
 # S = dropout(X) A^T and t = dY B: rank-sized outputs, K-long reductions.
-SHRINK = Family(
+SHRINK = ConfigSet(
     "shrink",
     default={
         "sm_90": cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
@@ -150,7 +158,7 @@ SHRINK = Family(
 )
 
 # out = P^T Q over the token dimension: dW, dA, dB (and db).
-TOKEN_REDUCE = Family(
+TOKEN_REDUCE = ConfigSet(
     "token_reduce",
     default={
         "sm_90": cfg(8, 3, BLOCK_A=128, BLOCK_B=128, BLOCK_T=64),
@@ -167,7 +175,7 @@ TOKEN_REDUCE = Family(
 )
 
 # Elementwise masked activation forward/backward.
-ELEMENTWISE = Family(
+ELEMENTWISE = ConfigSet(
     "elementwise",
     default={
         "sm_90": cfg(4, 1, BLOCK_M=4, BLOCK_N=512),
@@ -180,7 +188,7 @@ ELEMENTWISE = Family(
     },
 )
 
-FAMILIES = {f.name: f for f in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE)}
+CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE)}
 
 
 def arch_of(device: torch.device) -> str:
@@ -205,7 +213,24 @@ def bucket(n: int) -> int:
 _CACHE: dict = {}
 
 
-def choose(family: Family, device: torch.device, key: tuple, elem_bytes: int, launch) -> KernelConfig:
+def layout_key(*tensors) -> tuple:
+    """What of the operands' layouts changes the generated code, and so the best config: per tensor
+    (None allowed), whether its last stride is the unit one, and whether its address and its other
+    strides are 16-byte aligned (Triton specialises both)."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        elem = t.element_size()
+        unit_last = t.dim() == 0 or t.stride(-1) == 1
+        aligned = t.device.type == "meta" or (
+            t.data_ptr() % 16 == 0 and all(s * elem % 16 == 0 for s in t.stride() if s != 1))
+        out.append((unit_last, aligned))
+    return tuple(out)
+
+
+def choose(family: ConfigSet, device: torch.device, key: tuple, elem_bytes: int, launch) -> KernelConfig:
     """The config to launch with. ``launch(config)`` runs the kernel once (outputs are overwritten,
     never accumulated, so timing by real launches is harmless)."""
     arch = arch_of(device)

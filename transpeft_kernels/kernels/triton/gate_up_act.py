@@ -7,7 +7,8 @@ float16 or bfloat16); each adapter's S and B share the adapter dtype. fp32 accum
     g  = round(x Wg^T + bg + s_g * S_g B_g^T)          (S = dropout(x) A^T, from lora_shrink)
     u  = round(x Wu^T + bu + s_u * S_u B_u^T)          round() = to the I/O dtype, nearest even
     h' = act(g) * u * keep * c                         computed in fp32 from the *rounded* g and u
-         keep[i, j] = tl.rand(seed, i * I + j) >= p    (int64 offsets; seed = the MASK stream key)
+         keep[i, j] = lane j % 8 of tl.randint4x(seed, i * ceil(I / 8) + j // 8) >= keep_threshold(p)
+                      (16-bit lanes, reference.keep_mask's spec; int64 offsets; seed = the MASK stream key)
 
 g and u are outputs too (autograd saves them). h' is bit-identical to ``masked_gated_act_fwd(g, u)``
 (same formula on the same rounded values), so backward, which recomputes h' from g and u with that
@@ -18,8 +19,14 @@ and one S for both halves; the launcher passes the halves as views and writes g,
 halves of one (M, 2I) output. The kernel itself does not know the layout.
 
 Each program owns one (BLOCK_M, BLOCK_N) tile of the intermediate dimension and keeps two fp32
-accumulators; x is read once per K step for both products. Programs are ordered in groups of
-GROUP_M row tiles (as in gemm_lora_expand) so consecutive programs share weight columns in L2.
+accumulators; x is read once per K step for both products. Each LoRA expand is the first r steps of
+its side's accumulator (then scaled by s), on the tensor cores (``_common.lora_dot``): bf16/fp16
+adapters as native 16-bit dots, fp32 adapters as tf32x3 (near fp32: within 2.5 * 2^-21 |a b| per
+product; bf16 operands would lose 2^-8 against the reference's fp32 adapter math). No separate fp32
+LoRA tile is added in the epilogue, which keeps the fp32-adapter variants off FFMA and out of spills
+(with an fp32 base, whose IEEE product runs on the CUDA cores in another register layout, the expands
+come after the K loop instead). Programs are ordered in groups of GROUP_M row tiles (as in
+gemm_lora_expand) so consecutive programs share weight columns in L2.
 """
 from __future__ import annotations
 
@@ -38,14 +45,14 @@ from .gemm_lora_expand import grouped_tile, lora_expand_tile
 from .masked_gated_act import _mask_scalars
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def gate_up_act_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, sg_ptr, lbg_ptr, su_ptr, lbu_ptr, g_ptr, u_ptr, h_ptr, seed_ptr,
     M, I, K, RG, RU,
     stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wun, stride_wuk,
     stride_sgm, stride_sgr, stride_lbgn, stride_lbgr, stride_sum, stride_sur, stride_lbun, stride_lbur,
     stride_gm, stride_gn, stride_um, stride_un, stride_hm, stride_hn,
-    scaling_g, scaling_u, p, c,
+    scaling_g, scaling_u, threshold, c,
     ACT: tl.constexpr, BIAS_G: tl.constexpr, BIAS_U: tl.constexpr, LORA_G: tl.constexpr, LORA_U: tl.constexpr,
     HAS_MASK: tl.constexpr, X_DTYPE: tl.constexpr, LORA_G_DTYPE: tl.constexpr, LORA_U_DTYPE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -61,8 +68,21 @@ def gate_up_act_kernel(
     cols64 = cols.to(tl.int64)
     k_idx = tl.arange(0, BLOCK_K)
 
+    # The LoRA expands first, as extra rank steps of each accumulator (scaled in place), so that no
+    # third fp32 tile is live through the K loop or the epilogue (see gemm_lora_expand). An fp32 base
+    # product runs on the CUDA cores in another register layout: there they come after the K loop.
+    LORA_FIRST: tl.constexpr = X_DTYPE != 0
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LORA_FIRST:
+        if LORA_G:
+            acc_g = scaling_g * lora_expand_tile(acc_g, sg_ptr, lbg_ptr, RG, stride_sgm, stride_sgr, stride_lbgn,
+                                                 stride_lbgr, rows64, cols64, row_ok, col_ok, LORA_G_DTYPE, UPCAST,
+                                                 BLOCK_R)
+        if LORA_U:
+            acc_u = scaling_u * lora_expand_tile(acc_u, su_ptr, lbu_ptr, RU, stride_sum, stride_sur, stride_lbun,
+                                                 stride_lbur, rows64, cols64, row_ok, col_ok, LORA_U_DTYPE, UPCAST,
+                                                 BLOCK_R)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + k_idx
         k_ok = ks < K
@@ -75,15 +95,16 @@ def gate_up_act_kernel(
         acc_g += tl.dot(x, dot_operand(wg, X_DTYPE, UPCAST), input_precision="ieee")
         wu = tl.load(wu_ptr + cols64[None, :] * stride_wun + ks64[:, None] * stride_wuk, mask=w_ok, other=0.0)
         acc_u += tl.dot(x, dot_operand(wu, X_DTYPE, UPCAST), input_precision="ieee")
+    if not LORA_FIRST:
+        if LORA_G:
+            acc_g += scaling_g * lora_expand_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), sg_ptr, lbg_ptr,
+                                                  RG, stride_sgm, stride_sgr, stride_lbgn, stride_lbgr, rows64, cols64,
+                                                  row_ok, col_ok, LORA_G_DTYPE, UPCAST, BLOCK_R)
+        if LORA_U:
+            acc_u += scaling_u * lora_expand_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), su_ptr, lbu_ptr,
+                                                  RU, stride_sum, stride_sur, stride_lbun, stride_lbur, rows64, cols64,
+                                                  row_ok, col_ok, LORA_U_DTYPE, UPCAST, BLOCK_R)
 
-    if LORA_G:
-        acc_g += scaling_g * lora_expand_tile(sg_ptr, lbg_ptr, RG, stride_sgm, stride_sgr, stride_lbgn, stride_lbgr,
-                                              rows64, cols64, row_ok, col_ok, LORA_G_DTYPE, UPCAST,
-                                              BLOCK_M, BLOCK_N, BLOCK_R)
-    if LORA_U:
-        acc_u += scaling_u * lora_expand_tile(su_ptr, lbu_ptr, RU, stride_sum, stride_sur, stride_lbun, stride_lbur,
-                                              rows64, cols64, row_ok, col_ok, LORA_U_DTYPE, UPCAST,
-                                              BLOCK_M, BLOCK_N, BLOCK_R)
     if BIAS_G:
         acc_g += tl.load(bg_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if BIAS_U:
@@ -97,7 +118,7 @@ def gate_up_act_kernel(
     tl.store(u_ptr + rows64[:, None] * stride_um + cols64[None, :] * stride_un, u, mask=inb)
     h = act_fwd(g.to(tl.float32), ACT) * u.to(tl.float32)
     if HAS_MASK:
-        h = h * tl.where(philox_keep(tl.load(seed_ptr), rows, cols, I, p), c, 0.0)
+        h = h * tl.where(philox_keep(tl.load(seed_ptr), rows, pid_n * BLOCK_N, I, threshold, BLOCK_N), c, 0.0)
     tl.store(h_ptr + rows64[:, None] * stride_hm + cols64[None, :] * stride_hn, cast_like(h, h_ptr), mask=inb)
 
 
@@ -174,7 +195,7 @@ def gate_up_act(x: torch.Tensor, gate: GateUpOperand, up: GateUpOperand | None, 
         g_proj, u_proj = gate, up
     device = check_same_device(x=x, wg=g_proj.weight, wu=u_proj.weight, bg=g_proj.bias, bu=u_proj.bias,
                                sg=g_proj.s, bbg=g_proj.b, su=u_proj.s, bbu=u_proj.b)
-    has_mask, p, c = _mask_scalars(p, rescale, x.dtype, seed)
+    has_mask, threshold, c = _mask_scalars(p, rescale, x.dtype, seed)
     shapes = ((M, 2 * inter),) if fused else ((M, inter), (M, inter))
     if out is None:
         outs = tuple(torch.empty(sh, dtype=x.dtype, device=device) for sh in shapes)
@@ -217,11 +238,12 @@ def gate_up_act(x: torch.Tensor, gate: GateUpOperand, up: GateUpOperand | None, 
             x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
             *sg_strides, *su_strides,
             g_out.stride(0), g_out.stride(1), u_out.stride(0), u_out.stride(1), h.stride(0), h.stride(1),
-            scale_g, scale_u, p, c,
+            scale_g, scale_u, threshold, c,
             ACT=ACT_CODES[activation], BIAS_G=bias_g, BIAS_U=bias_u, LORA_G=lora_g, LORA_U=lora_u, HAS_MASK=has_mask,
             X_DTYPE=xcode, LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=upcast_dots(), BLOCK_R=br,
             num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
 
-    key = ("gate_up_act", configs.bucket(M), inter, K, rg, ru, x.dtype, gcode, ucode, bias_g, bias_u, activation, has_mask)
+    key = ("gate_up_act", configs.bucket(M), inter, K, rg, ru, x.dtype, gcode, ucode, bias_g, bias_u, activation, has_mask,
+           configs.layout_key(x, wg, wu, g_out, u_out, h))
     launch(configs.choose(configs.GATE_UP, device, key, x.element_size(), launch))
     return outs, h

@@ -6,13 +6,19 @@ strides (pass transposed views for the backward). fp32 accumulation; Y in its ow
     Y[m, n] = sum_k X[m, k] W[n, k]  +  b[n]  +  s * D(sum_r S[m, r] B[n, r])[m, n]
     D(z)[m, n] = z[m, n]                                     forward (dropout acts on S's input)
     D(z)[m, n] = z[m, n] * keep[m, n] * scale                backward dX of a LoRA linear
-                 keep[m, n] = tl.rand(seed, m * N + n) >= q, scale = 1/(1-q)
+                 keep = reference.keep_mask(seed, M, N, q) (lane n % 8 of tl.randint4x(seed,
+                 m * ceil(N / 8) + n // 8), 16 bits, >= keep_threshold(q)), scale = 1/(1-q)
 
 Uses in a LoRA linear y = x W^T + b + s (dropout_q(x) A^T) B^T:
     forward   X = x,  W = W,    S = dropout_q(x) A^T,  B = B             -> y
     dX        X = dY, W = W^T,  S = t = dY B,          B = A^T, D = mask -> dx = dY W + s D(t A)
 The base product runs in X's dtype (fp32 operands use IEEE fp32, like torch's default matmul), the
-rank-R product in the adapter dtype; both accumulate in one fp32 tile, rounded once at the store.
+rank-R product on the tensor cores in the adapter's precision (``_common.lora_dot``): bf16/fp16
+adapters as native 16-bit dots, fp32 adapters as tf32x3 (three tf32 MMAs, within 2.5 * 2^-21 |a b|
+of each product: near fp32, where bf16 operands would lose 2^-8). Both accumulate in one fp32 tile,
+rounded once at the store: the expand is the first R steps of that accumulator (then scaled, and
+masked for dX), not a second fp32 tile added in the epilogue (with an fp32 base, whose IEEE product
+runs on the CUDA cores in another register layout, the LoRA term is added after the K loop instead).
 
 Each program owns one (BLOCK_M, BLOCK_N) tile of Y; programs are ordered in groups of GROUP_M
 row-tiles so that consecutive programs reuse the same W columns from L2.
@@ -24,8 +30,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
-                      pow2_at_least, rounded_to, seed_on, upcast_dots)
+from ...reference.philox import keep_threshold
+from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+                      philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
 
 
 @triton.jit
@@ -41,32 +48,48 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def lora_expand_tile(s_ptr, b_ptr, R, stride_sm, stride_sr, stride_bn, stride_br,
+def lora_expand_tile(acc, s_ptr, b_ptr, R, stride_sm, stride_sr, stride_bn, stride_br,
                      rows64, cols64, row_ok, col_ok,
-                     LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """sum_r S[rows, r] B[cols, r] as an fp32 (BLOCK_M, BLOCK_N) tile, BLOCK_R ranks at a time."""
-    z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
+                     LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + sum_r S[rows, r] B[cols, r]: the expand as extra rank steps of the fp32 (BLOCK_M,
+    BLOCK_N) accumulator ``acc``, BLOCK_R ranks at a time, on the tensor cores (``lora_dot``).
+    fp32 adapters step 16 ranks at a time: tf32x3 holds the big and small parts of both operand
+    tiles, and a 64-rank step spilled on sm_80."""
+    STEP_R: tl.constexpr = 16 if LORA_DTYPE == 0 else BLOCK_R
+    for r0 in range(0, R, STEP_R):
+        rs = r0 + tl.arange(0, STEP_R)
         r_ok = rs < R
         rs64 = rs.to(tl.int64)
         s = tl.load(s_ptr + rows64[:, None] * stride_sm + rs64[None, :] * stride_sr,
                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         bt = tl.load(b_ptr + cols64[None, :] * stride_bn + rs64[:, None] * stride_br,
                      mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        z += tl.dot(dot_operand(s, LORA_DTYPE, UPCAST), dot_operand(bt, LORA_DTYPE, UPCAST),
-                    input_precision="ieee")
-    return z
+        acc = lora_dot(dot_operand(s, LORA_DTYPE, UPCAST), dot_operand(bt, LORA_DTYPE, UPCAST), acc,
+                       LORA_DTYPE, UPCAST)
+    return acc
 
 
 @triton.jit
+def _lora_term(acc, s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr, stride_bn, stride_br,
+               rows, rows64, cols64, row_ok, col_ok, pid_n, scaling, drop_threshold, drop_scale,
+               LORA_DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """scaling * D(acc + S B^T): the LoRA term (acc is zero), masked for dX."""
+    acc = lora_expand_tile(acc, s_ptr, b_ptr, R, stride_sm, stride_sr, stride_bn, stride_br,
+                           rows64, cols64, row_ok, col_ok, LORA_DTYPE, UPCAST, BLOCK_R)
+    if LORA_DROPOUT:
+        keep = philox_keep(tl.load(seed_ptr), rows, pid_n * BLOCK_N, N, drop_threshold, BLOCK_N)
+        acc = tl.where(keep, acc * drop_scale, 0.0)
+    return scaling * acc
+
+
+@triton.jit(do_not_specialize=["drop_threshold"])
 def gemm_lora_expand_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr, seed_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
     stride_ym, stride_yn,
-    scaling, drop_p, drop_scale,
+    scaling, drop_threshold, drop_scale,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DROPOUT: tl.constexpr,
     X_DTYPE: tl.constexpr, LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -81,7 +104,18 @@ def gemm_lora_expand_kernel(
     cols64 = cols.to(tl.int64)
     k_idx = tl.arange(0, BLOCK_K)
 
+    # The LoRA term first: its rank-R steps start the accumulator, which is then scaled (and masked,
+    # for dX) in place before the K loop adds the base product. No second fp32 tile is live during
+    # the main loop or the epilogue; the LoRA term is rounded exactly as before (s * D(S B^T) in fp32).
+    # An fp32 base product runs on the CUDA cores ("ieee", like torch's default fp32 matmul) in a
+    # different register layout from the tensor-core LoRA dots: there the LoRA term comes after
+    # the K loop (starting the accumulator with it spilled: 1.9 KB on sm_90).
+    LORA_FIRST: tl.constexpr = HAS_LORA and X_DTYPE != 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LORA_FIRST:
+        acc = _lora_term(acc, s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr, stride_bn, stride_br,
+                         rows, rows64, cols64, row_ok, col_ok, pid_n, scaling, drop_threshold, drop_scale,
+                         LORA_DROPOUT, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + k_idx
         k_ok = ks < K
@@ -91,14 +125,11 @@ def gemm_lora_expand_kernel(
         wt = tl.load(w_ptr + cols64[None, :] * stride_wn + ks64[:, None] * stride_wk,
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(dot_operand(x, X_DTYPE, UPCAST), dot_operand(wt, X_DTYPE, UPCAST), input_precision="ieee")
+    if HAS_LORA and not LORA_FIRST:
+        acc += _lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, seed_ptr, R, N,
+                          stride_sm, stride_sr, stride_bn, stride_br, rows, rows64, cols64, row_ok, col_ok, pid_n,
+                          scaling, drop_threshold, drop_scale, LORA_DROPOUT, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
 
-    if HAS_LORA:
-        z = lora_expand_tile(s_ptr, b_ptr, R, stride_sm, stride_sr, stride_bn, stride_br,
-                             rows64, cols64, row_ok, col_ok, LORA_DTYPE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_R)
-        if LORA_DROPOUT:
-            keep = philox_keep(tl.load(seed_ptr), rows, cols, N, drop_p)
-            z = tl.where(keep, z * drop_scale, 0.0)
-        acc += scaling * z
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn, cast_like(acc, y_ptr),
@@ -160,11 +191,12 @@ def gemm_lora_expand(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
             s.stride(0) if has_lora else 0, s.stride(1) if has_lora else 0,
             b.stride(0) if has_lora else 0, b.stride(1) if has_lora else 0,
             y.stride(0), y.stride(1),
-            float(scaling), float(dropout), scale,
+            float(scaling), keep_threshold(dropout) if lora_drop else 0, scale,
             HAS_BIAS=bias is not None, HAS_LORA=has_lora, LORA_DROPOUT=lora_drop,
             X_DTYPE=xcode, LORA_DTYPE=lcode, UPCAST=upcast_dots(), BLOCK_R=br,
             num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
 
-    key = ("expand", configs.bucket(M), N, K, R, x.dtype, None if s is None else s.dtype, bias is not None, lora_drop)
+    key = ("expand", configs.bucket(M), N, K, R, x.dtype, None if s is None else s.dtype, bias is not None, lora_drop,
+           configs.layout_key(x, w, s, y))
     launch(configs.choose(configs.GEMM, device, key, x.element_size(), launch))
     return y

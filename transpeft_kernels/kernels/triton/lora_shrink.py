@@ -1,11 +1,17 @@
 """LoRA shrink with fused dropout: ``S = dropout_q(cast(X)) A^T`` — and, with q = 0, ``t = dY B``.
 
 Shapes: X (M, K) any strides; A (R, K) any strides (pass ``B.t()`` to compute t = dY B); S (M, R).
-    xd[m, k] = cast(X[m, k]) * keep[m, k] * scale,   keep[m, k] = tl.rand(seed, m * K + k) >= q
+    xd[m, k] = cast(X[m, k]) * keep[m, k] * scale,   keep = reference.keep_mask(seed, M, K, q): lane k % 8
+               of tl.randint4x(seed, m * ceil(K / 8) + k // 8), a 16-bit value, >= keep_threshold(q)
     S[m, r]  = sum_k xd[m, k] A[r, k]                (fp32 accumulation, stored in S's dtype)
 cast() rounds X to the adapter dtype first (PEFT casts x to the LoRA dtype), scale = 1/(1-q) rounded
 to that dtype, so the dropped input is bit-identical to ``reference.lora_dropout``. The mask is
 regenerated from (seed, row, column), never stored.
+
+The product runs on the tensor cores (``_common.lora_dot``): the native 16-bit dot for bf16/fp16
+adapters, tf32x3 for fp32 adapters (near fp32: each product within 2.5 * 2^-21 |x a|; bf16 operands
+would lose 2^-8 against the reference's fp32 math). Until then the shrink with fp32 A ran as "ieee"
+FFMA (1024 per thread per K step, 255 registers and spills with dropout on sm_90).
 
 One program owns BLOCK_M rows and one BLOCK_R-wide slice of the rank and loops over K.
 """
@@ -16,16 +22,17 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep, pow2_at_least,
-                      rounded_to, seed_on, upcast_dots)
+from ...reference.philox import keep_threshold
+from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot, philox_keep,
+                      pow2_at_least, rounded_to, seed_on, upcast_dots)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_threshold"])
 def lora_shrink_kernel(
     x_ptr, a_ptr, s_ptr, seed_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    drop_p, drop_scale,
+    drop_threshold, drop_scale,
     HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -34,11 +41,14 @@ def lora_shrink_kernel(
     row_ok = rows < M
     rank_ok = ranks < R
     r64 = rows.to(tl.int64)
-    k_idx = tl.arange(0, BLOCK_K)
+    # fp32 adapters (tf32x3) keep the big and small tf32 parts of each x tile in registers, twice a
+    # 16-bit tile's footprint: they step at most 64 columns of K at a time (BLOCK_K 128 spilled on sm_90)
+    STEP_K: tl.constexpr = 64 if (DOT_DTYPE == 0 and BLOCK_K > 64) else BLOCK_K
+    k_idx = tl.arange(0, STEP_K)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K, STEP_K):
         ks = k0 + k_idx
         k_ok = ks < K
         k64 = ks.to(tl.int64)
@@ -46,13 +56,12 @@ def lora_shrink_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         x = dot_operand(x, DOT_DTYPE, False)  # round to the adapter dtype first, as PEFT's cast does
         if HAS_DROPOUT:
-            keep = philox_keep(seed, rows, ks, K, drop_p)
+            keep = philox_keep(seed, rows, k0, K, drop_threshold, STEP_K)
             x = dot_operand(tl.where(keep, x.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
         # A^T tile (BLOCK_K, BLOCK_R), read straight from A's strides
         a = tl.load(a_ptr + ranks.to(tl.int64)[None, :] * stride_ar + k64[:, None] * stride_ak,
                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc += tl.dot(dot_operand(x, DOT_DTYPE, UPCAST), dot_operand(a, DOT_DTYPE, UPCAST),
-                      input_precision="ieee")
+        acc = lora_dot(dot_operand(x, DOT_DTYPE, UPCAST), dot_operand(a, DOT_DTYPE, UPCAST), acc, DOT_DTYPE, UPCAST)
     tl.store(s_ptr + r64[:, None] * stride_sm + ranks.to(tl.int64)[None, :] * stride_sr,
              cast_like(acc, s_ptr), mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -99,10 +108,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: to
         lora_shrink_kernel[grid](
             x, a, s, seed_t, M, K, R,
             x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
-            float(dropout), scale,
+            keep_threshold(dropout) if has_drop else 0, scale,
             HAS_DROPOUT=has_drop, DOT_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=br,
             num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
 
-    key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, has_drop)
+    key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, has_drop, configs.layout_key(x, a))
     launch(configs.choose(configs.SHRINK, device, key, a.element_size(), launch))
     return s

@@ -4,9 +4,13 @@ Shapes: P (T, A), Q (T, B) with arbitrary strides; out (A, B) with arbitrary str
 to write a transposed result); colsum (A,). T is the token count (the long dimension).
 
     out[a, b]  = scale * sum_t cast(P[t, a]) * D(cast(Q[t, b]))
-    D(q)[t, b] = q[t, b] * keep[t, b] * drop_scale,  keep[t, b] = tl.rand(seed, t * B + b) >= drop_p
+    D(q)[t, b] = q[t, b] * keep[t, b] * drop_scale,  keep = reference.keep_mask(seed, T, B, drop_p): lane b % 8
+                 of tl.randint4x(seed, t * ceil(B / 8) + b // 8), a 16-bit value, >= keep_threshold(drop_p)
     colsum[a]  = sum_t P[t, a]                         (the bias gradient, fused into the dW pass)
-cast() rounds to the dtype the reference multiplies in (DOT_DTYPE); accumulation is fp32.
+cast() rounds to the dtype the reference multiplies in (DOT_DTYPE); accumulation is fp32. The
+LoRA reductions (dA, dB: LORA_DOT) run on the tensor cores in the adapter's precision
+(``_common.lora_dot``: tf32x3 for fp32 adapters, near fp32; the native 16-bit dot otherwise); the base
+weight's dW keeps IEEE fp32 for an fp32 base, like torch's default matmul.
 
 Gradients of a LoRA linear (t = dY B, S = dropout_q(x) A^T):
     dW = dY^T x            P = dY, Q = x                     (+ db = colsum(dY))
@@ -23,19 +27,20 @@ import triton
 import triton.language as tl
 
 from . import configs
+from ...reference.philox import keep_threshold
 from ..env import dry_run
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
-                      pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
+from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+                      philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_threshold"])
 def token_reduce_kernel(
     p_ptr, q_ptr, out_ptr, colsum_ptr, seed_ptr,
     T, A, B, tokens_per_split,
     stride_pt, stride_pa, stride_qt, stride_qb, stride_os, stride_oa, stride_ob, stride_cs, stride_ca,
-    scale, drop_p, drop_scale,
+    scale, drop_threshold, drop_scale,
     Q_DROPOUT: tl.constexpr, HAS_COLSUM: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    LORA_DOT: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     tiles_b = tl.cdiv(B, BLOCK_B)
     pid_a = tl.program_id(0) // tiles_b
@@ -63,12 +68,16 @@ def token_reduce_kernel(
                     mask=t_ok[:, None] & b_ok[None, :], other=0.0)
         q = dot_operand(q, DOT_DTYPE, False)
         if Q_DROPOUT:
-            keep = philox_keep(seed, ts, b_idx, B, drop_p)
+            keep = philox_keep(seed, ts, pid_b * BLOCK_B, B, drop_threshold, BLOCK_B)
             q = dot_operand(tl.where(keep, q.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
         if HAS_COLSUM:
             if pid_b == 0:
                 csum += tl.sum(pt.to(tl.float32), axis=1)
-        acc += tl.dot(dot_operand(pt, DOT_DTYPE, UPCAST), dot_operand(q, DOT_DTYPE, UPCAST), input_precision="ieee")
+        if LORA_DOT:
+            acc = lora_dot(dot_operand(pt, DOT_DTYPE, UPCAST), dot_operand(q, DOT_DTYPE, UPCAST), acc, DOT_DTYPE, UPCAST)
+        else:
+            acc += tl.dot(dot_operand(pt, DOT_DTYPE, UPCAST), dot_operand(q, DOT_DTYPE, UPCAST),
+                          input_precision="ieee")
     out = out_ptr + split.to(tl.int64) * stride_os + a64[:, None] * stride_oa + b64[None, :] * stride_ob
     tl.store(out, cast_like(acc * scale, out_ptr), mask=a_ok[:, None] & b_ok[None, :])
     if HAS_COLSUM:
@@ -93,13 +102,15 @@ def _auto_splits(tiles: int, T: int, block_t: int, device: torch.device) -> int:
 def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_dtype: torch.dtype,
                  scale: float = 1.0, dropout: float = 0.0, seed: torch.Tensor | None = None,
                  colsum_dtype: torch.dtype | None = None, transpose_out: bool = False,
-                 splits: int | None = None, out: torch.Tensor | None = None):
+                 splits: int | None = None, out: torch.Tensor | None = None, lora: bool = True):
     """(scale * p^T D(q), colsum(p) or None). p (T, A), q (T, B); out (A, B) in ``out_dtype``, or
     (B, A) holding the transposed product when ``transpose_out``. Operands are rounded to
     ``dot_dtype`` before the product (the reference's adapter or base dtype); fp32 accumulation.
     ``colsum_dtype``: also return sum over tokens of p, in that dtype. ``splits``: token splits
     (None: chosen from the device; any value gives the same result up to fp32 summation order).
-    ``out``: optional tensor of the result's shape and dtype to write into (must not alias p or q)."""
+    ``out``: optional tensor of the result's shape and dtype to write into (must not alias p or q).
+    ``lora``: a LoRA gradient (dA, dB), whose fp32 product runs as tf32x3 on the tensor cores; False
+    for the base weight's dW, which keeps IEEE fp32 for fp32 operands."""
     check_2d(p, "p")
     check_2d(q, "q")
     dtype_code(p, "p")
@@ -155,9 +166,9 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
             T, A, B, per_split,
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), so, soa, sob,
             cpart.stride(0) if cpart is not None else 0, cpart.stride(1) if cpart is not None else 0,
-            float(scale), float(dropout), drop_scale,
+            float(scale), keep_threshold(dropout) if has_drop else 0, drop_scale,
             Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=DTYPE_CODES[dot_dtype],
-            UPCAST=upcast_dots(), num_warps=config.num_warps, num_stages=config.num_stages, **m)
+            UPCAST=upcast_dots(), LORA_DOT=bool(lora), num_warps=config.num_warps, num_stages=config.num_stages, **m)
         if n_splits == 1:
             return part[0], None if cpart is None else cpart[0]
         # fixed-order sum of the fp32 partials: deterministic, no atomics
@@ -165,6 +176,7 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
         total = total.to(out_dtype) if out is None else out.copy_(total)
         return total, None if cpart is None else cpart.sum(0).to(colsum_dtype)
 
-    key = ("token_reduce", configs.bucket(T), A, B, p.dtype, q.dtype, dot_dtype, has_drop, colsum_dtype)
+    key = ("token_reduce", configs.bucket(T), A, B, p.dtype, q.dtype, dot_dtype, has_drop, colsum_dtype,
+           transpose_out, configs.layout_key(p, q), bool(lora))
     config = configs.choose(configs.TOKEN_REDUCE, device, key, elem, lambda c: run(c, splits))
     return run(config, splits)

@@ -44,13 +44,17 @@ SILU, GELU, GELU_TANH = ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_ta
 # constexpr is an int (i32, or the constant 1 for a unit stride); compile_variant refuses a name here
 # that is not an argument of the kernel.
 FLOAT_ARGS = {
-    "masked_gated_act.masked_gated_act_fwd_kernel": ("p", "c"),
-    "masked_gated_act.masked_gated_act_bwd_kernel": ("p", "c"),
-    "lora_shrink.lora_shrink_kernel": ("drop_p", "drop_scale"),
-    "gemm_lora_expand.gemm_lora_expand_kernel": ("scaling", "drop_p", "drop_scale"),
-    "gate_up_act.gate_up_act_kernel": ("scaling_g", "scaling_u", "p", "c"),
-    "token_reduce.token_reduce_kernel": ("scale", "drop_p", "drop_scale"),
+    "masked_gated_act.masked_gated_act_fwd_kernel": ("c",),
+    "masked_gated_act.masked_gated_act_bwd_kernel": ("c",),
+    "lora_shrink.lora_shrink_kernel": ("drop_scale",),
+    "gemm_lora_expand.gemm_lora_expand_kernel": ("scaling", "drop_scale"),
+    "gate_up_act.gate_up_act_kernel": ("scaling_g", "scaling_u", "c"),
+    "token_reduce.token_reduce_kernel": ("scale", "drop_scale"),
 }
+# The integer mask thresholds (reference.philox.keep_threshold, in [0, 65536]): plain i32 values,
+# declared ``do_not_specialize`` by their kernels, so compiled without the divisibility-by-16 hint of
+# the shape and stride arguments (and never as the constant 1).
+THRESHOLD_ARGS = ("threshold", "drop_threshold")
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ def _names(*codes) -> str:
 @dataclass(frozen=True, kw_only=True)
 class _Case:
     tuned: bool = False
-    family = ""  # configs.FAMILIES key
+    family = ""  # configs.CONFIG_SETS key
     kernel = ""  # module.function
     phase = "forward"
 
@@ -328,7 +332,8 @@ class TokenReduce(_Case):
                 "seed_ptr": "*i64"}
 
     def constexprs(self) -> dict:
-        return dict(Q_DROPOUT=self.q_dropout, HAS_COLSUM=self.colsum, DOT_DTYPE=self.dot, UPCAST=False)
+        return dict(Q_DROPOUT=self.q_dropout, HAS_COLSUM=self.colsum, DOT_DTYPE=self.dot, UPCAST=False,
+                    LORA_DOT=self.what != "dW")
 
     def meta(self) -> dict:
         return {k: v for k, v in (("BLOCK_A", self.block_a), ("BLOCK_B", self.block_b)) if v is not None}
@@ -416,7 +421,7 @@ CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE
 def variants(arch: str) -> list[Variant]:
     out: list[Variant] = []
     for case in CASES:
-        family = configs.FAMILIES[case.family]
+        family = configs.CONFIG_SETS[case.family]
         default = family.default[arch]
         out += case.variants(default, [c for c in family.configs(arch) if c != default])
     return out
@@ -467,6 +472,8 @@ def compile_variant(v: Variant, arch: int, sass: bool = False) -> dict:
         elif name in units:
             sig[name] = "constexpr"
             constexprs[name] = 1
+        elif name in THRESHOLD_ARGS:
+            sig[name] = "i32"
         else:
             sig[name] = "i32"
             attrs[(i,)] = aligned

@@ -1,0 +1,56 @@
+"""Launch configurations: the tuner's key follows the operands' layouts, and with autotuning off every
+launch uses the fixed config (reproducible bits). The tuner is driven with a stand-in timer, so this
+runs without a GPU."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from transpeft_kernels.kernels.triton import configs  # noqa: E402
+
+
+def test_layout_key_sees_transpose_and_alignment():
+    x = torch.empty(64, 32)
+    assert configs.layout_key(x) == ((True, True),)
+    assert configs.layout_key(x.t()) == ((False, True),)
+    assert configs.layout_key(x[:, 1:]) == ((True, False),)  # address 4 bytes past a 16-byte boundary
+    assert configs.layout_key(torch.empty(64, 33)) == ((True, False),)  # 132-byte rows
+    assert configs.layout_key(x, None) == ((True, True), None)
+    assert configs.layout_key(torch.empty(64, 33, device="meta")) == ((True, True),)  # nothing to align
+
+
+@pytest.fixture
+def tuner(monkeypatch):
+    """choose() on a pretend sm_90 device with a timer that prefers the last candidate."""
+    timed = []
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        return 1.0 / len(timed)
+
+    monkeypatch.setattr(configs, "arch_of", lambda device: "sm_90")
+    monkeypatch.setattr(configs.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(configs, "_CACHE", {})
+    return timed
+
+
+def test_tuner_runs_once_per_key_and_again_for_another_layout(tuner, monkeypatch):
+    monkeypatch.setenv("TRANSPEFT_TRITON_AUTOTUNE", "1")
+    fam, dev = configs.GEMM, torch.device("cuda")
+    x = torch.empty(128, 64)
+
+    def choose(t):
+        return configs.choose(fam, dev, ("k", configs.layout_key(t)), 2, tuner.append)
+
+    best = choose(x)
+    n = len(tuner)
+    assert n == len(fam.configs("sm_90")) and best == fam.configs("sm_90")[-1]
+    assert choose(torch.empty(128, 64)) == best and len(tuner) == n  # same key: cached
+    choose(x.t())
+    assert len(tuner) == 2 * n  # transposed operand: tuned again
+
+
+def test_autotune_off_uses_the_fixed_config_without_timing(tuner, monkeypatch):
+    monkeypatch.setenv("TRANSPEFT_TRITON_AUTOTUNE", "0")
+    for fam in configs.CONFIG_SETS.values():
+        assert configs.choose(fam, torch.device("cuda"), ("k",), 2, tuner.append) == fam.default["sm_90"]
+    assert tuner == []
