@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import transpeft_kernels as tpk
+from transpeft_kernels.integration import patch_settings
 from helpers import assert_step_within_budget, batch, lora_model, loss_and_grads, twin
 
 pytest.importorskip("peft")
@@ -24,10 +25,15 @@ def test_compiled_step_equals_eager_without_masking_and_dropping(family):
     assert_step_within_budget(lc, _strip(gc), eager, batch())
 
 
-def test_masked_and_dropping_model_compiles_without_graph_breaks():
-    model = lora_model("llama", lora_dropout=0.1)
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_masked_and_dropping_model_compiles_without_graph_breaks(family):
+    model = lora_model(family, lora_dropout=0.1)
     tpk.patch(model, masking=0.2, dropping=0.3)
     model.train()
+    # llama's attention carries the kernels package's wrappers when that package is installed (the
+    # FFN skip is then a torch.where); phi3's does not (a torch.cond): both paths get traced
+    wrapped = any("_kernel_funcs" in m.__dict__ for m in model.modules())
+    assert all(p.skip_by_cond != wrapped for p in patch_settings(model).values())
     ids = batch()
     # use_cache=False as in training; the decision to skip is a torch.cond, the seeds are tensors.
     explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids, use_cache=False)

@@ -7,7 +7,9 @@ Eval mode: the MLP's original forward, untouched. Training mode, per call:
    Philox streams of it give the mask and the dropout masks (specs.SubSeed). Drawn where the kernels
    read it, the seed costs no host-to-device copy and no sync, so the call is CUDA-graph capturable.
    If the draw of 1. is below ``dropping`` the FFN is skipped: it returns zeros, no FFN compute.
-   Under torch.compile the decision is a ``torch.cond``, so it causes no graph break.
+   Under torch.compile the decision is a ``torch.cond``, so it causes no graph break; on models
+   whose forwards carry the ``kernels`` package's wrappers (``MLPPatch.skip_by_cond`` False) it is
+   a ``torch.where`` over the computed FFN instead: no graph break, but no compute saved.
 3. All projections readable as LinearWeights: one ``masked_gated_mlp``; otherwise each projection
    runs fused (``lora_linear``) or through its own forward, around ``masked_gated_act``.
 Draws come from the default generators inside the forward, so activation checkpointing (which saves
@@ -46,6 +48,9 @@ class MLPPatch:
     activation: Activation
     layer_index: int
     saved_forward: object  # the instance-level forward found at patch time, or None
+    # Under torch.compile, skip the FFN with torch.cond (saves its compute) rather than torch.where.
+    # False where a torch.cond would break the graph at later wrapped forwards (patch.py says why).
+    skip_by_cond: bool = True
     backends: dict = field(default_factory=dict)  # device type -> the backend resolved on first use
 
     def backend_for(self, device: torch.device):
@@ -116,7 +121,9 @@ def patched_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if skip is None:
         return run(x)
     if torch.compiler.is_compiling():  # no graph break on the decision
-        return torch.cond(skip, lambda x: _skipped_output(mlp, x), run, (x,))
+        if state.skip_by_cond:
+            return torch.cond(skip, lambda x: _skipped_output(mlp, x), run, (x,))
+        return torch.where(skip, _skipped_output(mlp, x), run(x))
     return _skipped_output(mlp, x) if bool(skip) else run(x)
 
 

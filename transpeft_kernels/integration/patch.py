@@ -54,6 +54,17 @@ def _hf_model(model):
     return inner
 
 
+def _cond_breaks_graphs(hf) -> bool:
+    """Whether a torch.cond in this model's FFNs would break torch.compile's graph.
+
+    transformers (5.25 and later, with the ``kernels`` package installed) wraps attention forwards in
+    a context-variable scope that is compile-safe only while dynamo tracks its state; after a
+    torch.cond, dynamo reads a stale state and breaks the graph at every later wrapped forward (seen
+    with torch 2.13 and kernels 0.19.1: 5 breaks in a 2-layer Llama). The wrapper leaves
+    ``_kernel_funcs`` on each wrapped module."""
+    return any("_kernel_funcs" in m.__dict__ for m in hf.modules())
+
+
 def _family(hf) -> Family:
     model_type = getattr(hf.config, "model_type", None)
     family = FAMILIES.get(model_type)
@@ -152,8 +163,10 @@ def patch(model, masking: float = 0.1, dropping: float = 0.1, mask_scale: bool =
 
     # Nothing below can fail: the model changes only from here on.
     _unpatch_all(model)
+    skip_by_cond = not _cond_breaks_graphs(hf)
     for t in targets:
-        t.mlp.__dict__[_ATTR] = MLPPatch(settings, family, activation, t.layer_index, t.mlp.__dict__.get("forward"))
+        t.mlp.__dict__[_ATTR] = MLPPatch(settings, family, activation, t.layer_index, t.mlp.__dict__.get("forward"),
+                                         skip_by_cond)
         t.mlp.__dict__["forward"] = types.MethodType(patched_forward, t.mlp)
         report.patched_layers.append(t.layer_index)
     return report

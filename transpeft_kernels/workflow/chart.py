@@ -41,10 +41,17 @@ def save_chart(results: dict, path: Path) -> Path:
         title += (f"\nTrans-PEFT retention minus vanilla's: {100 * diff['mean']:+.1f} points, 95% interval "
                   f"[{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
+    return write_png(fig, path)
+
+
+def write_png(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it atomically as a PNG at ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
     from ..atomic_io import atomic_path
 
+    fig.tight_layout()
+    path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -36,6 +36,7 @@ import torch
 
 from ..atomic_io import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ..errors import UserError
+from .chart import write_png
 from .data import PROMPT_COMPLETION, Dataset
 from .training import IGNORE, AdapterConfig, Encoded, LoopConfig, collate, encode, token_losses
 
@@ -880,9 +881,4 @@ def draw_chart(study: dict, path: Path) -> Path:
         ax.legend(frameon=False, fontsize=8)
     fig.suptitle(f"Transfer study ({study.get('old_base', '')}, preset {study.get('preset')}, {study.get('seeds')} "
                  f"seeds; bands: 95% paired bootstrap)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return write_png(fig, path)

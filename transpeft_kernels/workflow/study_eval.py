@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset
-from .training import IGNORE, collate, encode
+from .training import IGNORE, collate, encode, target_logits
 
 
 @torch.no_grad()
@@ -34,15 +34,7 @@ def score_items(model, tokenizer, dataset: Dataset, max_length: int, batch_size:
                       dynamic_ncols=True):
         rows = order[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate([items[i] for i in rows], tokenizer.pad_token_id).items()}
-        labels = batch["labels"]
-        first = int((labels != IGNORE).any(0).nonzero()[0])
-        width = labels.shape[1]
-        # Position t predicts token t+1: the first target needs the logits of position first-1.
-        keep = width - max(first - 1, 0)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False).logits
-        targets = labels[:, width - keep + 1:]
-        logits = logits[:, :-1].float()
+        logits, targets = target_logits(model, batch, int((batch["labels"] != IGNORE).any(0).nonzero()[0]))
         mask = targets != IGNORE
         ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * mask
         hit = (logits.argmax(-1) == targets) | ~mask

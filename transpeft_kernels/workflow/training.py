@@ -64,22 +64,26 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
-def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over the labelled tokens, their count) for one batch."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+def target_logits(model, batch: dict[str, torch.Tensor], first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits [B, T, V], targets [B, T]) of the positions from label column ``first`` on, for a
+    left-padded batch on the model's device: only those logits are computed (``logits_to_keep``)."""
     labels = batch["labels"]
-    labelled = (labels != IGNORE).any(0).nonzero()
-    if labelled.numel() == 0:
-        return torch.zeros((), device=device), 0
-    first = int(labelled[0])
     width = labels.shape[1]
     # Position t predicts token t+1: the first target needs the logits of position first-1.
     keep = width - max(first - 1, 0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False).logits
-    targets = labels[:, width - keep + 1:]
-    logits = logits[:, :-1].float()
+    return logits[:, :-1].float(), labels[:, width - keep + 1:]
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over the labelled tokens, their count) for one batch."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labelled = (batch["labels"] != IGNORE).any(0).nonzero()
+    if labelled.numel() == 0:
+        return torch.zeros((), device=device), 0
+    logits, targets = target_logits(model, batch, int(labelled[0]))
     count = int((targets != IGNORE).sum())
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
