@@ -14,10 +14,14 @@ Efficiency: cuBLAS GEMMs run at ``cublas_efficiency`` of the peak; a Triton GEMM
 0.85 of that (until a GPU run measures better); FlashAttention at 0.6 of the peak; other launches at
 ``cublas_efficiency`` (their FLOPs are small).
 
-Instructions: elementwise work at ``ELEMENTWISE_INSTR`` per element plus ``PHILOX_INSTR`` per Philox
-call, with ``reference.philox.MASK_ELEMENTS_PER_CALL`` mask elements per call. Both constants are
-read off the sm_90 SASS of the masked activation kernel (``compile-check --sass``): about 24 thread
-instructions per element without the mask, about 70 more per Philox4x32-10 call.
+Instructions: elementwise work at ``ELEMENTWISE_INSTR`` per element; each mask element adds
+``MASK_LANE_INSTR`` (take its lane of the call's outputs, compare with the threshold, select) and
+its share of one Philox4x32-10 call, ``PHILOX_INSTR`` / ``reference.philox.MASK_ELEMENTS_PER_CALL``.
+The constants are read off the sm_90 SASS of the bf16 masked activation forward kernel
+(``compile-check --sass``, static counts): about 24 thread instructions per element unmasked; with one
+call per element the mask added about 70 (59 + 11); with 8 elements per call it adds about 19.6
+(59 / 8 + 11 = 18.4 charged). The backward's mask costs a little more (about 22), which the model
+does not separate.
 
 What the model cannot see: caches (every operand is charged once, as if re-reads hit L2; a tile
 that misses L2 costs more), overlap between launches, tile-quantisation and wave effects, register
@@ -34,7 +38,8 @@ from .ledger import Launch, Ledger
 TRITON_GEMM_VS_CUBLAS = 0.85
 FLASH_ATTENTION_EFFICIENCY = 0.6
 ELEMENTWISE_INSTR = 24.0
-PHILOX_INSTR = 70.0
+PHILOX_INSTR = 59.0
+MASK_LANE_INSTR = 11.0
 
 
 def _mask_elements_per_call() -> int:
@@ -52,7 +57,8 @@ def launch_ms(x: Launch, dev: DeviceSpec) -> float:
     else:
         eff = dev.cublas_efficiency
     compute = sum(f / (dev.peak_tflops[u] * 1e12 * eff) for u, f in x.flops.items())
-    instructions = x.elements * ELEMENTWISE_INSTR + x.philox / _mask_elements_per_call() * PHILOX_INSTR
+    instructions = (x.elements * ELEMENTWISE_INSTR
+                    + x.philox * (PHILOX_INSTR / _mask_elements_per_call() + MASK_LANE_INSTR))
     issue = instructions / dev.issue_per_s()
     body = max(memory, compute) + issue if x.gemm else max(memory, compute, issue)
     return (body + dev.launch_us * 1e-6) * 1e3
