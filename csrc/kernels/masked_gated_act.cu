@@ -34,6 +34,7 @@ using FwdArgs = TranspeftActFwdArgs;
 using BwdArgs = TranspeftActBwdArgs;
 
 __host__ __device__ constexpr int rows_for(int rt) { return rt == 0 ? 1 : 64 / rt; }
+constexpr int kRankChunk = 16;  // RT is 16, 32 or 64
 
 template <typename T, typename TA, int VEC, int RT>
 __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
@@ -82,13 +83,20 @@ __global__ void __launch_bounds__(kThreads) act_fwd_kernel(FwdArgs p) {
       if constexpr (RT > 0) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          float av[RT];  // inline on purpose: a helper filling av by reference moved ptxas's spills
+          // 16 ranks of A_d at a time: at RT 64 a whole column (64 values beside 64 sums) spilled.
+          // Each sum still adds its terms in the same order (v, then j), so results do not change.
 #pragma unroll
-          for (int k = 0; k < RT; ++k) av[k] = k < p.rank ? to_float(a[k * p.lda + j + v]) : 0.0f;
+          for (int k0 = 0; k0 < RT; k0 += kRankChunk) {
+            float av[kRankChunk];  // inline on purpose: a helper filling av by reference moved ptxas's spills
 #pragma unroll
-          for (int r = 0; r < ROWS; ++r) {
+            for (int k = 0; k < kRankChunk; ++k) {
+              av[k] = k0 + k < p.rank ? to_float(a[(k0 + k) * p.lda + j + v]) : 0.0f;
+            }
 #pragma unroll
-            for (int k = 0; k < RT; ++k) acc[r * RT + k] += xd[r][v] * av[k];
+            for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+              for (int k = 0; k < kRankChunk; ++k) acc[r * RT + k0 + k] += xd[r][v] * av[k];
+            }
           }
         }
       }
@@ -138,15 +146,21 @@ __global__ void __launch_bounds__(kThreads) act_bwd_kernel(BwdArgs p) {
       if constexpr (RT > 0) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          float av[RT];  // inline on purpose: a helper filling av by reference moved ptxas's spills
 #pragma unroll
-          for (int k = 0; k < RT; ++k) av[k] = k < p.rank ? to_float(a[k * p.lda + j + v]) : 0.0f;
+          for (int r = 0; r < ROWS; ++r) z[r][v] = 0.0f;
+          // 16 ranks of A_d at a time, as in the forward; each sum still runs k = 0, 1, ... in order
 #pragma unroll
-          for (int r = 0; r < ROWS; ++r) {
-            float sum = 0.0f;
+          for (int k0 = 0; k0 < RT; k0 += kRankChunk) {
+            float av[kRankChunk];  // inline on purpose: a helper filling av by reference moved ptxas's spills
 #pragma unroll
-            for (int k = 0; k < RT; ++k) sum += tv[r][k] * av[k];
-            z[r][v] = sum;
+            for (int k = 0; k < kRankChunk; ++k) {
+              av[k] = k0 + k < p.rank ? to_float(a[(k0 + k) * p.lda + j + v]) : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+              for (int k = 0; k < kRankChunk; ++k) z[r][v] += tv[r][k0 + k] * av[k];
+            }
           }
         }
       }
