@@ -16,8 +16,9 @@ are dropped before timing; ``compile-check`` verifies the real figure.
 
 Reproducibility: the reduction order of a kernel depends on its config (the split of token_reduce,
 the K tiling of a GEMM), so tuned runs can differ in the last bits from one process to the next. With
-TRANSPEFT_TRITON_AUTOTUNE=0 every launch uses the fixed config of its shape bucket: the same bits on
-every run on the same GPU model and versions.
+TRANSPEFT_TRITON_AUTOTUNE=0 every launch uses its family's fixed DEFAULT for the architecture (one
+config whatever the shape; per-bucket fixed configs are not built): the same bits on every run on the
+same GPU model and versions.
 """
 from __future__ import annotations
 
