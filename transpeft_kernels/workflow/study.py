@@ -104,9 +104,8 @@ class StudyConfig:
 _ADAPTER = AdapterConfig(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_dropout=0.05)
 
 PRESETS = {
-    # 2-core CPU, fp32, about 1.5-2 h at one thread, estimated from times measured on SmolLM2 (shared machine):
-    # 200 update steps of 4 x 64 tokens ~10 min, vanilla 60 steps ~65 s, Trans-PEFT ~180 s (torch-backend masks),
-    # 13 adapter runs ~25 min, 27 test scorings of 1000 items ~60-90 s each ~35 min, measures and dev ~6 min.
+    # 2-core CPU, fp32: 56 min measured at 2 threads on 2026-12-04 (55 cells: update 12 min, 13 adapter
+    # runs 20 min, scoring 22 min, the rest 1 min; the machine also ran other jobs part of the time).
     "cpu": StudyConfig(
         preset="cpu",
         tasks=(TaskSize("facts", 400, 150, 500), TaskSize("words", 400, 150, 500)),
