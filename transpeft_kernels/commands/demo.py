@@ -7,13 +7,13 @@ from pathlib import Path
 NAME = "demo"
 HELP = ("the transfer demo: do LoRA adapters trained on SmolLM2-135M keep their accuracy on an updated base, and "
         "does Trans-PEFT keep more? --quick: the study's most informative point with its 95 percent interval and "
-        "a plain answer (about 10-12 minutes on 2 idle CPU cores); without --quick: the whole study of the device")
+        "a plain answer (about 8-9 minutes on 2 idle CPU cores); without --quick: the whole study of the device")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="the study's most informative point: the old base and its largest update, one seed, a fixed "
-                        "Trans-PEFT setting, the facts task (about 10-12 minutes on 2 idle CPU cores). Without it: the "
+                        "Trans-PEFT setting, both tasks (about 8-9 minutes on 2 idle CPU cores). Without it: the "
                         "whole study (cpu preset: about 1 hour on 2 cores; gpu preset with CUDA)")
     p.add_argument("--out", default=None, help="output directory (the study's cells, study.json, results.json, "
                                                "results.png); default: demo_quick or demo_full. Rerunning the same "

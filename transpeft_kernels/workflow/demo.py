@@ -5,8 +5,8 @@ than vanilla LoRA? The demo runs the transfer study (``study.py``: one definitio
 the adapters, the scoring, the selection protocol and the bootstrap) at a size that answers that question for
 ONE point, then says what it found:
 
-- ``quick`` (what ``./run.sh`` runs; sized for at most 12 minutes on 2 CPU cores: 19.7 measured at one thread on a
-  shared machine, about 10.5 estimated on 2 idle cores, README): the ``cpu`` study preset reduced to its
+- ``quick`` (what ``./run.sh`` runs; sized for at most 12 minutes on 2 CPU cores: 8 min 19 s measured on 2 idle
+  cores, README): the ``cpu`` study preset reduced to its
   most informative point, the old base and its LARGEST update (200 steps: the update that costs vanilla the
   most, so the one where Trans-PEFT has the most to keep), one seed, the Trans-PEFT setting fixed in advance
   (chosen by the cpu study's rule from old-base DEV accuracy only; its dev accuracy is re-measured and shown),
