@@ -53,7 +53,7 @@ def fp32_lora_only(c):
 
 for arch in (80, 90):
     for case in filter(fp32_lora_only, V.CASES):
-        (v,) = case.variants(configs.CONFIG_SETS[case.family].default[f"sm_{arch}"], [])
+        (v,) = case.variants(configs.CONFIG_SETS[case.family].default_for(f"sm_{arch}", case.elem_bytes), [])
         row = V.compile_variant(v, arch, sass=True)
         k = v.constexprs
         if v.kernel.endswith("lora_shrink_kernel"):

@@ -54,3 +54,24 @@ def test_autotune_off_uses_the_fixed_config_without_timing(tuner, monkeypatch):
     for fam in configs.CONFIG_SETS.values():
         assert configs.choose(fam, torch.device("cuda"), ("k",), 2, tuner.append) == fam.default["sm_90"]
     assert tuner == []
+
+
+def test_fp32_operands_get_their_own_default_where_the_16_bit_one_spills(tuner, monkeypatch):
+    monkeypatch.setenv("TRANSPEFT_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(configs, "arch_of", lambda device: "sm_80")
+    fam, dev = configs.GATE_UP, torch.device("cuda")
+    fp32 = fam.fp32_default["sm_80"]
+    assert fp32 != fam.default["sm_80"]
+    assert configs.choose(fam, dev, ("k",), 4, tuner.append) == fp32
+    assert configs.choose(fam, dev, ("k",), 2, tuner.append) == fam.default["sm_80"]
+    assert fam.default_for("sm_90", 4) == fam.default["sm_90"]  # no fp32 default there: the one default
+    # the tuner's candidates: the dtype's default first, the others once each
+    for size in (2, 4):
+        cands = fam.configs("sm_80", size)
+        assert cands[0] == fam.default_for("sm_80", size) and len(set(cands)) == len(cands)
+        assert set(cands) == {fam.default["sm_80"], *fam.candidates["sm_80"]} | ({fp32} if size == 4 else set())
+    # compile-check compiles each case with the default its launches get
+    from transpeft_kernels.kernels.triton import variants as V
+
+    fp32_gate_up = [v for v in V.variants("sm_80") if v.label.startswith("gate_up") and "x=fp32" in v.label]
+    assert fp32_gate_up and all(v.constexprs["BLOCK_K"] == fp32["BLOCK_K"] for v in fp32_gate_up)

@@ -156,6 +156,12 @@ class _Case:
         """Block sizes fixed by the case (the config sets the others); they override the config's."""
         return {}
 
+    @property
+    def elem_bytes(self) -> int | None:
+        """The element size the launcher passes to ``configs.choose`` (None where no family default
+        depends on it)."""
+        return None
+
     def variants(self, default, extra: list) -> list[Variant]:
         out = []
         for config in [default] + (extra if self.tuned else []):
@@ -247,6 +253,10 @@ class Expand(_Case):
         return "backward" if self.dropout_mask else "forward"
 
     @property
+    def elem_bytes(self) -> int:
+        return 4 if self.x == FP32 else 2
+
+    @property
     def label(self) -> str:
         if self.lora is None:
             return f"expand x={CODE_NAMES[self.x]} no-lora"
@@ -286,6 +296,10 @@ class GateUp(_Case):
     def label(self) -> str:
         return (f"gate_up {self.layout} x={CODE_NAMES[self.x]} act={self.act} lora=({_names(self.gate_lora, self.up_lora)}) "
                 f"bias=({self.gate_bias},{self.up_bias}) mask={self.mask}")
+
+    @property
+    def elem_bytes(self) -> int:
+        return 4 if self.x == FP32 else 2
 
     def _lora_dtypes(self) -> tuple[int, int]:
         return tuple(self.x if c is None else c for c in (self.gate_lora, self.up_lora))
@@ -422,8 +436,8 @@ def variants(arch: str) -> list[Variant]:
     out: list[Variant] = []
     for case in CASES:
         family = configs.CONFIG_SETS[case.family]
-        default = family.default[arch]
-        out += case.variants(default, [c for c in family.configs(arch) if c != default])
+        default, *others = family.configs(arch, case.elem_bytes)
+        out += case.variants(default, others)
     return out
 
 
