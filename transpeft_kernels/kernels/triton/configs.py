@@ -75,9 +75,8 @@ class ConfigSet:
 
     def configs(self, arch: str, elem_bytes: int | None = None) -> list[KernelConfig]:
         """The default for the dtype first (the tuner's first candidate), then the other candidates."""
-        first = self.default_for(arch, elem_bytes)
-        rest = [self.default[arch], *self.candidates.get(arch, [])]
-        return [first] + [c for i, c in enumerate(rest) if c != first and c not in rest[:i]]
+        ordered = [self.default_for(arch, elem_bytes), self.default[arch], *self.candidates.get(arch, [])]
+        return list(dict.fromkeys(ordered))
 
 
 def _gemm_smem(c: KernelConfig, elem: int) -> int:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from ..launch_args import ACT_CODES
 from . import configs
-from ._common import BF16, CODE_NAMES, FP16, FP32
+from ._common import BF16, CODE_NAMES, FP16, FP32, TORCH_DTYPES
 
 _PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16"}
 SILU, GELU, GELU_TANH = ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_tanh"]
@@ -254,7 +254,7 @@ class Expand(_Case):
 
     @property
     def elem_bytes(self) -> int:
-        return 4 if self.x == FP32 else 2
+        return TORCH_DTYPES[self.x].itemsize  # the launcher passes x.element_size()
 
     @property
     def label(self) -> str:
@@ -299,7 +299,7 @@ class GateUp(_Case):
 
     @property
     def elem_bytes(self) -> int:
-        return 4 if self.x == FP32 else 2
+        return TORCH_DTYPES[self.x].itemsize  # the launcher passes x.element_size()
 
     def _lora_dtypes(self) -> tuple[int, int]:
         return tuple(self.x if c is None else c for c in (self.gate_lora, self.up_lora))
