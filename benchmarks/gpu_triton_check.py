@@ -226,6 +226,68 @@ def timings(report: Report) -> None:
         report.info(f"lora_linear 4096->4096 r=16 8192 tokens bf16 fwd+bwd {name}", f"{ms:.3f} ms (median of 20)")
 
 
+def _median_ms(step, reps: int = 10) -> float:
+    import torch
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def one_pass_timings(report: Report) -> None:
+    """The masked gated MLP (Llama-3-8B shape, 8192 tokens, bf16 base, r 16, lora_dropout 0.05,
+    masking 0.1), fwd+bwd on the triton backend, with the multi-pass backward (default) and with the
+    one-pass activation backward (TRANSPEFT_TRITON_ONE_PASS_BWD=1), fp32 and bf16 adapters, side by side:
+    the measurement that decides the default (ops/triton_backend.one_pass_bwd_enabled)."""
+    import torch
+
+    from transpeft_kernels import ops
+    from transpeft_kernels.ops.triton_backend import ONE_PASS_ENV
+    from transpeft_kernels.reference.activations import Activation
+    from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec
+
+    d, inter, r, tokens = 4096, 14336, 16, 8192
+    dev = torch.device("cuda")
+    be = ops.resolve("triton", dev)
+    seed, mask = torch.tensor(3), MaskSpec(0.1)
+    key = "gated_mlp_4096x14336_r16_8192_tokens_bf16_fwd_bwd_ms"
+    report.data.setdefault("timings", {})[key] = {}
+    for adt in (torch.float32, torch.bfloat16):
+        def lin(n_in, n_out):
+            W = torch.randn(n_out, n_in, device=dev, dtype=torch.bfloat16) / n_in**0.5
+            A = (torch.randn(r, n_in, device=dev) / n_in**0.5).to(adt).requires_grad_()
+            B = (torch.randn(n_out, r, device=dev) / r**0.5).to(adt).requires_grad_()
+            return LinearWeights(W, None, LoraWeights(A, B, 2.0, 0.05))
+
+        w = GatedMLPWeights((lin(d, inter), lin(d, inter)), lin(inter, d))
+        params = [t for p in w.projections for t in (p.lora.A, p.lora.B)]
+        x = torch.randn(tokens, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+
+        def step():
+            y = ops.masked_gated_mlp(x, w, Activation.SILU, mask, seed, be)
+            torch.autograd.grad(y, [x, *params], torch.ones_like(y))
+
+        for flag, label in (("0", "multi_pass"), ("1", "one_pass")):
+            os.environ[ONE_PASS_ENV] = flag
+            try:
+                ms = _median_ms(step)
+            finally:
+                os.environ.pop(ONE_PASS_ENV, None)
+            name = f"{label}_{str(adt).replace('torch.', '')}_adapters"
+            report.data["timings"][key][name] = round(ms, 3)
+            report.info(f"gated MLP fwd+bwd triton {name}", f"{ms:.3f} ms (median of 10)")
+        del w, params, x
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, default=600.0, help="start no part after this many seconds")
@@ -251,6 +313,7 @@ def main() -> int:
         if report.elapsed() < args.budget_s:
             try:
                 timings(report)
+                one_pass_timings(report)
             except Exception as e:  # noqa: BLE001 - a crash is reported; the next part still runs
                 report.fail("timing", f"{type(e).__name__}: {e}"[:2000])
             finally:

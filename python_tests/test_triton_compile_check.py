@@ -49,6 +49,8 @@ def fp32_lora_only(c):
         return FP32 in (c.gate_lora, c.up_lora) and c.x != FP32
     if isinstance(c, V.TokenReduce):
         return c.dot == FP32 and c.what != "dW"
+    if isinstance(c, V.ActBwdLora):
+        return FP32 in (c.gate_lora, c.up_lora, c.down_lora) and c.x != FP32
     return False
 
 for arch in (80, 90):

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from budget import assert_within_budget  # noqa: E402
-from test_ops import assert_matches, leaves, make_linear, make_mlp, to64  # noqa: E402
+from test_ops import CASES as OPS_CASES, assert_matches, leaves, make_linear, make_mlp, to64  # noqa: E402
 from transpeft_kernels import ops, reference as R  # noqa: E402
 from transpeft_kernels.ops.triton_backend import TritonBackend  # noqa: E402
 from transpeft_kernels.specs import Layout, MaskSpec  # noqa: E402
@@ -80,6 +80,106 @@ def test_second_backward_gives_the_same_gradients_and_inputs_are_untouched():
     assert torch.equal(dy, dy_copy)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _with_lora_on(w, on):
+    """The MLP weights with LoRA kept only on the projections flagged in ``on`` (projections order)."""
+    from transpeft_kernels.specs import GatedMLPWeights, LinearWeights
+
+    lins = [p if keep else LinearWeights(p.weight, p.bias) for p, keep in zip(w.projections, on)]
+    return GatedMLPWeights(tuple(lins[:-1]), lins[-1])
+
+
+MLP_BWD_CASES = [  # layout, LoRA on (gate, up, down) or (gate_up, down), rank, one pass expected
+    (Layout.SPLIT, (True, False, True), 5, True),
+    (Layout.SPLIT, (False, True, False), 40, True),     # rank > 32: t left to lora_shrink
+    (Layout.SPLIT, (False, False, True), 8, True),
+    (Layout.SPLIT, (False, False, False), 8, True),
+    (Layout.FUSED_GATE_UP, (True, False), 3, True),
+    (Layout.FUSED_GATE_UP, (False, True), 64, True),
+    (Layout.SPLIT, (True, True, True), 65, False),      # rank above the pass's accumulators
+]
+
+
+@pytest.fixture
+def one_pass(monkeypatch):
+    from transpeft_kernels.ops.triton_backend import ONE_PASS_ENV
+
+    monkeypatch.setenv(ONE_PASS_ENV, "1")
+
+
+@pytest.mark.parametrize("layout,on,rank,one_pass", MLP_BWD_CASES)
+def test_masked_gated_mlp_backward_in_one_pass(layout, on, rank, one_pass, monkeypatch):
+    """With the one pass on, the backward runs act_bwd_lora (never the separate activation backward)
+    whatever subset of projections has LoRA, and matches the reference and float64; above the pass's
+    rank it falls back."""
+    from transpeft_kernels.ops.triton_backend import ONE_PASS_ENV
+
+    monkeypatch.setenv(ONE_PASS_ENV, "1")
+    calls = {"one_pass": 0, "act_bwd": 0}
+    for name, key in (("act_bwd_lora", "one_pass"), ("masked_gated_act_bwd", "act_bwd")):
+        real = getattr(BACKEND._k, name)
+        monkeypatch.setattr(BACKEND._k, name, lambda *a, _r=real, _k=key, **kw: calls.__setitem__(_k, calls[_k] + 1) or _r(*a, **kw))
+    w = _with_lora_on(make_mlp(20, 44, layout, torch.bfloat16, adapter_dtype=torch.float32, rank=rank, dropout=0.1), on)
+    x = torch.randn(2, 9, 20, dtype=torch.bfloat16, requires_grad=True)
+    seed, mask = torch.tensor(8), MaskSpec(0.2, rescale=True)
+    assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.GELU, mask, seed, BACKEND),
+                   lambda x, w: R.gated_mlp(x, w, R.Activation.GELU, mask, seed), x, w, torch.bfloat16)
+    assert calls == ({"one_pass": 1, "act_bwd": 0} if one_pass else {"one_pass": 0, "act_bwd": 1})
+
+
+@pytest.mark.usefixtures("one_pass")
+@pytest.mark.parametrize("layout,activation,mask", OPS_CASES)
+def test_masked_gated_mlp_one_pass_matches_reference(layout, activation, mask):
+    w = make_mlp(24, 40, layout, torch.float32, rank=3, dropout=0.1, bias=True)
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    seed = torch.tensor(2024)
+    assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, activation, mask, seed, BACKEND),
+                   lambda x, w: R.gated_mlp(x, w, activation, mask, seed), x, w, torch.float32)
+
+
+@pytest.mark.usefixtures("one_pass")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, None])
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+def test_masked_gated_mlp_one_pass_low_precision(dtype, adapter_dtype, layout):
+    w = make_mlp(40, 72, layout, dtype, adapter_dtype=adapter_dtype, rank=8, dropout=0.05)
+    x = torch.randn(3, 11, 40, dtype=dtype, requires_grad=True)
+    seed, mask = torch.tensor(5), MaskSpec(0.1)
+    assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+                   lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, dtype)
+
+
+@pytest.mark.parametrize("setting,used", [(None, True), ("1", True), ("0", False)])
+def test_one_pass_is_on_by_default_and_0_turns_it_off(setting, used, monkeypatch):
+    from transpeft_kernels.ops.triton_backend import ONE_PASS_ENV
+
+    if setting is None:
+        monkeypatch.delenv(ONE_PASS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ONE_PASS_ENV, setting)
+    calls = []
+    real = BACKEND._k.act_bwd_lora
+    monkeypatch.setattr(BACKEND._k, "act_bwd_lora", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    w = make_mlp(16, 24, Layout.SPLIT, torch.float32, rank=4, dropout=0.1)
+    x = torch.randn(7, 16, requires_grad=True)
+    seed, mask = torch.tensor(1), MaskSpec(0.1)
+    assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+                   lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.float32)
+    assert bool(calls) == used
+
+
+@pytest.mark.usefixtures("one_pass")
+def test_masked_gated_mlp_trainable_down_base_falls_back_to_the_unfused_backward(monkeypatch):
+    calls = []
+    real = BACKEND._k.act_bwd_lora
+    monkeypatch.setattr(BACKEND._k, "act_bwd_lora", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    w = make_mlp(16, 24, Layout.SPLIT, torch.float32, rank=4, bias=True, train_base=True)
+    x = torch.randn(7, 16, requires_grad=True)
+    seed, mask = torch.tensor(2), MaskSpec(0.3)
+    assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+                   lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.float32)
+    assert not calls  # dW_d needs h', which the one pass never writes
 
 
 # ---- patched tiny models: "triton" == "torch" ------------------------------------------------------

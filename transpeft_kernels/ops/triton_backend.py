@@ -11,15 +11,22 @@ lora_linear backward (t = cast_A(dy) B, rank-sized):
     dW = dy^T x,  db = sum_rows dy               token_reduce      (db fused as a column sum)
 masked gated activation (mask seed = the MASK stream of the forward's base seed):
     h' = act(g) * u * keep * c;  dg = dh' keep c u act'(g),  du = dh' keep c act(g)
-masked gated MLP forward, gate/up part (gate_up_act_fwd; mlp_fwd/mlp_bwd are TorchBackend's
-composition of these primitives):
+masked gated MLP forward, gate/up part (gate_up_act_fwd; mlp_fwd is TorchBackend's composition of
+these primitives, and so is mlp_bwd with TRANSPEFT_TRITON_ONE_PASS_BWD=0 or for the cases below):
     S_g, S_u = dropout(x) A^T                    lora_shrink, one per projection with LoRA
                                                  (the fused gate_up layout has one S, GATE stream)
     g, u = x Wg^T + bg + s S_g B_g^T, ...        gate_up_act: one GEMM over x with two accumulators;
     h' = act(g) * u * keep * c                   LoRA expands, bias, rounding of g and u to x's
                                                  dtype and the masked activation in its epilogue
     g and u are stored (autograd saves them), h' is computed from their rounded values, so the
-    h' that backward recomputes (masked_gated_act) is bit-identical to the forward's.
+    h' that backward rebuilds is bit-identical to the forward's.
+masked gated MLP backward in one pass over (M, I) (mlp_bwd; one_pass_bwd_enabled), t_d = cast_A(dY) B_d:
+    t_d, dh' = dY W_d + s_d D(t_d A_d), dB_d     lora_shrink, gemm_lora_expand, token_reduce
+    dg, du, dB_g, dB_u, dA_d                     act_bwd_lora: one pass over (M, I); h' rebuilt in
+                                                 registers for dA_d, never written; dg and du not
+                                                 read back for dB
+    t_g = cast_A(dg) B_g, t_u                    lora_shrink (cheaper than t in the pass: act_bwd_lora.py)
+    dx = sum_p dg_p W_p + s D(t_p A_p), dA_p     gemm_lora_expand, token_reduce (as lora_linear)
 All gradients are deterministic (token reductions use fixed-order split partials, no atomics), and
 nothing is written into saved tensors or incoming gradients: every output is a fresh tensor.
 
@@ -30,18 +37,35 @@ Falls back to TorchBackend (same results, unfused) for cases the kernels do not 
     an incoming gradient whose dtype differs from x's, or tensors on different devices;
   * a gated activation whose g and u dtypes differ;
   * gate_up_act_fwd when a gate or up projection is not covered as above (the whole step falls back);
-  * only db requested without dW (computed as ``dy.sum(0)``, a single torch reduction).
+  * only db requested without dW (computed as ``dy.sum(0)``, a single torch reduction);
+  * mlp_bwd's one pass: a LoRA rank above 64, or a trained down-projection base (dW_d needs h' in
+    memory): TorchBackend's composition of the primitives above instead.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ..reference.activations import Activation
 from ..reference.mlp import INPUT_SUB_SEEDS
-from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, sub_seed
+from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
 from ..kernels.env import interpreting
 from .coverage import covered, linear_covered, knowledge_mask_args
-from .torch_backend import LinearGrads, LinearNeeds, TorchBackend
+from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend
+
+ONE_PASS_ENV = "TRANSPEFT_TRITON_ONE_PASS_BWD"
+
+
+def one_pass_bwd_enabled() -> bool:
+    """Whether mlp_bwd runs the one-pass activation backward (act_bwd_lora); on unless
+    TRANSPEFT_TRITON_ONE_PASS_BWD=0. Chosen by the roofline model with the kernel's instructions taken
+    from its SASS (perf/ledger.py): at the Llama-3-8B shape it moves 1.4 GB less than the multi-pass
+    backward (TorchBackend's composition: h' recomputed and written, dg and du read again for dB) and
+    is predicted 0.15-0.35 ms faster per MLP; no GPU has measured either yet
+    (benchmarks/gpu_triton_check.py times both side by side)."""
+    return os.environ.get(ONE_PASS_ENV, "1") not in ("0", "", "false", "False")
+
 
 def _runnable(*tensors: torch.Tensor | None) -> bool:
     return covered(*tensors, cpu_ok=interpreting())
@@ -78,11 +102,15 @@ class TritonBackend(TorchBackend):
     def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
         if dy.dtype != x2d.dtype or not _linear_ok(x2d, lin) or not _runnable(dy, x2d, s):
             return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
+        return self._linear_bwd(dy, x2d, s, lin, seed, needs)
+
+    def _linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, t=None, dB=None) -> LinearGrads:
+        """lora_linear_bwd on covered operands; ``t`` = cast_A(dy) B and ``dB`` when already computed
+        (by the one-pass activation backward), else computed here."""
         K = self._k
         lora = lin.lora
-        dx = dW = db = dA = dB = None
-        t = None
-        if lora is not None and (needs.A or needs.x):
+        dx = dW = db = dA = None
+        if lora is not None and t is None and (needs.A or needs.x):
             t = K.lora_shrink(dy, lora.B.t())  # t = cast_A(dy) B, (M, r) in the adapter dtype
         if needs.x:
             if lora is None:
@@ -97,11 +125,13 @@ class TritonBackend(TorchBackend):
             db = dy.sum(0).to(lin.bias.dtype)
         if lora is not None:
             adt = lora.A.dtype
-            if needs.B:
+            if not needs.B:
+                dB = None
+            elif dB is None:
                 dB, _ = K.token_reduce(dy, s, lora.B.dtype, adt, scale=lora.scaling)
             if needs.A:
                 dA, _ = K.token_reduce(t, x2d, adt, adt, scale=lora.scaling, dropout=lora.dropout, seed=seed)
-        return LinearGrads(dx, dW, db, dA, dB)
+        return LinearGrads(dx, dW, db, dA, dB if lora is not None else None)
 
     # ---- masked gated activation ---------------------------------------------------------------
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
@@ -140,3 +170,66 @@ class TritonBackend(TorchBackend):
         p, rescale, mseed = knowledge_mask_args(mask, seed)
         outs, h = K.gate_up_act(x2d, gate, up, Activation(activation).value, p, rescale, mseed)
         return outs, tuple(shrinks), h
+
+    def mlp_bwd(self, dy, x2d, saved: MLPSaved, w: GatedMLPWeights, activation: Activation,
+                mask: MaskSpec | None, seed, needs: tuple[LinearNeeds, ...]):
+        """The masked gated MLP's backward with the activation backward in one pass (act_bwd_lora):
+            down:     t_d = cast_A(dY) B_d;  dh' = dY W_d + s_d D(t_d A_d);  dB_d = s_d dY^T S_d
+            one pass: dg, du;  dB of the gate/up LoRA;  dA_d = s_d t_d^T D(h')   (h' never written)
+            gate/up:  dx = sum of dg W + s D(t A) over the projections;  dA = s t^T D(x);  dW, db
+        With TRANSPEFT_TRITON_ONE_PASS_BWD=0 (``one_pass_bwd_enabled``), and as a fallback,
+        TorchBackend's composition (h' recomputed and written, dg and du read again). Falls back when a projection is not covered, g and u differ in dtype, a LoRA rank exceeds
+        ACT_BWD_LORA_MAX_RANK, or the down projection's base weight or bias is trained (dW_d needs h')."""
+        g, u = split_gate_up(saved.outs, w.layout)
+        down, nd = w.down, needs[-1]
+        ranks = [lin.lora.A.shape[0] for lin in w.projections if lin.lora is not None]
+        if (not one_pass_bwd_enabled() or dy.dtype != x2d.dtype or g.dtype != u.dtype or nd.weight or nd.bias
+                or any(r > self._k.ACT_BWD_LORA_MAX_RANK for r in ranks)
+                or not all(_linear_ok(x2d, lin) for lin in w.inputs) or not _linear_ok(g, down)
+                or not _runnable(dy, x2d, g, u, *saved.shrinks, saved.s_down)):
+            return super().mlp_bwd(dy, x2d, saved, w, activation, mask, seed, needs)
+        K = self._k
+        # down projection: everything that needs only dY
+        dl = down.lora
+        dseed = sub_seed(seed, SubSeed.DOWN)
+        t_d = K.lora_shrink(dy, dl.B.t()) if dl is not None else None
+        if dl is None:
+            dh = K.gemm_lora_expand(dy, down.weight.t())
+        else:
+            dh = K.gemm_lora_expand(dy, down.weight.t(), None, t_d, dl.A.t(), dl.scaling, dl.dropout, dseed)
+        dB_d = K.token_reduce(dy, saved.s_down, dl.B.dtype, dl.A.dtype, scale=dl.scaling)[0] \
+            if dl is not None and nd.B else None
+        # the one pass over (M, I)
+        fused = w.layout is Layout.FUSED_GATE_UP
+        inter = g.shape[1]
+        if fused:
+            lin = w.inputs[0]
+            buf = torch.empty_like(saved.outs[0])
+            out = (buf[:, :inter], buf[:, inter:])
+            sides = (None, None) if lin.lora is None else (
+                K.LoraSide(saved.shrinks[0], lin.lora.B[:inter], lin.lora.scaling),
+                K.LoraSide(saved.shrinks[0], lin.lora.B[inter:], lin.lora.scaling))
+        else:
+            out = None
+            sides = tuple(None if lin.lora is None else K.LoraSide(s, lin.lora.B, lin.lora.scaling)
+                          for lin, s in zip(w.inputs, saved.shrinks))
+        down_lora = None if dl is None or not nd.A else K.DownLora(
+            t_d, dl.scaling, dl.dropout, dseed if dl.dropout > 0 else None)
+        p, rescale, mseed = knowledge_mask_args(mask, seed)
+        r = K.act_bwd_lora(dh, g, u, Activation(activation).value, p, rescale, mseed, gate=sides[0], up=sides[1],
+                           shared_t=fused and sides[0] is not None, down=down_lora, out=out)
+        del dh
+        if fused:
+            d_outs, ts = [buf], [r.t_g]
+            dBs = [None if r.dB_g is None else torch.cat([r.dB_g, r.dB_u])]
+        else:
+            d_outs, ts, dBs = [r.dg, r.du], [r.t_g, r.t_u], [r.dB_g, r.dB_u]
+        dx, grads = None, []
+        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
+            gi = self._linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i],
+                                  t=ts[i], dB=dBs[i])
+            if gi.x is not None:
+                dx = gi.x if dx is None else dx + gi.x
+            grads.append(gi)
+        grads.append(LinearGrads(None, None, None, r.dA_d if dl is not None and nd.A else None, dB_d))
+        return dx, tuple(grads)

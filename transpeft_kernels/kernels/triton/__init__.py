@@ -5,13 +5,16 @@
     gemm_lora_expand   Y = X W^T + b + s * D(S B^T)   (forward and dX)     gemm_lora_expand.py
     token_reduce       scale * P^T D(Q) (+ colsum P)   (dW, db, dA, dB)    token_reduce.py
     gate_up_act        gate/up GEMM with the masked activation epilogue    gate_up_act.py
+    act_bwd_lora       the activation backward in one pass over (M, I),    act_bwd_lora.py
+                       with the LoRA partials t, dB (gate/up) and dA (down)
 
 Import this package only after choosing TRITON_INTERPRET (it is read when the kernels are defined).
 """
+from .act_bwd_lora import MAX_RANK as ACT_BWD_LORA_MAX_RANK, ActBwdLoraGrads, DownLora, LoraSide, act_bwd_lora
 from .gate_up_act import GateUpOperand, gate_up_act
 from .gemm_lora_expand import gemm_lora_expand
 from .lora_shrink import lora_shrink
 from .masked_gated_act import masked_gated_act_bwd, masked_gated_act_fwd
 from .token_reduce import token_reduce
 
-__all__ = ["GateUpOperand", "gate_up_act", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]
+__all__ = ["ACT_BWD_LORA_MAX_RANK", "ActBwdLoraGrads", "DownLora", "LoraSide", "act_bwd_lora", "GateUpOperand", "gate_up_act", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]

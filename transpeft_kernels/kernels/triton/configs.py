@@ -202,7 +202,26 @@ ELEMENTWISE = ConfigSet(
     },
 )
 
-CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE)}
+# The activation backward with the LoRA gradients (act_bwd_lora): an elementwise tile walk over rows
+# that also feeds rank-sized dots, so BLOCK_M >= 16 (tl.dot) and fp32 dB/dA accumulators of
+# rank x BLOCK_N live across the walk. The launcher halves BLOCK_N for ranks above 32. 16 x 128 tiles
+# on 4 warps (16 elements per thread): no spills in any variant on sm_80 or sm_90 (compile-check
+# --sass); 8 warps (8 elements per thread) cost 20-40% more instructions per element, since every
+# warp loads the whole rank-sized operand of each dot, and 32-row tiles spilled 40-384 B.
+ACT_BWD_LORA = ConfigSet(
+    "act_bwd_lora",
+    default={
+        "sm_90": cfg(4, 2, BLOCK_M=16, BLOCK_N=128),
+        "sm_80": cfg(4, 2, BLOCK_M=16, BLOCK_N=128),
+        "interp": cfg(4, 1, BLOCK_M=16, BLOCK_N=64),
+    },
+    candidates={
+        "sm_90": [cfg(8, 2, BLOCK_M=16, BLOCK_N=128), cfg(4, 2, BLOCK_M=32, BLOCK_N=64), cfg(4, 3, BLOCK_M=16, BLOCK_N=128)],
+        "sm_80": [cfg(4, 1, BLOCK_M=16, BLOCK_N=128), cfg(8, 2, BLOCK_M=16, BLOCK_N=128)],
+    },
+)
+
+CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE, ACT_BWD_LORA)}
 
 
 def arch_of(device: torch.device) -> str:
@@ -213,6 +232,21 @@ def arch_of(device: torch.device) -> str:
         return "interp"
     major, minor = torch.cuda.get_device_capability(device)
     return "sm_90" if major >= 9 else "sm_80"
+
+
+def token_splits(tiles: int, T: int, block_t: int, device: torch.device) -> int:
+    """Splits of a T-long token reduction so that tiles x splits roughly fills the GPU twice (each
+    split keeps at least 4 blocks of ``block_t`` tokens); 1 in the interpreter."""
+    target = dry_run()
+    if target is not None and device.type == "meta":
+        sms = target.sms
+    elif device.type != "cuda" or arch_of(device) == "interp":
+        return 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(tiles, 1))
+    most = max(1, T // (4 * block_t))
+    return max(1, min(want, most, 64))
 
 
 def autotune_enabled() -> bool:

@@ -28,7 +28,6 @@ import triton.language as tl
 
 from . import configs
 from ...reference.philox import keep_threshold
-from ..env import dry_run
 from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
 
@@ -85,20 +84,6 @@ def token_reduce_kernel(
             tl.store(colsum_ptr + split.to(tl.int64) * stride_cs + a64 * stride_ca, cast_like(csum, colsum_ptr), mask=a_ok)
 
 
-def _auto_splits(tiles: int, T: int, block_t: int, device: torch.device) -> int:
-    """Token splits so that tiles x splits roughly fills the GPU twice; 1 in the interpreter."""
-    target = dry_run()
-    if target is not None and device.type == "meta":
-        sms = target.sms
-    elif device.type != "cuda" or configs.arch_of(device) == "interp":
-        return 1
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(tiles, 1))
-    most = max(1, T // (4 * block_t))  # keep at least 4 token blocks per split
-    return max(1, min(want, most, 64))
-
-
 def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_dtype: torch.dtype,
                  scale: float = 1.0, dropout: float = 0.0, seed: torch.Tensor | None = None,
                  colsum_dtype: torch.dtype | None = None, transpose_out: bool = False,
@@ -149,7 +134,7 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
         m = meta(config)
         tiles = triton.cdiv(A, m["BLOCK_A"]) * triton.cdiv(B, m["BLOCK_B"])
         if n_splits is None:
-            n_splits = _auto_splits(tiles, T, m["BLOCK_T"], device)
+            n_splits = configs.token_splits(tiles, T, m["BLOCK_T"], device)
         per_split = triton.cdiv(triton.cdiv(T, n_splits), m["BLOCK_T"]) * m["BLOCK_T"]
         n_splits = triton.cdiv(T, per_split)
         if n_splits == 1:

@@ -5,7 +5,7 @@ options (warps, stages). The set covers each I/O dtype and layout of every kerne
 config of the architecture, and every autotune candidate of the architecture with bf16 operands (the
 performance dtype) — candidates whose shared-memory estimate exceeds the limit for a dtype are
 dropped by the tuner at run time, so they are compiled only where the tuner could pick them. The
-tables (ACT_CASES, SHRINK_CASES, EXPAND_CASES, GATE_UP_CASES, TOKEN_REDUCE_CASES) hold one record
+tables (ACT_CASES, SHRINK_CASES, EXPAND_CASES, GATE_UP_CASES, TOKEN_REDUCE_CASES, ACT_BWD_LORA_CASES) hold one record
 per case, built with keywords; a record with ``tuned=True`` is compiled with every candidate.
 
 Each variant is compiled as a real launch specialises it: pointers 16-byte aligned, the int arguments
@@ -50,6 +50,7 @@ FLOAT_ARGS = {
     "gemm_lora_expand.gemm_lora_expand_kernel": ("scaling", "drop_scale"),
     "gate_up_act.gate_up_act_kernel": ("scaling_g", "scaling_u", "c"),
     "token_reduce.token_reduce_kernel": ("scale", "drop_scale"),
+    "act_bwd_lora.act_bwd_lora_kernel": ("c", "scaling_g", "scaling_u", "scaling_d", "drop_scale"),
 }
 # The integer mask thresholds (reference.philox.keep_threshold, in [0, 65536]): plain i32 values,
 # declared ``do_not_specialize`` by their kernels, so compiled without the divisibility-by-16 hint of
@@ -88,8 +89,8 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
     """The stride arguments that the launcher passes as 1 for ``kernel`` ("function" or
     "module.function") in ``phase``, with row-major contiguous tensors (as the ops layer passes them).
 
-    masked_gated_act fwd/bwd: none (the kernels take row strides only; the column stride is 1 by
-        construction, not an argument).
+    masked_gated_act fwd/bwd, act_bwd_lora: none (the kernels take row strides only; the column stride
+        is 1 by construction, and rank-sized operands are contiguous with their rank as row stride).
     lora_shrink: forward S = x A^T with x (M, K), A (R, K): stride_xk, stride_ak, stride_sr;
         backward t = dy B, where "A" is the view B^T (R, N) of B (N, R): stride_xk, stride_ar, stride_sr.
     gemm_lora_expand: forward y = x W^T (+ S B^T): stride_xk, stride_wk, stride_yn (+ stride_sr,
@@ -105,7 +106,7 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
     fwd = phase == "forward"
     if phase not in ("forward", "backward"):
         raise ValueError(f"phase: expected 'forward' or 'backward', got {phase!r}")
-    if fn in ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel"):
+    if fn in ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel", "act_bwd_lora_kernel"):
         return ()
     if fn == "lora_shrink_kernel":
         return ("stride_xk", "stride_ak" if fwd else "stride_ar", "stride_sr")
@@ -353,6 +354,59 @@ class TokenReduce(_Case):
         return {k: v for k, v in (("BLOCK_A", self.block_a), ("BLOCK_B", self.block_b)) if v is not None}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ActBwdLora(_Case):
+    """The one-pass activation backward with the LoRA partials: dg, du; t and dB per gate/up side with
+    LoRA; dA of the down LoRA (h' rebuilt in registers, its dropout regenerated)."""
+
+    x: int
+    act: int
+    gate_lora: int | None  # the gate adapter's dtype; None: no LoRA on the gate
+    up_lora: int | None
+    down_lora: int | None
+    rank: int = 16
+    t_in_pass: bool = False
+    shared_t: bool = False  # the fused gate_up layout
+    mask: bool = True
+    dropout: bool = True  # the down LoRA's dropout
+    family = "act_bwd_lora"
+    kernel = "act_bwd_lora.act_bwd_lora_kernel"
+    phase = "backward"
+
+    @property
+    def label(self) -> str:
+        return (f"act_bwd_lora x={CODE_NAMES[self.x]} act={self.act} lora=({_names(self.gate_lora, self.up_lora, self.down_lora)}) "
+                f"r={self.rank} t={'pass' if self.t_in_pass else 'shrink'}{' shared' if self.shared_t else ''} mask={self.mask}")
+
+    @property
+    def elem_bytes(self) -> int:
+        return TORCH_DTYPES[self.x].itemsize  # the launcher passes g.element_size()
+
+    def _codes(self) -> tuple[int, int, int]:
+        return tuple(self.x if c is None else c for c in (self.gate_lora, self.up_lora, self.down_lora))
+
+    def pointers(self) -> dict:
+        x, (g, u, d) = _PTR[self.x], self._codes()
+        f32 = _PTR[FP32]
+        return {"dh_ptr": x, "g_ptr": x, "u_ptr": x, "dg_ptr": x, "du_ptr": x, "seed_ptr": "*i64",
+                "sg_ptr": _PTR[g], "bg_ptr": _PTR[g], "tg_ptr": f32, "dbg_ptr": f32,
+                "su_ptr": _PTR[u], "bu_ptr": _PTR[u], "tu_ptr": f32, "dbu_ptr": f32,
+                "td_ptr": _PTR[d], "dad_ptr": f32, "dseed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        g, u, d = self._codes()
+        return dict(ACT=self.act, HAS_MASK=self.mask, LORA_G=self.gate_lora is not None, LORA_U=self.up_lora is not None,
+                    T_IN_PASS=self.t_in_pass, SHARED_T=self.shared_t, LORA_D=self.down_lora is not None,
+                    D_DROPOUT=self.down_lora is not None and self.dropout, G_DTYPE=g, U_DTYPE=u, D_DTYPE=d, UPCAST=False)
+
+    def meta(self) -> dict:
+        block_r = max(16, self.rank)
+        meta = dict(BLOCK_R=block_r, BLOCK_RD=block_r)
+        if self.rank > 32:  # the launcher halves BLOCK_N (128 -> 64) for large ranks
+            meta["BLOCK_N"] = 64
+        return meta
+
+
 # masked gated activation: every dtype, every activation (cycled over dtypes), mask on and off
 ACT_CASES = (
     ActFwd(dtype=FP32, act=SILU, mask=True),
@@ -429,7 +483,22 @@ TOKEN_REDUCE_CASES = (
     TokenReduce(what="dW", p=FP32, q=FP32, dot=FP32, q_dropout=False, colsum=True),
 )
 
-CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES)
+# one-pass activation backward: the Llama shapes' cases (bf16 base, fp32 or bf16 adapters, r 16 and 64),
+# t in the pass (fused and split layouts), fp32 and fp16 bases, partial LoRA, none
+ACT_BWD_LORA_CASES = (
+    ActBwdLora(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32, tuned=True),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, tuned=True),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32, rank=64),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=64),
+    ActBwdLora(x=BF16, act=GELU_TANH, gate_lora=FP32, up_lora=FP32, down_lora=FP32, t_in_pass=True, shared_t=True),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, t_in_pass=True),
+    ActBwdLora(x=FP32, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32),
+    ActBwdLora(x=FP16, act=GELU, gate_lora=FP16, up_lora=None, down_lora=FP16, mask=False, dropout=False),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=None, up_lora=None, down_lora=FP32),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=None, up_lora=None, down_lora=None),
+)
+
+CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES, *ACT_BWD_LORA_CASES)
 
 
 def variants(arch: str) -> list[Variant]:
