@@ -152,12 +152,18 @@ def _linear(n, dtype, lora_dtype, rank, q, bias):
     (torch.bfloat16, Layout.SPLIT, (torch.float32, torch.float32), Activation.SILU),
     (torch.bfloat16, Layout.FUSED_GATE_UP, (None,), Activation.GELU),
 ])
-def test_backend_gate_up_act_fwd_matches_torch_backend(dtype, layout, loras, activation, monkeypatch):
+@pytest.mark.parametrize("base_gemm", ["triton", "cublas"])
+def test_backend_gate_up_act_fwd_matches_torch_backend(dtype, layout, loras, activation, base_gemm, monkeypatch):
+    """Both base-GEMM modes: our gate/up GEMM with the epilogue, or the cuBLAS (here: CPU ATen) output
+    with the LoRA expands and the masked activation as one pass (gate_up_lora_act)."""
     from transpeft_kernels.ops.backends import by_name
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV
 
+    monkeypatch.setenv(BASE_GEMM_ENV, base_gemm)
     triton_backend = by_name("triton")
-    launches, kernel = [], K.gate_up_act
-    monkeypatch.setattr(K, "gate_up_act", lambda *a, **kw: launches.append(1) or kernel(*a, **kw))
+    fused = "gate_up_act" if base_gemm == "triton" else "gate_up_lora_act"
+    launches, kernel = [], getattr(K, fused)
+    monkeypatch.setattr(K, fused, lambda *a, **kw: launches.append(1) or kernel(*a, **kw))
     widths = (I, I) if layout is Layout.SPLIT else (2 * I,)
     inputs = tuple(_linear(n, dtype, ld, 6, 0.1, bias=i == 0) for i, (n, ld) in enumerate(zip(widths, loras)))
     w = GatedMLPWeights(inputs, _linear(I, dtype, None, 0, 0.0, False))

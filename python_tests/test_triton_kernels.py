@@ -409,3 +409,77 @@ def test_act_bwd_lora_rejects_bad_arguments():
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(torch.randn(5, 2), 1.0))
     with pytest.raises(ValueError, match="seed"):
         K.act_bwd_lora(g, g, g, "silu", 0.1, False, None)
+
+
+# ---- LoRA passes over a cuBLAS output (lora_epilogue) ----------------------------------------------
+@pytest.mark.parametrize("dtype,adt,rank,q", [
+    (torch.float32, torch.float32, 5, 0.0), (torch.bfloat16, torch.float32, 16, 0.2),
+    (torch.bfloat16, torch.bfloat16, 70, 0.1), (torch.float16, torch.float16, 1, 0.0),
+    (torch.float16, torch.float32, 33, 0.3),
+])
+def test_lora_expand_add(dtype, adt, rank, q):
+    """y + s D(S B^T) in place, B read through a transposed view (dX's A^T), against float64 of the
+    rounded operands; only y's own rows and columns are written; the dropout mask is the reference's."""
+    M, N = 45, 70
+    y0 = torch.randn(M, N, device=DEV).to(dtype)
+    y, buf = padded((M, N), dtype)
+    y.copy_(y0)
+    s = torch.randn(M, rank, device=DEV).to(adt)
+    a = (torch.randn(rank, N, device=DEV) / rank**0.5).to(adt)  # b = a^T, strides (1, N)
+    key = seed(77)
+    out = K.lora_expand_add(y, s, a.t(), 0.5, q, key if q else None)
+    assert out is y
+    assert_border_intact(buf)
+    term = s.double().cpu() @ a.double().cpu()
+    if q:
+        term = term * P.keep_mask(key, M, N, q).double() * K.lora_expand_add.__globals__["rounded_to"](1 / (1 - q), adt)
+    assert_close64(y, y0.double().cpu() + 0.5 * term, dtype, depth=rank, tf32x3_depth=tf32x3_steps(adt, rank))
+    if q:  # where the mask drops, y keeps its base value exactly
+        dropped = ~P.keep_mask(key, M, N, q).to(DEV)
+        assert torch.equal(y[dropped], y0[dropped])
+
+
+@pytest.mark.parametrize("dtype,adt,activation,mask,sides", [
+    (torch.float32, torch.float32, Activation.SILU, (0.3, True), (3, 3)),
+    (torch.bfloat16, torch.float32, Activation.GELU_TANH, (0.1, False), (16, 0)),
+    (torch.bfloat16, torch.bfloat16, Activation.GELU, None, (0, 8)),
+    (torch.float16, torch.float16, Activation.SILU, (0.2, True), (0, 0)),
+    (torch.float16, torch.float32, Activation.GELU, (0.1, False), (64, 64)),
+])
+def test_gate_up_lora_act(dtype, adt, activation, mask, sides):
+    """g, u updated in place within the rounding budget of float64; h' bit-identical to
+    masked_gated_act_fwd on the updated g, u (what backward rebuilds); the fused layout's halves of one
+    (M, 2I) buffer as g and u."""
+    M, I = 37, 70
+    gu = torch.randn(M, 2 * I, device=DEV).to(dtype)
+    g0, u0 = gu[:, :I].clone(), gu[:, I:].clone()
+    p, rescale = mask or (0.0, False)
+    key = seed(5)
+
+    def side(r):
+        return None if not r else K.ExpandSide(torch.randn(M, r, device=DEV).to(adt),
+                                               (torch.randn(I, r, device=DEV) / r**0.5).to(adt), 1.25)
+
+    gate, up = side(sides[0]), side(sides[1])
+    h = K.gate_up_lora_act(gu[:, :I], gu[:, I:], gate, up, activation.value, p, rescale, key if mask else None)
+    for new, old, sd in ((gu[:, :I], g0, gate), (gu[:, I:], u0, up)):
+        if sd is None:
+            assert torch.equal(new, old)
+        else:
+            exact = old.double().cpu() + 1.25 * sd.s.double().cpu() @ sd.b.double().cpu().t()
+            assert_close64(new, exact, dtype, depth=sd.s.shape[1], tf32x3_depth=tf32x3_steps(adt, sd.s.shape[1]))
+    assert torch.equal(h, K.masked_gated_act_fwd(gu[:, :I], gu[:, I:], activation.value, p, rescale, key if mask else None))
+
+
+def test_lora_epilogue_rejects_bad_arguments():
+    y = torch.randn(4, 8, device=DEV)
+    with pytest.raises(ValueError, match="s, b"):
+        K.lora_expand_add(y, torch.randn(4, 2), torch.randn(9, 2), 1.0)
+    with pytest.raises(ValueError, match="unit column stride"):
+        K.lora_expand_add(torch.randn(8, 4).t(), torch.randn(4, 2), torch.randn(8, 2), 1.0)
+    with pytest.raises(ValueError, match="seed"):
+        K.lora_expand_add(y, torch.randn(4, 2), torch.randn(8, 2), 1.0, 0.1)
+    with pytest.raises(TypeError, match="b"):
+        K.lora_expand_add(y, torch.randn(4, 2), torch.randn(8, 2).half(), 1.0)
+    with pytest.raises(ValueError, match="u"):
+        K.gate_up_lora_act(y, torch.randn(4, 9), None, None, "silu")

@@ -182,16 +182,55 @@ def test_masked_gated_mlp_trainable_down_base_falls_back_to_the_unfused_backward
     assert not calls  # dW_d needs h', which the one pass never writes
 
 
+@pytest.mark.parametrize("base_gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+def test_both_base_gemm_modes_match_reference(base_gemm, layout, monkeypatch):
+    """The MLP (bias, dropout, mask, LoRA on every projection, a trainable base: dW, db too) and a LoRA
+    linear with either base-GEMM mode, against the reference and float64."""
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV
+
+    monkeypatch.setenv(BASE_GEMM_ENV, base_gemm)
+    seed, mask = torch.tensor(6), MaskSpec(0.2, rescale=True)
+    for train_base in (False, True):
+        w = make_mlp(20, 36, layout, torch.bfloat16, adapter_dtype=torch.float32, rank=4, dropout=0.1, bias=True,
+                     train_base=train_base)
+        x = torch.randn(2, 7, 20, dtype=torch.bfloat16, requires_grad=True)
+        assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+                       lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.bfloat16)
+    lin = make_linear(24, 29, torch.float32, rank=6, dropout=0.2, bias=True, train_base=True)
+    x = torch.randn(11, 24, requires_grad=True)
+    assert_matches(lambda x, w: ops.lora_linear(x, w, seed, BACKEND), lambda x, w: R.lora_linear(x, w, seed),
+                   x, lin, torch.float32)
+
+
+def test_base_gemm_setting_is_checked(monkeypatch):
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, base_gemm
+
+    monkeypatch.setenv(BASE_GEMM_ENV, "cutlass")
+    with pytest.raises(ValueError, match="TRANSPEFT_TRITON_BASE_GEMM.*cublas, triton"):
+        base_gemm()
+
+
 # ---- patched tiny models: "triton" == "torch" ------------------------------------------------------
+@pytest.mark.parametrize("base_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_patched_model_triton_matches_torch(family, monkeypatch):
+def test_patched_model_triton_matches_torch(family, base_gemm, monkeypatch):
     import transpeft_kernels as tpk
     from helpers import assert_same_training_step, batch, lora_model, twin
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV
 
-    # the MLP forward must run the gate/up GEMM with the masked-activation epilogue (phi3: fused layout)
-    launches, kernel = [], BACKEND._k.gate_up_act
-    monkeypatch.setattr(BACKEND._k, "gate_up_act",
-                        lambda x, gate, up, *a, **kw: launches.append(up is None) or kernel(x, gate, up, *a, **kw))
+    monkeypatch.setenv(BASE_GEMM_ENV, base_gemm)
+    # the MLP forward must run the masked activation fused: the LoRA expands and the activation in one
+    # pass over the cuBLAS gate/up output, or the gate/up GEMM with them in its epilogue (phi3: fused layout)
+    launches = []
+    if base_gemm == "cublas":
+        kernel = BACKEND._k.gate_up_lora_act
+        monkeypatch.setattr(BACKEND._k, "gate_up_lora_act", lambda g, u, *a, **kw: launches.append(
+            g.data_ptr() + g.shape[1] * g.element_size() == u.data_ptr()) or kernel(g, u, *a, **kw))
+    else:
+        kernel = BACKEND._k.gate_up_act
+        monkeypatch.setattr(BACKEND._k, "gate_up_act",
+                            lambda x, gate, up, *a, **kw: launches.append(up is None) or kernel(x, gate, up, *a, **kw))
     torch.set_default_device("cpu")  # models are built on CPU, then moved
     model = lora_model(family, lora_dropout=0.1).to(DEV)
     other = twin(model)

@@ -36,11 +36,14 @@ FLAGS = {
     "gate_up_act_kernel": ("LORA_G", "LORA_U"),
     "token_reduce_kernel": ("HAS_COLSUM", "Q_DROPOUT"),
     "act_bwd_lora_kernel": (),
+    "lora_expand_add_kernel": (),
+    "gate_up_lora_act_kernel": ("LORA_G", "LORA_U"),
 }
 MODULES = {
     "masked_gated_act_fwd_kernel": "masked_gated_act", "masked_gated_act_bwd_kernel": "masked_gated_act",
     "lora_shrink_kernel": "lora_shrink", "gemm_lora_expand_kernel": "gemm_lora_expand",
     "gate_up_act_kernel": "gate_up_act", "token_reduce_kernel": "token_reduce", "act_bwd_lora_kernel": "act_bwd_lora",
+    "lora_expand_add_kernel": "lora_epilogue", "gate_up_lora_act_kernel": "lora_epilogue",
 }
 _OPS_DIR = os.sep + os.path.join("transpeft_kernels", "ops") + os.sep
 
@@ -95,9 +98,9 @@ def recorded_launches():
     saved = {name: fn.pre_run_hooks for name, fn in kernels.items()}
     for name, fn in kernels.items():
         fn.pre_run_hooks = [hook_for(name, fn)]
-    from transpeft_kernels.ops.triton_backend import ONE_PASS_ENV
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, ONE_PASS_ENV
 
-    env_before = os.environ.get(ONE_PASS_ENV)
+    env_before = {k: os.environ.get(k) for k in (ONE_PASS_ENV, BASE_GEMM_ENV)}
     try:
         backend = ops.resolve("triton", DEV)
         d, inter, r, tokens = 32, 64, 16, (2, 24)  # no size 1 anywhere: M = 48
@@ -113,8 +116,11 @@ def recorded_launches():
             GatedMLPWeights((_linear(d, inter), _linear(d, inter)), _linear(inter, d)),  # no LoRA
             GatedMLPWeights((_linear(d, 2 * inter, bias=True, **lora),), _linear(inter, d, **lora)),  # fused
         ]
-        for one_pass in ("0", "1"):  # the multi-pass backward (default) and the one pass (act_bwd_lora)
+        # both backwards (multi-pass, one pass: act_bwd_lora) and both base-GEMM modes (cuBLAS with the
+        # lora_epilogue passes, our GEMMs with fused epilogues)
+        for one_pass, base in (("0", "triton"), ("1", "triton"), ("1", "cublas")):
             os.environ[ONE_PASS_ENV] = one_pass
+            os.environ[BASE_GEMM_ENV] = base
             for w in mlps:
                 x = torch.randn(*tokens, d, device=DEV, requires_grad=True)
                 y = ops.masked_gated_mlp(x, w, Activation.SILU, mask, seed, backend)
@@ -124,10 +130,11 @@ def recorded_launches():
         h = ops.masked_gated_act(g, u, Activation.SILU, mask, seed, backend)
         torch.autograd.grad(h, (g, u), torch.randn_like(h))
     finally:
-        if env_before is None:
-            os.environ.pop(ONE_PASS_ENV, None)
-        else:
-            os.environ[ONE_PASS_ENV] = env_before
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         for name, fn in kernels.items():
             fn.pre_run_hooks = saved[name]
     return recorded, floats

@@ -82,12 +82,15 @@ def _prepare(case, impl):
     return prepare(case, impl)
 
 
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def format_table(records: list[dict]) -> str:
     from ..text_table import format_table as table
 
     header = ["op", "r", "q", "adapters", "impl", "ms (model)", "x floor", "x vanilla", "launches", "GB moved",
               "extra GB", "syncs", "h2d"]
-    rows = [[r["op"], r["r"], r["lora_dropout"], r["adapter_dtype"].replace("float", "fp"), r["impl"],
+    rows = [[r["op"], r["r"], r["lora_dropout"], _SHORT_DTYPE.get(r["adapter_dtype"], r["adapter_dtype"]), r["impl"],
              r["predicted_ms"], r["ratio_vs_floor"], r["speedup_vs_vanilla"], r["launches"],
              round((r["bytes_read"] + r["bytes_written"]) / 1e9, 2),
              None if r["extra_bytes_vs_floor"] is None else round(r["extra_bytes_vs_floor"] / 1e9, 2),

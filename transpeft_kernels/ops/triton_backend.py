@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ..reference.activations import Activation
 from ..reference.mlp import INPUT_SUB_SEEDS
@@ -65,6 +66,23 @@ def one_pass_bwd_enabled() -> bool:
     is predicted 0.15-0.35 ms faster per MLP; no GPU has measured either yet
     (benchmarks/gpu_triton_check.py times both side by side)."""
     return os.environ.get(ONE_PASS_ENV, "1") not in ("0", "", "false", "False")
+
+
+BASE_GEMM_ENV = "TRANSPEFT_TRITON_BASE_GEMM"
+BASE_GEMMS = ("cublas", "triton")
+
+
+def base_gemm() -> str:
+    """Who runs the base products x W^T, dY W: "cublas" (the default: ATen's GEMM, the LoRA expands and
+    the masked activation as passes over its output, lora_epilogue.py) or "triton" (our GEMMs with
+    the expands as extra rank steps of the accumulator and the activation in the epilogue).
+    TRANSPEFT_TRITON_BASE_GEMM picks. Chosen by the roofline model: a Triton GEMM is charged 0.85 of
+    cuBLAS until a GPU measures it, about 1.4 ms over the six GEMMs of a Llama-3-8B MLP step at 8192
+    tokens, against about 0.3 ms for the passes' extra traffic (README, Performance model)."""
+    value = os.environ.get(BASE_GEMM_ENV, "cublas")
+    if value not in BASE_GEMMS:
+        raise ValueError(f"{BASE_GEMM_ENV}: expected one of {', '.join(BASE_GEMMS)}, got {value!r}")
+    return value
 
 
 def _runnable(*tensors: torch.Tensor | None) -> bool:
@@ -93,31 +111,49 @@ class TritonBackend(TorchBackend):
             return super().lora_linear_fwd(x2d, lin, seed)
         K = self._k
         lora = lin.lora
+        s = None if lora is None else K.lora_shrink(x2d, lora.A, lora.dropout, seed)
+        if base_gemm() == "cublas":
+            y = F.linear(x2d, lin.weight, lin.bias)
+            if lora is not None:
+                K.lora_expand_add(y, s, lora.B, lora.scaling)
+            return y, s
         if lora is None:
             return K.gemm_lora_expand(x2d, lin.weight, lin.bias), None
-        s = K.lora_shrink(x2d, lora.A, lora.dropout, seed)
-        y = K.gemm_lora_expand(x2d, lin.weight, lin.bias, s, lora.B, lora.scaling)
-        return y, s
+        return K.gemm_lora_expand(x2d, lin.weight, lin.bias, s, lora.B, lora.scaling), s
+
+    def _dx(self, dy, lin: LinearWeights, t, seed, into=None):
+        """dx = dy W + s D(t A) (M, d_in), or ``into`` + that, accumulated into ``into`` (the sum over
+        the projections of one input)."""
+        K = self._k
+        lora = lin.lora
+        if base_gemm() == "cublas":
+            dx = torch.mm(dy, lin.weight) if into is None else into.addmm_(dy, lin.weight)
+            if lora is not None:
+                K.lora_expand_add(dx, t, lora.A.t(), lora.scaling, lora.dropout, seed)
+            return dx
+        if lora is None:
+            dx = K.gemm_lora_expand(dy, lin.weight.t())
+        else:
+            dx = K.gemm_lora_expand(dy, lin.weight.t(), None, t, lora.A.t(), lora.scaling, lora.dropout, seed)
+        return dx if into is None else into.add_(dx)
 
     def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
         if dy.dtype != x2d.dtype or not _linear_ok(x2d, lin) or not _runnable(dy, x2d, s):
             return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
         return self._linear_bwd(dy, x2d, s, lin, seed, needs)
 
-    def _linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, t=None, dB=None) -> LinearGrads:
+    def _linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, t=None, dB=None,
+                    dx_into=None) -> LinearGrads:
         """lora_linear_bwd on covered operands; ``t`` = cast_A(dy) B and ``dB`` when already computed
-        (by the one-pass activation backward), else computed here."""
+        (by the one-pass activation backward), else computed here; dx accumulated into ``dx_into``
+        when given (and returned as the gradient's x)."""
         K = self._k
         lora = lin.lora
         dx = dW = db = dA = None
         if lora is not None and t is None and (needs.A or needs.x):
             t = K.lora_shrink(dy, lora.B.t())  # t = cast_A(dy) B, (M, r) in the adapter dtype
         if needs.x:
-            if lora is None:
-                dx = K.gemm_lora_expand(dy, lin.weight.t())
-            else:
-                dx = K.gemm_lora_expand(dy, lin.weight.t(), None, t, lora.A.t(), lora.scaling,
-                                        lora.dropout, seed)
+            dx = self._dx(dy, lin, t, seed, dx_into)
         if needs.weight:
             dW, db = K.token_reduce(dy, x2d, lin.weight.dtype, x2d.dtype,
                                     colsum_dtype=lin.bias.dtype if needs.bias else None, lora=False)
@@ -156,6 +192,22 @@ class TritonBackend(TorchBackend):
         if not all(_linear_ok(x2d, lin) for lin in w.inputs):
             return super().gate_up_act_fwd(x2d, w, activation, mask, seed)
         K = self._k
+        p, rescale, mseed = knowledge_mask_args(mask, seed)
+        if base_gemm() == "cublas":
+            outs = tuple(F.linear(x2d, lin.weight, lin.bias) for lin in w.inputs)
+            shrinks = tuple(None if lin.lora is None else K.lora_shrink(x2d, lin.lora.A, lin.lora.dropout, sub_seed(seed, stream))
+                            for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout]))
+            g, u = split_gate_up(outs, w.layout)
+            if w.layout is Layout.FUSED_GATE_UP:
+                lora = w.inputs[0].lora
+                sides = (None, None) if lora is None else (
+                    K.ExpandSide(shrinks[0], lora.B[: g.shape[1]], lora.scaling),
+                    K.ExpandSide(shrinks[0], lora.B[g.shape[1]:], lora.scaling))
+            else:
+                sides = tuple(None if lin.lora is None else K.ExpandSide(sh, lin.lora.B, lin.lora.scaling)
+                              for lin, sh in zip(w.inputs, shrinks))
+            h = K.gate_up_lora_act(g, u, sides[0], sides[1], Activation(activation).value, p, rescale, mseed)
+            return outs, shrinks, h
         projs, shrinks = [], []
         for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout]):
             lora = lin.lora
@@ -167,7 +219,6 @@ class TritonBackend(TorchBackend):
             projs.append(K.GateUpOperand(lin.weight, lin.bias, s, lora.B, lora.scaling))
             shrinks.append(s)
         gate, up = (projs[0], None) if w.layout is Layout.FUSED_GATE_UP else projs
-        p, rescale, mseed = knowledge_mask_args(mask, seed)
         outs, h = K.gate_up_act(x2d, gate, up, Activation(activation).value, p, rescale, mseed)
         return outs, tuple(shrinks), h
 
@@ -193,10 +244,7 @@ class TritonBackend(TorchBackend):
         dl = down.lora
         dseed = sub_seed(seed, SubSeed.DOWN)
         t_d = K.lora_shrink(dy, dl.B.t()) if dl is not None else None
-        if dl is None:
-            dh = K.gemm_lora_expand(dy, down.weight.t())
-        else:
-            dh = K.gemm_lora_expand(dy, down.weight.t(), None, t_d, dl.A.t(), dl.scaling, dl.dropout, dseed)
+        dh = self._dx(dy, down, t_d, dseed)
         dB_d = K.token_reduce(dy, saved.s_down, dl.B.dtype, dl.A.dtype, scale=dl.scaling)[0] \
             if dl is not None and nd.B else None
         # the one pass over (M, I)
@@ -227,9 +275,9 @@ class TritonBackend(TorchBackend):
         dx, grads = None, []
         for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
             gi = self._linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i],
-                                  t=ts[i], dB=dBs[i])
+                                  t=ts[i], dB=dBs[i], dx_into=dx)
             if gi.x is not None:
-                dx = gi.x if dx is None else dx + gi.x
+                dx = gi.x
             grads.append(gi)
         grads.append(LinearGrads(None, None, None, r.dA_d if dl is not None and nd.A else None, dB_d))
         return dx, tuple(grads)

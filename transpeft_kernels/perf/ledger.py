@@ -179,6 +179,14 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {
 }
 
 
+# The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
+# sm_90 SASS in the default config (32 elements per thread; sass_lora_epilogue.json): lora_expand_add
+# 578 instructions with fp32 adapters (18 per element; 1158 with the dX mask, whose Philox work the model
+# charges separately), gate_up_lora_act with fp32 adapters on both sides and the mask 2128 (66.5 per
+# element, 18.4 of them the mask's), over ELEMENTWISE_INSTR = 24.
+EPILOGUE_ELEMENT_WEIGHT = {"lora_expand_add_kernel": 0.75, "gate_up_lora_act_kernel": 2.0}
+
+
 def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
     """(pointer args read, pointer args written, FLOPs by unit, elements, philox) for one launch of
     one of our kernels, from its bound arguments (tensors, ints, constexprs)."""
@@ -215,6 +223,20 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         big = max(a["RG"], a["RU"], a["RD"]) > 32
         weight = ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, bool(a["T_IN_PASS"]), big)] if lora else 1.0
         return reads, writes, flops, round(n * weight), philox
+    if kernel == "lora_expand_add_kernel":  # y <- y + s D(S B^T) over a cuBLAS output
+        M, N, R = a["M"], a["N"], a["R"]
+        return ["y_ptr", "s_ptr", "b_ptr"], ["y_ptr"], _lora_flops(a["LORA_DTYPE"], 2 * M * N * R), \
+            round(M * N * EPILOGUE_ELEMENT_WEIGHT["lora_expand_add_kernel"]), M * N if a["LORA_DROPOUT"] else 0
+    if kernel == "gate_up_lora_act_kernel":  # g, u <- + LoRA expands (in place), h' written
+        M, I = a["M"], a["I"]
+        reads, writes, flops = ["g_ptr", "u_ptr"], ["h_ptr"], {}
+        for side, rank, dt in (("g", "RG", "LORA_G_DTYPE"), ("u", "RU", "LORA_U_DTYPE")):
+            if a[f"LORA_{side.upper()}"]:
+                reads += [f"s{side}_ptr", f"lb{side}_ptr"]
+                writes.append(f"{side}_ptr")
+                _add(flops, _lora_flops(a[dt], 2 * M * I * a[rank]))
+        return reads, writes, flops, round(M * I * EPILOGUE_ELEMENT_WEIGHT["gate_up_lora_act_kernel"]), \
+            M * I if a["HAS_MASK"] else 0
     if kernel == "lora_shrink_kernel":
         M, K, R = a["M"], a["K"], a["R"]
         return ["x_ptr", "a_ptr"], ["s_ptr"], _lora_flops(a["DOT_DTYPE"], 2 * M * K * R), 0, \
@@ -252,6 +274,7 @@ _TRITON_KERNELS = {  # module (under kernels.triton) -> kernel attributes the la
     "gate_up_act": ("gate_up_act_kernel",),
     "token_reduce": ("token_reduce_kernel",),
     "act_bwd_lora": ("act_bwd_lora_kernel",),
+    "lora_epilogue": ("lora_expand_add_kernel", "gate_up_lora_act_kernel"),
 }
 
 

@@ -221,7 +221,22 @@ ACT_BWD_LORA = ConfigSet(
     },
 )
 
-CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE, ACT_BWD_LORA)}
+# LoRA expand (and masked activation) passes over a cuBLAS GEMM's output (lora_epilogue): an
+# elementwise read-modify-write of (M, N) tiles with a rank-r dot into an fp32 tile.
+EPILOGUE = ConfigSet(
+    "epilogue",
+    default={
+        "sm_90": cfg(4, 2, BLOCK_M=32, BLOCK_N=128),
+        "sm_80": cfg(4, 2, BLOCK_M=32, BLOCK_N=128),
+        "interp": cfg(4, 1, BLOCK_M=16, BLOCK_N=64),
+    },
+    candidates={
+        "sm_90": [cfg(8, 2, BLOCK_M=64, BLOCK_N=128), cfg(4, 2, BLOCK_M=16, BLOCK_N=256), cfg(4, 2, BLOCK_M=64, BLOCK_N=64)],
+        "sm_80": [cfg(8, 2, BLOCK_M=64, BLOCK_N=128), cfg(4, 2, BLOCK_M=16, BLOCK_N=256), cfg(4, 2, BLOCK_M=64, BLOCK_N=64)],
+    },
+)
+
+CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE, ACT_BWD_LORA, EPILOGUE)}
 
 
 def arch_of(device: torch.device) -> str:
@@ -279,8 +294,9 @@ def layout_key(*tensors) -> tuple:
 
 
 def choose(family: ConfigSet, device: torch.device, key: tuple, elem_bytes: int, launch) -> KernelConfig:
-    """The config to launch with. ``launch(config)`` runs the kernel once (outputs are overwritten,
-    never accumulated, so timing by real launches is harmless)."""
+    """The config to launch with. ``launch(config)`` runs the kernel once and is what the tuner times,
+    so it must only overwrite outputs; a launcher whose kernel updates a tensor in place passes a
+    ``launch`` that works on scratch copies (lora_epilogue)."""
     arch = arch_of(device)
     default = family.default_for(arch, elem_bytes)
     if arch == "interp" or not autotune_enabled() or device.type == "meta":

@@ -70,7 +70,7 @@ def lora_expand_tile(acc, s_ptr, b_ptr, R, stride_sm, stride_sr, stride_bn, stri
 
 
 @triton.jit
-def _lora_term(acc, s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr, stride_bn, stride_br,
+def lora_term(acc, s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr, stride_bn, stride_br,
                rows, rows64, cols64, row_ok, col_ok, pid_n, scaling, drop_threshold, drop_scale,
                LORA_DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -113,7 +113,7 @@ def gemm_lora_expand_kernel(
     LORA_FIRST: tl.constexpr = HAS_LORA and X_DTYPE != 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LORA_FIRST:
-        acc = _lora_term(acc, s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr, stride_bn, stride_br,
+        acc = lora_term(acc, s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr, stride_bn, stride_br,
                          rows, rows64, cols64, row_ok, col_ok, pid_n, scaling, drop_threshold, drop_scale,
                          LORA_DROPOUT, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
     for k0 in range(0, K, BLOCK_K):
@@ -126,7 +126,7 @@ def gemm_lora_expand_kernel(
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(dot_operand(x, X_DTYPE, UPCAST), dot_operand(wt, X_DTYPE, UPCAST), input_precision="ieee")
     if HAS_LORA and not LORA_FIRST:
-        acc += _lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, seed_ptr, R, N,
+        acc += lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, seed_ptr, R, N,
                           stride_sm, stride_sr, stride_bn, stride_br, rows, rows64, cols64, row_ok, col_ok, pid_n,
                           scaling, drop_threshold, drop_scale, LORA_DROPOUT, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
 

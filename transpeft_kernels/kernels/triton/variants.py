@@ -5,7 +5,7 @@ options (warps, stages). The set covers each I/O dtype and layout of every kerne
 config of the architecture, and every autotune candidate of the architecture with bf16 operands (the
 performance dtype) — candidates whose shared-memory estimate exceeds the limit for a dtype are
 dropped by the tuner at run time, so they are compiled only where the tuner could pick them. The
-tables (ACT_CASES, SHRINK_CASES, EXPAND_CASES, GATE_UP_CASES, TOKEN_REDUCE_CASES, ACT_BWD_LORA_CASES) hold one record
+tables (ACT_CASES, ..., EPILOGUE_CASES) hold one record
 per case, built with keywords; a record with ``tuned=True`` is compiled with every candidate.
 
 Each variant is compiled as a real launch specialises it: pointers 16-byte aligned, the int arguments
@@ -51,6 +51,8 @@ FLOAT_ARGS = {
     "gate_up_act.gate_up_act_kernel": ("scaling_g", "scaling_u", "c"),
     "token_reduce.token_reduce_kernel": ("scale", "drop_scale"),
     "act_bwd_lora.act_bwd_lora_kernel": ("c", "scaling_g", "scaling_u", "scaling_d", "drop_scale"),
+    "lora_epilogue.lora_expand_add_kernel": ("scaling", "drop_scale"),
+    "lora_epilogue.gate_up_lora_act_kernel": ("scaling_g", "scaling_u", "c"),
 }
 # The integer mask thresholds (reference.philox.keep_threshold, in [0, 65536]): plain i32 values,
 # declared ``do_not_specialize`` by their kernels, so compiled without the divisibility-by-16 hint of
@@ -98,6 +100,9 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
         stride_yn (+ stride_sr, stride_bn). Without LoRA the S and B strides are passed as 0.
     gate_up_act: x, Wg, Wu, g, u, h' (split halves of the fused layout keep a unit column stride),
         plus S and B of each side that has LoRA (0 strides otherwise).
+    lora_expand_add: S (M, R) and B (N, R): stride_sr and stride_br forward (y += s S B^T), stride_sr
+        and stride_bn backward (dX += s D(t A), B the view A^T).
+    gate_up_lora_act: the S and B of each side with LoRA (stride_sgr, stride_lbgr, stride_sur, stride_lbur).
     token_reduce (dW, dA, dB): P (T, A), Q (T, B), out (splits, A, B): stride_pa, stride_qb,
         stride_ob, plus stride_ca of the (splits, A) column sum when HAS_COLSUM (0 strides otherwise).
     """
@@ -122,6 +127,10 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
         if c["LORA_U"]:
             units += ("stride_sur", "stride_lbur")
         return units
+    if fn == "lora_expand_add_kernel":
+        return ("stride_sr", "stride_br" if fwd else "stride_bn")
+    if fn == "gate_up_lora_act_kernel":
+        return (("stride_sgr", "stride_lbgr") if c["LORA_G"] else ()) + (("stride_sur", "stride_lbur") if c["LORA_U"] else ())
     if fn == "token_reduce_kernel":
         return ("stride_pa", "stride_qb", "stride_ob") + (("stride_ca",) if c["HAS_COLSUM"] else ())
     raise KeyError(f"no unit-stride rule for kernel {kernel!r}")
@@ -407,6 +416,74 @@ class ActBwdLora(_Case):
         return meta
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExpandAdd(_Case):
+    """y += s D(S B^T) in place over a cuBLAS output: the forward (no mask) and dX (the dropout mask)."""
+
+    x: int
+    lora: int
+    dropout: bool
+    family = "epilogue"
+    kernel = "lora_epilogue.lora_expand_add_kernel"
+
+    @property
+    def phase(self) -> str:
+        return "backward" if self.dropout else "forward"
+
+    @property
+    def label(self) -> str:
+        return f"expand_add x={CODE_NAMES[self.x]} lora={CODE_NAMES[self.lora]} mask={self.dropout}"
+
+    @property
+    def elem_bytes(self) -> int:
+        return TORCH_DTYPES[self.x].itemsize
+
+    def pointers(self) -> dict:
+        return {"y_ptr": _PTR[self.x], "s_ptr": _PTR[self.lora], "b_ptr": _PTR[self.lora], "seed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        return dict(LORA_DROPOUT=self.dropout, LORA_DTYPE=self.lora, UPCAST=False)
+
+    def meta(self) -> dict:
+        return dict(BLOCK_R=16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateUpLoraAct(_Case):
+    """g, u += LoRA expands in place over the cuBLAS gate/up outputs, and h' = act(g) u mask."""
+
+    x: int
+    act: int
+    gate_lora: int | None
+    up_lora: int | None
+    mask: bool
+    family = "epilogue"
+    kernel = "lora_epilogue.gate_up_lora_act_kernel"
+
+    @property
+    def label(self) -> str:
+        return (f"gate_up_lora_act x={CODE_NAMES[self.x]} act={self.act} lora=({_names(self.gate_lora, self.up_lora)}) "
+                f"mask={self.mask}")
+
+    @property
+    def elem_bytes(self) -> int:
+        return TORCH_DTYPES[self.x].itemsize
+
+    def pointers(self) -> dict:
+        x = _PTR[self.x]
+        g, u = (_PTR[self.x if c is None else c] for c in (self.gate_lora, self.up_lora))
+        return {"g_ptr": x, "u_ptr": x, "h_ptr": x, "sg_ptr": g, "lbg_ptr": g, "su_ptr": u, "lbu_ptr": u,
+                "seed_ptr": "*i64"}
+
+    def constexprs(self) -> dict:
+        g, u = (self.x if c is None else c for c in (self.gate_lora, self.up_lora))
+        return dict(ACT=self.act, LORA_G=self.gate_lora is not None, LORA_U=self.up_lora is not None, HAS_MASK=self.mask,
+                    LORA_G_DTYPE=g, LORA_U_DTYPE=u, UPCAST=False)
+
+    def meta(self) -> dict:
+        return dict(BLOCK_R=16)
+
+
 # masked gated activation: every dtype, every activation (cycled over dtypes), mask on and off
 ACT_CASES = (
     ActFwd(dtype=FP32, act=SILU, mask=True),
@@ -498,7 +575,23 @@ ACT_BWD_LORA_CASES = (
     ActBwdLora(x=BF16, act=SILU, gate_lora=None, up_lora=None, down_lora=None),
 )
 
-CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES, *ACT_BWD_LORA_CASES)
+# LoRA passes over cuBLAS outputs: forward expand, dX expand with the mask, the gate/up pass per dtype
+EPILOGUE_CASES = (
+    ExpandAdd(x=BF16, lora=FP32, dropout=False, tuned=True),
+    ExpandAdd(x=BF16, lora=FP32, dropout=True, tuned=True),
+    ExpandAdd(x=BF16, lora=BF16, dropout=False),
+    ExpandAdd(x=BF16, lora=BF16, dropout=True),
+    ExpandAdd(x=FP32, lora=FP32, dropout=True),
+    ExpandAdd(x=FP16, lora=FP16, dropout=False),
+    GateUpLoraAct(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, mask=True, tuned=True),
+    GateUpLoraAct(x=BF16, act=GELU_TANH, gate_lora=BF16, up_lora=BF16, mask=True),
+    GateUpLoraAct(x=FP32, act=SILU, gate_lora=FP32, up_lora=None, mask=True),
+    GateUpLoraAct(x=FP16, act=GELU, gate_lora=None, up_lora=FP16, mask=False),
+    GateUpLoraAct(x=BF16, act=SILU, gate_lora=None, up_lora=None, mask=True),
+)
+
+CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES, *ACT_BWD_LORA_CASES,
+         *EPILOGUE_CASES)
 
 
 def variants(arch: str) -> list[Variant]:

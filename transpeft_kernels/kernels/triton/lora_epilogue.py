@@ -1,0 +1,227 @@
+"""LoRA expands (and the masked activation) as passes over the output of a cuBLAS GEMM, for the
+"cublas" base-GEMM mode of the Triton backend (ops/triton_backend.py): the base product stays with
+cuBLAS, which a Triton GEMM matches at about 0.85 (perf/roofline.TRITON_GEMM_VS_CUBLAS), and the rank-sized
+work reads and rewrites its output once.
+
+    lora_expand_add    y <- round_y(y + s D_q(S B^T))        in place; y (M, N) in the base dtype,
+                                                             S (M, r) and B (N, r) in the adapter dtype,
+                                                             D_q the keep mask of width N and 1/(1-q)
+                                                             (the LoRA dropout of dX), or none
+    gate_up_lora_act   g <- round_x(g + s_g S_g B_g^T), u alike (in place, sides with LoRA), and
+                       h' = act(g) * u * keep * c            written to h; bit-identical to
+                                                             masked_gated_act_fwd(g, u)
+
+Rounding: the reference adds the LoRA branch to the rounded base output (``(x W^T + b) + s S B^T``, then
+the cast), which is what these passes do, with the LoRA product accumulated in fp32 on the tensor cores
+(``_common.lora_dot``: tf32x3 for fp32 adapters).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..launch_args import ACT_CODES
+from . import configs
+from ._common import (cast_like, check_2d, check_same_device, dtype_code, philox_keep, pow2_at_least, rounded_to,
+                      seed_on, upcast_dots)
+from .activations import act_fwd
+from .gemm_lora_expand import lora_expand_tile, lora_term
+from .masked_gated_act import _mask_scalars
+from ...reference.philox import keep_threshold
+
+
+@triton.jit(do_not_specialize=["drop_threshold"])
+def lora_expand_add_kernel(
+    y_ptr, s_ptr, b_ptr, seed_ptr,
+    M, N, R,
+    stride_ym, stride_sm, stride_sr, stride_bn, stride_br,
+    scaling, drop_threshold, drop_scale,
+    LORA_DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """y[tile] <- round(y[tile] + scaling * D(S B^T)[tile]); y has a unit column stride."""
+    pid_n = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr,
+                    stride_bn, stride_br, rows, rows64, cols64, row_ok, col_ok, pid_n, scaling, drop_threshold,
+                    drop_scale, LORA_DROPOUT, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
+    ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :]
+    inb = row_ok[:, None] & col_ok[None, :]
+    y = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+    tl.store(ptrs, cast_like(y + acc, y_ptr), mask=inb)
+
+
+@triton.jit(do_not_specialize=["threshold"])
+def gate_up_lora_act_kernel(
+    g_ptr, u_ptr, h_ptr, sg_ptr, lbg_ptr, su_ptr, lbu_ptr, seed_ptr,
+    M, I, RG, RU,
+    stride_g, stride_u, stride_h,
+    stride_sgm, stride_sgr, stride_lbgn, stride_lbgr, stride_sum, stride_sur, stride_lbun, stride_lbur,
+    scaling_g, scaling_u, threshold, c,
+    ACT: tl.constexpr, LORA_G: tl.constexpr, LORA_U: tl.constexpr, HAS_MASK: tl.constexpr,
+    LORA_G_DTYPE: tl.constexpr, LORA_U_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """g, u (base outputs, bias included) <- + LoRA expand, rounded; h' from the rounded values (the
+    arithmetic of gate_up_act's epilogue and of masked_gated_act_fwd)."""
+    pid_n = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < I
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    inb = row_ok[:, None] & col_ok[None, :]
+    g_ptrs = g_ptr + rows64[:, None] * stride_g + cols64[None, :]
+    u_ptrs = u_ptr + rows64[:, None] * stride_u + cols64[None, :]
+    g = tl.load(g_ptrs, mask=inb, other=0.0)
+    u = tl.load(u_ptrs, mask=inb, other=0.0)
+    if LORA_G:
+        lg = lora_expand_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), sg_ptr, lbg_ptr, RG, stride_sgm,
+                              stride_sgr, stride_lbgn, stride_lbgr, rows64, cols64, row_ok, col_ok, LORA_G_DTYPE,
+                              UPCAST, BLOCK_R)
+        g = cast_like(g.to(tl.float32) + scaling_g * lg, g_ptr)
+        tl.store(g_ptrs, g, mask=inb)
+    if LORA_U:
+        lu = lora_expand_tile(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), su_ptr, lbu_ptr, RU, stride_sum,
+                              stride_sur, stride_lbun, stride_lbur, rows64, cols64, row_ok, col_ok, LORA_U_DTYPE,
+                              UPCAST, BLOCK_R)
+        u = cast_like(u.to(tl.float32) + scaling_u * lu, u_ptr)
+        tl.store(u_ptrs, u, mask=inb)
+    h = act_fwd(g.to(tl.float32), ACT) * u.to(tl.float32)
+    if HAS_MASK:
+        h = h * tl.where(philox_keep(tl.load(seed_ptr), rows, pid_n * BLOCK_N, I, threshold, BLOCK_N), c, 0.0)
+    tl.store(h_ptr + rows64[:, None] * stride_h + cols64[None, :], cast_like(h, h_ptr), mask=inb)
+
+
+class ExpandSide(NamedTuple):
+    """One gate/up side's LoRA expand: s (M, r) the shrink, b (I, r) that side's rows of B, ``scaling``."""
+
+    s: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+
+def _check_lora(s, b, name: str, M: int, N: int) -> int:
+    check_2d(s, f"{name}s")
+    check_2d(b, f"{name}b")
+    code = dtype_code(s, f"{name}s")
+    if b.dtype != s.dtype:
+        raise TypeError(f"{name}b: expected dtype {s.dtype} like {name}s, got {b.dtype}")
+    if s.shape[0] != M or b.shape[0] != N or b.shape[1] != s.shape[1]:
+        raise ValueError(f"{name}s, {name}b: expected shapes ({M}, r) and ({N}, r), got {tuple(s.shape)} and {tuple(b.shape)}")
+    return code
+
+
+def _check_output(t: torch.Tensor, name: str) -> None:
+    check_2d(t, name)
+    dtype_code(t, name)
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name}: expected a unit column stride (it is written in place), got strides {t.stride()}")
+
+
+def _grid(M, N, config):
+    return (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
+
+
+def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0,
+                    seed: torch.Tensor | None = None) -> torch.Tensor:
+    """y <- y + scaling * D(s b^T), in place, rounded to y's dtype; returns y. y (M, N) with a unit
+    column stride; s (M, r), b (N, r) in one adapter dtype (b may be a strided view, e.g. A^T for dX).
+    dropout > 0: the keep mask of ``seed`` over (M, N) and 1/(1-dropout) rounded to the adapter dtype."""
+    _check_output(y, "y")
+    M, N = y.shape
+    code = _check_lora(s, b, "", M, N)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    drop = dropout > 0
+    if drop and seed is None:
+        raise ValueError("seed: required when dropout > 0")
+    device = check_same_device(y=y, s=s, b=b)
+    R = s.shape[1]
+    if M == 0 or N == 0 or R == 0:
+        return y
+    seed_t = seed_on(seed, device) if drop else y
+    scale = rounded_to(1.0 / (1.0 - dropout), s.dtype) if drop else 1.0
+
+    def run(config, target):
+        lora_expand_add_kernel[_grid(M, N, config)](
+            target, s, b, seed_t, M, N, R, target.stride(0), s.stride(0), s.stride(1), b.stride(0), b.stride(1),
+            float(scaling), keep_threshold(dropout) if drop else 0, scale,
+            LORA_DROPOUT=drop, LORA_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(R)),
+            num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
+
+    key = ("expand_add", configs.bucket(M), N, R, y.dtype, s.dtype, drop, configs.layout_key(y, s, b))
+    scratch = []  # the tuner times launches on a copy: each launch adds the term to its target again
+
+    def timed(config):
+        if not scratch:
+            scratch.append(y.clone())
+        run(config, scratch[0])
+
+    run(configs.choose(configs.EPILOGUE, device, key, y.element_size(), timed), y)
+    return y
+
+
+def gate_up_lora_act(g: torch.Tensor, u: torch.Tensor, gate: ExpandSide | None, up: ExpandSide | None,
+                     activation: str, p: float = 0.0, rescale: bool = False, seed: torch.Tensor | None = None,
+                     out_h: torch.Tensor | None = None) -> torch.Tensor:
+    """g <- g + s_g S_g B_g^T and u <- u + s_u S_u B_u^T in place (sides with LoRA; rounded to their
+    dtype), and h' = act(g) * u * keep * c (M, I) in g's dtype, returned. g and u: (M, I) base outputs
+    with unit column strides (the halves of a fused (M, 2I) output are fine). ``p``, ``rescale``,
+    ``seed``: the knowledge mask as in masked_gated_act_fwd."""
+    _check_output(g, "g")
+    _check_output(u, "u")
+    if g.shape != u.shape or g.dtype != u.dtype:
+        raise ValueError(f"u: expected shape {tuple(g.shape)} and dtype {g.dtype} like g, got {tuple(u.shape)} {u.dtype}")
+    M, I = g.shape
+    gcode = _check_lora(gate.s, gate.b, "gate.", M, I) if gate is not None else 0
+    ucode = _check_lora(up.s, up.b, "up.", M, I) if up is not None else 0
+    device = check_same_device(g=g, u=u, gate_s=gate and gate.s, gate_b=gate and gate.b, up_s=up and up.s,
+                               up_b=up and up.b)
+    has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
+    h = torch.empty((M, I), dtype=g.dtype, device=device) if out_h is None else out_h
+    if tuple(h.shape) != (M, I) or h.dtype != g.dtype or (I > 1 and h.stride(1) != 1):
+        raise ValueError(f"out_h: expected shape ({M}, {I}), dtype {g.dtype} and a unit column stride")
+    if M == 0 or I == 0:
+        return h
+    seed_t = seed_on(seed, device) if has_mask else g
+    rg = gate.s.shape[1] if gate is not None else 0
+    ru = up.s.shape[1] if up is not None else 0
+
+    def lora_args(side):
+        if side is None:
+            return (g, g), (0, 0, 0, 0), 1.0
+        return (side.s, side.b), (side.s.stride(0), side.s.stride(1), side.b.stride(0), side.b.stride(1)), \
+            float(side.scaling)
+
+    (sg, lbg), sg_strides, scale_g = lora_args(gate)
+    (su, lbu), su_strides, scale_u = lora_args(up)
+
+    def run(config, tg, tu):
+        gate_up_lora_act_kernel[_grid(M, I, config)](
+            tg, tu, h, sg, lbg, su, lbu, seed_t, M, I, rg, ru, tg.stride(0), tu.stride(0), h.stride(0),
+            *sg_strides, *su_strides, scale_g, scale_u, threshold, c,
+            ACT=ACT_CODES[activation], LORA_G=gate is not None, LORA_U=up is not None, HAS_MASK=has_mask,
+            LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(max(rg, ru))),
+            num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
+
+    key = ("gate_up_lora_act", configs.bucket(M), I, rg, ru, g.dtype, gcode, ucode, activation, has_mask,
+           configs.layout_key(g, u, h, sg, su))
+    scratch = []  # the tuner times launches on copies of g and u (they are updated in place)
+
+    def timed(config):
+        if not scratch:
+            scratch.extend((g.clone(), u.clone()))
+        run(config, *scratch)
+
+    run(configs.choose(configs.EPILOGUE, device, key, g.element_size(), timed), g, u)
+    return h
