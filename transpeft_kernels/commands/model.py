@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         doc = {"kind": "model", "note": "roofline model of recorded launches; not a measurement",
                "commit": env["commit"], "torch": env["torch"], "triton": env["triton"],
                "transformers": env["transformers"], "peft": env["peft"], "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               # the switches that change which kernels the triton backend launches
+               "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRANSPEFT_")},
                "records": records}
         from ..atomic_io import atomic_write_text
 
