@@ -229,36 +229,39 @@ def timings(report: Report) -> None:
 def _median_ms(step, reps: int = 10) -> float:
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(2):
         step()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
 
 
-def one_pass_timings(report: Report) -> None:
+def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: int = 8192,
+                     device: str = "cuda") -> None:
     """The masked gated MLP (Llama-3-8B shape, 8192 tokens, bf16 base, r 16, lora_dropout 0.05,
-    masking 0.1), fwd+bwd on the triton backend, with the multi-pass backward (default) and with the
-    one-pass activation backward (TRANSPEFT_TRITON_ONE_PASS_BWD=1), fp32 and bf16 adapters, side by side:
-    the measurement that decides the default (ops/triton_backend.one_pass_bwd_enabled)."""
+    masking 0.1), fwd+bwd on the triton backend, fp32 and bf16 adapters, side by side in every
+    combination of the base GEMMs (TRANSPEFT_TRITON_BASE_GEMM: cublas, triton) and the backward
+    (TRANSPEFT_TRITON_ONE_PASS_BWD: one pass, multi-pass): the measurements that decide the defaults
+    (ops/triton_backend.base_gemm, one_pass_bwd_enabled), chosen by the model until now."""
     import torch
 
     from transpeft_kernels import ops
-    from transpeft_kernels.ops.triton_backend import ONE_PASS_ENV
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, ONE_PASS_ENV
     from transpeft_kernels.reference.activations import Activation
     from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec
 
-    d, inter, r, tokens = 4096, 14336, 16, 8192
-    dev = torch.device("cuda")
+    r = 16
+    dev = torch.device(device)
     be = ops.resolve("triton", dev)
     seed, mask = torch.tensor(3), MaskSpec(0.1)
-    key = "gated_mlp_4096x14336_r16_8192_tokens_bf16_fwd_bwd_ms"
+    key = f"gated_mlp_{d}x{inter}_r{r}_{tokens}_tokens_bf16_fwd_bwd_ms"
     report.data.setdefault("timings", {})[key] = {}
     for adt in (torch.float32, torch.bfloat16):
         def lin(n_in, n_out):
@@ -275,15 +278,17 @@ def one_pass_timings(report: Report) -> None:
             y = ops.masked_gated_mlp(x, w, Activation.SILU, mask, seed, be)
             torch.autograd.grad(y, [x, *params], torch.ones_like(y))
 
-        for flag, label in (("0", "multi_pass"), ("1", "one_pass")):
-            os.environ[ONE_PASS_ENV] = flag
-            try:
-                ms = _median_ms(step)
-            finally:
-                os.environ.pop(ONE_PASS_ENV, None)
-            name = f"{label}_{str(adt).replace('torch.', '')}_adapters"
-            report.data["timings"][key][name] = round(ms, 3)
-            report.info(f"gated MLP fwd+bwd triton {name}", f"{ms:.3f} ms (median of 10)")
+        for base in ("cublas", "triton"):
+            for flag, label in (("1", "one_pass"), ("0", "multi_pass")):
+                os.environ[ONE_PASS_ENV], os.environ[BASE_GEMM_ENV] = flag, base
+                try:
+                    ms = _median_ms(step)
+                finally:
+                    os.environ.pop(ONE_PASS_ENV, None)
+                    os.environ.pop(BASE_GEMM_ENV, None)
+                name = f"{base}_gemms_{label}_{str(adt).replace('torch.', '')}_adapters"
+                report.data["timings"][key][name] = round(ms, 3)
+                report.info(f"gated MLP fwd+bwd triton {name}", f"{ms:.3f} ms (median of 10)")
         del w, params, x
         torch.cuda.empty_cache()
 
@@ -313,7 +318,7 @@ def main() -> int:
         if report.elapsed() < args.budget_s:
             try:
                 timings(report)
-                one_pass_timings(report)
+                mlp_mode_timings(report)
             except Exception as e:  # noqa: BLE001 - a crash is reported; the next part still runs
                 report.fail("timing", f"{type(e).__name__}: {e}"[:2000])
             finally:

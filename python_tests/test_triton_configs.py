@@ -73,5 +73,5 @@ def test_fp32_operands_get_their_own_default_where_the_16_bit_one_spills(tuner, 
     # compile-check compiles each case with the default its launches get
     from transpeft_kernels.kernels.triton import variants as V
 
-    fp32_gate_up = [v for v in V.variants("sm_80") if v.label.startswith("gate_up") and "x=fp32" in v.label]
+    fp32_gate_up = [v for v in V.variants("sm_80") if v.label.startswith("gate_up ") and "x=fp32" in v.label]
     assert fp32_gate_up and all(v.constexprs["BLOCK_K"] == fp32["BLOCK_K"] for v in fp32_gate_up)
