@@ -49,8 +49,8 @@ def fp32_lora_only(c):
         return FP32 in (c.gate_lora, c.up_lora) and c.x != FP32
     if isinstance(c, V.TokenReduce):
         return c.dot == FP32 and c.what != "dW"
-    if isinstance(c, V.ActBwdLora):  # t in the pass: an option the backend never takes (spills on the fused layout)
-        return FP32 in (c.gate_lora, c.up_lora, c.down_lora) and c.x != FP32 and not c.t_in_pass
+    if isinstance(c, V.ActBwdLora):
+        return FP32 in (c.gate_lora, c.up_lora, c.down_lora) and c.x != FP32
     if isinstance(c, V.ExpandAdd):
         return c.lora == FP32 and c.x != FP32
     if isinstance(c, V.GateUpLoraAct):

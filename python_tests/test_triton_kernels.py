@@ -272,28 +272,28 @@ def test_token_reduce_splits_agree_and_are_deterministic():
 
 
 # ---- one-pass activation backward with the LoRA partials (act_bwd_lora) ----------------------------
-def _side(M, I, r, adt):
-    return K.LoraSide(torch.randn(M, r, device=DEV).to(adt), (torch.randn(I, r, device=DEV) / r**0.5).to(adt), 1.5)
+def _side(M, r, adt):
+    return K.LoraSide(torch.randn(M, r, device=DEV).to(adt), 1.5)
 
 
 ACT_BWD_LORA_CASES = [
-    # dtype, adapter dtype, activation, mask, (r_g, r_u, r_d), q_d, t_in_pass, shared_t, splits
-    (torch.float32, torch.float32, Activation.SILU, (0.3, True), (5, 5, 3), 0.2, True, False, 1),
-    (torch.bfloat16, torch.float32, Activation.GELU_TANH, (0.1, False), (16, 16, 16), 0.1, True, False, 3),
-    (torch.bfloat16, torch.bfloat16, Activation.GELU, None, (8, 8, 8), 0.0, False, False, 2),
-    (torch.float16, torch.float16, Activation.SILU, (0.2, True), (1, 0, 0), 0.0, True, False, 1),
-    (torch.float16, torch.float32, Activation.SILU, None, (0, 0, 7), 0.3, False, False, 2),
-    (torch.bfloat16, torch.bfloat16, Activation.SILU, (0.1, False), (4, 4, 0), 0.0, True, True, 1),
-    (torch.float32, torch.float32, Activation.GELU, (0.1, True), (40, 40, 64), 0.05, True, True, 2),
-    (torch.bfloat16, torch.float32, Activation.SILU, (0.1, False), (0, 33, 2), 0.1, False, False, 1),
-    (torch.bfloat16, torch.bfloat16, Activation.GELU, (0.1, True), (64, 64, 64), 0.1, True, False, 2),
+    # dtype, adapter dtype, activation, mask, (r_g, r_u, r_d), q_d, shared S (fused layout), splits
+    (torch.float32, torch.float32, Activation.SILU, (0.3, True), (5, 5, 3), 0.2, False, 1),
+    (torch.bfloat16, torch.float32, Activation.GELU_TANH, (0.1, False), (16, 16, 16), 0.1, False, 3),
+    (torch.bfloat16, torch.bfloat16, Activation.GELU, None, (8, 8, 8), 0.0, True, 2),
+    (torch.float16, torch.float16, Activation.SILU, (0.2, True), (1, 0, 0), 0.0, False, 1),
+    (torch.float16, torch.float32, Activation.SILU, None, (0, 0, 7), 0.3, False, 2),
+    (torch.bfloat16, torch.bfloat16, Activation.SILU, (0.1, False), (4, 4, 0), 0.0, True, 1),
+    (torch.float32, torch.float32, Activation.GELU, (0.1, True), (40, 40, 64), 0.05, True, 2),
+    (torch.bfloat16, torch.float32, Activation.SILU, (0.1, False), (0, 33, 2), 0.1, False, 1),
+    (torch.bfloat16, torch.bfloat16, Activation.GELU, (0.1, True), (64, 64, 64), 0.1, False, 2),
 ]
 
 
-@pytest.mark.parametrize("dtype,adt,activation,mask,ranks,q,t_in_pass,shared_t,splits", ACT_BWD_LORA_CASES)
-def test_act_bwd_lora(dtype, adt, activation, mask, ranks, q, t_in_pass, shared_t, splits):
-    """dg, du bit-equal to masked_gated_act_bwd; t, dB, dA against float64 products of the same
-    rounded operands (dg, du, h' in x's dtype, then the adapter's), with the masks of reference.keep_mask."""
+@pytest.mark.parametrize("dtype,adt,activation,mask,ranks,q,shared,splits", ACT_BWD_LORA_CASES)
+def test_act_bwd_lora(dtype, adt, activation, mask, ranks, q, shared, splits):
+    """dg, du bit-equal to masked_gated_act_bwd; dB and dA against float64 products of the same rounded
+    operands (dg, du, h' in x's dtype, then the adapter's), with the masks of reference.keep_mask."""
     M, I = 37, 100  # I: not a multiple of any BLOCK_N, nor of the 8 columns of a Philox call
     rg, ru, rd = ranks
     g = strided(torch.randn(M, I, device=DEV).to(dtype))
@@ -301,37 +301,24 @@ def test_act_bwd_lora(dtype, adt, activation, mask, ranks, q, t_in_pass, shared_
     dh = strided(torch.randn(M, I, device=DEV).to(dtype))
     p, rescale = mask or (0.0, False)
     key, dkey = seed(321), seed(2**33 + 5)
-    gate = _side(M, I, rg, adt) if rg else None
-    up = _side(M, I, ru, adt) if ru else None
-    if shared_t:
-        up = K.LoraSide(gate.s, up.b, gate.scaling)
+    gate = _side(M, rg, adt) if rg else None
+    up = (gate if shared else _side(M, ru, adt)) if ru else None
     down = K.DownLora(torch.randn(M, rd, device=DEV).to(adt), 0.75, q, dkey if q else None) if rd else None
     dg, gbuf = padded((M, I), dtype)
     du, ubuf = padded((M, I), dtype)
     r = K.act_bwd_lora(dh, g, u, activation.value, p, rescale, key if mask else None, gate=gate, up=up,
-                       shared_t=shared_t, down=down, t_in_pass=t_in_pass, splits=splits, out=(dg, du))
+                       down=down, splits=splits, out=(dg, du))
     for buf in (gbuf, ubuf):
         assert_border_intact(buf)
     dg_ref, du_ref = K.masked_gated_act_bwd(dh, g, u, activation.value, p, rescale, key if mask else None)
     assert torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
     f64 = lambda t: t.to(adt).double().cpu()  # noqa: E731  (operands as the kernel rounds them)
     steps = lambda n: tf32x3_steps(adt, n)  # noqa: E731
-    in_pass = t_in_pass
-    if gate is not None:
-        assert_close64(r.dB_g, 1.5 * f64(dg).t() @ f64(gate.s), adt, depth=M, tf32x3_depth=steps(M))
-    if up is not None:
-        assert_close64(r.dB_u, 1.5 * f64(du).t() @ f64(up.s), adt, depth=M, tf32x3_depth=steps(M))
-    if shared_t and in_pass:
-        assert r.t_u is None
-        assert_close64(r.t_g, f64(dg) @ f64(gate.b) + f64(du) @ f64(up.b), adt, depth=2 * I, tf32x3_depth=steps(2 * I))
-    elif in_pass:
-        for t, side, d in ((r.t_g, gate, dg), (r.t_u, up, du)):
-            assert (t is None) == (side is None)
-            if side is not None:
-                assert t.dtype == adt
-                assert_close64(t, f64(d) @ f64(side.b), adt, depth=I, tf32x3_depth=steps(I))
-    else:
-        assert r.t_g is None and r.t_u is None
+    for got, side, d in ((r.dB_g, gate, dg), (r.dB_u, up, du)):
+        assert (got is None) == (side is None)
+        if side is not None:
+            assert got.dtype == adt
+            assert_close64(got, 1.5 * f64(d).t() @ f64(side.s), adt, depth=M, tf32x3_depth=steps(M))
     if down is not None:
         h = K.masked_gated_act_fwd(g, u, activation.value, p, rescale, key if mask else None)
         hd = f64(h)
@@ -372,37 +359,35 @@ def test_act_bwd_lora_down_dropout_mask_is_bit_equal_to_reference():
 def test_act_bwd_lora_is_deterministic_and_splits_agree():
     M, I = 150, 90
     g, u, dh = (torch.randn(M, I, device=DEV) for _ in range(3))
-    args = dict(gate=_side(M, I, 6, torch.float32), up=_side(M, I, 6, torch.float32),
-                down=K.DownLora(torch.randn(M, 6, device=DEV), 1.0, 0.1, seed(4)), t_in_pass=True)
+    args = dict(gate=_side(M, 6, torch.float32), up=_side(M, 6, torch.float32),
+                down=K.DownLora(torch.randn(M, 6, device=DEV), 1.0, 0.1, seed(4)))
     one = K.act_bwd_lora(dh, g, u, "silu", 0.1, False, seed(3), splits=1, **args)
     for n in (2, 4):
         a = K.act_bwd_lora(dh, g, u, "silu", 0.1, False, seed(3), splits=n, **args)
         b = K.act_bwd_lora(dh, g, u, "silu", 0.1, False, seed(3), splits=n, **args)
-        for x, y, z in zip((a.dg, a.t_g, a.dB_g, a.dB_u, a.dA_d), (b.dg, b.t_g, b.dB_g, b.dB_u, b.dA_d),
-                           (one.dg, one.t_g, one.dB_g, one.dB_u, one.dA_d)):
+        for x, y, z in zip((a.dg, a.dB_g, a.dB_u, a.dA_d), (b.dg, b.dB_g, b.dB_u, b.dA_d),
+                           (one.dg, one.dB_g, one.dB_u, one.dA_d)):
             assert torch.equal(x, y)
             assert_close64(x, z.double(), torch.float32, depth=M, tf32x3_depth=M)
 
 
 def test_act_bwd_lora_single_row_and_empty():
     g = torch.randn(1, 5, device=DEV)
-    r = K.act_bwd_lora(g, g, g, "silu", 0.5, False, seed(1), gate=_side(1, 5, 2, torch.float32), t_in_pass=True)
-    assert r.t_g.shape == (1, 2) and r.dB_g.shape == (5, 2) and r.dA_d is None
-    e = K.act_bwd_lora(g[:0], g[:0], g[:0], "silu", 0.0, False, None, gate=_side(0, 5, 2, torch.float32),
+    r = K.act_bwd_lora(g, g, g, "silu", 0.5, False, seed(1), gate=_side(1, 2, torch.float32))
+    assert r.dg.shape == (1, 5) and r.dB_g.shape == (5, 2) and r.dA_d is None
+    e = K.act_bwd_lora(g[:0], g[:0], g[:0], "silu", 0.0, False, None, gate=_side(0, 2, torch.float32),
                        down=K.DownLora(torch.randn(0, 3, device=DEV), 1.0))
     assert e.dg.shape == (0, 5) and torch.equal(e.dB_g, torch.zeros(5, 2)) and torch.equal(e.dA_d, torch.zeros(3, 5))
 
 
 def test_act_bwd_lora_rejects_bad_arguments():
     g = torch.randn(4, 8, device=DEV)
-    with pytest.raises(ValueError, match="gate.s, gate.b"):
-        K.act_bwd_lora(g, g, g, "silu", gate=K.LoraSide(torch.randn(4, 2), torch.randn(9, 2), 1.0))
-    with pytest.raises(ValueError, match="rank in"):
-        K.act_bwd_lora(g, g, g, "silu", gate=K.LoraSide(torch.randn(4, 65), torch.randn(8, 65), 1.0))
-    with pytest.raises(TypeError, match="up.b"):
-        K.act_bwd_lora(g, g, g, "silu", up=K.LoraSide(torch.randn(4, 2), torch.randn(8, 2).half(), 1.0))
-    with pytest.raises(ValueError, match="shared_t"):
-        K.act_bwd_lora(g, g, g, "silu", gate=_side(4, 8, 2, torch.float32), shared_t=True)
+    with pytest.raises(ValueError, match="gate.s"):
+        K.act_bwd_lora(g, g, g, "silu", gate=K.LoraSide(torch.randn(5, 2), 1.0))
+    with pytest.raises(ValueError, match="r in"):
+        K.act_bwd_lora(g, g, g, "silu", gate=K.LoraSide(torch.randn(4, 65), 1.0))
+    with pytest.raises(TypeError, match="up.s"):
+        K.act_bwd_lora(g, g, g, "silu", up=K.LoraSide(torch.randn(4, 2).double(), 1.0))
     with pytest.raises(ValueError, match="down.seed"):
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(torch.randn(4, 2), 1.0, 0.1))
     with pytest.raises(ValueError, match="down.t"):

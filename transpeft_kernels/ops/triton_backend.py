@@ -142,15 +142,15 @@ class TritonBackend(TorchBackend):
             return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
         return self._linear_bwd(dy, x2d, s, lin, seed, needs)
 
-    def _linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, t=None, dB=None,
+    def _linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, dB=None,
                     dx_into=None) -> LinearGrads:
-        """lora_linear_bwd on covered operands; ``t`` = cast_A(dy) B and ``dB`` when already computed
-        (by the one-pass activation backward), else computed here; dx accumulated into ``dx_into``
-        when given (and returned as the gradient's x)."""
+        """lora_linear_bwd on covered operands; ``dB`` when already computed (by the one-pass
+        activation backward), else computed here; dx accumulated into ``dx_into`` when given (and
+        returned as the gradient's x)."""
         K = self._k
         lora = lin.lora
-        dx = dW = db = dA = None
-        if lora is not None and t is None and (needs.A or needs.x):
+        dx = dW = db = dA = t = None
+        if lora is not None and (needs.A or needs.x):
             t = K.lora_shrink(dy, lora.B.t())  # t = cast_A(dy) B, (M, r) in the adapter dtype
         if needs.x:
             dx = self._dx(dy, lin, t, seed, dx_into)
@@ -254,28 +254,26 @@ class TritonBackend(TorchBackend):
             lin = w.inputs[0]
             buf = torch.empty_like(saved.outs[0])
             out = (buf[:, :inter], buf[:, inter:])
-            sides = (None, None) if lin.lora is None else (
-                K.LoraSide(saved.shrinks[0], lin.lora.B[:inter], lin.lora.scaling),
-                K.LoraSide(saved.shrinks[0], lin.lora.B[inter:], lin.lora.scaling))
+            sides = (None, None) if lin.lora is None else (K.LoraSide(saved.shrinks[0], lin.lora.scaling),) * 2
         else:
             out = None
-            sides = tuple(None if lin.lora is None else K.LoraSide(s, lin.lora.B, lin.lora.scaling)
+            sides = tuple(None if lin.lora is None else K.LoraSide(s, lin.lora.scaling)
                           for lin, s in zip(w.inputs, saved.shrinks))
         down_lora = None if dl is None or not nd.A else K.DownLora(
             t_d, dl.scaling, dl.dropout, dseed if dl.dropout > 0 else None)
         p, rescale, mseed = knowledge_mask_args(mask, seed)
         r = K.act_bwd_lora(dh, g, u, Activation(activation).value, p, rescale, mseed, gate=sides[0], up=sides[1],
-                           shared_t=fused and sides[0] is not None, down=down_lora, out=out)
+                           down=down_lora, out=out)
         del dh
         if fused:
-            d_outs, ts = [buf], [r.t_g]
+            d_outs = [buf]
             dBs = [None if r.dB_g is None else torch.cat([r.dB_g, r.dB_u])]
         else:
-            d_outs, ts, dBs = [r.dg, r.du], [r.t_g, r.t_u], [r.dB_g, r.dB_u]
+            d_outs, dBs = [r.dg, r.du], [r.dB_g, r.dB_u]
         dx, grads = None, []
         for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
             gi = self._linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i],
-                                  t=ts[i], dB=dBs[i], dx_into=dx)
+                                  dB=dBs[i], dx_into=dx)
             if gi.x is not None:
                 dx = gi.x
             grads.append(gi)

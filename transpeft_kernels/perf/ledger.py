@@ -164,19 +164,13 @@ def _add(into: dict, more: dict) -> dict:
 
 
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
-# ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, t in the pass, rank > 32): the
-# loop body of its static sm_90 SASS in the default config (benchmarks/results/sass_round2_new_kernels.json:
-# 1250 / 1036 instructions per iteration of 16 elements per thread for fp32 / bf16 adapters at r 16,
-# 1891 / 1228 with t in the pass, 831 / 606 per 8 elements at r 64), less the two mask streams the
-# model charges as Philox work (2 x 18.4), over 24. Every warp gathers each dot's rank-sized operand and
-# stages its share of the (BLOCK_M, BLOCK_N) tile through shared memory per dot, which puts this kernel
-# at 1.2-3.4x an elementwise kernel's work per element.
-ACT_BWD_LORA_ELEMENT_WEIGHT = {
-    (True, False, False): 1.72, (False, False, False): 1.16,
-    (True, True, False): 3.39, (False, True, False): 1.67,
-    (True, False, True): 2.80, (False, False, True): 1.62,
-    (True, True, True): 3.39 + 1.08, (False, True, True): 1.67 + 0.46,  # not measured: r <= 32 plus r 64's extra
-}
+# ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, rank > 32): the loop body of
+# its static sm_90 SASS in the default config (benchmarks/results/sass_round2_new_kernels.json: 1250 /
+# 1036 instructions per iteration of 16 elements per thread for fp32 / bf16 adapters at r 16, 831 / 606
+# per 8 elements at r 64), less the two mask streams the model charges as Philox work (2 x 18.4), over
+# 24. Every warp gathers each dot's rank-sized operand and stages its share of the (BLOCK_M, BLOCK_N)
+# tile through shared memory per dot: 1.2-2.8x an elementwise kernel's work per element.
+ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, False): 1.72, (False, False): 1.16, (True, True): 2.80, (False, True): 1.62}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
@@ -197,8 +191,7 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         n = a["M"] * a["I"]
         return ["dh_ptr", "g_ptr", "u_ptr"], ["dg_ptr", "du_ptr"], {}, n, n if a["HAS_MASK"] else 0
     if kernel == "act_bwd_lora_kernel":
-        # the activation backward plus, per LoRA side, dB (and t when T_IN_PASS) and the down LoRA's dA;
-        # h' is rebuilt in registers (an activation forward's elementwise work) only for dA
+        # the activation backward plus, per LoRA side, dB, and the down LoRA's dA; h' is rebuilt in registers
         M, I = a["M"], a["I"]
         n = M * I
         reads, writes, flops = ["dh_ptr", "g_ptr", "u_ptr"], ["dg_ptr", "du_ptr"], {}
@@ -207,13 +200,7 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
                 reads.append(f"s{side}_ptr")
                 writes.append(f"db{side}_ptr")
                 _add(flops, _lora_flops(a[dt], 2 * n * a[rank]))
-                if a["T_IN_PASS"]:
-                    reads.append(f"b{side}_ptr")
-                    _add(flops, _lora_flops(a[dt], 2 * n * a[rank]))
-                    if side == "g" or not a["SHARED_T"]:
-                        writes.append(f"t{side}_ptr")
         philox = n if a["HAS_MASK"] else 0
-        lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]
         if a["LORA_D"]:
             reads.append("td_ptr")
             writes.append("dad_ptr")
@@ -221,8 +208,8 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             philox += n if a["D_DROPOUT"] else 0
         fp32 = any(a[f"LORA_{x}"] and a[f"{x}_DTYPE"] == 0 for x in ("G", "U", "D"))
         big = max(a["RG"], a["RU"], a["RD"]) > 32
-        weight = ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, bool(a["T_IN_PASS"]), big)] if lora else 1.0
-        return reads, writes, flops, round(n * weight), philox
+        lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]
+        return reads, writes, flops, round(n * (ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, big)] if lora else 1.0)), philox
     if kernel == "lora_expand_add_kernel":  # y <- y + s D(S B^T) over a cuBLAS output
         M, N, R = a["M"], a["N"], a["R"]
         return ["y_ptr", "s_ptr", "b_ptr"], ["y_ptr"], _lora_flops(a["LORA_DTYPE"], 2 * M * N * R), \

@@ -3,32 +3,31 @@ read the same tiles: dg and du are not read back for the gate/up dB, and h' (for
 rebuilt in registers and never written.
 
 Shapes: dh', g, u, dg, du (M, I), each with its own row stride (unit column stride). Per gate/up side
-with LoRA: S (M, r) the forward's shrink, B (I, r) that side's rows of the LoRA B factor, s its
-scaling. The down projection's LoRA: t_d = cast_A(dY) B_d (M, r_d), s_d, its dropout q and seed.
-Math in fp32, with the roundings of the reference (keep, c as in masked_gated_act):
+with LoRA: S (M, r) the forward's shrink and s its scaling. The down projection's LoRA:
+t_d = cast_A(dY) B_d (M, r_d), s_d, its dropout q and seed. Math in fp32, with the roundings of the
+reference (keep, c as in masked_gated_act):
 
     dg   = round_x(dh' keep c u act'(g))            du = round_x(dh' keep c act(g))
-    dB_g = s_g cast_A(dg)^T S_g  (I, r)             t_g = cast_A(dg) B_g  (M, r), if t_in_pass  (u alike)
+    dB_g = s_g cast_A(dg)^T S_g         (I, r)      dB_u = s_u cast_A(du)^T S_u
     h'   = round_x(act(g) u keep c)                 bit-identical to the forward's h'
     dA_d = s_d t_d^T D_q(cast_A(h'))    (r_d, I)    D_q: the down LoRA's dropout, keep x 1/(1-q)
 
-The fused gate_up layout has one t = cast_A(dg) B[:I] + cast_A(du) B[I:], summed in one buffer.
-The LoRA products run on the tensor cores in the adapter's precision (``_common.lora_dot``).
+The fused gate_up layout is two sides sharing S (dB of its B is [dB_g; dB_u]). The LoRA products run on
+the tensor cores in the adapter's precision (``_common.lora_dot``).
 
 Tiling and determinism: program (n, s) owns the columns n*BLOCK_N .. of row split s. It walks its
-rows in BLOCK_M steps and keeps dB and dA for its columns in fp32 registers for the whole walk (with
-t_in_pass it also writes, at each step, the (BLOCK_M, r) partial of t over its columns). Partials go to fp32 buffers (t: column
-blocks x M x r; dB: splits x I x r; dA: splits x r_d x I) that are summed afterwards in a fixed order:
-no atomics, the same bits on every run with the same config.
+rows in BLOCK_M steps and keeps dB^T and dA for its columns in fp32 registers for the whole walk.
+Partials go to fp32 buffers (dB: splits x I x r; dA: splits x r_d x I), summed afterwards in a fixed
+order: no atomics, the same bits on every run with the same config.
 
-t is left to lora_shrink by default (``t_in_pass`` False), which reads dg and du once more: the t dots
-have (BLOCK_M, r) outputs, 16 x 16 at r 16, that keep few warps busy while every warp gathers the
-whole (BLOCK_M, BLOCK_N) operand, and in the static sm_90 SASS of the default config they add about
-40 instructions per element (fp32 adapters: 118 instead of 78 per element in the loop; bf16 77 instead
-of 65), more issue time than the re-read's bytes cost. Their partials also cost 8 r / BLOCK_N bytes per
-element. ``t_in_pass=True`` computes them here anyway (tested; for measuring on a GPU).
-dB and dA cost only rank-sized partials and are always computed here. Ranks up to 64 (register
-accumulators).
+Not in the pass: t = cast_A(dg) B (lora_shrink reads dg and du once more). Computing it here was built
+and measured: its dots have (BLOCK_M, r) outputs, 16 x 16 at r 16, that keep few warps busy while every
+warp gathers the whole (BLOCK_M, BLOCK_N) operand; in the static sm_90 SASS they added about 40
+instructions per element (fp32 adapters: 118 instead of 78 in the loop; bf16: 77 instead of 65), more
+issue time than the re-read's bytes cost, plus 8 r / BLOCK_N bytes of fp32 partials per element, and the
+fused layout's variant spilled. Neither is the down LoRA's term of dh' added here (cuBLAS mode): 36-52
+more instructions per element, the cost of the separate lora_expand_add over dh' in bytes.
+Ranks up to 64 (register accumulators).
 """
 from __future__ import annotations
 
@@ -51,15 +50,9 @@ MAX_RANK = 64
 
 
 @triton.jit
-def _rank_tile(ptr, rows64, row_ok, R, BLOCK_R: tl.constexpr):
-    """A (len(rows), BLOCK_R) tile of a contiguous (rows, R) rank-sized tensor, zero outside."""
-    rr = tl.arange(0, BLOCK_R)
-    return tl.load(ptr + rows64[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
-
-
-@triton.jit
 def _rank_tile_t(ptr, rows64, row_ok, R, BLOCK_R: tl.constexpr):
-    """The transpose (BLOCK_R, len(rows)) of ``_rank_tile``, read transposed from memory."""
+    """The (BLOCK_R, len(rows)) transpose of rows ``rows`` of a contiguous (rows, R) rank-sized tensor,
+    read transposed from memory, zero outside."""
     rr = tl.arange(0, BLOCK_R)
     return tl.load(ptr + rows64[None, :] * R + rr[:, None], mask=row_ok[None, :] & (rr < R)[:, None], other=0.0)
 
@@ -71,40 +64,21 @@ def _store_rank_tile_t(ptr, xt, rows64, row_ok, R, BLOCK_R: tl.constexpr):
     tl.store(ptr + rows64[None, :] * R + rr[:, None], xt, mask=row_ok[None, :] & (rr < R)[:, None])
 
 
-@triton.jit
-def _store_rank_tile(ptr, x, rows64, row_ok, R, BLOCK_R: tl.constexpr):
-    rr = tl.arange(0, BLOCK_R)
-    tl.store(ptr + rows64[:, None] * R + rr[None, :], x, mask=row_ok[:, None] & (rr < R)[None, :])
-
-
-@triton.jit
-def _t_dot(d, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr, X16: tl.constexpr):
-    """acc + d B for one side: d (BLOCK_M, BLOCK_N) the gradient tile, exact in tf32 when X16."""
-    if X16:
-        acc = lora_dot_exact(d, b, acc, CODE, UPCAST, True)
-    else:
-        acc = lora_dot(d, b, acc, CODE, UPCAST)
-    return acc
-
-
 @triton.jit(do_not_specialize=["threshold", "drop_threshold"])
 def act_bwd_lora_kernel(
     dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, seed_ptr,
-    sg_ptr, bg_ptr, tg_ptr, dbg_ptr,
-    su_ptr, bu_ptr, tu_ptr, dbu_ptr,
+    sg_ptr, dbg_ptr, su_ptr, dbu_ptr,
     td_ptr, dad_ptr, dseed_ptr,
     M, I, RG, RU, RD, rows_per_split,
     stride_dh, stride_g, stride_u, stride_dg, stride_du,
     threshold, c, scaling_g, scaling_u, scaling_d, drop_threshold, drop_scale,
     ACT: tl.constexpr, HAS_MASK: tl.constexpr,
-    LORA_G: tl.constexpr, LORA_U: tl.constexpr, T_IN_PASS: tl.constexpr, SHARED_T: tl.constexpr,
-    LORA_D: tl.constexpr, D_DROPOUT: tl.constexpr,
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, LORA_D: tl.constexpr, D_DROPOUT: tl.constexpr,
     G_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, D_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RD: tl.constexpr,
 ):
     """One (column block, row split) of the pass; see the module docstring. Rank-sized tensors are
-    contiguous: S (M, r), B (I, r), t_d (M, r_d); partials t (column blocks, M, r), dB (splits, I, r),
-    dA (splits, r_d, I), all fp32."""
+    contiguous: S (M, r), t_d (M, r_d); partials dB (splits, I, r), dA (splits, r_d, I), all fp32."""
     X16: tl.constexpr = dg_ptr.dtype.element_ty != tl.float32  # dg, du, h' exact in tf32
     D_EXACT: tl.constexpr = X16 and D_DTYPE == 0
     pid_n = tl.program_id(0)
@@ -119,18 +93,12 @@ def act_bwd_lora_kernel(
         seed = tl.load(seed_ptr)
     if D_DROPOUT:
         dseed = tl.load(dseed_ptr)
-    # B tiles (BLOCK_N, r) stay in registers for the whole walk when t is computed here
     if LORA_G:
         acc_bg = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # dB_g^T
-        if T_IN_PASS:
-            b_g = dot_operand(_rank_tile(bg_ptr, c64, col_ok, RG, BLOCK_R), G_DTYPE, UPCAST)
     if LORA_U:
         acc_bu = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        if T_IN_PASS:
-            b_u = dot_operand(_rank_tile(bu_ptr, c64, col_ok, RU, BLOCK_R), U_DTYPE, UPCAST)
     if LORA_D:
         acc_ad = tl.zeros((BLOCK_RD, BLOCK_N), dtype=tl.float32)
-    t_part = pid_n.to(tl.int64) * M  # row offset of this column block's t partials
     for r0 in range(row_start, row_stop, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_stop
@@ -165,18 +133,6 @@ def act_bwd_lora_kernel(
                 acc_bu = lora_dot_exact(sut, dua, acc_bu, U_DTYPE, UPCAST, False)
             else:
                 acc_bu = lora_dot(sut, dua, acc_bu, U_DTYPE, UPCAST)
-        if T_IN_PASS:
-            if SHARED_T:  # fused gate_up: one t over both halves (both sides have LoRA, one dtype)
-                t = _t_dot(dga, b_g, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), G_DTYPE, UPCAST, X16)
-                t = _t_dot(dua, b_u, t, G_DTYPE, UPCAST, X16)
-                _store_rank_tile(tg_ptr + t_part * RG, t, r64, row_ok, RG, BLOCK_R)
-            else:
-                if LORA_G:
-                    t = _t_dot(dga, b_g, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), G_DTYPE, UPCAST, X16)
-                    _store_rank_tile(tg_ptr + t_part * RG, t, r64, row_ok, RG, BLOCK_R)
-                if LORA_U:
-                    t = _t_dot(dua, b_u, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), U_DTYPE, UPCAST, X16)
-                    _store_rank_tile(tu_ptr + t_part * RU, t, r64, row_ok, RU, BLOCK_R)
         if LORA_D:
             # h' as the forward rounded it: silu's and erf-gelu's act(g) from the gradient are the forward's
             # bit for bit (the same products; a factor 0.5 moved is exact); gelu_tanh's are written
@@ -212,11 +168,10 @@ def act_bwd_lora_kernel(
 
 
 class LoraSide(NamedTuple):
-    """One gate/up side's LoRA for the backward: s (M, r) the forward's shrink, b (I, r) that side's
-    rows of B, both in the adapter dtype; ``scaling`` s."""
+    """One gate/up side's LoRA for the backward: s (M, r) the forward's shrink, in the adapter dtype,
+    and the ``scaling``."""
 
     s: torch.Tensor
-    b: torch.Tensor
     scaling: float
 
 
@@ -232,15 +187,11 @@ class DownLora(NamedTuple):
 
 @dataclass(frozen=True)
 class ActBwdLoraGrads:
-    """Results of ``act_bwd_lora``. dg, du (M, I) in g's and u's dtypes; t_g, t_u (M, r) and dB_g,
-    dB_u (I, r) in each side's adapter dtype (None for a side without LoRA; t None when not computed
-    in the pass; with ``shared_t`` t_g holds the one t of the fused layout and t_u is None); dA_d
-    (r_d, I) in the down adapter's dtype, or None."""
+    """Results of ``act_bwd_lora``. dg, du (M, I) in g's and u's dtypes; dB_g, dB_u (I, r) in each side's
+    adapter dtype (None for a side without LoRA); dA_d (r_d, I) in the down adapter's dtype, or None."""
 
     dg: torch.Tensor
     du: torch.Tensor
-    t_g: torch.Tensor | None
-    t_u: torch.Tensor | None
     dB_g: torch.Tensor | None
     dB_u: torch.Tensor | None
     dA_d: torch.Tensor | None
@@ -251,32 +202,23 @@ def _block_n(block_n: int, rank: int) -> int:
     return min(block_n, 64) if rank > 32 else block_n
 
 
-def _check_side(side: LoraSide | None, name: str, M: int, I: int) -> int:
+def _check_side(side: LoraSide | None, name: str, M: int) -> int:
     if side is None:
         return 0
-    s, b = side.s, side.b
-    check_2d(s, f"{name}.s")
-    check_2d(b, f"{name}.b")
-    dtype_code(s, f"{name}.s")
-    if b.dtype != s.dtype:
-        raise TypeError(f"{name}.b: expected dtype {s.dtype} like {name}.s, got {b.dtype}")
-    if s.shape[0] != M or b.shape[0] != I or b.shape[1] != s.shape[1]:
-        raise ValueError(f"{name}.s, {name}.b: expected shapes ({M}, r) and ({I}, r), got {tuple(s.shape)} and {tuple(b.shape)}")
-    if not 1 <= s.shape[1] <= MAX_RANK:
-        raise ValueError(f"{name}.s: expected a rank in [1, {MAX_RANK}], got {s.shape[1]}")
-    return s.shape[1]
+    check_2d(side.s, f"{name}.s")
+    dtype_code(side.s, f"{name}.s")
+    if side.s.shape[0] != M or not 1 <= side.s.shape[1] <= MAX_RANK:
+        raise ValueError(f"{name}.s: expected shape ({M}, r) with r in [1, {MAX_RANK}], got {tuple(side.s.shape)}")
+    return side.s.shape[1]
 
 
 def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str, p: float = 0.0,
                  rescale: bool = False, seed: torch.Tensor | None = None, gate: LoraSide | None = None,
-                 up: LoraSide | None = None, shared_t: bool = False, down: DownLora | None = None,
-                 t_in_pass: bool = False, splits: int | None = None,
+                 up: LoraSide | None = None, down: DownLora | None = None, splits: int | None = None,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> ActBwdLoraGrads:
     """The one-pass activation backward (module docstring). ``p``, ``rescale``, ``seed``: the knowledge
     mask as in masked_gated_act_bwd (``seed`` the MASK stream key). ``gate``/``up``: each side's LoRA or
-    None. ``shared_t``: the fused gate_up layout (both sides share S and one t). ``down``: the down
-    LoRA whose dA to compute, or None. ``t_in_pass``: also compute t here (module docstring: off by
-    default). ``splits``: row splits (None: chosen from the device; any value gives the
+    None. ``down``: the down LoRA whose dA to compute, or None. ``splits``: row splits (None: chosen from the device; any value gives the
     same result up to fp32 summation order). ``out``: optional (dg, du) to write into (unit column
     stride, e.g. the halves of one (M, 2I) buffer; must not alias an input)."""
     dh, g, u = unit_column_stride(dh, "dh"), unit_column_stride(g, "g"), unit_column_stride(u, "u")
@@ -284,9 +226,7 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
         if t.shape != g.shape:
             raise ValueError(f"{name}: expected shape {tuple(g.shape)} like g, got {tuple(t.shape)}")
     M, I = g.shape
-    rg, ru = _check_side(gate, "gate", M, I), _check_side(up, "up", M, I)
-    if shared_t and (gate is None or up is None or gate.s.dtype != up.s.dtype or rg != ru):
-        raise ValueError("shared_t: needs LoRA on both sides with one rank and dtype (the fused gate_up layout)")
+    rg, ru = _check_side(gate, "gate", M), _check_side(up, "up", M)
     rd = 0
     if down is not None:
         check_2d(down.t, "down.t")
@@ -298,8 +238,7 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             raise ValueError(f"down.dropout: expected a probability in [0, 1), got {down.dropout}")
         if down.dropout > 0 and down.seed is None:
             raise ValueError("down.seed: required when down.dropout > 0")
-    device = check_same_device(dh=dh, g=g, u=u, gate_s=gate and gate.s, gate_b=gate and gate.b,
-                               up_s=up and up.s, up_b=up and up.b, down_t=down and down.t)
+    device = check_same_device(dh=dh, g=g, u=u, gate_s=gate and gate.s, up_s=up and up.s, down_t=down and down.t)
     has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
     if out is None:
         dg = torch.empty((M, I), dtype=g.dtype, device=device)
@@ -311,7 +250,6 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
         if dg.stride(1) != 1 or du.stride(1) != 1:
             raise ValueError("out: expected unit column strides")
     rank = max(rg, ru)
-    t_in_pass = bool(t_in_pass) and rank > 0
 
     def zeros(shape, like):
         return torch.zeros(shape, dtype=like.dtype, device=device)
@@ -319,14 +257,12 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
     if M == 0 or I == 0:
         return ActBwdLoraGrads(
             dg, du,
-            zeros((M, rg), gate.s) if gate is not None and t_in_pass else None,
-            zeros((M, ru), up.s) if up is not None and t_in_pass and not shared_t else None,
             zeros((I, rg), gate.s) if gate is not None else None,
             zeros((I, ru), up.s) if up is not None else None,
             zeros((rd, I), down.t) if down is not None else None)
     contiguous = lambda t: None if t is None else t.contiguous()  # rank-sized: copies are cheap
-    sg, bg = (contiguous(gate.s), contiguous(gate.b)) if gate is not None else (dh, dh)
-    su, bu = (contiguous(up.s), contiguous(up.b)) if up is not None else (dh, dh)
+    sg = contiguous(gate.s) if gate is not None else dh
+    su = contiguous(up.s) if up is not None else dh
     td = contiguous(down.t) if down is not None else dh
     has_drop = down is not None and down.dropout > 0
     dseed = seed_on(down.seed, device, "down.seed") if has_drop else dh
@@ -343,15 +279,12 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             n_splits = configs.token_splits(n_col, M, bm, device)
         per_split = triton.cdiv(triton.cdiv(M, n_splits), bm) * bm
         n_splits = triton.cdiv(M, per_split)
-        tg = torch.empty((n_col, M, rg), dtype=fp32, device=device) if gate is not None and t_in_pass else None
-        tu = torch.empty((n_col, M, ru), dtype=fp32, device=device) if up is not None and t_in_pass and not shared_t else None
         dbg = torch.empty((n_splits, I, rg), dtype=fp32, device=device) if gate is not None else None
         dbu = torch.empty((n_splits, I, ru), dtype=fp32, device=device) if up is not None else None
         dad = torch.empty((n_splits, rd, I), dtype=fp32, device=device) if down is not None else None
         act_bwd_lora_kernel[(n_col, n_splits)](
             dh, g, u, dg, du, seed_t,
-            sg, bg, tg if tg is not None else dh, dbg if dbg is not None else dh,
-            su, bu, tu if tu is not None else dh, dbu if dbu is not None else dh,
+            sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
             td, dad if dad is not None else dh, dseed,
             M, I, rg, ru, rd, per_split,
             dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
@@ -361,18 +294,17 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             keep_threshold(down.dropout) if has_drop else 0,
             rounded_to(1.0 / (1.0 - down.dropout), down.t.dtype) if has_drop else 1.0,
             ACT=ACT_CODES[activation], HAS_MASK=has_mask, LORA_G=gate is not None, LORA_U=up is not None,
-            T_IN_PASS=t_in_pass, SHARED_T=bool(shared_t), LORA_D=down is not None, D_DROPOUT=has_drop,
+            LORA_D=down is not None, D_DROPOUT=has_drop,
             G_DTYPE=dtype_code(sg, "gate.s"), U_DTYPE=dtype_code(su, "up.s"), D_DTYPE=dtype_code(td, "down.t"),
             UPCAST=upcast_dots(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, BLOCK_RD=block_rd,
             num_warps=config.num_warps, num_stages=config.num_stages)
-        return tg, tu, dbg, dbu, dad
+        return dbg, dbu, dad
 
-    key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, t_in_pass, bool(shared_t),
-           has_drop, None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
+    key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, has_drop, None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
            None if down is None else down.t.dtype, configs.layout_key(dh, g, u, dg, du))
-    tg, tu, dbg, dbu, dad = launch(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch))
+    dbg, dbu, dad = launch(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch))
 
     def total(part, like):  # fixed-order sum of the fp32 partials, then the adapter dtype
         return None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0)).to(like.dtype)
 
-    return ActBwdLoraGrads(dg, du, total(tg, sg), total(tu, su), total(dbg, sg), total(dbu, su), total(dad, td))
+    return ActBwdLoraGrads(dg, du, total(dbg, sg), total(dbu, su), total(dad, td))

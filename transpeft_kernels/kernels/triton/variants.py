@@ -365,8 +365,8 @@ class TokenReduce(_Case):
 
 @dataclass(frozen=True, kw_only=True)
 class ActBwdLora(_Case):
-    """The one-pass activation backward with the LoRA partials: dg, du; t and dB per gate/up side with
-    LoRA; dA of the down LoRA (h' rebuilt in registers, its dropout regenerated)."""
+    """The one-pass activation backward with the LoRA partials: dg, du; dB per gate/up side with LoRA;
+    dA of the down LoRA (h' rebuilt in registers, its dropout regenerated)."""
 
     x: int
     act: int
@@ -374,8 +374,6 @@ class ActBwdLora(_Case):
     up_lora: int | None
     down_lora: int | None
     rank: int = 16
-    t_in_pass: bool = False
-    shared_t: bool = False  # the fused gate_up layout
     mask: bool = True
     dropout: bool = True  # the down LoRA's dropout
     family = "act_bwd_lora"
@@ -385,7 +383,7 @@ class ActBwdLora(_Case):
     @property
     def label(self) -> str:
         return (f"act_bwd_lora x={CODE_NAMES[self.x]} act={self.act} lora=({_names(self.gate_lora, self.up_lora, self.down_lora)}) "
-                f"r={self.rank} t={'pass' if self.t_in_pass else 'shrink'}{' shared' if self.shared_t else ''} mask={self.mask}")
+                f"r={self.rank} mask={self.mask}")
 
     @property
     def elem_bytes(self) -> int:
@@ -398,15 +396,14 @@ class ActBwdLora(_Case):
         x, (g, u, d) = _PTR[self.x], self._codes()
         f32 = _PTR[FP32]
         return {"dh_ptr": x, "g_ptr": x, "u_ptr": x, "dg_ptr": x, "du_ptr": x, "seed_ptr": "*i64",
-                "sg_ptr": _PTR[g], "bg_ptr": _PTR[g], "tg_ptr": f32, "dbg_ptr": f32,
-                "su_ptr": _PTR[u], "bu_ptr": _PTR[u], "tu_ptr": f32, "dbu_ptr": f32,
+                "sg_ptr": _PTR[g], "dbg_ptr": f32, "su_ptr": _PTR[u], "dbu_ptr": f32,
                 "td_ptr": _PTR[d], "dad_ptr": f32, "dseed_ptr": "*i64"}
 
     def constexprs(self) -> dict:
         g, u, d = self._codes()
         return dict(ACT=self.act, HAS_MASK=self.mask, LORA_G=self.gate_lora is not None, LORA_U=self.up_lora is not None,
-                    T_IN_PASS=self.t_in_pass, SHARED_T=self.shared_t, LORA_D=self.down_lora is not None,
-                    D_DROPOUT=self.down_lora is not None and self.dropout, G_DTYPE=g, U_DTYPE=u, D_DTYPE=d, UPCAST=False)
+                    LORA_D=self.down_lora is not None, D_DROPOUT=self.down_lora is not None and self.dropout,
+                    G_DTYPE=g, U_DTYPE=u, D_DTYPE=d, UPCAST=False)
 
     def meta(self) -> dict:
         block_r = max(16, self.rank)
@@ -561,14 +558,13 @@ TOKEN_REDUCE_CASES = (
 )
 
 # one-pass activation backward: the Llama shapes' cases (bf16 base, fp32 or bf16 adapters, r 16 and 64),
-# t in the pass (fused and split layouts), fp32 and fp16 bases, partial LoRA, none
+# mixed adapter dtypes, fp32 and fp16 bases, partial LoRA, none
 ACT_BWD_LORA_CASES = (
     ActBwdLora(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32, tuned=True),
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, tuned=True),
     ActBwdLora(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32, rank=64),
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=64),
-    ActBwdLora(x=BF16, act=GELU_TANH, gate_lora=FP32, up_lora=FP32, down_lora=FP32, t_in_pass=True, shared_t=True),
-    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, t_in_pass=True),
+    ActBwdLora(x=BF16, act=GELU_TANH, gate_lora=FP32, up_lora=FP32, down_lora=BF16),
     ActBwdLora(x=FP32, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32),
     ActBwdLora(x=FP16, act=GELU, gate_lora=FP16, up_lora=None, down_lora=FP16, mask=False, dropout=False),
     ActBwdLora(x=BF16, act=SILU, gate_lora=None, up_lora=None, down_lora=FP32),
