@@ -32,7 +32,7 @@ def test_sm90_excerpt_counts():
     assert act["tensor_core_instructions"] == 0  # HFMA2.MMA is an FMA, not a tensor-core op
     assert act["ffma"] == 3
     assert (act["global_loads"], act["global_stores"], act["mufu"]) == (2, 1, 1)
-    assert (act["branches"], act["loops"]) == (0, 0)
+    assert (act["branches"], act["loops"], act["loop_body_instructions"]) == (0, 0, 0)
     assert (act["registers"], act["spill_bytes"], act["local_loads"], act["local_stores"]) == (80, 0, 0, 0)
     assert act["shared_static_bytes"] == 1024
 
@@ -47,6 +47,8 @@ def test_sm90_excerpt_counts():
     assert (shrink["shared_loads"], shrink["async_copies"]) == (1, 1)  # @!PT LDS, LDGSTS
     # @!P1 BRA 0x12370 (forward), @!P1 BRA 0x1350 (back to the loop head), BRA 0x124a0 (forward)
     assert (shrink["branches"], shrink["loops"]) == (3, 1)
+    # the loop 0x1350 .. 0x12350 holds 6 of the excerpt's lines: IMAD.WIDE, LDL.64, 2 HGMMA, LDL, the branch
+    assert shrink["loop_body_instructions"] == 6
 
 
 def test_sm80_excerpt_counts():

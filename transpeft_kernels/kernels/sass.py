@@ -27,6 +27,9 @@ What is counted, per kernel function (``function_metrics``):
     branches                  BRA / BRX / JMP / JMX (the trailing branch-to-self excluded)
     loops                     backward branches (target address below the branch): 0 means the code
                               is straight-line apart from forward branches and early exits
+    loop_body_instructions    the instructions of the longest loop body (a backward branch's target up
+                              to the branch): what a thread issues per iteration of a kernel's main
+                              loop, e.g. per row step of act_bwd_lora; 0 without loops
 
 All counts are static: an instruction in a loop body counts once, whatever the trip count, and an
 instruction on a path that is skipped at run time counts too. ``instructions_per_element`` below is
@@ -123,8 +126,10 @@ def count(instructions: list[tuple[int, str, str]]) -> dict[str, int]:
     ins = executable(instructions)
     bases = Counter(_base(op) for _, op, _ in ins)
     branches = [(addr, operands) for addr, op, operands in ins if _base(op) in _BRANCH_OPCODES]
-    loops = sum(1 for addr, operands in branches
-                if (t := _branch_target(operands)) is not None and t < addr)
+    back = [(t, addr) for addr, operands in branches if (t := _branch_target(operands)) is not None and t < addr]
+    loops = len(back)
+    # the longest loop body: instructions from a backward branch's target to the branch itself
+    loop_body = max((sum(1 for a, _, _ in ins if t <= a <= end) for t, end in back), default=0)
     return dict(
         instructions=len(ins),
         tensor_core_instructions=sum(n for b, n in bases.items() if b in TENSOR_CORE_OPCODES),
@@ -141,6 +146,7 @@ def count(instructions: list[tuple[int, str, str]]) -> dict[str, int]:
         mufu=bases["MUFU"],
         branches=len(branches),
         loops=loops,
+        loop_body_instructions=loop_body,
     )
 
 
