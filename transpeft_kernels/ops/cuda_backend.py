@@ -45,6 +45,12 @@ def _linear_ok(x2d: torch.Tensor, lin: LinearWeights) -> bool:
     return linear_covered(x2d, lin, cpu_ok=emulating())
 
 
+def _rows_contiguous(bt: torch.Tensor) -> torch.Tensor:
+    """B^T (r, N) as a contiguous copy (r x N, small): lora_shrink's threads read along a row of its
+    ``a``, so the strided view (strides (1, r)) would put consecutive lanes r elements apart."""
+    return bt.contiguous()
+
+
 class CudaBackend(TorchBackend):
     """Same primitives and signatures as TorchBackend; see the module docstring."""
 
@@ -79,7 +85,7 @@ class CudaBackend(TorchBackend):
             return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
         K, lora = self._k, lin.lora
         dx = dW = db = dA = dB = None
-        t = K.lora_shrink(dy, lora.B.t()) if lora is not None and (needs.A or needs.x) else None
+        t = K.lora_shrink(dy, _rows_contiguous(lora.B.t())) if lora is not None and (needs.A or needs.x) else None
         if needs.x:
             dx = dy @ lin.weight
             if lora is not None:
@@ -165,7 +171,7 @@ class CudaBackend(TorchBackend):
         if lora is None:
             dg, du, h, xd = K.masked_gated_act_bwd(dh_base, g, u, act, *margs, want_h=nd.weight, out=out)
         else:
-            t = K.lora_shrink(dy, lora.B.t())
+            t = K.lora_shrink(dy, _rows_contiguous(lora.B.t()))
             dg, du, h, xd = K.masked_gated_act_bwd(
                 dh_base, g, u, act, *margs, down_t=t, down_a=lora.A, down_scaling=lora.scaling,
                 down_drop=self._dropout(down, sub_seed(seed, SubSeed.DOWN)), want_h=nd.weight, want_xd=nd.A, out=out)
