@@ -43,7 +43,7 @@ from . import configs
 from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
 from .activations import act_fwd, act_fwd_and_grad
-from .masked_gated_act import _mask_scalars
+from .masked_gated_act import _mask_scalars, grad_outputs
 from ...reference.philox import keep_threshold
 
 MAX_RANK = 64
@@ -62,6 +62,20 @@ def _store_rank_tile_t(ptr, xt, rows64, row_ok, R, BLOCK_R: tl.constexpr):
     """Stores xt (BLOCK_R, len(rows)) transposed, into the rows of a contiguous (rows, R) tensor."""
     rr = tl.arange(0, BLOCK_R)
     tl.store(ptr + rows64[None, :] * R + rr[:, None], xt, mask=row_ok[None, :] & (rr < R)[:, None])
+
+
+@triton.jit
+def _db_step(acc, d, s_ptr, rows64, row_ok, R, CODE: tl.constexpr, UPCAST: tl.constexpr, X16: tl.constexpr,
+             BLOCK_R: tl.constexpr):
+    """acc (BLOCK_R, BLOCK_N) + S[rows]^T cast_A(d): one row step of a side's dB^T, d the stored gradient
+    tile (dg or du), exact in tf32 when X16."""
+    da = dot_operand(d, CODE, UPCAST)
+    st = dot_operand(_rank_tile_t(s_ptr, rows64, row_ok, R, BLOCK_R), CODE, UPCAST)
+    if X16:
+        acc = lora_dot_exact(st, da, acc, CODE, UPCAST, False)
+    else:
+        acc = lora_dot(st, da, acc, CODE, UPCAST)
+    return acc
 
 
 @triton.jit(do_not_specialize=["threshold", "drop_threshold"])
@@ -120,19 +134,9 @@ def act_bwd_lora_kernel(
         # dg, du and h' hold 16-bit values when the base is 16-bit: exact in tf32, so fp32-adapter dots
         # with them need two tf32 MMAs, not three (lora_dot_exact)
         if LORA_G:
-            dga = dot_operand(dg, G_DTYPE, UPCAST)
-            sgt = dot_operand(_rank_tile_t(sg_ptr, r64, row_ok, RG, BLOCK_R), G_DTYPE, UPCAST)
-            if X16:
-                acc_bg = lora_dot_exact(sgt, dga, acc_bg, G_DTYPE, UPCAST, False)
-            else:
-                acc_bg = lora_dot(sgt, dga, acc_bg, G_DTYPE, UPCAST)
+            acc_bg = _db_step(acc_bg, dg, sg_ptr, r64, row_ok, RG, G_DTYPE, UPCAST, X16, BLOCK_R)
         if LORA_U:
-            dua = dot_operand(du, U_DTYPE, UPCAST)
-            sut = dot_operand(_rank_tile_t(su_ptr, r64, row_ok, RU, BLOCK_R), U_DTYPE, UPCAST)
-            if X16:
-                acc_bu = lora_dot_exact(sut, dua, acc_bu, U_DTYPE, UPCAST, False)
-            else:
-                acc_bu = lora_dot(sut, dua, acc_bu, U_DTYPE, UPCAST)
+            acc_bu = _db_step(acc_bu, du, su_ptr, r64, row_ok, RU, U_DTYPE, UPCAST, X16, BLOCK_R)
         if LORA_D:
             # h' as the forward rounded it: silu's and erf-gelu's act(g) from the gradient are the forward's
             # bit for bit (the same products; a factor 0.5 moved is exact); gelu_tanh's are written
@@ -240,15 +244,7 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             raise ValueError("down.seed: required when down.dropout > 0")
     device = check_same_device(dh=dh, g=g, u=u, gate_s=gate and gate.s, up_s=up and up.s, down_t=down and down.t)
     has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
-    if out is None:
-        dg = torch.empty((M, I), dtype=g.dtype, device=device)
-        du = torch.empty((M, I), dtype=u.dtype, device=device)
-    else:
-        dg, du = out
-        check_out(dg, (M, I), g.dtype, "out[0]")
-        check_out(du, (M, I), u.dtype, "out[1]")
-        if dg.stride(1) != 1 or du.stride(1) != 1:
-            raise ValueError("out: expected unit column strides")
+    dg, du = grad_outputs(g, u, out)
     rank = max(rg, ru)
 
     def zeros(shape, like):

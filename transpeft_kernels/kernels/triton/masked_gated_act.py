@@ -85,6 +85,20 @@ def _mask_scalars(p: float, rescale: bool, dtype: torch.dtype, seed):
     return True, threshold, rounded_to(1.0 / (1.0 - p), dtype) if rescale else 1.0
 
 
+def grad_outputs(g, u, out):
+    """(dg, du): fresh (M, I) tensors in g's and u's dtypes, or ``out`` checked (shapes, dtypes, unit
+    column strides: the kernels write columns by position)."""
+    M, I = g.shape
+    if out is None:
+        return torch.empty((M, I), dtype=g.dtype, device=g.device), torch.empty((M, I), dtype=u.dtype, device=u.device)
+    dg, du = out
+    check_out(dg, (M, I), g.dtype, "out[0]")
+    check_out(du, (M, I), u.dtype, "out[1]")
+    if I > 1 and (dg.stride(1) != 1 or du.stride(1) != 1):
+        raise ValueError("out: expected unit column strides")
+    return dg, du
+
+
 def _grid(M, I, config):
     return (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(I, config["BLOCK_N"]))
 
@@ -125,13 +139,7 @@ def masked_gated_act_bwd(dh, g, u, activation: str, p: float, rescale: bool, see
     device = check_same_device(dh=dh, g=g, u=u)
     has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
     M, I = g.shape
-    if out is None:
-        dg = torch.empty((M, I), dtype=g.dtype, device=device)
-        du = torch.empty((M, I), dtype=u.dtype, device=device)
-    else:
-        dg, du = out
-        check_out(dg, (M, I), g.dtype, "out[0]")
-        check_out(du, (M, I), u.dtype, "out[1]")
+    dg, du = grad_outputs(g, u, out)
     if M == 0 or I == 0:
         return dg, du
     seed_t = seed_on(seed, device) if has_mask else g
