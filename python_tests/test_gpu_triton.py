@@ -8,9 +8,10 @@ test_triton_gate_up_act.py and test_ops.py, compiled as well when a GPU is prese
   and 2**32 too (test_philox.py checks the interpreter's);
 * the keep masks the compiled kernels regenerate, at a shape spanning many programs and tiles,
   equal reference.keep_mask bit for bit, and so do those at element offsets past 2**31;
-* lora_linear and masked_gated_mlp (both layouts) on "triton", forward and every gradient, at
-  realistic shapes against "torch" on the same GPU and float64 on the CPU, within budget.py's error
-  budget, with the Triton kernels counted as they launch (a silent fallback to torch fails).
+* lora_linear and masked_gated_mlp (both layouts) on "triton", with cuBLAS and with Triton base GEMMs,
+  forward and every gradient, at realistic shapes against "torch" on the same GPU and float64 on the
+  CPU, within budget.py's error budget, with the Triton kernels counted as they launch (a silent
+  fallback to torch fails).
 
 Autotuning stays off unless TRANSPEFT_TRITON_AUTOTUNE is set: the numerics hold for any config,
 and timing every candidate would cost minutes of compiles.
@@ -125,12 +126,15 @@ def test_masked_gated_act_mask_past_2_pow_31_elements():
 
 
 # ---- the autograd ops at realistic shapes -----------------------------------------------------------
-KERNELS = ("lora_shrink", "gemm_lora_expand", "token_reduce", "gate_up_act", "masked_gated_act_fwd",
-           "masked_gated_act_bwd")
+KERNELS = ("lora_shrink", "token_reduce", "gemm_lora_expand", "gate_up_act", "lora_expand_add", "gate_up_lora_act",
+           "act_bwd_lora", "masked_gated_act_fwd", "masked_gated_act_bwd")
+# What each op launches, per base-GEMM mode (ops/triton_backend.base_gemm); the MLP's backward is the
+# one pass (act_bwd_lora) in both
 EXPECTED = {
-    "lora_linear": {"lora_shrink", "gemm_lora_expand", "token_reduce"},
-    "gated_mlp_split": set(KERNELS),
-    "gated_mlp_fused": set(KERNELS),
+    ("lora_linear", "cublas"): {"lora_shrink", "lora_expand_add", "token_reduce"},
+    ("lora_linear", "triton"): {"lora_shrink", "gemm_lora_expand", "token_reduce"},
+    ("gated_mlp", "cublas"): {"lora_shrink", "lora_expand_add", "token_reduce", "gate_up_lora_act", "act_bwd_lora"},
+    ("gated_mlp", "triton"): {"lora_shrink", "gemm_lora_expand", "token_reduce", "gate_up_act", "act_bwd_lora"},
 }
 
 
@@ -172,16 +176,22 @@ def _output_and_grads(fn, x, lins, dy):
 
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16-fp32-adapters": (torch.bfloat16, torch.float32),
           "bf16": (torch.bfloat16, torch.bfloat16)}
-# Every kernel in each (base, adapter) dtype pair, and each MLP layout twice; not the full product,
-# which adds compiles and no kernel variant.
-OP_CASES = [("lora_linear", dt) for dt in DTYPES] + [
-    ("gated_mlp_split", "fp32"), ("gated_mlp_split", "bf16-fp32-adapters"),
-    ("gated_mlp_fused", "bf16-fp32-adapters"), ("gated_mlp_fused", "bf16"),
+# Every kernel in each (base, adapter) dtype pair, and each MLP layout twice, with the default cuBLAS base
+# GEMMs; the Triton GEMMs in the main dtype pair; not the full product, which adds compiles and no kernel
+# variant.
+OP_CASES = [("lora_linear", dt, "cublas") for dt in DTYPES] + [
+    ("gated_mlp_split", "fp32", "cublas"), ("gated_mlp_split", "bf16-fp32-adapters", "cublas"),
+    ("gated_mlp_fused", "bf16-fp32-adapters", "cublas"), ("gated_mlp_fused", "bf16", "cublas"),
+    ("lora_linear", "bf16-fp32-adapters", "triton"), ("gated_mlp_split", "bf16-fp32-adapters", "triton"),
+    ("gated_mlp_fused", "fp32", "triton"),
 ]
 
 
-@pytest.mark.parametrize("op,dtypes", OP_CASES)
-def test_ops_at_realistic_shapes_match_torch_and_float64(op, dtypes, launches):
+@pytest.mark.parametrize("op,dtypes,base_gemm", OP_CASES)
+def test_ops_at_realistic_shapes_match_torch_and_float64(op, dtypes, base_gemm, launches, monkeypatch):
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV
+
+    monkeypatch.setenv(BASE_GEMM_ENV, base_gemm)
     dtype, adt = DTYPES[dtypes]
     gen = torch.Generator().manual_seed(0)
     d, inter = 257, 700  # ragged against every tile size
@@ -207,7 +217,8 @@ def test_ops_at_realistic_shapes_match_torch_and_float64(op, dtypes, launches):
 
     got = run("triton", CUDA)
     ran = {name for name, n in launches.items() if n}
-    assert EXPECTED[op] <= ran, f"Triton kernels not launched (a fallback to torch?): {sorted(EXPECTED[op] - ran)}"
+    want = EXPECTED[(op.split("_split")[0].split("_fused")[0], base_gemm)]
+    assert want <= ran, f"Triton kernels not launched (a fallback to torch?): {sorted(want - ran)}"
     ref = run("torch", CUDA)
     exact = run("torch", CPU, torch.float64)
     # the longest chain of sums: the token reduction of dA, dB plus every projection's dimensions
