@@ -17,11 +17,9 @@ import triton.language as tl
 
 @triton.jit
 def _sigmoid(z):
-    """1 / (1 + e^-z) through e = e^-|z|, which never overflows: r = 1 / (1 + e), and e r for z < 0
-    (one division per element, not two)."""
+    """1 / (1 + e^-z) through e^-|z|, which never overflows."""
     e = tl.exp(-tl.abs(z))
-    r = 1.0 / (1.0 + e)
-    return tl.where(z >= 0, r, e * r)
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
