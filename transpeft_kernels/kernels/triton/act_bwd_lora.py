@@ -22,11 +22,12 @@ order: no atomics, the same bits on every run with the same config.
 
 Not in the pass: t = cast_A(dg) B (lora_shrink reads dg and du once more). Computing it here was built
 and measured: its dots have (BLOCK_M, r) outputs, 16 x 16 at r 16, that keep few warps busy while every
-warp gathers the whole (BLOCK_M, BLOCK_N) operand; in the static sm_90 SASS they added about 40
-instructions per element (fp32 adapters: 118 instead of 78 in the loop; bf16: 77 instead of 65), more
-issue time than the re-read's bytes cost, plus 8 r / BLOCK_N bytes of fp32 partials per element, and the
-fused layout's variant spilled. Neither is the down LoRA's term of dh' added here (cuBLAS mode): 36-52
-more instructions per element, the cost of the separate lora_expand_add over dh' in bytes.
+warp gathers the whole (BLOCK_M, BLOCK_N) operand; in the static sm_90 SASS the loop went from 78 to 118
+instructions per element with fp32 adapters (65 to 77 with bf16), more issue time than the re-read's
+bytes cost, plus 8 r / BLOCK_N bytes of fp32 partials per element, and the fp32 variants spilled
+(96-168 B). Neither is the down LoRA's term of dh' added here (cuBLAS mode): +41 / +36 instructions
+per element at r 16 (fp32 / bf16 adapters), spills at r 64, about what the separate lora_expand_add
+over dh' costs in bytes. Both: benchmarks/results/sass_act_bwd_lora_options.json.
 Ranks up to 64 (register accumulators).
 """
 from __future__ import annotations
