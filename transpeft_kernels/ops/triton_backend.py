@@ -21,12 +21,16 @@ these primitives, and so is mlp_bwd with TRANSPEFT_TRITON_ONE_PASS_BWD=0 or for 
     g and u are stored (autograd saves them), h' is computed from their rounded values, so the
     h' that backward rebuilds is bit-identical to the forward's.
 masked gated MLP backward in one pass over (M, I) (mlp_bwd; one_pass_bwd_enabled), t_d = cast_A(dY) B_d:
-    t_d, dh' = dY W_d + s_d D(t_d A_d), dB_d     lora_shrink, gemm_lora_expand, token_reduce
+    t_d, dh' = dY W_d + s_d D(t_d A_d), dB_d     lora_shrink, the dX product (below), token_reduce
     dg, du, dB_g, dB_u, dA_d                     act_bwd_lora: one pass over (M, I); h' rebuilt in
                                                  registers for dA_d, never written; dg and du not
                                                  read back for dB
     t_g = cast_A(dg) B_g, t_u                    lora_shrink (cheaper than t in the pass: act_bwd_lora.py)
-    dx = sum_p dg_p W_p + s D(t_p A_p), dA_p     gemm_lora_expand, token_reduce (as lora_linear)
+    dx = sum_p dg_p W_p + s D(t_p A_p), dA_p     the dX products, token_reduce (as lora_linear)
+Base products (``base_gemm``): "cublas" (default) runs x W^T, dY W on ATen's GEMM and the LoRA terms as
+passes over their outputs: lora_expand_add for y and dX (dX of gate and up summed with addmm_), and
+gate_up_lora_act for the gate/up expands with the masked activation; "triton" runs gemm_lora_expand and
+gate_up_act as above.
 All gradients are deterministic (token reductions use fixed-order split partials, no atomics), and
 nothing is written into saved tensors or incoming gradients: every output is a fresh tensor.
 
@@ -63,7 +67,7 @@ def one_pass_bwd_enabled() -> bool:
     TRANSPEFT_TRITON_ONE_PASS_BWD=0. Chosen by the roofline model with the kernel's instructions taken
     from its SASS (perf/ledger.py): at the Llama-3-8B shape it moves 1.4 GB less than the multi-pass
     backward (TorchBackend's composition: h' recomputed and written, dg and du read again for dB) and
-    is predicted 0.15-0.35 ms faster per MLP; no GPU has measured either yet
+    is predicted 0.15-0.36 ms faster per MLP; no GPU has measured either yet
     (benchmarks/gpu_triton_check.py times both side by side)."""
     return os.environ.get(ONE_PASS_ENV, "1") not in ("0", "", "false", "False")
 
@@ -167,7 +171,7 @@ class TritonBackend(TorchBackend):
                 dB, _ = K.token_reduce(dy, s, lora.B.dtype, adt, scale=lora.scaling)
             if needs.A:
                 dA, _ = K.token_reduce(t, x2d, adt, adt, scale=lora.scaling, dropout=lora.dropout, seed=seed)
-        return LinearGrads(dx, dW, db, dA, dB if lora is not None else None)
+        return LinearGrads(dx, dW, db, dA, dB)
 
     # ---- masked gated activation ---------------------------------------------------------------
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
@@ -229,8 +233,9 @@ class TritonBackend(TorchBackend):
             one pass: dg, du;  dB of the gate/up LoRA;  dA_d = s_d t_d^T D(h')   (h' never written)
             gate/up:  dx = sum of dg W + s D(t A) over the projections;  dA = s t^T D(x);  dW, db
         With TRANSPEFT_TRITON_ONE_PASS_BWD=0 (``one_pass_bwd_enabled``), and as a fallback,
-        TorchBackend's composition (h' recomputed and written, dg and du read again). Falls back when a projection is not covered, g and u differ in dtype, a LoRA rank exceeds
-        ACT_BWD_LORA_MAX_RANK, or the down projection's base weight or bias is trained (dW_d needs h')."""
+        TorchBackend's composition (h' recomputed and written, dg and du read again): when a
+        projection is not covered, g and u differ in dtype, a LoRA rank exceeds ACT_BWD_LORA_MAX_RANK,
+        or the down projection's base weight or bias is trained (dW_d needs h')."""
         g, u = split_gate_up(saved.outs, w.layout)
         down, nd = w.down, needs[-1]
         ranks = [lin.lora.A.shape[0] for lin in w.projections if lin.lora is not None]
@@ -277,5 +282,5 @@ class TritonBackend(TorchBackend):
             if gi.x is not None:
                 dx = gi.x
             grads.append(gi)
-        grads.append(LinearGrads(None, None, None, r.dA_d if dl is not None and nd.A else None, dB_d))
+        grads.append(LinearGrads(None, None, None, r.dA_d, dB_d))
         return dx, tuple(grads)

@@ -149,21 +149,15 @@ def lora_dot(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def lora_dot_exact(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr, EXACT_A: tl.constexpr):
-    """``lora_dot`` where one operand (``a`` when EXACT_A, else ``b``) holds values of a 16-bit dtype
-    (fp16 or bf16, e.g. a gradient stored in the base's dtype), which tf32 represents exactly: its small
-    part is zero, so for fp32 adapters the tf32x3 product needs two MMAs (the exact operand times the
-    other's big and small parts), with no split of the exact operand held in registers. The error is
-    the small part's truncation alone (<= 2^-21 |a b|, within TF32X3_ROUNDOFF)."""
+def lora_dot_exact(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
+    """``lora_dot`` where ``b`` holds values of a 16-bit dtype (fp16 or bf16, e.g. a gradient stored in
+    the base's dtype), which tf32 represents exactly: its small part is zero, so for fp32 adapters the
+    tf32x3 product needs two MMAs (a's small and big parts times b), with no split of b held in
+    registers. The error is a's small part's truncation alone (<= 2^-21 |a b|, within TF32X3_ROUNDOFF)."""
     if CODE == 0:
-        if EXACT_A:
-            b_big = _tf32_rna(b, UPCAST)
-            acc = _tf32_dot(a, b - b_big, acc, UPCAST)
-            acc = _tf32_dot(a, b_big, acc, UPCAST)
-        else:
-            a_big = _tf32_rna(a, UPCAST)
-            acc = _tf32_dot(a - a_big, b, acc, UPCAST)
-            acc = _tf32_dot(a_big, b, acc, UPCAST)
+        a_big = _tf32_rna(a, UPCAST)
+        acc = _tf32_dot(a - a_big, b, acc, UPCAST)
+        acc = _tf32_dot(a_big, b, acc, UPCAST)
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     return acc

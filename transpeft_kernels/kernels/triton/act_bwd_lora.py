@@ -73,7 +73,7 @@ def _db_step(acc, d, s_ptr, rows64, row_ok, R, CODE: tl.constexpr, UPCAST: tl.co
     da = dot_operand(d, CODE, UPCAST)
     st = dot_operand(_rank_tile_t(s_ptr, rows64, row_ok, R, BLOCK_R), CODE, UPCAST)
     if X16:
-        acc = lora_dot_exact(st, da, acc, CODE, UPCAST, False)
+        acc = lora_dot_exact(st, da, acc, CODE, UPCAST)
     else:
         acc = lora_dot(st, da, acc, CODE, UPCAST)
     return acc
@@ -153,7 +153,7 @@ def act_bwd_lora_kernel(
                 # so that the dot's h' operand stays exact in tf32
                 if D_DROPOUT:
                     hq = tl.where(philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N), hq, 0.0)
-                acc_ad = lora_dot_exact(tdt, dot_operand(hq, D_DTYPE, UPCAST), acc_ad, D_DTYPE, UPCAST, False)
+                acc_ad = lora_dot_exact(tdt, dot_operand(hq, D_DTYPE, UPCAST), acc_ad, D_DTYPE, UPCAST)
             else:
                 if D_DROPOUT:
                     keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)

@@ -33,6 +33,15 @@ from .masked_gated_act import _mask_scalars
 from ...reference.philox import keep_threshold
 
 
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile of an (M, N) output, grid (row tiles, column tiles):
+    rows, rows as int64, rows in bounds, columns as int64, columns in bounds."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows.to(tl.int64), rows < M, cols.to(tl.int64), cols < N
+
+
 @triton.jit(do_not_specialize=["drop_threshold"])
 def lora_expand_add_kernel(
     y_ptr, s_ptr, b_ptr, seed_ptr,
@@ -44,12 +53,7 @@ def lora_expand_add_kernel(
 ):
     """y[tile] <- round(y[tile] + scaling * D(S B^T)[tile]); y has a unit column stride."""
     pid_n = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    rows, rows64, row_ok, cols64, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
     acc = lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr,
                     stride_bn, stride_br, rows, rows64, cols64, row_ok, col_ok, pid_n, scaling, drop_threshold,
                     drop_scale, LORA_DROPOUT, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
@@ -73,12 +77,7 @@ def gate_up_lora_act_kernel(
     """g, u (base outputs, bias included) <- + LoRA expand, rounded; h' from the rounded values (the
     arithmetic of gate_up_act's epilogue and of masked_gated_act_fwd)."""
     pid_n = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < I
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    rows, rows64, row_ok, cols64, col_ok = _tile(M, I, BLOCK_M, BLOCK_N)
     inb = row_ok[:, None] & col_ok[None, :]
     g_ptrs = g_ptr + rows64[:, None] * stride_g + cols64[None, :]
     u_ptrs = u_ptr + rows64[:, None] * stride_u + cols64[None, :]
