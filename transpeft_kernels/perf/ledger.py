@@ -165,19 +165,20 @@ def _add(into: dict, more: dict) -> dict:
 
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
 # ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, rank > 32): the loop body of
-# its static sm_90 SASS in the default config (loop_body_instructions in benchmarks/results/
-# sass_round2_sm90.json: 1250 / 1036 per iteration of 16 elements per thread for fp32 / bf16 adapters at
-# r 16, 831 / 606 per 8 elements at r 64), less the two mask streams the model charges as Philox work (2 x 18.4), over
-# 24. Every warp gathers each dot's rank-sized operand and stages its share of the (BLOCK_M, BLOCK_N)
-# tile through shared memory per dot: 1.2-2.8x an elementwise kernel's work per element.
+# its static sm_90 SASS in the default config (loop_body_instructions in
+# benchmarks/results/sass_round2_sm90.json: 1250 / 1036 per iteration of 16 elements per thread for
+# fp32 / bf16 adapters at r 16, 831 / 606 per 8 elements at r 64), less the two mask streams the model
+# charges as Philox work (2 x 18.4), over 24. Every warp gathers each dot's rank-sized operand and
+# stages its share of the (BLOCK_M, BLOCK_N) tile through shared memory per dot: 1.2-2.8x an
+# elementwise kernel's work per element.
 ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, False): 1.72, (False, False): 1.16, (True, True): 2.80, (False, True): 1.62}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
-# sm_90 SASS in the default config (32 elements per thread; benchmarks/results/sass_round2_sm90.json): lora_expand_add
-# 578 instructions with fp32 adapters (18 per element; 1158 with the dX mask, whose Philox work the model
-# charges separately), gate_up_lora_act with fp32 adapters on both sides and the mask 2128 (66.5 per
-# element, 18.4 of them the mask's), over ELEMENTWISE_INSTR = 24.
+# sm_90 SASS in the default config (32 elements per thread; benchmarks/results/sass_round2_sm90.json):
+# lora_expand_add 578 instructions with fp32 adapters (18 per element; 1158 with the dX mask, whose
+# Philox work the model charges separately), gate_up_lora_act with fp32 adapters on both sides and the
+# mask 2128 (66.5 per element, 18.4 of them the mask's), over ELEMENTWISE_INSTR = 24.
 EPILOGUE_ELEMENT_WEIGHT = {"lora_expand_add_kernel": 0.75, "gate_up_lora_act_kernel": 2.0}
 
 
