@@ -1,11 +1,13 @@
-"""The "cuda" backend's binding and fused formulas on CPU, through the host emulation of the C
-interface (csrc/emulation/host_capi.cpp: the kernels' per-element math in host loops, built with g++).
+"""The "cuda" backend's binding and kernels on CPU, through the emulation library: the CUDA kernels'
+own source compiled by g++ against a host stand-in for the CUDA runtime (csrc/emulation/simt), which
+runs each launch with one fiber per CUDA thread, barriers and warp shuffles included.
 
 It checks what can be checked without a GPU: which kernel gets which pointer, stride, dtype code,
-mask and scale; the fused down-projection shrink and LoRA gradient term; the dtype rounding; masks bit
-for bit against the reference. The device code paths themselves (packs, block reductions) are only
-exercised by test_cuda_ops.py on a GPU. The op-level tests of test_ops.py run on "cuda" through the
-same emulation (their backend fixture).
+mask and scale; the kernels' indexing, 16-byte packs, block reductions and grid-stride loops; the fused
+down-projection shrink and LoRA gradient term; the dtype rounding; masks bit for bit against the
+reference. Not checked here: timing, coalescing, register and shared-memory limits, and device-only
+instructions (their host fallbacks run instead): test_cuda_ops.py on a GPU. The op-level tests of
+test_ops.py run on "cuda" through the same emulation (their backend fixture).
 """
 import shutil
 

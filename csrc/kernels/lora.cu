@@ -152,8 +152,7 @@ extern "C" int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64
   return with_dtypes(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) -> cudaError_t {
     using TX = typename decltype(tx)::type;
     using TA = typename decltype(ta)::type;
-    shrink_kernel<TX, TA><<<grid, kThreads, 0, as_stream(stream)>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(shrink_kernel<TX, TA>, grid, kThreads, as_stream(stream), p);
   });
 }
 
@@ -170,8 +169,7 @@ extern "C" int transpeft_lora_expand(const TranspeftLoraExpandArgs* args, uint64
   return with_dtypes(p.y_dtype, p.lora_dtype, [&](auto ty, auto tl) -> cudaError_t {
     using TY = typename decltype(ty)::type;
     using TL = typename decltype(tl)::type;
-    expand_kernel<TY, TL><<<grid, kThreads, 0, as_stream(stream)>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(expand_kernel<TY, TL>, grid, kThreads, as_stream(stream), p);
   });
 }
 
@@ -183,7 +181,6 @@ extern "C" int transpeft_lora_dropout_cast(const TranspeftLoraDropoutCastArgs* a
   return with_dtypes(p.x_dtype, p.out_dtype, [&](auto tx, auto to) -> cudaError_t {
     using TX = typename decltype(tx)::type;
     using TO = typename decltype(to)::type;
-    dropout_cast_kernel<TX, TO><<<grid_for(p.M), kThreads, 0, as_stream(stream)>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(dropout_cast_kernel<TX, TO>, dim3(grid_for(p.M)), kThreads, as_stream(stream), p);
   });
 }

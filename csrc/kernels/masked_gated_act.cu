@@ -218,11 +218,10 @@ cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const unsigned grid = grid_for((args.M + rows_for(RT) - 1) / rows_for(RT));
   if (packable<T>(args.I, {args.ldg, args.ldu, args.ldh}, {args.g, args.u, args.h})) {
-    act_fwd_kernel<T, TA, V, RT><<<grid, kThreads, 0, stream>>>(args);
+    return launch_kernel(act_fwd_kernel<T, TA, V, RT>, grid, kThreads, stream, args);
   } else {
-    act_fwd_kernel<T, TA, 1, RT><<<grid, kThreads, 0, stream>>>(args);
+    return launch_kernel(act_fwd_kernel<T, TA, 1, RT>, grid, kThreads, stream, args);
   }
-  return cudaGetLastError();
 }
 
 template <typename T, typename TA, int RT>
@@ -232,11 +231,10 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   const int64_t ldh = args.h_out != nullptr ? args.ldh_out : 0;
   if (packable<T>(args.I, {args.lddh, args.ldg, args.ldu, args.lddg, args.lddu, ldh},
                   {args.dh, args.g, args.u, args.dg, args.du, args.h_out})) {
-    act_bwd_kernel<T, TA, V, RT><<<grid, kThreads, 0, stream>>>(args);
+    return launch_kernel(act_bwd_kernel<T, TA, V, RT>, grid, kThreads, stream, args);
   } else {
-    act_bwd_kernel<T, TA, 1, RT><<<grid, kThreads, 0, stream>>>(args);
+    return launch_kernel(act_bwd_kernel<T, TA, 1, RT>, grid, kThreads, stream, args);
   }
-  return cudaGetLastError();
 }
 
 // The rank tile for a fused LoRA term: 16, 32 or 64; 0 for a rank the fused kernels do not take.

@@ -1,5 +1,5 @@
-// The fused masked gated activation + down-projection shrink of transpeft/capi.h, run through the host
-// emulation (csrc/emulation/host_capi.cpp, the kernels' per-element math in loops), against the Python
+// The fused masked gated activation + down-projection shrink of transpeft/capi.h, the CUDA kernels run
+// on the CPU (csrc/emulation/kernels_on_host.cpp: one fiber per CUDA thread), against the Python
 // reference's vectors (csrc/tests/fused_vectors.h); then its backward against finite differences of
 // the same forward. Exit status 0 iff all pass.
 #include <cinttypes>

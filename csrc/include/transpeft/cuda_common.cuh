@@ -1,5 +1,6 @@
 // Device-side pieces shared by csrc/kernels/*.cu: dtype dispatch, 16-byte packs, the block
-// reduction of the rank-sized LoRA sums, and launch sizing. nvcc only.
+// reduction of the rank-sized LoRA sums, launch sizing and the launch itself. nvcc, or g++ with the
+// host stand-in for cuda_runtime.h (csrc/emulation/simt), which runs the same kernels on the CPU.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -75,6 +76,19 @@ __device__ __forceinline__ float block_sum_to_thread(float (&acc)[N], float* sme
 inline unsigned grid_for(int64_t units) {
   const int64_t n = units < 1 ? 1 : (units > kMaxBlocks ? kMaxBlocks : units);
   return static_cast<unsigned>(n);
+}
+
+// kernel<<<grid, threads, 0, stream>>>(args), or its run on the CPU in the emulation build.
+template <typename Args>
+inline cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, int threads, cudaStream_t stream,
+                                 const Args& args) {
+#if defined(TRANSPEFT_SIMT_EMULATION)
+  (void)stream;
+  return simt::launch(kernel, grid, dim3(threads), args);
+#else
+  kernel<<<grid, threads, 0, stream>>>(args);
+  return cudaGetLastError();
+#endif
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

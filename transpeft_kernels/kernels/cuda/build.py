@@ -7,7 +7,9 @@ not link against torch, so it builds the same way next to a CPU-only torch wheel
 torch.utils.cpp_extension refuses CUDA sources) and next to a CUDA torch.
 
     build(out_dir)            nvcc through a generated build.ninja, run by ninja -> out_dir/libtranspeft_cuda.so
-    build_emulation(out_dir)  g++ -> out_dir/libtranspeft_cuda_emulation.so (host loops, see csrc/emulation)
+    build_emulation(out_dir)  g++ -> out_dir/libtranspeft_cuda_emulation.so: the same .cu files compiled
+                              as C++ against csrc/emulation/simt/cuda_runtime.h, which runs each kernel on
+                              the CPU with one fiber per CUDA thread (barriers and shuffles real)
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ LIB_NAME = "libtranspeft_cuda.so"
 EMULATION_LIB_NAME = "libtranspeft_cuda_emulation.so"
 ARCHS = ("80", "90a")  # A100; H100/H200 (sm_90a SASS)
 KERNEL_SOURCES = ("kernels/masked_gated_act.cu", "kernels/lora.cu", "kernels/runtime.cu")
-EMULATION_SOURCE = "emulation/host_capi.cpp"
+EMULATION_SOURCE = "emulation/kernels_on_host.cpp"  # includes KERNEL_SOURCES
+EMULATION_SHIM = "emulation/simt"  # its cuda_runtime.h stands in for CUDA's in the emulation build
 
 _HERE = Path(__file__).resolve().parent
 
@@ -149,7 +152,7 @@ def build(out_dir: Path | str | None = None, archs=ARCHS, verbose: bool = False,
 
 
 def build_emulation(out_dir: Path | str | None = None) -> Path:
-    """g++ the host emulation of the C interface into out_dir (default: cache dir/emulation)."""
+    """g++ the kernels with the host stand-in for the CUDA runtime into out_dir (default: cache dir/emulation)."""
     csrc = find_csrc()
     if csrc is None:
         raise RuntimeError("the C++ sources (csrc/) are not in this installation: use a source checkout")
@@ -159,12 +162,14 @@ def build_emulation(out_dir: Path | str | None = None) -> Path:
     out = Path(out_dir) if out_dir is not None else default_cache_dir() / "emulation"
     out.mkdir(parents=True, exist_ok=True)
     lib = out / EMULATION_LIB_NAME
-    digest = sources_digest(csrc, ("host",)) + hashlib.sha256((csrc / EMULATION_SOURCE).read_bytes()).hexdigest()[:8]
+    shim = csrc / EMULATION_SHIM / "cuda_runtime.h"
+    digest = sources_digest(csrc, ("host",)) + hashlib.sha256(
+        shim.read_bytes() + (csrc / EMULATION_SOURCE).read_bytes()).hexdigest()[:8]
     stamp = out / "SOURCES_DIGEST"
     if lib.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         return lib
     tmp = out / f".{EMULATION_LIB_NAME}.{os.getpid()}"
-    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{csrc / 'include'}", str(csrc / EMULATION_SOURCE),
+    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{shim.parent}", f"-I{csrc / 'include'}", str(csrc / EMULATION_SOURCE),
            "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

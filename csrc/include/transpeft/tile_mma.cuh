@@ -1,0 +1,177 @@
+// One warp's 16 x 16 x K tile product on the tensor cores, for the rank-sized LoRA products:
+//
+//   acc (16 x 16, fp32) += A (16 x K) B (K x 16)
+//
+// A and B are in shared memory, in the adapter dtype TA: A row-major (element (m, k) at a[m * lda + k])
+// or column-major (at a[k * lda + m]), B row-major (element (k, n) at b[k * ldb + n]). K is a multiple
+// of kTileK<TA>. Precision:
+//   bf16 / fp16 (16-bit adapters): the operands are exact in their own dtype, one mma per k step.
+//   fp32 (fp32 adapters): tf32x3. Each operand is split x = hi + lo, hi = tf32(x), lo = tf32(x - hi),
+//     and acc += lo_a hi_b + hi_a lo_b + hi_a hi_b (small terms first); the dropped lo_a lo_b term is
+//     about 2^-22 of the product, so the result is within a few fp32 ulps of an fp32 dot, at three
+//     tensor-core mmas per k step instead of a CUDA-core FMA chain.
+// Accumulation order within an mma is the hardware's (fp32), so sums differ from a sequential fp32 loop
+// in the last bits only.
+//
+// nvcc: nvcuda::wmma (sm_80 and up). The emulation build (csrc/emulation/simt): every lane holds the
+// whole tile and computes the same products with the same tf32 splits, in a fixed order; the warp-wide
+// calls are warp barriers there, as they are warp-synchronous on the GPU.
+#pragma once
+
+#include <type_traits>
+
+#include "dtypes.h"
+
+#if !defined(TRANSPEFT_SIMT_EMULATION)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace transpeft {
+namespace cuda {
+
+constexpr int kTile = 16;  // the M and N of one warp's tile
+
+template <typename TA>
+constexpr int kTileK = sizeof(TA) == 4 ? 8 : 16;  // k per mma: tf32 m16n16k8, bf16/fp16 m16n16k16
+
+#if !defined(TRANSPEFT_SIMT_EMULATION)
+
+namespace detail {
+namespace wmma = nvcuda::wmma;
+
+template <typename TA>
+struct WmmaType;
+template <>
+struct WmmaType<float> {
+  using precision = wmma::precision::tf32;
+  using storage = float;
+};
+template <>
+struct WmmaType<half_t> {
+  using precision = __half;
+  using storage = __half;
+};
+template <>
+struct WmmaType<bf16_t> {
+  using precision = __nv_bfloat16;
+  using storage = __nv_bfloat16;
+};
+
+template <typename Frag>
+__device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
+#pragma unroll
+  for (int i = 0; i < hi.num_elements; ++i) {
+    const float v = hi.x[i];
+    hi.x[i] = wmma::__float_to_tf32(v);
+    lo.x[i] = wmma::__float_to_tf32(v - hi.x[i]);
+  }
+}
+}  // namespace detail
+
+// The fp32 accumulator tile of products in adapter dtype TA.
+template <typename TA>
+using TileAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kTile, kTile, kTileK<TA>, float>;
+
+template <typename TA>
+__device__ __forceinline__ void tile_zero(TileAcc<TA>& acc) {
+  nvcuda::wmma::fill_fragment(acc, 0.0f);
+}
+
+// acc += A B (see the file comment). A_COL_MAJOR: A stored column-major.
+template <typename TA, bool A_COL_MAJOR, int K>
+__device__ __forceinline__ void tile_mma(TileAcc<TA>& c, const TA* a, int lda, const TA* b, int ldb) {
+  namespace wmma = nvcuda::wmma;
+  using W = detail::WmmaType<TA>;
+  using LayoutA = typename std::conditional<A_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
+  constexpr int KS = kTileK<TA>;
+  static_assert(K % KS == 0, "K must be a multiple of the mma's k");
+#pragma unroll
+  for (int k = 0; k < K; k += KS) {
+    const auto* ap = reinterpret_cast<const typename W::storage*>(a + (A_COL_MAJOR ? k * lda : k));
+    const auto* bp = reinterpret_cast<const typename W::storage*>(b + k * ldb);
+    wmma::fragment<wmma::matrix_a, kTile, kTile, KS, typename W::precision, LayoutA> fa;
+    wmma::fragment<wmma::matrix_b, kTile, kTile, KS, typename W::precision, wmma::row_major> fb;
+    wmma::load_matrix_sync(fa, ap, lda);
+    wmma::load_matrix_sync(fb, bp, ldb);
+    if constexpr (sizeof(TA) == 4) {
+      decltype(fa) fa_lo;
+      decltype(fb) fb_lo;
+      detail::split_tf32(fa, fa_lo);
+      detail::split_tf32(fb, fb_lo);
+      wmma::mma_sync(c, fa_lo, fb, c);
+      wmma::mma_sync(c, fa, fb_lo, c);
+    }
+    wmma::mma_sync(c, fa, fb, c);
+  }
+}
+
+// acc to shared or global memory, row-major: element (m, n) at p[m * ld + n].
+template <typename TA>
+__device__ __forceinline__ void tile_store(float* p, int ld, const TileAcc<TA>& acc) {
+  nvcuda::wmma::store_matrix_sync(p, acc, ld, nvcuda::wmma::mem_row_major);
+}
+
+#else  // the emulation build
+
+template <typename TA>
+struct TileAcc {
+  float x[kTile * kTile];
+};
+
+template <typename TA>
+inline void tile_zero(TileAcc<TA>& acc) {
+  for (float& v : acc.x) v = 0.0f;
+}
+
+namespace detail {
+// cvt.rna.tf32.f32: round to nearest (ties away from zero) to 10 mantissa bits, as a float.
+inline float to_tf32(float v) {
+  uint32_t u = transpeft::detail::f32_bits(v);
+  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;
+  return transpeft::detail::bits_f32(u);
+}
+}  // namespace detail
+
+template <typename TA, bool A_COL_MAJOR, int K>
+inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
+  constexpr int KS = kTileK<TA>;
+  static_assert(K % KS == 0, "K must be a multiple of the mma's k");
+  __syncwarp();
+  for (int k0 = 0; k0 < K; k0 += KS) {
+    for (int m = 0; m < kTile; ++m) {
+      for (int n = 0; n < kTile; ++n) {
+        float c = acc.x[m * kTile + n];
+        for (int k = k0; k < k0 + KS; ++k) {
+          const float av = to_float(A_COL_MAJOR ? a[k * lda + m] : a[m * lda + k]);
+          const float bv = to_float(b[k * ldb + n]);
+          if constexpr (sizeof(TA) == 4) {
+            const float ah = detail::to_tf32(av), bh = detail::to_tf32(bv);
+            const float al = detail::to_tf32(av - ah), bl = detail::to_tf32(bv - bh);
+            c += al * bh;
+            c += ah * bl;
+            c += ah * bh;
+          } else {
+            c += av * bv;
+          }
+        }
+        acc.x[m * kTile + n] = c;
+      }
+    }
+  }
+  __syncwarp();
+}
+
+template <typename TA>
+inline void tile_store(float* p, int ld, const TileAcc<TA>& acc) {
+  __syncwarp();
+  for (int m = 0; m < kTile; ++m)
+    for (int n = 0; n < kTile; ++n) p[m * ld + n] = acc.x[m * kTile + n];
+  __syncwarp();
+}
+
+#endif
+
+}  // namespace cuda
+}  // namespace transpeft
