@@ -18,7 +18,7 @@ import test_ops
 from budget import assert_close_to_exact, assert_within_budget
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels import cuda as K
-from transpeft_kernels.ops import backends
+from transpeft_kernels.ops import backends, cuda_backend
 from transpeft_kernels.reference.lora import dropout_multiplier
 from transpeft_kernels.specs import Layout, MaskSpec
 
@@ -51,15 +51,26 @@ def calls(monkeypatch):
     return seen
 
 
-def test_the_emulated_backend_is_the_cuda_backend_and_runs_the_kernels(backend, calls):
+@pytest.mark.parametrize("one_pass", ["1", "0"])
+def test_the_emulated_backend_is_the_cuda_backend_and_runs_the_kernels(backend, calls, monkeypatch, one_pass):
+    monkeypatch.setenv(cuda_backend.ONE_PASS_ENV, one_pass)
     assert backend.name == "cuda" and K.load().emulated
     w = test_ops.make_mlp(16, 24, Layout.SPLIT, torch.bfloat16, adapter_dtype=torch.float32, rank=4, dropout=0.1)
     x = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
     y = ops.masked_gated_mlp(x, w, R.Activation.SILU, MaskSpec(0.2), torch.tensor(3), backend)
     y.sum().backward()
-    for name in ("transpeft_lora_shrink", "transpeft_lora_expand", "transpeft_masked_gated_act_fwd",
-                 "transpeft_masked_gated_act_bwd", "transpeft_lora_dropout_cast"):
+    act_bwd = "transpeft_act_bwd_lora" if one_pass == "1" else "transpeft_masked_gated_act_bwd"
+    for name in ("transpeft_lora_shrink", "transpeft_lora_expand", "transpeft_masked_gated_act_fwd", act_bwd,
+                 "transpeft_lora_dropout_cast"):
         assert name in calls, (name, calls)
+    other = {"transpeft_act_bwd_lora", "transpeft_masked_gated_act_bwd"} - {act_bwd}
+    assert not other & set(calls), calls
+
+
+def test_a_bad_one_pass_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(cuda_backend.ONE_PASS_ENV, "yes")
+    with pytest.raises(ValueError, match="TRANSPEFT_CUDA_ONE_PASS_BWD: expected 0 or 1"):
+        cuda_backend.one_pass_bwd_enabled()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -135,4 +146,88 @@ def test_patched_tiny_model_on_cuda_matches_torch(family, calls):
     tpk.patch(reference, masking=0.2, dropping=0.1, backend="torch")
     for seed in range(2):
         assert_same_training_step(model, reference, batch(seed), seed=seed)
-    assert "transpeft_masked_gated_act_bwd" in calls
+    assert "transpeft_act_bwd_lora" in calls  # the one-pass backward (the tiny models' I is a multiple of 8)
+
+
+def _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=None, out=None, q=0.2):
+    """act_bwd_lora on random inputs, with what it should equal: (dg, du, dA), the reference dg, du
+    (torch, in dtype, on the same rounded LoRA term), their float64 versions, and dA in float64."""
+    g, u, dh_base = (torch.randn(M, inter).to(dtype) for _ in range(3))
+    A, t = (torch.randn(r, inter) * 0.3).to(a_dtype), torch.randn(M, r).to(a_dtype)
+    seed_m, seed_d = torch.tensor(5), torch.tensor(9)
+    mask, drop = MaskSpec(0.1, True), K.Dropout(q, seed_d)
+    got = K.act_bwd_lora(dh_base, g, u, activation.value, 0.1, True, seed_m, t, A, 0.5, drop, out=out, splits=splits)
+    h = K.masked_gated_act_fwd(g, u, activation.value, 0.1, True, seed_m)
+    keep_d = dropout_multiplier(seed_d, h.to(a_dtype), q)
+    xd = h.to(a_dtype) * keep_d  # exactly what the kernel rebuilds in registers
+    term = ((t.float() @ A.float()).to(a_dtype) * 0.5 * keep_d).to(dtype)
+    want = backends.TORCH.masked_act_bwd(dh_base + term, g, u, activation, mask, seed_m)
+    term64 = (t.double() @ A.double()) * 0.5 * keep_d.double()
+    exact = backends.TORCH.masked_act_bwd(dh_base.double() + term64, g.double(), u.double(), activation, mask, seed_m)
+    dA64 = (t.double().t() @ xd.double()) * 0.5
+    return got, want, exact, dA64
+
+
+def _tf32x3(a_dtype, depth):
+    return depth if a_dtype == torch.float32 else 0
+
+
+@pytest.mark.parametrize("dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.float16, torch.float32),
+                                           (torch.float32, torch.float32)])
+@pytest.mark.parametrize("activation", list(R.Activation))
+def test_one_pass_backward_against_float64(dtype, a_dtype, activation, calls):
+    """dg, du within the reference's budget (the LoRA term's rank-long sum on the tensor cores: tf32x3
+    with fp32 adapters); dA_d within the rounding of its M-long sum; on a ragged shape (45 rows: a partial
+    32-row step; 72 columns: a partial 64-column block) split over two row groups."""
+    M, inter, r = 45, 72, 5
+    (dg, du, dA), want, exact, dA64 = _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=2)
+    assert calls == ["transpeft_act_bwd_lora", "transpeft_masked_gated_act_fwd"]
+    for name, a, b, e in zip(("dg", "du"), (dg, du), want, exact):
+        assert_within_budget(a, b, e, dtype, r + 16, name, tf32x3_depth=_tf32x3(a_dtype, r))
+    assert dA.dtype == a_dtype
+    assert_close_to_exact(dA, dA64, a_dtype, M, "dA_d", tf32x3_depth=_tf32x3(a_dtype, M))
+
+
+@pytest.mark.parametrize("r", [1, 16, 17, 40, 64])
+def test_one_pass_backward_every_rank_tile(r):
+    """Ranks padded to the 16, 32 and 64 tiles (zero rows of A_d and columns of t_d must add nothing)."""
+    M, inter = 70, 136
+    (dg, du, dA), want, exact, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.SILU)
+    for name, a, b, e in zip(("dg", "du"), (dg, du), want, exact):
+        assert_within_budget(a, b, e, torch.bfloat16, r + 16, name, tf32x3_depth=r)
+    assert_close_to_exact(dA, dA64, torch.float32, M, "dA_d", tf32x3_depth=M)
+
+
+def test_one_pass_backward_splits_change_only_the_summation_order():
+    """Any split count gives dg, du bit for bit and dA_d up to fp32 summation order; into the halves of
+    one (M, 2I) buffer (the fused gate_up layout) as into fresh tensors."""
+    M, inter, r = 100, 64, 8
+    torch.manual_seed(3)
+    one, *_ = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.GELU, splits=1)
+    for splits in (2, 4, 50):
+        torch.manual_seed(3)
+        buf = torch.empty(M, 2 * inter, dtype=torch.bfloat16)
+        (dg, du, dA), _, _, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.GELU,
+                                                  splits=splits, out=(buf[:, :inter], buf[:, inter:]))
+        assert torch.equal(dg, one[0]) and torch.equal(du, one[1])
+        assert torch.equal(buf[:, :inter], one[0]) and torch.equal(buf[:, inter:], one[1])
+        assert_close_to_exact(dA, dA64, torch.float32, M, "dA_d", tf32x3_depth=M)
+
+
+def test_one_pass_backward_refuses_what_it_does_not_take():
+    M, inter = 4, 16
+    g = torch.randn(M, inter).bfloat16()
+    t, A = torch.randn(M, 2), torch.randn(2, inter)
+    args = ("silu", 0.0, False, None)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        K.act_bwd_lora(g[:, :12], g[:, :12], g[:, :12], *args, t, A[:, :12], 1.0)
+    with pytest.raises(ValueError, match="r <= 64"):
+        K.act_bwd_lora(g, g, g, *args, torch.randn(M, 65), torch.randn(65, inter), 1.0)
+    with pytest.raises(ValueError, match="splits: expected a positive count"):
+        K.act_bwd_lora(g, g, g, *args, t, A, 1.0, splits=0)
+    # rows 20 elements apart: not 16-byte aligned, refused by the library itself (the backend checks first)
+    wide = torch.randn(M, 20).bfloat16()[:, :inter]
+    assert not K.act_bwd_lora_supported(wide)
+    with pytest.raises(RuntimeError, match="transpeft_act_bwd_lora failed"):
+        K.act_bwd_lora(wide, wide, wide, *args, t, A, 1.0)

@@ -10,8 +10,12 @@ masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, 
     forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers)
               y = h' W_d^T + b_d (ATen) += s_d S_d B_d^T (lora_expand_)
     backward  dh_base = dY W_d (ATen), t_d = cast_A(dY) B_d (lora_shrink)
-              dg, du [, h', dropout_qd(h')] = masked_gated_act_bwd (dh' = dh_base + s_d D(t_d A_d) on the fly)
-              dW_d = dY^T h', dA_d = s_d t_d^T dropout_qd(h'), dB_d = s_d cast_A(dY)^T S_d (ATen)
+              dg, du, dA_d = act_bwd_lora: one pass, dh' = dh_base + s_d D(t_d A_d) and
+                             dA_d = s_d t_d^T dropout_qd(h') on the tensor cores, h' never written
+              (the down base trained, TRANSPEFT_CUDA_ONE_PASS_BWD=0, I % 8 != 0 or unaligned rows:
+               dg, du [, h', dropout_qd(h')] = masked_gated_act_bwd, dW_d = dY^T h',
+               dA_d = s_d t_d^T dropout_qd(h') (ATen))
+              dB_d = s_d cast_A(dY)^T S_d (ATen)
               gate/up backward as lora_linear above (the fused layout's dg, du land in one (M, 2I) buffer)
     saved     what MLPSaved holds: x, the gate/up outputs, the rank-sized shrinks; h' is recomputed.
 Every output is a fresh tensor; nothing is written into saved tensors or incoming gradients.
@@ -26,6 +30,8 @@ Falls back to TorchBackend (same results, unfused) where the kernels do not appl
     or the activation dtype (the MLP then runs as lora_linear + masked activation, still on the kernels).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +55,18 @@ def _rows_contiguous(bt: torch.Tensor) -> torch.Tensor:
     """B^T (r, N) as a contiguous copy (r x N, small): lora_shrink's threads read along a row of its
     ``a``, so the strided view (strides (1, r)) would put consecutive lanes r elements apart."""
     return bt.contiguous()
+
+
+ONE_PASS_ENV = "TRANSPEFT_CUDA_ONE_PASS_BWD"
+
+
+def one_pass_bwd_enabled() -> bool:
+    """The MLP backward's activation pass with dA_d on the tensor cores (act_bwd_lora), unless
+    TRANSPEFT_CUDA_ONE_PASS_BWD=0 (the earlier path: xd written, dA_d an ATen GEMM; for A/B timing)."""
+    value = os.environ.get(ONE_PASS_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ONE_PASS_ENV}: expected 0 or 1, got {value!r}")
+    return value == "1"
 
 
 class CudaBackend(TorchBackend):
@@ -167,20 +185,25 @@ class CudaBackend(TorchBackend):
         else:
             out = None
         act = Activation(activation).value
-        t = None
+        t = dA = dB = None
         if lora is None:
             dg, du, h, xd = K.masked_gated_act_bwd(dh_base, g, u, act, *margs, want_h=nd.weight, out=out)
         else:
             t = K.lora_shrink(dy, _rows_contiguous(lora.B.t()))
-            dg, du, h, xd = K.masked_gated_act_bwd(
-                dh_base, g, u, act, *margs, down_t=t, down_a=lora.A, down_scaling=lora.scaling,
-                down_drop=self._dropout(down, sub_seed(seed, SubSeed.DOWN)), want_h=nd.weight, want_xd=nd.A, out=out)
+            drop = self._dropout(down, sub_seed(seed, SubSeed.DOWN))
+            if nd.A and not nd.weight and one_pass_bwd_enabled() and \
+                    K.act_bwd_lora_supported(dh_base, g, u, *(out if out is not None else ())):
+                dg, du, dA = K.act_bwd_lora(dh_base, g, u, act, *margs, t, lora.A, lora.scaling, drop, out=out)
+                h = xd = None
+            else:
+                dg, du, h, xd = K.masked_gated_act_bwd(
+                    dh_base, g, u, act, *margs, down_t=t, down_a=lora.A, down_scaling=lora.scaling,
+                    down_drop=drop, want_h=nd.weight, want_xd=nd.A, out=out)
         del dh_base
         dW = (dy.t() @ h).to(down.weight.dtype) if nd.weight else None
         db = dy.sum(0).to(down.bias.dtype) if nd.bias else None
-        dA = dB = None
         if lora is not None:
-            if nd.A:
+            if nd.A and dA is None:
                 dA = (t.t() @ xd) * lora.scaling
             if nd.B:
                 dB = (dy.to(lora.A.dtype).t() @ saved.s_down) * lora.scaling

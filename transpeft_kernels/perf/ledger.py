@@ -304,6 +304,12 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         a = kw.get("down_a")
         rank_flops = 0 if a is None else 2 * n * a.shape[0] * (2 if wrapper.endswith("bwd") and kw.get("down_t") is not None else 1)
         return ({"fp32": rank_flops} if rank_flops else {}), n, n if kw.get("p", 0) > 0 else 0
+    if wrapper == "act_bwd_lora":  # the activation backward plus z = t_d A_d and dA_d, both on the tensor cores
+        g, a = tensors_in[1], kw["down_a"]
+        n, r = g.numel(), a.shape[0]
+        unit = {torch.float32: ("tc_tf32", 3), torch.float16: ("tc_fp16", 1), torch.bfloat16: ("tc_bf16", 1)}[a.dtype]
+        philox = n * ((kw.get("p", 0) > 0) + (kw.get("down_drop") is not None and kw["down_drop"].q > 0))
+        return {unit[0]: unit[1] * 2 * (2 * n * r)}, round(n * CUDA_ACT_BWD_LORA_ELEMENT_WEIGHT), philox
     if wrapper == "lora_dropout_cast":
         return {}, tensors_in[0].numel(), tensors_in[0].numel()
     raise KeyError(f"no cost rule for CUDA wrapper {wrapper!r}: add one to perf/ledger.py")
@@ -321,7 +327,8 @@ class _CudaLibRecorder:
         self.calls.append(name)
 
 
-_CUDA_WRAPPERS = ("lora_shrink", "lora_expand_", "masked_gated_act_fwd", "masked_gated_act_bwd", "lora_dropout_cast")
+_CUDA_WRAPPERS = ("lora_shrink", "lora_expand_", "masked_gated_act_fwd", "masked_gated_act_bwd", "act_bwd_lora",
+                  "lora_dropout_cast")
 
 
 def _cuda_wrapper(fn, wrapper: str, lib: _CudaLibRecorder, ledger: Ledger):

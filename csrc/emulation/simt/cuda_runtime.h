@@ -136,6 +136,21 @@ inline void fiber_entry() {
   _longjmp(b->scheduler, 1);  // never returns: the fiber's stack is reused by the next block
 }
 
+// Runs fiber i until it yields or ends. A function of its own, so that no local of the scheduler's
+// loop lives in the frame that _setjmp saves.
+__attribute__((noinline)) inline void resume(Block& b, int i) {
+  b.current = i;
+  thread_idx = b.fibers[i].idx;
+  Fiber& f = b.fibers[i];
+  if (!_setjmp(b.scheduler)) {
+    if (!f.started) {
+      f.started = true;
+      setcontext(&f.ctx);
+    }
+    _longjmp(f.resume, 1);
+  }
+}
+
 // Runs one block: every fiber until it finishes, round robin, switching only at barriers.
 inline void run_block(Block& b) {
   constexpr size_t kStack = 256 * 1024;
@@ -162,16 +177,7 @@ inline void run_block(Block& b) {
     for (const Barrier& w : b.warp_barriers) warp_gens += w.generation;
     for (int i = 0; i < n; ++i) {
       if (b.fibers[i].done) continue;
-      b.current = i;
-      thread_idx = b.fibers[i].idx;
-      Fiber& f = b.fibers[i];
-      if (!_setjmp(b.scheduler)) {
-        if (!f.started) {
-          f.started = true;
-          setcontext(&f.ctx);
-        }
-        _longjmp(f.resume, 1);
-      }
+      resume(b, i);
     }
     uint64_t warp_gens_after = 0;
     for (const Barrier& w : b.warp_barriers) warp_gens_after += w.generation;

@@ -35,7 +35,7 @@
 extern "C" {
 #endif
 
-#define TRANSPEFT_CUDA_ABI_VERSION 3  // 3: the mask holds an integer threshold, not a float p
+#define TRANSPEFT_CUDA_ABI_VERSION 4  // 4: transpeft_act_bwd_lora; 3: the mask holds an integer threshold
 
 int transpeft_cuda_abi_version(void);
 const char* transpeft_cuda_error_string(int error);
@@ -116,6 +116,24 @@ typedef struct TranspeftActBwdArgs {
 } TranspeftActBwdArgs;
 
 int transpeft_masked_gated_act_bwd(const TranspeftActBwdArgs* args, uint64_t stream);
+
+// The one-pass activation backward with the down projection's LoRA on the tensor cores: what
+// transpeft_masked_gated_act_bwd computes with a LoRA term (act.t != NULL), and instead of writing
+// dropout_qd(cast_A(h')) for dA_d, its product with t_d, split over row groups:
+//   da_part (splits, rank, I) fp32, contiguous: da_part[s] = s_d t_d[rows of s]^T dropout_qd(cast_A(h'))[rows of s]
+// so dA_d = cast_A(sum over s of da_part[s]), summed by the caller in a fixed order. Split s owns rows
+// [s * rows_per_split, (s + 1) * rows_per_split); rows_per_split is a multiple of 32 and
+// splits = ceil(M / rows_per_split). h' is rebuilt in registers and never written: act.h_out and
+// act.xd_out must be NULL. Needs 1 <= rank <= 64, I % 8 == 0, 16-byte aligned g, u, dh, dg, du with
+// row strides that are multiples of 8 elements; cudaErrorInvalidValue otherwise.
+typedef struct TranspeftActBwdLoraArgs {
+  TranspeftActBwdArgs act;
+  void* da_part;
+  int64_t splits;
+  int64_t rows_per_split;
+} TranspeftActBwdLoraArgs;
+
+int transpeft_act_bwd_lora(const TranspeftActBwdLoraArgs* args, uint64_t stream);
 
 // s (M, R, row stride lds, dtype a_dtype) = dropout_q(cast_A(x)) a^T, fp32 accumulation.
 // x (M, K) with strides (sxm, sxk); a (R, K) with strides (sar, sak): pass B^T's strides for t = dY B.

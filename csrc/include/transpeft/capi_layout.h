@@ -83,6 +83,12 @@ static constexpr LayoutEntry kLayout[] = {
     TRANSPEFT_FIELD(TranspeftActBwdArgs, xd_out),
     TRANSPEFT_FIELD(TranspeftActBwdArgs, ldxd),
 
+    TRANSPEFT_SIZE(TranspeftActBwdLoraArgs),
+    TRANSPEFT_FIELD(TranspeftActBwdLoraArgs, act),
+    TRANSPEFT_FIELD(TranspeftActBwdLoraArgs, da_part),
+    TRANSPEFT_FIELD(TranspeftActBwdLoraArgs, splits),
+    TRANSPEFT_FIELD(TranspeftActBwdLoraArgs, rows_per_split),
+
     TRANSPEFT_SIZE(TranspeftLoraShrinkArgs),
     TRANSPEFT_FIELD(TranspeftLoraShrinkArgs, x),
     TRANSPEFT_FIELD(TranspeftLoraShrinkArgs, sxm),

@@ -70,24 +70,29 @@ __device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
 }
 }  // namespace detail
 
-// The fp32 accumulator tile of products in adapter dtype TA.
+// The fp32 accumulator tile of products in adapter dtype TA (a struct, so that TA is deduced).
 template <typename TA>
-using TileAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kTile, kTile, kTileK<TA>, float>;
+struct TileAcc {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kTile, kTile, kTileK<TA>, float> f;
+};
 
 template <typename TA>
 __device__ __forceinline__ void tile_zero(TileAcc<TA>& acc) {
-  nvcuda::wmma::fill_fragment(acc, 0.0f);
+  nvcuda::wmma::fill_fragment(acc.f, 0.0f);
 }
 
 // acc += A B (see the file comment). A_COL_MAJOR: A stored column-major.
 template <typename TA, bool A_COL_MAJOR, int K>
-__device__ __forceinline__ void tile_mma(TileAcc<TA>& c, const TA* a, int lda, const TA* b, int ldb) {
+__device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
   namespace wmma = nvcuda::wmma;
   using W = detail::WmmaType<TA>;
   using LayoutA = typename std::conditional<A_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
   constexpr int KS = kTileK<TA>;
   static_assert(K % KS == 0, "K must be a multiple of the mma's k");
-#pragma unroll
+  // the k steps chain through one accumulator anyway; unrolled (8 steps at rank 64 in tf32), ptxas
+  // held every step's fragments at once and act_bwd_lora spilled at rank 64 (2 of 90 variants even
+  // at an unroll of 2)
+#pragma unroll 1
   for (int k = 0; k < K; k += KS) {
     const auto* ap = reinterpret_cast<const typename W::storage*>(a + (A_COL_MAJOR ? k * lda : k));
     const auto* bp = reinterpret_cast<const typename W::storage*>(b + k * ldb);
@@ -100,17 +105,17 @@ __device__ __forceinline__ void tile_mma(TileAcc<TA>& c, const TA* a, int lda, c
       decltype(fb) fb_lo;
       detail::split_tf32(fa, fa_lo);
       detail::split_tf32(fb, fb_lo);
-      wmma::mma_sync(c, fa_lo, fb, c);
-      wmma::mma_sync(c, fa, fb_lo, c);
+      wmma::mma_sync(acc.f, fa_lo, fb, acc.f);
+      wmma::mma_sync(acc.f, fa, fb_lo, acc.f);
     }
-    wmma::mma_sync(c, fa, fb, c);
+    wmma::mma_sync(acc.f, fa, fb, acc.f);
   }
 }
 
 // acc to shared or global memory, row-major: element (m, n) at p[m * ld + n].
 template <typename TA>
 __device__ __forceinline__ void tile_store(float* p, int ld, const TileAcc<TA>& acc) {
-  nvcuda::wmma::store_matrix_sync(p, acc, ld, nvcuda::wmma::mem_row_major);
+  nvcuda::wmma::store_matrix_sync(p, acc.f, ld, nvcuda::wmma::mem_row_major);
 }
 
 #else  // the emulation build

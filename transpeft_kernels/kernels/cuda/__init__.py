@@ -2,6 +2,7 @@
 
     masked_gated_act_fwd   h' = act(g) * u * keep * c,  optionally S_d = dropout(h') A_d^T fused
     masked_gated_act_bwd   dg, du with dh' = dh_base + s * D(t_d A_d) fused; optionally h', dropout(h')
+    act_bwd_lora           the same dg, du and dA_d = s t_d^T dropout(h') in one pass, LoRA products on tensor cores
     lora_shrink            S = dropout_q(cast_A(x)) A^T   (also t = dY B)
     lora_expand_           y += s * S B^T in place on a fresh GEMM output (forward and dX)
     lora_dropout_cast      dropout_q(cast_A(x))           (the LoRA input for dA)
@@ -9,9 +10,9 @@
 The library is found or built as library.py describes; the big GEMMs are not here (the backend
 runs them through ATen, i.e. cuBLAS).
 """
-from .launch import (MAX_FUSED_RANK, Dropout, lora_dropout_cast, lora_expand_, lora_shrink, masked_gated_act_bwd,
+from .launch import (MAX_FUSED_RANK, Dropout, act_bwd_lora, act_bwd_lora_supported, lora_dropout_cast, lora_expand_, lora_shrink, masked_gated_act_bwd,
                      masked_gated_act_fwd)
 from .library import BUILD_ROUTES, emulating, find_library, load
 
-__all__ = ["BUILD_ROUTES", "MAX_FUSED_RANK", "Dropout", "emulating", "find_library", "load", "lora_dropout_cast",
+__all__ = ["BUILD_ROUTES", "MAX_FUSED_RANK", "Dropout", "act_bwd_lora", "act_bwd_lora_supported", "emulating", "find_library", "load", "lora_dropout_cast",
            "lora_expand_", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd"]

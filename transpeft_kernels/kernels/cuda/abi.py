@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 3  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
+ABI_VERSION = 4  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
 
 _P, _I64, _I32, _U32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_float
 
@@ -79,6 +79,11 @@ class ActBwdArgs(_Args):
                       h_out=None, ldh_out=0, xd_out=None, ldxd=0)
 
 
+class ActBwdLoraArgs(_Args):
+    _c_name_ = "TranspeftActBwdLoraArgs"
+    _fields_ = [("act", ActBwdArgs), ("da_part", _P), ("splits", _I64), ("rows_per_split", _I64)]
+
+
 class LoraShrinkArgs(_Args):
     _c_name_ = "TranspeftLoraShrinkArgs"
     _fields_ = [
@@ -107,12 +112,13 @@ class LoraDropoutCastArgs(_Args):
     _defaults_ = dict(drop=RandomMask.off)
 
 
-STRUCTS = (RandomMask, ActFwdArgs, ActBwdArgs, LoraShrinkArgs, LoraExpandArgs, LoraDropoutCastArgs)
+STRUCTS = (RandomMask, ActFwdArgs, ActBwdArgs, ActBwdLoraArgs, LoraShrinkArgs, LoraExpandArgs, LoraDropoutCastArgs)
 
 # entry point -> the struct it takes (by const pointer, followed by the stream as uint64)
 ENTRY_POINTS = {
     "transpeft_masked_gated_act_fwd": ActFwdArgs,
     "transpeft_masked_gated_act_bwd": ActBwdArgs,
+    "transpeft_act_bwd_lora": ActBwdLoraArgs,
     "transpeft_lora_shrink": LoraShrinkArgs,
     "transpeft_lora_expand": LoraExpandArgs,
     "transpeft_lora_dropout_cast": LoraDropoutCastArgs,

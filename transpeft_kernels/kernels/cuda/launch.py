@@ -22,7 +22,7 @@ import torch
 
 from ..launch_args import ACT_CODES, check_same_device, dtype_code, rounded_to, seed_on, unit_column_stride
 from ...reference.philox import keep_threshold
-from .abi import ActBwdArgs, ActFwdArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
+from .abi import ActBwdArgs, ActBwdLoraArgs, ActFwdArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
 from .library import load
 
 MAX_FUSED_RANK = 64  # the act kernels keep the down projection's rank-sized sums in registers
@@ -100,17 +100,10 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     return h if down_a is None else (h, s)
 
 
-def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed,
-                         down_t: torch.Tensor | None = None, down_a: torch.Tensor | None = None,
-                         down_scaling: float = 0.0, down_drop: Dropout | None = None,
-                         want_h: bool = False, want_xd: bool = False, out=None):
-    """(dg, du, h', xd) for h' = act(g) * u * keep * c, with dh' = dh_base + cast(s * D(t_d A_d)).
-
-    dh_base, g, u: (M, I) in one dtype. down_t: t_d = cast_A(dY) B_d (M, r), down_a: A_d (r, I), r <= 64,
-    or both None. want_h: also return h' (M, I) (for dW_d); want_xd: also return
-    xd = dropout_qd(cast_A(h')) (M, I) in A_d's dtype (for dA_d; needs down_a). Unrequested ones are None.
-    out: optional (dg, du) (M, I) views with unit column stride to write into (e.g. two halves of one
-    (M, 2I) buffer), which must not alias an input."""
+def _act_bwd_args(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed, down_t, down_a,
+                  down_scaling: float, down_drop: Dropout | None, want_h: bool, want_xd: bool, out):
+    """The checked ActBwdArgs of an activation backward, its fresh outputs (dg, du, h', xd; unrequested
+    ones None) and the device tensors the call reads (kept alive by the caller until it returns)."""
     dh_base, g, u = unit_column_stride(dh_base, "dh_base"), unit_column_stride(g, "g"), unit_column_stride(u, "u")
     for name, t in (("u", u), ("dh_base", dh_base)):
         if t.shape != g.shape or t.dtype != g.dtype:
@@ -131,7 +124,7 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
                 raise ValueError(f"{name}: expected ({M}, {I}) {g.dtype} with unit column stride")
     h = torch.empty((M, I), dtype=g.dtype, device=device) if want_h else None
     xd = torch.empty((M, I), dtype=down_a.dtype, device=device) if want_xd else None
-    mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
+    mask, keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
     lora = {}
     if down_a is not None:
         down_a = unit_column_stride(down_a, "down_a")
@@ -143,7 +136,7 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
             raise ValueError(f"down_t, down_a: expected ({M}, r) and (r <= {MAX_FUSED_RANK}, {I}) in one dtype, got "
                              f"{tuple(down_t.shape)} {down_t.dtype} and {tuple(down_a.shape)} {down_a.dtype}")
         lora.update(t=down_t.data_ptr(), ldt=_ld(down_t))
-    drop, _keep2 = _dropout_args(down_drop, down_a.dtype if down_a is not None else g.dtype, device)
+    drop, keep2 = _dropout_args(down_drop, down_a.dtype if down_a is not None else g.dtype, device)
     outputs = {}
     if h is not None:
         outputs.update(h_out=h.data_ptr(), ldh_out=_ld(h))
@@ -153,9 +146,83 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
                       dg=dg.data_ptr(), lddg=_ld(dg), du=du.data_ptr(), lddu=_ld(du), M=M, I=I,
                       dtype=dtype_code(g, "g"), activation=ACT_CODES[activation], mask=mask,
                       scaling=float(down_scaling), drop=drop, **lora, **outputs)
+    return args, (dg, du, h, xd), (dh_base, g, u, down_t, down_a, keep1, keep2)
+
+
+def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed,
+                         down_t: torch.Tensor | None = None, down_a: torch.Tensor | None = None,
+                         down_scaling: float = 0.0, down_drop: Dropout | None = None,
+                         want_h: bool = False, want_xd: bool = False, out=None):
+    """(dg, du, h', xd) for h' = act(g) * u * keep * c, with dh' = dh_base + cast(s * D(t_d A_d)).
+
+    dh_base, g, u: (M, I) in one dtype. down_t: t_d = cast_A(dY) B_d (M, r), down_a: A_d (r, I), r <= 64,
+    or both None. want_h: also return h' (M, I) (for dW_d); want_xd: also return
+    xd = dropout_qd(cast_A(h')) (M, I) in A_d's dtype (for dA_d; needs down_a). Unrequested ones are None.
+    out: optional (dg, du) (M, I) views with unit column stride to write into (e.g. two halves of one
+    (M, 2I) buffer), which must not alias an input."""
+    args, outs, _alive = _act_bwd_args(dh_base, g, u, activation, p, rescale, mask_seed, down_t, down_a,
+                                       down_scaling, down_drop, want_h, want_xd, out)
+    device = outs[0].device
     with _on_device(device):
         load().call("transpeft_masked_gated_act_bwd", args, _stream(device))
-    return dg, du, h, xd
+    return outs
+
+
+ACT_BWD_LORA_ROWS = 32  # the kernel's rows per step: a split's row count is a multiple of it
+
+
+def act_bwd_lora_splits(M: int, I: int, device: torch.device) -> int:
+    """Row splits of act_bwd_lora: enough (64-column tiles x splits) blocks to fill the GPU about four
+    times over (four blocks fit on an SM), each split at least 4 steps of rows; on the CPU (the
+    emulation) one split per step, so tests cover the split sum."""
+    steps = -(-M // ACT_BWD_LORA_ROWS)
+    if device.type != "cuda":
+        return max(1, min(steps, 8))
+    cols = -(-I // 64)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-4 * sms // cols), steps // 4, 64))
+
+
+def act_bwd_lora(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed, down_t: torch.Tensor,
+                 down_a: torch.Tensor, down_scaling: float, down_drop: Dropout | None = None, out=None,
+                 splits: int | None = None):
+    """(dg, du, dA_d): masked_gated_act_bwd with its LoRA term (same arguments and dg, du) and, in the
+    same pass on the tensor cores, dA_d = s_d t_d^T dropout_qd(cast_A(h')) (r, I) in A_d's dtype,
+    without writing h' or xd. Needs I % 8 == 0, 16-byte aligned rows (``act_bwd_lora_supported``).
+    The kernel writes fp32 partials per row split (``splits``: None to choose), summed here in a fixed
+    order: any split count gives the same result up to fp32 summation order."""
+    if down_t is None or down_a is None:
+        raise ValueError("down_t, down_a: required (the pass computes dA_d)")
+    args, (dg, du, _, _), _alive = _act_bwd_args(dh_base, g, u, activation, p, rescale, mask_seed, down_t, down_a,
+                                                 down_scaling, down_drop, False, False, out)
+    M, I = dg.shape
+    r, device = down_a.shape[0], dg.device
+    if I % 8 != 0:
+        raise ValueError(f"g: expected a column count divisible by 8, got {I}")
+    if M == 0 or I == 0:
+        return dg, du, torch.zeros((r, I), dtype=down_a.dtype, device=device)
+    steps = -(-M // ACT_BWD_LORA_ROWS)
+    n = act_bwd_lora_splits(M, I, device) if splits is None else splits
+    if n < 1:
+        raise ValueError(f"splits: expected a positive count, got {splits}")
+    per_split = -(-steps // min(n, steps)) * ACT_BWD_LORA_ROWS
+    n = -(-M // per_split)
+    part = torch.empty((n, r, I), dtype=torch.float32, device=device)
+    largs = ActBwdLoraArgs(act=args, da_part=part.data_ptr(), splits=n, rows_per_split=per_split)
+    with _on_device(device):
+        load().call("transpeft_act_bwd_lora", largs, _stream(device))
+    return dg, du, (part[0] if n == 1 else part.sum(0)).to(down_a.dtype)
+
+
+def act_bwd_lora_supported(*tensors: torch.Tensor) -> bool:
+    """Whether act_bwd_lora takes these (M, I) operands as they are: I % 8 == 0, 16-byte aligned data
+    and row strides (unit column stride assumed)."""
+    for t in tensors:
+        if t.dim() != 2 or t.shape[1] % 8 != 0 or t.data_ptr() % 16 != 0 or t.stride(0) % 8 != 0:
+            return False
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            return False
+    return True
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None) -> torch.Tensor:
