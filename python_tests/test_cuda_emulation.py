@@ -231,3 +231,22 @@ def test_one_pass_backward_refuses_what_it_does_not_take():
     assert not K.act_bwd_lora_supported(wide)
     with pytest.raises(RuntimeError, match="transpeft_act_bwd_lora failed"):
         K.act_bwd_lora(wide, wide, wide, *args, t, A, 1.0)
+
+
+@pytest.mark.parametrize("dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("activation", list(R.Activation))
+@pytest.mark.parametrize("M,inter,r", [(45, 72, 5), (70, 136, 40), (33, 64, 64), (3, 16, 1)])
+def test_forward_down_shrink_on_tensor_cores_against_float64(dtype, a_dtype, activation, M, inter, r):
+    """With I % 8 == 0 and aligned rows the forward runs the tensor-core kernel (act_lora.cu): h' bit for
+    bit the plain masked activation's, S_d = dropout(cast_A(h')) A_d^T within the rounding of its
+    I-long sum (tf32x3 products with fp32 adapters). Ragged: partial 32-row blocks and 64-column steps."""
+    g, u = torch.randn(M, inter).to(dtype), torch.randn(M, inter).to(dtype)
+    A = (torch.randn(r, inter) * 0.3).to(a_dtype)
+    seed_m, seed_d = torch.tensor(21), torch.tensor(8)
+    h, s = K.masked_gated_act_fwd(g, u, activation.value, 0.1, True, seed_m, down_a=A, down_drop=K.Dropout(0.1, seed_d))
+    assert torch.equal(h, K.masked_gated_act_fwd(g, u, activation.value, 0.1, True, seed_m))
+    xd = h.to(a_dtype) * dropout_multiplier(seed_d, h.to(a_dtype), 0.1)
+    assert s.dtype == a_dtype and s.shape == (M, r)
+    assert_close_to_exact(s, xd.double() @ A.double().t(), a_dtype, inter, "S_d",
+                          tf32x3_depth=_tf32x3(a_dtype, inter))

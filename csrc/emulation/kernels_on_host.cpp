@@ -4,6 +4,6 @@
 // there, which runs each launch with one fiber per CUDA thread (real barriers and shuffles). Pointers
 // are host pointers, streams are ignored, and error codes are cudaError_t values.
 #include "../kernels/masked_gated_act.cu"
-#include "../kernels/act_bwd_lora.cu"
+#include "../kernels/act_lora.cu"
 #include "../kernels/lora.cu"
 #include "../kernels/runtime.cu"

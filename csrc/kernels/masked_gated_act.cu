@@ -6,6 +6,10 @@
 //             dg  = dh' m u act'(g),  du = dh' m act(g)
 //             h', dropout_qd(cast_A(h'))                          (optional, for dW_d and dA_d)
 // Rounding follows transpeft/fused_math.h. Contract and argument meaning: transpeft/capi.h.
+// With A_d, rows the tensor-core kernels take (I % 8 == 0, 16-byte aligned rows) go to act_lora.cu's
+// forward instead; the MLP backward with a trainable A_d and a frozen down base uses its one-pass
+// transpeft_act_bwd_lora. The kernels below cover the rest (ragged widths, unaligned rows, h' or xd
+// wanted) and the activation without a LoRA term.
 //
 // Layout: one block owns ROWS token rows and sweeps their columns with 16-byte packs (VEC elements);
 // the rank-sized LoRA sums stay in registers (ROWS x RT of them: RT is the rank rounded up to 16,
@@ -262,6 +266,10 @@ struct BwdLaunch {
 bool valid_act(int32_t a) { return a >= 0 && a <= 2; }
 
 }  // namespace
+
+// The forward with A_d on the tensor cores (act_lora.cu), for rows it can take.
+bool act_fwd_lora_takes(const TranspeftActFwdArgs& args);
+cudaError_t launch_act_fwd_lora(const TranspeftActFwdArgs& args, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace transpeft
 
@@ -281,6 +289,7 @@ extern "C" int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, u
       return launch_fwd<T, T, 0>(p, st);
     }
     // I == 0 still runs: S_d is then a sum over nothing, written as zeros.
+    if (act_fwd_lora_takes(p)) return launch_act_fwd_lora(p, st);
     if (p.a_dtype == 0) return by_rank<T, float>(p.rank, p, st, FwdLaunch{});
     if (p.a_dtype == p.dtype) return by_rank<T, T>(p.rank, p, st, FwdLaunch{});
     return cudaErrorInvalidValue;

@@ -7,7 +7,8 @@ lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropo
               dW = dy^T x, db = sum_rows dy, dB = s cast_A(dy)^T S (ATen)
               dA = s t^T dropout_q(cast_A(x)) (ATen on lora_dropout_cast's output)
 masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
-    forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers)
+    forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers,
+              S_d's products on the tensor cores when I % 8 == 0 and rows are 16-byte aligned)
               y = h' W_d^T + b_d (ATen) += s_d S_d B_d^T (lora_expand_)
     backward  dh_base = dY W_d (ATen), t_d = cast_A(dY) B_d (lora_shrink)
               dg, du, dA_d = act_bwd_lora: one pass, dh' = dh_base + s_d D(t_d A_d) and

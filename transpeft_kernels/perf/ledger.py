@@ -287,6 +287,41 @@ class _KernelRecorder:
 
 
 # ---- our CUDA C functions ------------------------------------------------------------------------
+# The tensor-core activation passes of csrc/kernels/act_lora.cu: issue work per (M, I) element, in
+# elementwise-kernel elements (ELEMENTWISE_INSTR = 24), keyed by (pass, an fp32 adapter, rank > 32).
+# From the static sm_90a SASS of the bf16 / silu variants (compile-check --cuda), per 32-row step of
+# 16 elements per thread: the step's loop body plus the extra trips of its inner loops (the second
+# 8-column group; the mma k-steps: 64 / k per warp-tile forward, rank / k and 32 / k backward; the
+# A_d / t_d staging loops), over 16, less the two mask streams the model charges as Philox work
+# (2 x 18.4), over 24:
+#   forward   r 16: fp32 adapters 1854 / 16 = 116 per element, bf16 1604 / 16 = 100
+#             r 64: 3661 / 16 = 229, bf16 2397 / 16 = 150 (staging A_d's 64 x 64 tile: 700 per step)
+#   backward  r 16: 2515 / 16 = 157, bf16 1981 / 16 = 124
+#             r 64: 5190 / 16 = 324 (tf32x3: 2 x 8 + 4 x 4 split-and-mma steps), bf16 2777 / 16 = 174
+# The activation is a template parameter there, so the static count is what runs.
+# masked_gated_act.cu's kernels (ragged or unaligned rows, h' or xd wanted, no LoRA term, and
+# TRANSPEFT_CUDA_ONE_PASS_BWD=0) switch on the activation at run time, so their loops carry all three
+# activations' code; they are charged the static count of a copy compiled with silu fixed, a lower
+# bound: per element of their column loop (rows x 8 elements), less the Philox charge. Forward with the
+# shrink r 16 / r 64: 95 / 307 (fp32 adapters), 104 / 383 (bf16); backward with the LoRA term: 143 /
+# 467, 184 / 552; without a LoRA term: forward 53, backward 98 (one mask stream). Their rank sums are
+# FFMA chains, charged again as fp32 FLOPs (the time takes the larger of issue and compute).
+CUDA_ACT_LORA_ELEMENT_WEIGHT = {
+    ("fwd", True, False): 3.30, ("fwd", False, False): 2.65, ("fwd", True, True): 8.0, ("fwd", False, True): 4.71,
+    ("bwd", True, False): 5.02, ("bwd", False, False): 3.63, ("bwd", True, True): 11.98, ("bwd", False, True): 5.70,
+    ("fwd_ffma", True, False): 2.44, ("fwd_ffma", False, False): 2.81, ("fwd_ffma", True, True): 11.24,
+    ("fwd_ffma", False, True): 14.41,
+    ("bwd_ffma", True, False): 4.41, ("bwd_ffma", False, False): 6.13, ("bwd_ffma", True, True): 17.94,
+    ("bwd_ffma", False, True): 21.48,
+}
+CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
+
+
+def _cuda_tc_unit(dtype) -> tuple[str, int]:
+    """(unit, products per FLOP) of the tensor-core LoRA products of act_lora.cu in an adapter dtype."""
+    return {torch.float32: ("tc_tf32", 3), torch.float16: ("tc_fp16", 1), torch.bfloat16: ("tc_bf16", 1)}[dtype]
+
+
 def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> tuple[dict, int, int]:
     """(FLOPs by unit, elements, philox) of one CUDA wrapper call (kernels/cuda/launch.py)."""
     if wrapper == "lora_shrink":
@@ -298,18 +333,37 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         y, s = tensors_in[0], tensors_in[1]
         drop = kw.get("drop")
         return {"fp32": 2 * y.numel() * s.shape[1]}, y.numel(), y.numel() if kw.get("grad") and drop and drop.q > 0 else 0
+    if wrapper == "masked_gated_act_fwd" and kw.get("down_a") is not None and tensors_in[0].shape[1] % 8 == 0:
+        # the tensor-core forward (act_lora.cu; the ledger's meta tensors count as aligned)
+        g, a = tensors_in[0], kw["down_a"]
+        n, r = g.numel(), a.shape[0]
+        unit, times = _cuda_tc_unit(a.dtype)
+        drop = kw.get("down_drop")
+        philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
+        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd", a.dtype == torch.float32, r > 32)]
+        return {unit: times * 2 * n * r}, round(n * weight), philox
     if wrapper in ("masked_gated_act_fwd", "masked_gated_act_bwd"):
         g = tensors_in[1] if wrapper.endswith("bwd") else tensors_in[0]
         n = g.numel()
         a = kw.get("down_a")
-        rank_flops = 0 if a is None else 2 * n * a.shape[0] * (2 if wrapper.endswith("bwd") and kw.get("down_t") is not None else 1)
-        return ({"fp32": rank_flops} if rank_flops else {}), n, n if kw.get("p", 0) > 0 else 0
+        lora = a is not None and (wrapper.endswith("fwd") or kw.get("down_t") is not None)
+        rank_flops = 2 * n * a.shape[0] * (2 if wrapper.endswith("bwd") else 1) if lora else 0
+        drop = kw.get("down_drop")
+        philox = n * ((kw.get("p", 0) > 0) + (lora and drop is not None and drop.q > 0))
+        if lora:
+            key = ("fwd_ffma" if wrapper.endswith("fwd") else "bwd_ffma", a.dtype == torch.float32, a.shape[0] > 32)
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[key]
+        else:
+            weight = CUDA_ACT_ELEMENT_WEIGHT[wrapper]
+        return ({"fp32": rank_flops} if rank_flops else {}), round(n * weight), philox
     if wrapper == "act_bwd_lora":  # the activation backward plus z = t_d A_d and dA_d, both on the tensor cores
         g, a = tensors_in[1], kw["down_a"]
         n, r = g.numel(), a.shape[0]
-        unit = {torch.float32: ("tc_tf32", 3), torch.float16: ("tc_fp16", 1), torch.bfloat16: ("tc_bf16", 1)}[a.dtype]
-        philox = n * ((kw.get("p", 0) > 0) + (kw.get("down_drop") is not None and kw["down_drop"].q > 0))
-        return {unit[0]: unit[1] * 2 * (2 * n * r)}, round(n * CUDA_ACT_BWD_LORA_ELEMENT_WEIGHT), philox
+        unit, times = _cuda_tc_unit(a.dtype)
+        drop = kw.get("down_drop")
+        philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
+        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd", a.dtype == torch.float32, r > 32)]
+        return {unit: times * 2 * (2 * n * r)}, round(n * weight), philox
     if wrapper == "lora_dropout_cast":
         return {}, tensors_in[0].numel(), tensors_in[0].numel()
     raise KeyError(f"no cost rule for CUDA wrapper {wrapper!r}: add one to perf/ledger.py")

@@ -3,8 +3,8 @@
 //   acc (16 x 16, fp32) += A (16 x K) B (K x 16)
 //
 // A and B are in shared memory, in the adapter dtype TA: A row-major (element (m, k) at a[m * lda + k])
-// or column-major (at a[k * lda + m]), B row-major (element (k, n) at b[k * ldb + n]). K is a multiple
-// of kTileK<TA>. Precision:
+// or column-major (at a[k * lda + m]), B row-major (element (k, n) at b[k * ldb + n]) or column-major
+// (at b[n * ldb + k]). K is a multiple of kTileK<TA>. Precision:
 //   bf16 / fp16 (16-bit adapters): the operands are exact in their own dtype, one mma per k step.
 //   fp32 (fp32 adapters): tf32x3. Each operand is split x = hi + lo, hi = tf32(x), lo = tf32(x - hi),
 //     and acc += lo_a hi_b + hi_a lo_b + hi_a hi_b (small terms first); the dropped lo_a lo_b term is
@@ -81,12 +81,13 @@ __device__ __forceinline__ void tile_zero(TileAcc<TA>& acc) {
   nvcuda::wmma::fill_fragment(acc.f, 0.0f);
 }
 
-// acc += A B (see the file comment). A_COL_MAJOR: A stored column-major.
-template <typename TA, bool A_COL_MAJOR, int K>
+// acc += A B (see the file comment). A_COL_MAJOR, B_COL_MAJOR: the operand is stored column-major.
+template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false>
 __device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
   namespace wmma = nvcuda::wmma;
   using W = detail::WmmaType<TA>;
   using LayoutA = typename std::conditional<A_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<B_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
   constexpr int KS = kTileK<TA>;
   static_assert(K % KS == 0, "K must be a multiple of the mma's k");
   // the k steps chain through one accumulator anyway; unrolled (8 steps at rank 64 in tf32), ptxas
@@ -95,9 +96,9 @@ __device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda,
 #pragma unroll 1
   for (int k = 0; k < K; k += KS) {
     const auto* ap = reinterpret_cast<const typename W::storage*>(a + (A_COL_MAJOR ? k * lda : k));
-    const auto* bp = reinterpret_cast<const typename W::storage*>(b + k * ldb);
+    const auto* bp = reinterpret_cast<const typename W::storage*>(b + (B_COL_MAJOR ? k : k * ldb));
     wmma::fragment<wmma::matrix_a, kTile, kTile, KS, typename W::precision, LayoutA> fa;
-    wmma::fragment<wmma::matrix_b, kTile, kTile, KS, typename W::precision, wmma::row_major> fb;
+    wmma::fragment<wmma::matrix_b, kTile, kTile, KS, typename W::precision, LayoutB> fb;
     wmma::load_matrix_sync(fa, ap, lda);
     wmma::load_matrix_sync(fb, bp, ldb);
     if constexpr (sizeof(TA) == 4) {
@@ -139,7 +140,7 @@ inline float to_tf32(float v) {
 }
 }  // namespace detail
 
-template <typename TA, bool A_COL_MAJOR, int K>
+template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false>
 inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
   constexpr int KS = kTileK<TA>;
   static_assert(K % KS == 0, "K must be a multiple of the mma's k");
@@ -150,7 +151,7 @@ inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ld
         float c = acc.x[m * kTile + n];
         for (int k = k0; k < k0 + KS; ++k) {
           const float av = to_float(A_COL_MAJOR ? a[k * lda + m] : a[m * lda + k]);
-          const float bv = to_float(b[k * ldb + n]);
+          const float bv = to_float(B_COL_MAJOR ? b[n * ldb + k] : b[k * ldb + n]);
           if constexpr (sizeof(TA) == 4) {
             const float ah = detail::to_tf32(av), bh = detail::to_tf32(bv);
             const float al = detail::to_tf32(av - ah), bl = detail::to_tf32(bv - bh);

@@ -1,6 +1,7 @@
 """CUDA C++ kernels (csrc/kernels) through ctypes. Imports torch only; never torch.nn or transformers.
 
-    masked_gated_act_fwd   h' = act(g) * u * keep * c,  optionally S_d = dropout(h') A_d^T fused
+    masked_gated_act_fwd   h' = act(g) * u * keep * c,  optionally S_d = dropout(h') A_d^T fused (tensor cores
+                           when I % 8 == 0 and rows are 16-byte aligned)
     masked_gated_act_bwd   dg, du with dh' = dh_base + s * D(t_d A_d) fused; optionally h', dropout(h')
     act_bwd_lora           the same dg, du and dA_d = s t_d^T dropout(h') in one pass, LoRA products on tensor cores
     lora_shrink            S = dropout_q(cast_A(x)) A^T   (also t = dY B)

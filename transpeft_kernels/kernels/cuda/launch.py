@@ -25,7 +25,7 @@ from ...reference.philox import keep_threshold
 from .abi import ActBwdArgs, ActBwdLoraArgs, ActFwdArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
 from .library import load
 
-MAX_FUSED_RANK = 64  # the act kernels keep the down projection's rank-sized sums in registers
+MAX_FUSED_RANK = 64  # the act kernels keep the down projection's rank-sized sums in registers or mma tiles
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,363 @@
+// The masked gated activation passes with the down projection's LoRA products on the tensor cores
+// (transpeft/tile_mma.cuh). Rounding follows transpeft/fused_math.h; contracts: transpeft/capi.h.
+//
+// forward (transpeft_masked_gated_act_fwd with A_d, when rows are aligned and I % 8 == 0):
+//   h'   = act(g) u m                                      written in T
+//   S_d  = dropout_qd(cast_A(h')) A_d^T                    (BM x RT per block, mma over I)
+// A block of 4 warps owns BM = 32 rows and sweeps I in BN = 64 column steps: each step runs the
+// element-wise part (two groups of 8 columns per thread: one Philox call per group and mask, 16-byte
+// loads and stores), stages xd (BM, BN) and A_d's (RT, BN) columns in shared memory, and adds
+// xd A_d^T into the S_d accumulators. A_d is read once per 32 rows (the earlier kernel read it once
+// per 64 / RT rows, and summed the products with FFMA chains).
+//
+// backward (transpeft_act_bwd_lora), one pass over (M, I):
+//   z    = t_d A_d                                         (BM x BN per step, mma)
+//   dh'  = T(dh_base + T(s_d d (z)))                       (fused_math.h lora_grad_sum)
+//   dg   = dh' m u act'(g),  du = dh' m act(g)             written in T
+//   h'   = act(g) u m (rebuilt, never written),  xd = dropout_qd(cast_A(h'))
+//   dA_d partial += t_d^T xd                                (RT x BN, mma, kept in accumulators)
+// Compared with masked_gated_act_bwd + an ATen GEMM for dA_d, the (M, I) xd buffer (fp32 with fp32
+// adapters) is neither written nor read, and the rank-sized products leave the CUDA cores.
+// A block of 4 warps owns BN = 64 columns of one row split and walks its rows BM = 32 at a time.
+// A_d's (RT, BN) tile is read once per block into shared memory (not once per row group). Each step
+// stages t_d's rows (BM, RT), forms z (BM, BN) with mma into shared memory, runs the element-wise
+// part, stages xd (BM, BN) and adds t^T xd into the dA accumulators. At the end the (RT, BN)
+// accumulators, times s_d, go to the split's fp32 partial (no atomics).
+//
+// Both: the activation is a template parameter (its switch folds away inside the element loop); RT is
+// the rank rounded up to 16, 32 or 64 (zero rows of A_d and columns of t_d pad it).
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
+
+#include "transpeft/activations.h"
+#include "transpeft/capi.h"
+#include "transpeft/cuda_common.cuh"
+#include "transpeft/fused_math.h"
+#include "transpeft/tile_mma.cuh"
+
+namespace transpeft {
+namespace cuda {
+namespace {
+
+using LoraBwdArgs = TranspeftActBwdLoraArgs;
+
+constexpr int kLoraWarps = 4;
+constexpr int kLoraThreads = kLoraWarps * 32;
+constexpr int kLoraMinBlocks = 3;  // per SM: at most 168 registers per thread, 12 warps to hide latency
+constexpr int kBM = 32;  // rows per step
+constexpr int kBN = 64;  // columns per block
+constexpr int kGroup = kMaskLanes;  // 8 columns: one Philox call per mask
+constexpr int kGroupsPerThread = kBM * kBN / kGroup / kLoraThreads;
+static_assert(kBM * kBN % (kGroup * kLoraThreads) == 0, "whole groups per thread");
+static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "z: two tiles per warp");
+
+// 8 consecutive elements as floats, through 16-byte loads (the group is in bounds and aligned).
+template <typename T>
+__device__ __forceinline__ void load_group(const T* p, float (&out)[kGroup]) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int q = 0; q < kGroup; q += V) {
+    const Pack<T, V> pk = load_pack<T, V>(p + q);
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[q + v] = to_float(pk.v[v]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(T* p, const float (&in)[kGroup]) {
+  constexpr int V = 16 / sizeof(T);
+#pragma unroll
+  for (int q = 0; q < kGroup; q += V) {
+    Pack<T, V> pk;
+#pragma unroll
+    for (int v = 0; v < V; ++v) pk.v[v] = from_float<T>(in[q + v]);
+    store_pack<T, V>(p + q, pk);
+  }
+}
+
+template <typename T, typename TA, Activation ACT, int RT>
+__global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_kernel(TranspeftActFwdArgs p) {
+  constexpr int TILES = (kBM / kTile) * (RT / kTile);  // S_d tiles of the block, over 4 warps
+  constexpr int NTW = (TILES + kLoraWarps - 1) / kLoraWarps;
+  alignas(32) __shared__ TA s_a[RT * kBN];      // A_d[:, col : col + BN]: column-major B of xd A_d^T
+  alignas(32) __shared__ TA s_x[kBM * kBN];     // xd of the step, zero outside (M, I)
+  alignas(32) __shared__ float s_o[kBM * RT];   // the S_d tile at the end
+
+  const T* g = static_cast<const T*>(p.g);
+  const T* u = static_cast<const T*>(p.u);
+  T* h = static_cast<T*>(p.h);
+  const TA* a = static_cast<const TA*>(p.a);
+  const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
+  const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int64_t row0 = int64_t{blockIdx.x} * kBM;
+
+  TileAcc<TA> acc[NTW];
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
+
+  for (int64_t col0 = 0; col0 < p.I; col0 += kBN) {
+    for (int i = tid; i < RT * kBN; i += kLoraThreads) {
+      const int k = i / kBN, c = i % kBN;
+      s_a[i] = (k < p.rank && col0 + c < p.I) ? a[k * p.lda + col0 + c] : from_float<TA>(0.0f);
+    }
+#pragma unroll 1  // as in the backward: one group's values live at a time
+    for (int i = 0; i < kGroupsPerThread; ++i) {
+      const int group = tid + i * kLoraThreads;
+      const int m = group / (kBN / kGroup);
+      const int c = (group % (kBN / kGroup)) * kGroup;
+      const int64_t row = row0 + m, col = col0 + c;
+      float xd[kGroup];
+      if (row < p.M && col < p.I) {  // I % 8 == 0: the whole group is in bounds
+        float gv[kGroup], uv[kGroup], hv[kGroup];
+        load_group<T>(g + row * p.ldg + col, gv);
+        load_group<T>(u + row * p.ldu + col, uv);
+        const uint32_t mbits = keep_bits(p.mask.on, mseed, row, col, p.I, p.mask.threshold);
+        const uint32_t dbits = keep_bits(p.drop.on, dseed, row, col, p.I, p.drop.threshold);
+#pragma unroll
+        for (int v = 0; v < kGroup; ++v) {
+          hv[v] = masked_gated_act_value<T>(ACT, gv[v], uv[v], lane_factor(p.mask.on, mbits, v, p.mask.kept));
+          xd[v] = lora_input<TA>(hv[v], lane_factor(p.drop.on, dbits, v, p.drop.kept));
+        }
+        store_group<T>(h + row * p.ldh + col, hv);
+      } else {
+#pragma unroll
+        for (int v = 0; v < kGroup; ++v) xd[v] = 0.0f;
+      }
+#pragma unroll
+      for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xd[v]);
+    }
+    __syncthreads();  // s_a and s_x complete
+
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      const int tile = warp * NTW + j, mt = tile / (RT / kTile), nt = tile % (RT / kTile);
+      if (tile < TILES) tile_mma<TA, false, kBN, true>(acc[j], s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN);
+    }
+    __syncthreads();  // the next step may overwrite s_a and s_x
+  }
+
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) {
+    const int tile = warp * NTW + j, mt = tile / (RT / kTile), nt = tile % (RT / kTile);
+    if (tile < TILES) tile_store(s_o + mt * kTile * RT + nt * kTile, RT, acc[j]);
+  }
+  __syncthreads();
+  TA* s_d = static_cast<TA*>(p.s);
+  for (int i = tid; i < kBM * RT; i += kLoraThreads) {
+    const int m = i / RT, k = i % RT;
+    if (row0 + m < p.M && k < p.rank) s_d[(row0 + m) * p.lds + k] = from_float<TA>(s_o[i]);
+  }
+}
+
+template <typename T, typename TA, Activation ACT, int RT>
+__global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_kernel(LoraBwdArgs q) {
+  constexpr int NTW = RT / kTile;  // dA tiles per warp: (RT / 16) x (BN / 16) tiles over 4 warps
+  static_assert((RT / kTile) * (kBN / kTile) == NTW * kLoraWarps, "dA: NTW tiles per warp");
+  constexpr int ZROWS = RT > kBM ? RT : kBM;
+  alignas(32) __shared__ TA s_a[RT * kBN];     // A_d[:, col0 : col0 + BN], zero past rank and I
+  alignas(32) __shared__ TA s_t[kBM * RT];     // t_d rows of the step, zero past rank and M
+  alignas(32) __shared__ TA s_x[kBM * kBN];    // xd of the step, zero outside (M, I)
+  alignas(32) __shared__ float s_z[ZROWS * kBN];  // z of the step; at the end the dA tile
+
+  const TranspeftActBwdArgs& p = q.act;
+  const T* dh = static_cast<const T*>(p.dh);
+  const T* g = static_cast<const T*>(p.g);
+  const T* u = static_cast<const T*>(p.u);
+  T* dg = static_cast<T*>(p.dg);
+  T* du = static_cast<T*>(p.du);
+  const TA* t = static_cast<const TA*>(p.t);
+  const TA* a = static_cast<const TA*>(p.a);
+  const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
+  const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int64_t col0 = int64_t{blockIdx.x} * kBN;
+  const int64_t split = blockIdx.y;
+  const int64_t row_begin = split * q.rows_per_split;
+  const int64_t row_end = row_begin + q.rows_per_split < p.M ? row_begin + q.rows_per_split : p.M;
+
+  for (int i = tid; i < RT * kBN; i += kLoraThreads) {
+    const int k = i / kBN, c = i % kBN;
+    s_a[i] = (k < p.rank && col0 + c < p.I) ? a[k * p.lda + col0 + c] : from_float<TA>(0.0f);
+  }
+
+  TileAcc<TA> acc[NTW];
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
+
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kBM) {
+    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
+      const int m = i / RT, k = i % RT;
+      s_t[i] = (row0 + m < row_end && k < p.rank) ? t[(row0 + m) * p.ldt + k] : from_float<TA>(0.0f);
+    }
+    __syncthreads();  // s_t (and, on the first step, s_a) complete
+
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int tile = warp * 2 + j, mt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
+      TileAcc<TA> z;
+      tile_zero(z);
+      tile_mma<TA, false, RT>(z, s_t + mt * kTile * RT, RT, s_a + nt * kTile, kBN);
+      tile_store(s_z + mt * kTile * kBN + nt * kTile, kBN, z);
+    }
+    __syncthreads();  // s_z complete
+
+#pragma unroll 1  // one group's 5 x 8 values live at a time: registers for 4 blocks per SM
+    for (int i = 0; i < kGroupsPerThread; ++i) {
+      const int group = tid + i * kLoraThreads;
+      const int m = group / (kBN / kGroup);
+      const int c = (group % (kBN / kGroup)) * kGroup;
+      const int64_t row = row0 + m, col = col0 + c;
+      float xd[kGroup];
+      if (row < row_end && col < p.I) {  // I % 8 == 0: the whole group is in bounds
+        float dhv[kGroup], gv[kGroup], uv[kGroup], dgv[kGroup], duv[kGroup];
+        load_group<T>(dh + row * p.lddh + col, dhv);
+        load_group<T>(g + row * p.ldg + col, gv);
+        load_group<T>(u + row * p.ldu + col, uv);
+        const uint32_t mbits = keep_bits(p.mask.on, mseed, row, col, p.I, p.mask.threshold);
+        const uint32_t dbits = keep_bits(p.drop.on, dseed, row, col, p.I, p.drop.threshold);
+#pragma unroll
+        for (int v = 0; v < kGroup; ++v) {
+          const float mk = lane_factor(p.mask.on, mbits, v, p.mask.kept);
+          const float d = lane_factor(p.drop.on, dbits, v, p.drop.kept);
+          const float dhl = lora_grad_sum<T, TA>(dhv[v], s_z[m * kBN + c + v], p.scaling, d);
+          const GatedGrads gr = masked_gated_act_grads(ACT, dhl, gv[v], uv[v], mk);
+          dgv[v] = gr.dg;
+          duv[v] = gr.du;
+          xd[v] = lora_input<TA>(masked_gated_act_value<T>(ACT, gv[v], uv[v], mk), d);
+        }
+        store_group<T>(dg + row * p.lddg + col, dgv);
+        store_group<T>(du + row * p.lddu + col, duv);
+      } else {
+#pragma unroll
+        for (int v = 0; v < kGroup; ++v) xd[v] = 0.0f;
+      }
+#pragma unroll
+      for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xd[v]);
+    }
+    __syncthreads();  // s_x complete
+
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
+      tile_mma<TA, true, kBM>(acc[j], s_t + rt * kTile, RT, s_x + nt * kTile, kBN);
+    }
+    __syncthreads();  // the next step may overwrite s_t, s_x and s_z
+  }
+
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) {
+    const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
+    tile_store(s_z + rt * kTile * kBN + nt * kTile, kBN, acc[j]);
+  }
+  __syncthreads();
+  float* part = static_cast<float*>(q.da_part) + split * p.rank * p.I;
+  for (int i = tid; i < RT * kBN; i += kLoraThreads) {
+    const int k = i / kBN, c = i % kBN;
+    if (k < p.rank && col0 + c < p.I) part[k * p.I + col0 + c] = p.scaling * s_z[i];
+  }
+}
+
+template <typename T, typename TA, Activation ACT>
+struct BwdKernel {
+  template <int RT>
+  static cudaError_t run(const LoraBwdArgs& args, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>((args.act.I + kBN - 1) / kBN), static_cast<unsigned>(args.splits));
+    return launch_kernel(act_bwd_lora_kernel<T, TA, ACT, RT>, grid, kLoraThreads, stream, args);
+  }
+};
+
+template <typename T, typename TA, Activation ACT>
+struct FwdKernel {
+  template <int RT>
+  static cudaError_t run(const TranspeftActFwdArgs& args, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>((args.M + kBM - 1) / kBM));
+    return launch_kernel(act_fwd_lora_kernel<T, TA, ACT, RT>, grid, kLoraThreads, stream, args);
+  }
+};
+
+// Kernel<T, TA, act>::run<RT>(args, stream), RT the rank tile of `rank`.
+template <typename T, typename TA, template <typename, typename, Activation> class Kernel, typename Args>
+cudaError_t launch_lora_pass(int32_t activation, int64_t rank, const Args& args, cudaStream_t stream) {
+  auto by_rank = [&](auto act) -> cudaError_t {
+    using K = Kernel<T, TA, decltype(act)::value>;
+    if (rank <= 16) return K::template run<16>(args, stream);
+    if (rank <= 32) return K::template run<32>(args, stream);
+    return K::template run<64>(args, stream);
+  };
+  switch (static_cast<Activation>(activation)) {
+    case Activation::kSilu: return by_rank(std::integral_constant<Activation, Activation::kSilu>{});
+    case Activation::kGelu: return by_rank(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh: return by_rank(std::integral_constant<Activation, Activation::kGeluTanh>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+bool aligned_rows(const void* ptr, int64_t ld) {
+  return ptr != nullptr && aligned16(ptr) && ld % (16 / static_cast<int64_t>(sizeof(T))) == 0 && ld % kGroup == 0;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace transpeft
+
+using namespace transpeft::cuda;
+
+extern "C" int transpeft_act_bwd_lora(const TranspeftActBwdLoraArgs* args, uint64_t stream) {
+  if (args == nullptr) return cudaErrorInvalidValue;
+  const TranspeftActBwdArgs& p = args->act;
+  if (p.M < 0 || p.I < 0 || p.activation < 0 || p.activation > 2) return cudaErrorInvalidValue;
+  if (p.t == nullptr || p.a == nullptr || p.rank < 1 || p.rank > 64 || p.h_out != nullptr || p.xd_out != nullptr ||
+      args->da_part == nullptr || p.I % kGroup != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.M == 0 || p.I == 0) return cudaSuccess;
+  if (args->rows_per_split < 1 || args->rows_per_split % kBM != 0 ||
+      args->splits != (p.M + args->rows_per_split - 1) / args->rows_per_split || args->splits > 65535 ||
+      (p.I + kBN - 1) / kBN > 0x7FFFFFFF) {
+    return cudaErrorInvalidValue;
+  }
+  const cudaStream_t st = as_stream(stream);
+  return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    for (auto [ptr, ld] : {std::pair<const void*, int64_t>{p.dh, p.lddh}, {p.g, p.ldg}, {p.u, p.ldu},
+                           {p.dg, p.lddg}, {p.du, p.lddu}}) {
+      if (!aligned_rows<T>(ptr, ld)) return cudaErrorInvalidValue;
+    }
+    if (p.a_dtype == 0) return launch_lora_pass<T, float, BwdKernel>(p.activation, p.rank, *args, st);
+    if (p.a_dtype == p.dtype) return launch_lora_pass<T, T, BwdKernel>(p.activation, p.rank, *args, st);
+    return cudaErrorInvalidValue;
+  });
+}
+
+namespace transpeft {
+namespace cuda {
+
+bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
+  if (p.a == nullptr || p.rank < 1 || p.rank > 64 || p.I % kGroup != 0 || (p.M + kBM - 1) / kBM > 0x7FFFFFFF) return false;
+  return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+           using T = typename decltype(tag)::type;
+           return aligned_rows<T>(p.g, p.ldg) && aligned_rows<T>(p.u, p.ldu) && aligned_rows<T>(p.h, p.ldh)
+                      ? cudaSuccess
+                      : cudaErrorInvalidValue;
+         }) == cudaSuccess;
+}
+
+cudaError_t launch_act_fwd_lora(const TranspeftActFwdArgs& p, cudaStream_t stream) {
+  return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    if (p.a_dtype == 0) return launch_lora_pass<T, float, FwdKernel>(p.activation, p.rank, p, stream);
+    if (p.a_dtype == p.dtype) return launch_lora_pass<T, T, FwdKernel>(p.activation, p.rank, p, stream);
+    return cudaErrorInvalidValue;
+  });
+}
+
+}  // namespace cuda
+}  // namespace transpeft
