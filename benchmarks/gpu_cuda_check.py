@@ -94,6 +94,13 @@ def bandwidth(report: Report) -> None:
         "act_bwd_lora_r16": (5 * elt, lambda: K.act_bwd_lora(
             dh, g, u, "silu", 0.1, False, seed, t, A, 2.0, K.Dropout(0.05, seed))),
     }
+    # the gate/up dB (fp32 adapters): lora_token_reduce against ATen on an fp32 copy of dg, side by side;
+    # the backend's choice between them (cuda_backend._reducible) is the model's until this measures
+    S = torch.randn(M, r, device=dev)
+    reduce_ms = bench_ms(lambda: K.lora_token_reduce(S, g, 2.0))
+    aten_ms = bench_ms(lambda: (g.to(torch.float32).t() @ S) * 2.0)
+    results["token_reduce_r16"] = {"ms": round(reduce_ms, 4), "aten_cast_mm_ms": round(aten_ms, 4)}
+    report.info("dB (I x 16) from dg: lora_token_reduce / ATen cast + mm", f"{reduce_ms:.3f} / {aten_ms:.3f} ms")
     for name, (nbytes, fn) in cases.items():
         ms = bench_ms(fn)
         gbs = nbytes / ms / 1e6

@@ -61,7 +61,7 @@ def test_the_emulated_backend_is_the_cuda_backend_and_runs_the_kernels(backend, 
     y.sum().backward()
     act_bwd = "transpeft_act_bwd_lora" if one_pass == "1" else "transpeft_masked_gated_act_bwd"
     for name in ("transpeft_lora_shrink", "transpeft_lora_expand", "transpeft_masked_gated_act_fwd", act_bwd,
-                 "transpeft_lora_dropout_cast"):
+                 "transpeft_lora_token_reduce"):
         assert name in calls, (name, calls)
     other = {"transpeft_act_bwd_lora", "transpeft_masked_gated_act_bwd"} - {act_bwd}
     assert not other & set(calls), calls
@@ -250,3 +250,45 @@ def test_forward_down_shrink_on_tensor_cores_against_float64(dtype, a_dtype, act
     assert s.dtype == a_dtype and s.shape == (M, r)
     assert_close_to_exact(s, xd.double() @ A.double().t(), a_dtype, inter, "S_d",
                           tf32x3_depth=_tf32x3(a_dtype, inter))
+
+
+@pytest.mark.parametrize("x_dtype,l_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32)])
+@pytest.mark.parametrize("M,N,r,q", [(45, 72, 5, 0.0), (70, 100, 16, 0.1), (33, 136, 40, 0.2), (3, 5, 64, 0.0)])
+def test_token_reduce_against_float64(x_dtype, l_dtype, M, N, r, q, calls):
+    """s l^T dropout_q(cast_A(x)) within the rounding of its M-long sum (tf32x3 with fp32 adapters), the
+    mask bit for bit the reference's; ragged M (partial 32-row steps), N (partial 64-column tiles; N % 8
+    != 0 takes the unpacked load) and rank tiles 16, 64."""
+    l, x = torch.randn(M, r).to(l_dtype), torch.randn(M, N).to(x_dtype)
+    seed = torch.tensor(17)
+    drop = K.Dropout(q, seed) if q > 0 else None
+    got = K.lora_token_reduce(l, x, 0.5, drop, splits=2)
+    assert calls == ["transpeft_lora_token_reduce"] and got.dtype == l_dtype and got.shape == (r, N)
+    xd = x.to(l_dtype) * (dropout_multiplier(seed, x.to(l_dtype), q) if q > 0 else 1)
+    exact = (l.double().t() @ xd.double()) * 0.5
+    assert_close_to_exact(got, exact, l_dtype, M, "token_reduce", tf32x3_depth=_tf32x3(l_dtype, M))
+
+
+def test_token_reduce_unaligned_rows_and_any_split_count():
+    """Rows 20 elements apart (not 16-byte aligned: the unpacked load) give the packed result; splits change
+    only the fp32 summation order."""
+    M, N, r = 100, 16, 8
+    l, wide = torch.randn(M, r), torch.randn(M, 20).bfloat16()
+    x = wide[:, :N]
+    ref = K.lora_token_reduce(l, x.contiguous(), 2.0, splits=1)
+    exact = (l.double().t() @ x.double()) * 2.0
+    for splits in (1, 3, 50):
+        got = K.lora_token_reduce(l, x, 2.0, splits=splits)
+        assert_close_to_exact(got, exact, torch.float32, M, "token_reduce", tf32x3_depth=M)
+        assert_close_to_exact(got, ref.double(), torch.float32, 2 * M, "token_reduce", tf32x3_depth=2 * M)
+
+
+def test_token_reduce_refuses_what_it_does_not_take():
+    x = torch.randn(4, 8).bfloat16()
+    with pytest.raises(ValueError, match="R <= 64"):
+        K.lora_token_reduce(torch.randn(4, 65), x, 1.0)
+    with pytest.raises(ValueError, match="16-bit adapter dtype must be x's"):
+        K.lora_token_reduce(torch.randn(4, 2).half(), x, 1.0)
+    with pytest.raises(ValueError, match="splits: expected a positive count"):
+        K.lora_token_reduce(torch.randn(4, 2), x, 1.0, splits=0)

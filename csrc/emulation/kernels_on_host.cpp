@@ -6,4 +6,5 @@
 #include "../kernels/masked_gated_act.cu"
 #include "../kernels/act_lora.cu"
 #include "../kernels/lora.cu"
+#include "../kernels/lora_reduce.cu"
 #include "../kernels/runtime.cu"

@@ -38,6 +38,7 @@
 #include "transpeft/cuda_common.cuh"
 #include "transpeft/fused_math.h"
 #include "transpeft/tile_mma.cuh"
+#include "transpeft/tile_pass.cuh"
 
 namespace transpeft {
 namespace cuda {
@@ -45,39 +46,7 @@ namespace {
 
 using LoraBwdArgs = TranspeftActBwdLoraArgs;
 
-constexpr int kLoraWarps = 4;
-constexpr int kLoraThreads = kLoraWarps * 32;
-constexpr int kLoraMinBlocks = 3;  // per SM: at most 168 registers per thread, 12 warps to hide latency
-constexpr int kBM = 32;  // rows per step
-constexpr int kBN = 64;  // columns per block
-constexpr int kGroup = kMaskLanes;  // 8 columns: one Philox call per mask
-constexpr int kGroupsPerThread = kBM * kBN / kGroup / kLoraThreads;
-static_assert(kBM * kBN % (kGroup * kLoraThreads) == 0, "whole groups per thread");
 static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "z: two tiles per warp");
-
-// 8 consecutive elements as floats, through 16-byte loads (the group is in bounds and aligned).
-template <typename T>
-__device__ __forceinline__ void load_group(const T* p, float (&out)[kGroup]) {
-  constexpr int V = 16 / sizeof(T);
-#pragma unroll
-  for (int q = 0; q < kGroup; q += V) {
-    const Pack<T, V> pk = load_pack<T, V>(p + q);
-#pragma unroll
-    for (int v = 0; v < V; ++v) out[q + v] = to_float(pk.v[v]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_group(T* p, const float (&in)[kGroup]) {
-  constexpr int V = 16 / sizeof(T);
-#pragma unroll
-  for (int q = 0; q < kGroup; q += V) {
-    Pack<T, V> pk;
-#pragma unroll
-    for (int v = 0; v < V; ++v) pk.v[v] = from_float<T>(in[q + v]);
-    store_pack<T, V>(p + q, pk);
-  }
-}
 
 template <typename T, typename TA, Activation ACT, int RT>
 __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_kernel(TranspeftActFwdArgs p) {
@@ -299,10 +268,6 @@ cudaError_t launch_lora_pass(int32_t activation, int64_t rank, const Args& args,
   return cudaErrorInvalidValue;
 }
 
-template <typename T>
-bool aligned_rows(const void* ptr, int64_t ld) {
-  return ptr != nullptr && aligned16(ptr) && ld % (16 / static_cast<int64_t>(sizeof(T))) == 0 && ld % kGroup == 0;
-}
 
 }  // namespace
 }  // namespace cuda

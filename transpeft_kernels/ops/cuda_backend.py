@@ -4,8 +4,10 @@ the large GEMMs through ATen (cuBLAS). Same contract, saved state and results as
 lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropout, t = cast_A(dy) B):
     forward   y = x W^T + b (ATen);  S = dropout_q(cast_A(x)) A^T (lora_shrink);  y += s S B^T (lora_expand_)
     backward  dx = dy W (ATen) += cast(s D(t A)) (lora_expand_, mask in the epilogue); t (lora_shrink)
-              dW = dy^T x, db = sum_rows dy, dB = s cast_A(dy)^T S (ATen)
-              dA = s t^T dropout_q(cast_A(x)) (ATen on lora_dropout_cast's output)
+              dW = dy^T x, db = sum_rows dy (ATen)
+              dB = s cast_A(dy)^T S, dA = s t^T dropout_q(cast_A(x)): fp32 adapters on 16-bit activations at
+              rank <= 32 lora_token_reduce (tensor cores, the cast and the mask applied while staging);
+              otherwise ATen on cast copies, lora_dropout_cast for the mask (``_reducible``)
 masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
     forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers,
               S_d's products on the tensor cores when I % 8 == 0 and rows are 16-byte aligned)
@@ -16,7 +18,7 @@ masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, 
               (the down base trained, TRANSPEFT_CUDA_ONE_PASS_BWD=0, I % 8 != 0 or unaligned rows:
                dg, du [, h', dropout_qd(h')] = masked_gated_act_bwd, dW_d = dY^T h',
                dA_d = s_d t_d^T dropout_qd(h') (ATen))
-              dB_d = s_d cast_A(dY)^T S_d (ATen)
+              dB_d = s_d cast_A(dY)^T S_d (lora_token_reduce or ATen, as dB above)
               gate/up backward as lora_linear above (the fused layout's dg, du land in one (M, 2I) buffer)
     saved     what MLPSaved holds: x, the gate/up outputs, the rank-sized shrinks; h' is recomputed.
 Every output is a fresh tensor; nothing is written into saved tensors or incoming gradients.
@@ -58,6 +60,7 @@ def _rows_contiguous(bt: torch.Tensor) -> torch.Tensor:
     return bt.contiguous()
 
 
+REDUCE_MAX_RANK = 32  # lora_token_reduce takes up to 64; above 32 the model prefers ATen on the copy
 ONE_PASS_ENV = "TRANSPEFT_CUDA_ONE_PASS_BWD"
 
 
@@ -115,13 +118,27 @@ class CudaBackend(TorchBackend):
             db = dy.sum(0).to(lin.bias.dtype)
         if lora is not None:
             adt = lora.A.dtype
+            reduce = self._reducible(lora, x2d.dtype)
             if needs.B:
-                dB = (dy.to(adt).t() @ s) * lora.scaling
+                dB = K.lora_token_reduce(s, dy, lora.scaling).t().contiguous() if reduce \
+                    else (dy.to(adt).t() @ s) * lora.scaling
             if needs.A:
                 drop = self._dropout(lin, seed)
-                xd = x2d.to(adt) if drop is None else K.lora_dropout_cast(x2d, adt, drop)
-                dA = (t.t() @ xd) * lora.scaling
+                if reduce:
+                    dA = K.lora_token_reduce(t, x2d, lora.scaling, drop)
+                else:
+                    xd = x2d.to(adt) if drop is None else K.lora_dropout_cast(x2d, adt, drop)
+                    dA = (t.t() @ xd) * lora.scaling
         return LinearGrads(dx, dW, db, dA, dB)
+
+    def _reducible(self, lora, dtype: torch.dtype) -> bool:
+        """Whether dA and dB take lora_token_reduce (the tensor-core token sums that cast while staging)
+        instead of ATen on an fp32 copy: fp32 adapters on 16-bit activations, rank <= 32. Chosen by the
+        model (perf/ledger.py, the kernels' SASS): there the copy (6 bytes per element, read again as 4)
+        costs more than the kernel's instructions; at rank 64 the tf32x3 steps cost more than the copy,
+        and 16-bit adapters on their own dtype need no copy (cuBLAS is better)."""
+        return (lora.A.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+                and lora.A.shape[0] <= REDUCE_MAX_RANK)
 
     # ---- masked gated activation ---------------------------------------------------------------
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
@@ -207,7 +224,8 @@ class CudaBackend(TorchBackend):
             if nd.A and dA is None:
                 dA = (t.t() @ xd) * lora.scaling
             if nd.B:
-                dB = (dy.to(lora.A.dtype).t() @ saved.s_down) * lora.scaling
+                dB = K.lora_token_reduce(saved.s_down, dy, lora.scaling).t().contiguous() \
+                    if self._reducible(lora, dy.dtype) else (dy.to(lora.A.dtype).t() @ saved.s_down) * lora.scaling
         del h, xd
         d_outs = [fused_buf] if fused_buf is not None else [dg, du]
         dx, grads = self.inputs_bwd(d_outs, x2d, saved, w, seed, needs)

@@ -316,6 +316,13 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
 }
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
+# lora_token_reduce (csrc/kernels/lora_reduce.cu), the same way, keyed by (an fp32 adapter, rank > 32):
+# per 32-row step of 16 elements per thread, bf16 x, r 16: 893 instructions with fp32 adapters (the
+# second group 141, three more tf32x3 k-steps of 98), 712 with bf16; r 64: 2352 (four output tiles of
+# four k-steps, the staging of l's 64 columns), 1218 with bf16; over 16, less one mask stream (the
+# static count holds the dropout path), over 24.
+CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.56, (False, False): 1.09, (True, True): 5.36, (False, True): 2.40}
+
 
 def _cuda_tc_unit(dtype) -> tuple[str, int]:
     """(unit, products per FLOP) of the tensor-core LoRA products of act_lora.cu in an adapter dtype."""
@@ -364,6 +371,13 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
         weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd", a.dtype == torch.float32, r > 32)]
         return {unit: times * 2 * (2 * n * r)}, round(n * weight), philox
+    if wrapper == "lora_token_reduce":  # s l^T D(cast_A(x)): x staged once, the products on the tensor cores
+        l, x = tensors_in[0], tensors_in[1]
+        unit, times = _cuda_tc_unit(l.dtype)
+        drop = kw.get("drop")
+        weight = CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT[(l.dtype == torch.float32, l.shape[1] > 32)]
+        return {unit: times * 2 * x.numel() * l.shape[1]}, round(x.numel() * weight), \
+            x.numel() if drop is not None and drop.q > 0 else 0
     if wrapper == "lora_dropout_cast":
         return {}, tensors_in[0].numel(), tensors_in[0].numel()
     raise KeyError(f"no cost rule for CUDA wrapper {wrapper!r}: add one to perf/ledger.py")
@@ -382,7 +396,7 @@ class _CudaLibRecorder:
 
 
 _CUDA_WRAPPERS = ("lora_shrink", "lora_expand_", "masked_gated_act_fwd", "masked_gated_act_bwd", "act_bwd_lora",
-                  "lora_dropout_cast")
+                  "lora_dropout_cast", "lora_token_reduce")
 
 
 def _cuda_wrapper(fn, wrapper: str, lib: _CudaLibRecorder, ledger: Ledger):

@@ -35,7 +35,7 @@
 extern "C" {
 #endif
 
-#define TRANSPEFT_CUDA_ABI_VERSION 4  // 4: transpeft_act_bwd_lora; 3: the mask holds an integer threshold
+#define TRANSPEFT_CUDA_ABI_VERSION 4  // 4: transpeft_act_bwd_lora, transpeft_lora_token_reduce; 3: integer mask threshold
 
 int transpeft_cuda_abi_version(void);
 const char* transpeft_cuda_error_string(int error);
@@ -196,6 +196,32 @@ typedef struct TranspeftLoraDropoutCastArgs {
 } TranspeftLoraDropoutCastArgs;
 
 int transpeft_lora_dropout_cast(const TranspeftLoraDropoutCastArgs* args, uint64_t stream);
+
+// The LoRA gradients' token reductions on the tensor cores, without a cast copy of the (M, N) operand:
+//   part (splits, R, N) fp32, contiguous: part[s] = scaling * l[rows of s]^T dropout_q(cast_A(x))[rows of s]
+// l (M, R, row stride ldl, dtype l_dtype = the adapter dtype, 1 <= R <= 64); x (M, N, row stride ldx, unit
+// column stride, dtype x_dtype); dropout mask `drop` over (M, N). The caller sums part over s in a fixed
+// order: dB^T = s S^T cast_A(dY) (l = S, x = dY, no dropout), dA = s t^T dropout_q(cast_A(x)) (l = t).
+// Split s owns rows [s * rows_per_split, (s + 1) * rows_per_split); rows_per_split is a multiple of 32
+// and splits = ceil(M / rows_per_split). Any N (ragged widths and unaligned rows take a slower load).
+typedef struct TranspeftLoraTokenReduceArgs {
+  const void* l;
+  int64_t ldl;
+  const void* x;
+  int64_t ldx;
+  void* part;
+  int64_t M;
+  int64_t N;
+  int64_t R;
+  int32_t x_dtype;
+  int32_t l_dtype;
+  float scaling;
+  TranspeftRandomMask drop;
+  int64_t splits;
+  int64_t rows_per_split;
+} TranspeftLoraTokenReduceArgs;
+
+int transpeft_lora_token_reduce(const TranspeftLoraTokenReduceArgs* args, uint64_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

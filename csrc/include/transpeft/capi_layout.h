@@ -134,6 +134,22 @@ static constexpr LayoutEntry kLayout[] = {
     TRANSPEFT_FIELD(TranspeftLoraDropoutCastArgs, x_dtype),
     TRANSPEFT_FIELD(TranspeftLoraDropoutCastArgs, out_dtype),
     TRANSPEFT_FIELD(TranspeftLoraDropoutCastArgs, drop),
+
+    TRANSPEFT_SIZE(TranspeftLoraTokenReduceArgs),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, l),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, ldl),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, x),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, ldx),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, part),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, M),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, N),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, R),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, x_dtype),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, l_dtype),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, scaling),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, drop),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, splits),
+    TRANSPEFT_FIELD(TranspeftLoraTokenReduceArgs, rows_per_split),
 };
 
 #undef TRANSPEFT_SIZE

@@ -6,14 +6,17 @@
     act_bwd_lora           the same dg, du and dA_d = s t_d^T dropout(h') in one pass, LoRA products on tensor cores
     lora_shrink            S = dropout_q(cast_A(x)) A^T   (also t = dY B)
     lora_expand_           y += s * S B^T in place on a fresh GEMM output (forward and dX)
-    lora_dropout_cast      dropout_q(cast_A(x))           (the LoRA input for dA)
+    lora_dropout_cast      dropout_q(cast_A(x))           (the LoRA input for dA, ranks above 64)
+    lora_token_reduce      s l^T dropout_q(cast_A(x))     (dB^T = s S^T dY, dA = s t^T D(x); tensor cores, no cast copy)
 
 The library is found or built as library.py describes; the big GEMMs are not here (the backend
 runs them through ATen, i.e. cuBLAS).
 """
-from .launch import (MAX_FUSED_RANK, Dropout, act_bwd_lora, act_bwd_lora_supported, lora_dropout_cast, lora_expand_, lora_shrink, masked_gated_act_bwd,
+from .launch import (MAX_FUSED_RANK, MAX_REDUCE_RANK, Dropout, act_bwd_lora, act_bwd_lora_supported,
+                     lora_dropout_cast, lora_token_reduce, lora_expand_, lora_shrink, masked_gated_act_bwd,
                      masked_gated_act_fwd)
 from .library import BUILD_ROUTES, emulating, find_library, load
 
-__all__ = ["BUILD_ROUTES", "MAX_FUSED_RANK", "Dropout", "act_bwd_lora", "act_bwd_lora_supported", "emulating", "find_library", "load", "lora_dropout_cast",
+__all__ = ["BUILD_ROUTES", "MAX_FUSED_RANK", "MAX_REDUCE_RANK", "Dropout", "act_bwd_lora", "act_bwd_lora_supported",
+           "emulating", "lora_token_reduce", "find_library", "load", "lora_dropout_cast",
            "lora_expand_", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd"]

@@ -112,7 +112,18 @@ class LoraDropoutCastArgs(_Args):
     _defaults_ = dict(drop=RandomMask.off)
 
 
-STRUCTS = (RandomMask, ActFwdArgs, ActBwdArgs, ActBwdLoraArgs, LoraShrinkArgs, LoraExpandArgs, LoraDropoutCastArgs)
+class LoraTokenReduceArgs(_Args):
+    _c_name_ = "TranspeftLoraTokenReduceArgs"
+    _fields_ = [
+        ("l", _P), ("ldl", _I64), ("x", _P), ("ldx", _I64), ("part", _P), ("M", _I64), ("N", _I64), ("R", _I64),
+        ("x_dtype", _I32), ("l_dtype", _I32), ("scaling", _F32), ("drop", RandomMask), ("splits", _I64),
+        ("rows_per_split", _I64),
+    ]
+    _defaults_ = dict(drop=RandomMask.off)
+
+
+STRUCTS = (RandomMask, ActFwdArgs, ActBwdArgs, ActBwdLoraArgs, LoraShrinkArgs, LoraExpandArgs, LoraDropoutCastArgs,
+           LoraTokenReduceArgs)
 
 # entry point -> the struct it takes (by const pointer, followed by the stream as uint64)
 ENTRY_POINTS = {
@@ -122,6 +133,7 @@ ENTRY_POINTS = {
     "transpeft_lora_shrink": LoraShrinkArgs,
     "transpeft_lora_expand": LoraExpandArgs,
     "transpeft_lora_dropout_cast": LoraDropoutCastArgs,
+    "transpeft_lora_token_reduce": LoraTokenReduceArgs,
 }
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ..launch_args import ACT_CODES, check_same_device, dtype_code, rounded_to, seed_on, unit_column_stride
 from ...reference.philox import keep_threshold
-from .abi import ActBwdArgs, ActBwdLoraArgs, ActFwdArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
+from .abi import ActBwdArgs, ActBwdLoraArgs, ActFwdArgs, LoraTokenReduceArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
 from .library import load
 
 MAX_FUSED_RANK = 64  # the act kernels keep the down projection's rank-sized sums in registers or mma tiles
@@ -168,17 +168,18 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
     return outs
 
 
-ACT_BWD_LORA_ROWS = 32  # the kernel's rows per step: a split's row count is a multiple of it
+SPLIT_ROWS = 32  # the tensor-core passes' rows per step: a row split's row count is a multiple of it
 
 
-def act_bwd_lora_splits(M: int, I: int, device: torch.device) -> int:
-    """Row splits of act_bwd_lora: enough (64-column tiles x splits) blocks to fill the GPU about four
-    times over (four blocks fit on an SM), each split at least 4 steps of rows; on the CPU (the
-    emulation) one split per step, so tests cover the split sum."""
-    steps = -(-M // ACT_BWD_LORA_ROWS)
+def row_splits(M: int, N: int, device: torch.device) -> int:
+    """Row splits of the tensor-core token reductions (act_bwd_lora's dA_d, lora_token_reduce): enough
+    (64-column tiles x splits) blocks to fill the GPU about four times over (three blocks fit on an
+    SM), each split at least 4 steps of rows; on the CPU (the emulation) up to 8, so tests cover the
+    split sum."""
+    steps = -(-M // SPLIT_ROWS)
     if device.type != "cuda":
         return max(1, min(steps, 8))
-    cols = -(-I // 64)
+    cols = -(-N // 64)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(-(-4 * sms // cols), steps // 4, 64))
 
@@ -201,17 +202,53 @@ def act_bwd_lora(dh_base, g, u, activation: str, p: float, rescale: bool, mask_s
         raise ValueError(f"g: expected a column count divisible by 8, got {I}")
     if M == 0 or I == 0:
         return dg, du, torch.zeros((r, I), dtype=down_a.dtype, device=device)
-    steps = -(-M // ACT_BWD_LORA_ROWS)
-    n = act_bwd_lora_splits(M, I, device) if splits is None else splits
-    if n < 1:
-        raise ValueError(f"splits: expected a positive count, got {splits}")
-    per_split = -(-steps // min(n, steps)) * ACT_BWD_LORA_ROWS
-    n = -(-M // per_split)
+    n, per_split = _split_rows(M, I, device, splits)
     part = torch.empty((n, r, I), dtype=torch.float32, device=device)
     largs = ActBwdLoraArgs(act=args, da_part=part.data_ptr(), splits=n, rows_per_split=per_split)
     with _on_device(device):
         load().call("transpeft_act_bwd_lora", largs, _stream(device))
     return dg, du, (part[0] if n == 1 else part.sum(0)).to(down_a.dtype)
+
+
+def _split_rows(M: int, N: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(splits, rows per split) for M rows: a multiple of SPLIT_ROWS per split, no split empty."""
+    steps = -(-M // SPLIT_ROWS)
+    n = row_splits(M, N, device) if splits is None else splits
+    if n < 1:
+        raise ValueError(f"splits: expected a positive count, got {splits}")
+    per_split = -(-steps // min(n, steps)) * SPLIT_ROWS
+    return -(-M // per_split), per_split
+
+
+MAX_REDUCE_RANK = 64  # lora_token_reduce keeps (rank, 64) accumulators per block
+
+
+def lora_token_reduce(l: torch.Tensor, x: torch.Tensor, scaling: float, drop: Dropout | None = None,
+                      splits: int | None = None) -> torch.Tensor:
+    """scaling * l^T dropout_q(cast_A(x)), (R, N) in l's dtype (the adapter dtype): the LoRA gradients'
+    token sums without an (M, N) copy of x in the adapter dtype. l (M, R), R <= 64; x (M, N).
+    dB = lora_token_reduce(S, dY, s).t() and dA = lora_token_reduce(t, x, s, dropout). fp32 partials
+    per row split (``splits``: None to choose) are summed here in a fixed order."""
+    l, x = unit_column_stride(l, "l"), unit_column_stride(x, "x")
+    M, R = l.shape
+    if x.shape[0] != M or not 1 <= R <= MAX_REDUCE_RANK:
+        raise ValueError(f"l, x: expected (M, R <= {MAX_REDUCE_RANK}) and (M, N), got {tuple(l.shape)} and "
+                         f"{tuple(x.shape)}")
+    if l.dtype != torch.float32 and l.dtype != x.dtype:
+        raise ValueError(f"l: a 16-bit adapter dtype must be x's ({x.dtype}), got {l.dtype}")
+    device = check_same_device(l=l, x=x)
+    N = x.shape[1]
+    if M == 0 or N == 0:
+        return torch.zeros((R, N), dtype=l.dtype, device=device)
+    n, per_split = _split_rows(M, N, device, splits)
+    part = torch.empty((n, R, N), dtype=torch.float32, device=device)
+    d, _keep = _dropout_args(drop, l.dtype, device)
+    args = LoraTokenReduceArgs(l=l.data_ptr(), ldl=_ld(l), x=x.data_ptr(), ldx=_ld(x), part=part.data_ptr(), M=M, N=N,
+                               R=R, x_dtype=dtype_code(x, "x"), l_dtype=dtype_code(l, "l"), scaling=float(scaling),
+                               drop=d, splits=n, rows_per_split=per_split)
+    with _on_device(device):
+        load().call("transpeft_lora_token_reduce", args, _stream(device))
+    return (part[0] if n == 1 else part.sum(0)).to(l.dtype)
 
 
 def act_bwd_lora_supported(*tensors: torch.Tensor) -> bool:
