@@ -1,5 +1,5 @@
-"""The CUDA tensor-core activation passes (csrc/kernels/act_lora.cu) in their static SASS, compiled with
-nvcc as the library builds them (no GPU needed): every variant runs its LoRA products on the tensor
+"""The CUDA tensor-core passes (csrc/kernels/act_lora.cu, lora_reduce.cu) in their static SASS, compiled
+with nvcc as the library builds them (no GPU needed): every variant runs its LoRA products on the tensor
 cores (HMMA) and spills nothing, on sm_80 and sm_90a. Skipped without nvcc or cuobjdump."""
 import subprocess
 
@@ -8,22 +8,30 @@ import pytest
 from transpeft_kernels.kernels import sass
 from transpeft_kernels.kernels.cuda import build
 
+# source -> (its tensor-core kernels, variant count): 5 (operand, adapter) dtype pairs x 3 rank tiles x
+# 3 activations forward and backward, or x 2 load paths (packed, unpacked)
+SOURCES = {
+    "act_lora.cu": (("act_fwd_lora_kernel", "act_bwd_lora_kernel"), 2 * 5 * 3 * 3),
+    "lora_reduce.cu": (("token_reduce_kernel",), 5 * 3 * 2),
+}
 
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
 @pytest.mark.parametrize("arch", ["80", "90a"])
-def test_tensor_core_activation_passes_use_mma_and_do_not_spill(tmp_path, arch):
+def test_tensor_core_passes_use_mma_and_do_not_spill(tmp_path, arch, source):
     csrc, nvcc = build.find_csrc(), build.find_nvcc()
     if csrc is None or nvcc is None or sass.find_cuobjdump() is None:
         pytest.skip("nvcc, cuobjdump or the C++ sources not found")
-    cubin = tmp_path / f"act_lora.sm_{arch}.cubin"
+    cubin = tmp_path / f"{source}.sm_{arch}.cubin"
     cmd = [nvcc, *build.nvcc_compile_flags(csrc, archs=()), "-cubin", "-gencode", f"arch=compute_{arch},code=sm_{arch}",
-           str(csrc / "kernels" / "act_lora.cu"), "-o", str(cubin)]
+           str(csrc / "kernels" / source), "-o", str(cubin)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = sass.cubin_metrics(str(cubin))
     names = subprocess.run(["c++filt"], input="\n".join(metrics), capture_output=True, text=True).stdout.splitlines()
-    kernels = {n: m for n, m in zip(names, metrics.values()) if "act_fwd_lora_kernel" in n or "act_bwd_lora_kernel" in n}
-    # 5 (base, adapter) dtype pairs x 3 activations x 3 rank tiles, forward and backward
-    assert len(kernels) == 2 * 5 * 3 * 3, sorted(kernels)
+    wanted, count = SOURCES[source]
+    kernels = {n: m for n, m in zip(names, metrics.values()) if any(k in n for k in wanted)}
+    assert len(kernels) == count, sorted(kernels)
     for name, m in kernels.items():
         assert m["tensor_core_instructions"] > 0, name
         assert m["spill_bytes"] == 0 and m["local_loads"] == 0 and m["local_stores"] == 0, (name, m)
