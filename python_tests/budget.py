@@ -26,7 +26,8 @@ a_small b_small term dropped (<= 2^-22 |a b|). Each product then carries up to T
     floor   = (depth * u_acc + tf32x3_depth * TF32X3_ROUNDOFF + roundings * u_out) * max |exact|
 
 The interpreter (the CPU tests) does the same split (it ignores input_precision otherwise), so the
-tests see that error, not the IEEE one.
+tests see that error, not the IEEE one. The CUDA tile kernels (csrc/include/transpeft/tile_mma.cuh) split the same way except
+that a_small is left for the MMA to truncate (<= 2^-21 |a|): 2.25 * 2^-21 per product, inside the same bound.
 
 The first term scales with whatever the host's libraries do to the reference, so a kernel is judged
 against the same host's rounding; the factor 3 leaves room for a different (blocked, fused) order of

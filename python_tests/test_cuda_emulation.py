@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import test_ops
-from budget import assert_close_to_exact, assert_within_budget
+from budget import UNIT_ROUNDOFF, assert_close_to_exact, assert_within_budget, floor
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels import cuda as K
 from transpeft_kernels.ops import backends, cuda_backend
@@ -292,3 +292,58 @@ def test_token_reduce_refuses_what_it_does_not_take():
         K.lora_token_reduce(torch.randn(4, 2).half(), x, 1.0)
     with pytest.raises(ValueError, match="splits: expected a positive count"):
         K.lora_token_reduce(torch.randn(4, 2), x, 1.0, splits=0)
+
+
+@pytest.mark.parametrize("y_dtype,l_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16), (torch.float32, torch.float32),
+                                             (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("M,N,r,pad", [(45, 72, 5, 0), (70, 136, 40, 0), (33, 64, 64, 0), (300, 64, 8, 0),
+                                       (37, 52, 16, 0), (40, 48, 8, 4)])
+def test_expand_against_float64(y_dtype, l_dtype, grad, M, N, r, pad, calls):
+    """y += s D(S b^T) in place, with the reference's roundings: within the rounding of the output and
+    the adapter-dtype term (z's rank-long sum tf32x3 with fp32 adapters). N % 8 == 0 with aligned rows
+    runs the tensor-core expand (300 rows: a block's 128-row span and two more); N = 52 and rows padded
+    to 52 elements (not 16-byte aligned) the earlier per-column kernel. b is a transposed view (strides (1, N)), as for dX = ... + s D(t A)."""
+    y0 = torch.randn(M, N + pad).to(y_dtype)
+    y = y0[:, :N]
+    S, A = torch.randn(M, r).to(l_dtype), (torch.randn(r, N) * 0.5).to(l_dtype)
+    seed = torch.tensor(31)
+    drop = K.Dropout(0.2, seed) if grad else None
+    want_base = y.double().clone()
+    got = K.lora_expand_(y, S, A.t(), 0.75, grad=grad, drop=drop)
+    assert got.data_ptr() == y.data_ptr() and calls == ["transpeft_lora_expand"]
+    term = (S.double() @ A.double()) * 0.75
+    if grad:
+        term = term * dropout_multiplier(seed, torch.empty(M, N, dtype=l_dtype), 0.2).double()
+    exact = want_base + term
+    scale = max(want_base.abs().max().item(), term.abs().max().item())
+    # the rank-long fp32 sum (tf32x3 products with fp32 adapters), then the roundings of the chain:
+    # TL(z), TL(. * s) [, TL(. * d), T(term)], T(y + term)
+    allowed = floor(torch.float32, r, scale, roundings=0, tf32x3_depth=_tf32x3(l_dtype, r)) \
+        + ((3 if grad else 2) * UNIT_ROUNDOFF[l_dtype] + (2 if grad else 1) * UNIT_ROUNDOFF[y_dtype]) * scale
+    err = (got.double() - exact).abs().max().item()
+    assert err <= allowed, (err, allowed)
+
+
+@pytest.mark.parametrize("x_dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16), (torch.float32, torch.float32),
+                                             (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("M,width,r,q,layout", [(45, 72, 5, 0.0, "rows"), (70, 136, 40, 0.1, "rows"),
+                                            (20, 100, 64, 0.2, "rows"), (33, 64, 16, 0.0, "b_transposed"),
+                                            (17, 40, 8, 0.1, "padded"), (9, 24, 3, 0.0, "strided")])
+def test_shrink_against_float64(x_dtype, a_dtype, M, width, r, q, layout, calls):
+    """S = dropout_q(cast_A(x)) a^T within the rounding of its K-long sum (tf32x3 with fp32 adapters),
+    the mask bit for bit the reference's. Tensor-core shrink: rows (16-row blocks, partial 64-column
+    steps), K % 8 != 0 (the unpacked load), a given as B^T's transposed view (t = dY B), rows padded to
+    40 + 4 elements (unaligned); x with column stride 2: the earlier kernel."""
+    x = torch.randn(M, width + (4 if layout == "padded" else 0)).to(x_dtype)[:, :width]
+    if layout == "strided":
+        x = torch.randn(M, 2 * width).to(x_dtype)[:, ::2]
+    a = (torch.randn(width, r).to(a_dtype).t() if layout == "b_transposed" else torch.randn(r, width).to(a_dtype))
+    seed = torch.tensor(44)
+    drop = K.Dropout(q, seed) if q > 0 else None
+    got = K.lora_shrink(x, a, drop)
+    assert calls == ["transpeft_lora_shrink"] and got.dtype == a_dtype and got.shape == (M, r)
+    xd = x.to(a_dtype) * (dropout_multiplier(seed, x.to(a_dtype), q) if q > 0 else 1)
+    assert_close_to_exact(got, xd.double() @ a.double().t(), a_dtype, width, "S", tf32x3_depth=_tf32x3(a_dtype, width))

@@ -148,4 +148,5 @@ def test_gated_mlp_at_a_realistic_shape_matches_torch_and_float64(layout, one_pa
     names = ["y", "dx"] + [f"{n}[{i}]" for i in range(len(lins)) for n in ("dA", "dB")]
     for name, ours, theirs, e in zip(names, got, ref, exact, strict=True):
         assert ours.device.type == "cuda" and ours.dtype == theirs.dtype, name
-        assert_within_budget(ours.cpu(), theirs.cpu(), e, ours.dtype, depth, f"{layout.value} {name}")
+        # fp32 adapters: the tile kernels' LoRA products are tf32x3 (budget.py), every step of the chain
+        assert_within_budget(ours.cpu(), theirs.cpu(), e, ours.dtype, depth, f"{layout.value} {name}", tf32x3_depth=depth)

@@ -6,5 +6,7 @@
 #include "../kernels/masked_gated_act.cu"
 #include "../kernels/act_lora.cu"
 #include "../kernels/lora.cu"
+#include "../kernels/lora_expand.cu"
+#include "../kernels/lora_shrink.cu"
 #include "../kernels/lora_reduce.cu"
 #include "../kernels/runtime.cu"

@@ -70,11 +70,9 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
 #pragma unroll
   for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
 
+  const bool a_vec = aligned_rows<TA>(p.a, p.lda);  // I % 8 == 0 here
   for (int64_t col0 = 0; col0 < p.I; col0 += kBN) {
-    for (int i = tid; i < RT * kBN; i += kLoraThreads) {
-      const int k = i / kBN, c = i % kBN;
-      s_a[i] = (k < p.rank && col0 + c < p.I) ? a[k * p.lda + col0 + c] : from_float<TA>(0.0f);
-    }
+    stage_columns<TA, TA, RT>(s_a, a, p.lda, 1, p.rank, col0, p.I, a_vec);
 #pragma unroll 1  // as in the backward: one group's values live at a time
     for (int i = 0; i < kGroupsPerThread; ++i) {
       const int group = tid + i * kLoraThreads;

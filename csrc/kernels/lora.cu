@@ -1,4 +1,6 @@
-// LoRA pieces around the cuBLAS GEMMs that the binding runs through ATen:
+// LoRA pieces around the cuBLAS GEMMs that the binding runs through ATen (the per-column and per-row
+// kernels here; the tensor-core shrink and expand in lora_shrink.cu and lora_expand.cu take over for
+// the shapes they cover):
 //   shrink        S  = dropout_q(cast_A(X)) A^T        (M, R): forward S, and t = dY B (A = B^T, q = 0)
 //   expand        Y += s * S B^T                        in place on a fresh GEMM output: forward y, dX
 //   dropout_cast  dropout_q(cast_A(X))                  the LoRA input for dA = s t^T xd
@@ -9,8 +11,11 @@
 //
 // shrink: a block owns 4 token rows and 16 ranks at a time; threads stride over K (coalesced for a
 // row-major X), each A element read serves the 4 rows, and the 64 partial sums are reduced over the
-// block in a fixed order (deterministic, no atomics).
-// expand: a thread owns one output column n for 8 rows, keeps B[n, 16 ranks] in registers.
+// block in a fixed order (deterministic, no atomics). Used for x with a column stride other than 1 and ranks above 64;
+// the rest takes the tensor-core shrink (lora_shrink.cu).
+// expand: a thread owns one output column n for 8 rows, keeps B[n, 16 ranks] in registers. Used for
+// ragged widths, unaligned rows and ranks above 64; the rest takes the tensor-core expand
+// (lora_expand.cu).
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -138,6 +143,14 @@ cudaError_t with_dtypes(int32_t c1, int32_t c2, F&& f) {
 }
 
 }  // namespace
+
+// The expand on the tensor cores (lora_expand.cu), for what it takes.
+bool expand_tile_takes(const TranspeftLoraExpandArgs& args);
+cudaError_t launch_expand_tile(const TranspeftLoraExpandArgs& args, cudaStream_t stream);
+// The shrink on the tensor cores (lora_shrink.cu), for what it takes.
+bool shrink_tile_takes(const TranspeftLoraShrinkArgs& args);
+cudaError_t launch_shrink_tile(const TranspeftLoraShrinkArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace transpeft
 
@@ -148,6 +161,7 @@ extern "C" int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64
   const ShrinkArgs& p = *args;
   if (p.M < 0 || p.K < 0 || p.R < 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.R == 0) return cudaSuccess;
+  if (shrink_tile_takes(p)) return launch_shrink_tile(p, as_stream(stream));
   const unsigned grid = grid_for((p.M + kShrinkRows - 1) / kShrinkRows);
   return with_dtypes(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) -> cudaError_t {
     using TX = typename decltype(tx)::type;
@@ -161,6 +175,7 @@ extern "C" int transpeft_lora_expand(const TranspeftLoraExpandArgs* args, uint64
   const ExpandArgs& p = *args;
   if (p.M < 0 || p.N < 0 || p.R < 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.N == 0) return cudaSuccess;
+  if (expand_tile_takes(p)) return launch_expand_tile(p, as_stream(stream));
   const int64_t col_blocks = (p.N + kThreads - 1) / kThreads;
   if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
   int64_t row_blocks = (p.M + kExpandRows - 1) / kExpandRows;

@@ -289,15 +289,16 @@ class _KernelRecorder:
 # ---- our CUDA C functions ------------------------------------------------------------------------
 # The tensor-core activation passes of csrc/kernels/act_lora.cu: issue work per (M, I) element, in
 # elementwise-kernel elements (ELEMENTWISE_INSTR = 24), keyed by (pass, an fp32 adapter, rank > 32).
-# From the static sm_90a SASS of the bf16 / silu variants (compile-check --cuda), per 32-row step of
-# 16 elements per thread: the step's loop body plus the extra trips of its inner loops (the second
-# 8-column group; the mma k-steps: 64 / k per warp-tile forward, rank / k and 32 / k backward; the
-# A_d / t_d staging loops), over 16, less the two mask streams the model charges as Philox work
-# (2 x 18.4), over 24:
-#   forward   r 16: fp32 adapters 1854 / 16 = 116 per element, bf16 1604 / 16 = 100
-#             r 64: 3661 / 16 = 229, bf16 2397 / 16 = 150 (staging A_d's 64 x 64 tile: 700 per step)
-#   backward  r 16: 2515 / 16 = 157, bf16 1981 / 16 = 124
-#             r 64: 5190 / 16 = 324 (tf32x3: 2 x 8 + 4 x 4 split-and-mma steps), bf16 2777 / 16 = 174
+# From the static sm_90a SASS of the bf16 / silu variants (compile-check --cuda; loops listed per
+# variant), per 32-row step of 16 elements per thread: the step's loop body plus the extra trips of its
+# inner loops (the second 8-column group; the mma k-steps: 64 / k per warp-tile forward, rank / k and
+# 32 / k backward, averaged over the warps that own a tile; the A_d / t_d staging loops; the scalar
+# staging path, not taken, left out), over 16, less the two mask streams the model charges as Philox
+# work (2 x 18.4), over 24:
+#   forward   r 16: fp32 adapters 1762 / 16 = 110 per element, bf16 1779 / 16 = 111
+#             r 64: 2982 / 16 = 186, bf16 2604 / 16 = 163
+#   backward  r 16: 2251 / 16 = 141, bf16 1981 / 16 = 124
+#             r 64: 4134 / 16 = 258 (tf32x3: 2 x 8 + 4 x 4 split-and-mma steps), bf16 2777 / 16 = 174
 # The activation is a template parameter there, so the static count is what runs.
 # masked_gated_act.cu's kernels (ragged or unaligned rows, h' or xd wanted, no LoRA term, and
 # TRANSPEFT_CUDA_ONE_PASS_BWD=0) switch on the activation at run time, so their loops carry all three
@@ -307,8 +308,8 @@ class _KernelRecorder:
 # 467, 184 / 552; without a LoRA term: forward 53, backward 98 (one mask stream). Their rank sums are
 # FFMA chains, charged again as fp32 FLOPs (the time takes the larger of issue and compute).
 CUDA_ACT_LORA_ELEMENT_WEIGHT = {
-    ("fwd", True, False): 3.30, ("fwd", False, False): 2.65, ("fwd", True, True): 8.0, ("fwd", False, True): 4.71,
-    ("bwd", True, False): 5.02, ("bwd", False, False): 3.63, ("bwd", True, True): 11.98, ("bwd", False, True): 5.70,
+    ("fwd", True, False): 3.05, ("fwd", False, False): 3.10, ("fwd", True, True): 6.23, ("fwd", False, True): 5.25,
+    ("bwd", True, False): 4.33, ("bwd", False, False): 3.63, ("bwd", True, True): 9.23, ("bwd", False, True): 5.70,
     ("fwd_ffma", True, False): 2.44, ("fwd_ffma", False, False): 2.81, ("fwd_ffma", True, True): 11.24,
     ("fwd_ffma", False, True): 14.41,
     ("bwd_ffma", True, False): 4.41, ("bwd_ffma", False, False): 6.13, ("bwd_ffma", True, True): 17.94,
@@ -317,11 +318,32 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
 # lora_token_reduce (csrc/kernels/lora_reduce.cu), the same way, keyed by (an fp32 adapter, rank > 32):
-# per 32-row step of 16 elements per thread, bf16 x, r 16: 893 instructions with fp32 adapters (the
-# second group 141, three more tf32x3 k-steps of 98), 712 with bf16; r 64: 2352 (four output tiles of
+# per 32-row step of 16 elements per thread, bf16 x, r 16: 761 instructions with fp32 adapters (the
+# second group 141, three more tf32x3 k-steps of 65), 712 with bf16; r 64: 1824 (four output tiles of
 # four k-steps, the staging of l's 64 columns), 1218 with bf16; over 16, less one mask stream (the
 # static count holds the dropout path), over 24.
-CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.56, (False, False): 1.09, (True, True): 5.36, (False, True): 2.40}
+CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.22, (False, False): 1.09, (True, True): 3.98, (False, True): 2.40}
+
+# The tensor-core shrink and expand (lora_shrink.cu, lora_expand.cu), the same way, keyed by (kind, an
+# fp32 adapter, rank > 32), bf16 x / y. shrink, per 64-column step of 8 elements per thread: the step
+# body, a's (RT, 64) staging (16-byte loads, 8 columns of one row per trip), the warps' tf32x3 or bf16
+# k-steps averaged over the 4 warps: r 16 608 / 8 = 76 (fp32 adapters), 711 / 8 = 89 (bf16); r 64 1370 / 8
+# = 171, 1391 / 8 = 174. expand (forward / dX with its mask, separate kernels), per 32-row group of 16
+# elements per thread: the group body, the second group of 8, z's k-steps, S's staging and a quarter of
+# b's (staged once per 128 rows): r 16 753 / 1096 per 16 (fp32 adapters), 576 / 1038 (bf16); r 64
+# 2065 / 2400, 1328 / 1784. Less the mask stream where there is one (18.4; the shrink's static count
+# holds its dropout path), over 24. The tf32x3 split is two integer instructions and a subtraction per
+# operand element (tile_mma.cuh); a k-step of 3 x 4 HMMA.1684 is about 62 instructions with its
+# fragment loads. The earlier per-column kernels keep the weight of 1 (their static counts, 185 per
+# element for a 16-rank shrink chunk and 420 for an expand, hold every branch).
+CUDA_LORA_TILE_ELEMENT_WEIGHT = {
+    ("shrink", True, False): 2.40, ("shrink", False, False): 2.94, ("shrink", True, True): 6.36,
+    ("shrink", False, True): 6.48,
+    ("expand", True, False): 1.96, ("expand", False, False): 1.50, ("expand", True, True): 5.38,
+    ("expand", False, True): 3.46,
+    ("expand_grad", True, False): 2.09, ("expand_grad", False, False): 1.94, ("expand_grad", True, True): 5.48,
+    ("expand_grad", False, True): 3.88,
+}
 
 
 def _cuda_tc_unit(dtype) -> tuple[str, int]:
@@ -331,6 +353,21 @@ def _cuda_tc_unit(dtype) -> tuple[str, int]:
 
 def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> tuple[dict, int, int]:
     """(FLOPs by unit, elements, philox) of one CUDA wrapper call (kernels/cuda/launch.py)."""
+    if wrapper == "lora_shrink" and tensors_in[1].shape[0] <= 64 and (tensors_in[0].shape[1] <= 1 or tensors_in[0].stride(1) == 1):
+        x, a = tensors_in[0], tensors_in[1]  # the tensor-core shrink (lora_shrink.cu)
+        drop = kw.get("drop")
+        unit, times = _cuda_tc_unit(a.dtype)
+        weight = CUDA_LORA_TILE_ELEMENT_WEIGHT[("shrink", a.dtype == torch.float32, a.shape[0] > 32)]
+        return {unit: times * 2 * x.numel() * a.shape[0]}, round(x.numel() * weight), \
+            x.numel() if drop is not None and drop.q > 0 else 0
+    if wrapper == "lora_expand_" and tensors_in[1].shape[1] <= 64 and tensors_in[0].shape[1] % 8 == 0:
+        y, s = tensors_in[0], tensors_in[1]  # the tensor-core expand (lora_expand.cu)
+        drop = kw.get("drop")
+        unit, times = _cuda_tc_unit(s.dtype)
+        kind = "expand_grad" if kw.get("grad") else "expand"
+        weight = CUDA_LORA_TILE_ELEMENT_WEIGHT[(kind, s.dtype == torch.float32, s.shape[1] > 32)]
+        return {unit: times * 2 * y.numel() * s.shape[1]}, round(y.numel() * weight), \
+            y.numel() if kw.get("grad") and drop and drop.q > 0 else 0
     if wrapper == "lora_shrink":
         x, a = tensors_in[0], tensors_in[1]
         drop = kw.get("drop")

@@ -6,10 +6,12 @@
 // or column-major (at a[k * lda + m]), B row-major (element (k, n) at b[k * ldb + n]) or column-major
 // (at b[n * ldb + k]). K is a multiple of kTileK<TA>. Precision:
 //   bf16 / fp16 (16-bit adapters): the operands are exact in their own dtype, one mma per k step.
-//   fp32 (fp32 adapters): tf32x3. Each operand is split x = hi + lo, hi = tf32(x), lo = tf32(x - hi),
-//     and acc += lo_a hi_b + hi_a lo_b + hi_a hi_b (small terms first); the dropped lo_a lo_b term is
-//     about 2^-22 of the product, so the result is within a few fp32 ulps of an fp32 dot, at three
-//     tensor-core mmas per k step instead of a CUDA-core FMA chain.
+//   fp32 (fp32 adapters): tf32x3. Each operand is split x = hi + lo, hi = x rounded to tf32 (error
+//     <= 2^-11 |x|), lo = x - hi (exact), which the mma reads truncated to tf32 (error <= 2^-21 |x|);
+//     acc += lo_a hi_b + hi_a lo_b + hi_a hi_b (small terms first). With the dropped lo_a lo_b
+//     (<= 2^-22) each product carries at most 2.25 x 2^-21 of |a b| before the fp32 accumulation
+//     (python_tests/budget.py: TF32X3_ROUNDOFF), within a few fp32 ulps of an fp32 dot, at three
+//     tensor-core mmas per k step instead of a CUDA-core FMA chain. An inf operand gives NaN.
 // Accumulation order within an mma is the hardware's (fp32), so sums differ from a sequential fp32 loop
 // in the last bits only.
 //
@@ -41,6 +43,13 @@ constexpr int kTileK = sizeof(TA) == 4 ? 8 : 16;  // k per mma: tf32 m16n16k8, b
 namespace detail {
 namespace wmma = nvcuda::wmma;
 
+// x rounded to tf32 (nearest, ties away: add half a tf32 ulp, clear the 13 low bits), as a float. Two
+// integer instructions; __float_to_tf32 spends four, the extra two keeping inf and NaN, which this
+// turns into inf: harmless here, as lo = x - hi is then NaN and the product is NaN either way.
+__device__ __forceinline__ float tf32_hi(float x) {
+  return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xFFFFE000u);
+}
+
 template <typename TA>
 struct WmmaType;
 template <>
@@ -64,8 +73,8 @@ __device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
 #pragma unroll
   for (int i = 0; i < hi.num_elements; ++i) {
     const float v = hi.x[i];
-    hi.x[i] = wmma::__float_to_tf32(v);
-    lo.x[i] = wmma::__float_to_tf32(v - hi.x[i]);
+    hi.x[i] = tf32_hi(v);
+    lo.x[i] = v - hi.x[i];  // the mma reads its top 19 bits
   }
 }
 }  // namespace detail
@@ -132,12 +141,9 @@ inline void tile_zero(TileAcc<TA>& acc) {
 }
 
 namespace detail {
-// cvt.rna.tf32.f32: round to nearest (ties away from zero) to 10 mantissa bits, as a float.
-inline float to_tf32(float v) {
-  uint32_t u = transpeft::detail::f32_bits(v);
-  if ((u & 0x7F800000u) != 0x7F800000u) u = (u + 0x1000u) & 0xFFFFE000u;
-  return transpeft::detail::bits_f32(u);
-}
+// The device's split (tf32_hi), and the mma's reading of a float operand (its 19 high bits).
+inline float tf32_hi(float v) { return transpeft::detail::bits_f32((transpeft::detail::f32_bits(v) + 0x1000u) & 0xFFFFE000u); }
+inline float tf32_read(float v) { return transpeft::detail::bits_f32(transpeft::detail::f32_bits(v) & 0xFFFFE000u); }
 }  // namespace detail
 
 template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false>
@@ -153,8 +159,8 @@ inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ld
           const float av = to_float(A_COL_MAJOR ? a[k * lda + m] : a[m * lda + k]);
           const float bv = to_float(B_COL_MAJOR ? b[n * ldb + k] : b[k * ldb + n]);
           if constexpr (sizeof(TA) == 4) {
-            const float ah = detail::to_tf32(av), bh = detail::to_tf32(bv);
-            const float al = detail::to_tf32(av - ah), bl = detail::to_tf32(bv - bh);
+            const float ah = detail::tf32_hi(av), bh = detail::tf32_hi(bv);
+            const float al = detail::tf32_read(av - ah), bl = detail::tf32_read(bv - bh);
             c += al * bh;
             c += ah * bl;
             c += ah * bh;

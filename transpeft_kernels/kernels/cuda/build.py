@@ -23,7 +23,8 @@ from pathlib import Path
 LIB_NAME = "libtranspeft_cuda.so"
 EMULATION_LIB_NAME = "libtranspeft_cuda_emulation.so"
 ARCHS = ("80", "90a")  # A100; H100/H200 (sm_90a SASS)
-KERNEL_SOURCES = ("kernels/masked_gated_act.cu", "kernels/act_lora.cu", "kernels/lora.cu", "kernels/lora_reduce.cu", "kernels/runtime.cu")
+KERNEL_SOURCES = ("kernels/masked_gated_act.cu", "kernels/act_lora.cu", "kernels/lora.cu", "kernels/lora_expand.cu",
+                  "kernels/lora_reduce.cu", "kernels/lora_shrink.cu", "kernels/runtime.cu")
 EMULATION_SOURCE = "emulation/kernels_on_host.cpp"  # includes KERNEL_SOURCES
 EMULATION_SHIM = "emulation/simt"  # its cuda_runtime.h stands in for CUDA's in the emulation build
 

@@ -1,0 +1,108 @@
+// The LoRA shrink on the tensor cores (transpeft/tile_mma.cuh):
+//
+//   S = dropout_q(cast_A(x)) a^T        (M, R) in a's dtype TA, fp32 accumulation (mma in TA)
+//
+// Same contract and rounding as lora.cu's shrink_kernel (transpeft/capi.h, fused_math.h), which
+// transpeft_lora_shrink keeps for what this one does not take: x with a column stride other than 1,
+// rank > 64. A block of 4 warps owns 16 rows and sweeps K in 64-column steps: each thread casts one
+// group of 8 columns of x (16-byte loads when K % 8 == 0 and rows are aligned; one Philox call per
+// group for the dropout mask) into shared memory, a's (RT, 64) columns are staged beside it, and
+// warp w adds x a[16 w : 16 w + 16]^T into its accumulator tile (RT / 16 of the 4 warps have one).
+// 16 rows per block keep M / 16 blocks in flight (512 at 8192 tokens); a is re-read from L2 per block.
+// The earlier kernel summed with FFMA chains, 4 rows x 16 ranks per block.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "transpeft/capi.h"
+#include "transpeft/cuda_common.cuh"
+#include "transpeft/fused_math.h"
+#include "transpeft/tile_mma.cuh"
+#include "transpeft/tile_pass.cuh"
+
+namespace transpeft {
+namespace cuda {
+namespace {
+
+constexpr int kShrinkBM = kTile;  // rows per block
+static_assert(kShrinkBM * kBN == kGroup * kLoraThreads, "one group of 8 columns per thread per step");
+
+template <typename TX, typename TA, int RT, bool PACKED>
+__global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kernel(TranspeftLoraShrinkArgs p) {
+  alignas(32) __shared__ TA s_x[kShrinkBM * kBN];  // dropout_q(cast_A(x)) of the step, zero outside (M, K)
+  alignas(32) __shared__ TA s_a[RT * kBN];         // a's columns of the step: column-major B of x a^T
+  alignas(32) __shared__ float s_o[kShrinkBM * RT];
+
+  const TX* x = static_cast<const TX*>(p.x);
+  const TA* a = static_cast<const TA*>(p.a);
+  const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int m = tid / (kBN / kGroup);             // this thread's row of the block
+  const int c = (tid % (kBN / kGroup)) * kGroup;  // and its group's first column in the step
+  const bool a_vec = p.sak == 1 && p.K % kGroup == 0 && aligned_rows<TA>(p.a, p.sar);
+
+  for (int64_t row0 = int64_t{blockIdx.x} * kShrinkBM; row0 < p.M; row0 += int64_t{gridDim.x} * kShrinkBM) {
+    const int64_t row = row0 + m;
+    TileAcc<TA> acc;
+    tile_zero(acc);
+    for (int64_t col0 = 0; col0 < p.K; col0 += kBN) {
+      stage_columns<TA, TA, RT>(s_a, a, p.sar, p.sak, p.R, col0, p.K, a_vec);
+      const int64_t col = col0 + c;
+      float xv[kGroup];
+      if (row < p.M && col < p.K) {
+        const TX* xp = x + row * p.sxm + col;  // unit column stride
+        if (PACKED) {
+          load_group<TX>(xp, xv);
+        } else {
+#pragma unroll
+          for (int v = 0; v < kGroup; ++v) xv[v] = col + v < p.K ? to_float(xp[v]) : 0.0f;
+        }
+        const uint32_t dbits = keep_bits(p.drop.on, dseed, row, col, p.K, p.drop.threshold);
+#pragma unroll
+        for (int v = 0; v < kGroup; ++v) xv[v] = lora_input<TA>(xv[v], lane_factor(p.drop.on, dbits, v, p.drop.kept));
+      } else {
+#pragma unroll
+        for (int v = 0; v < kGroup; ++v) xv[v] = 0.0f;
+      }
+#pragma unroll
+      for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
+      __syncthreads();  // s_x and s_a complete
+      if (warp < RT / kTile) tile_mma<TA, false, kBN, true>(acc, s_x, kBN, s_a + warp * kTile * kBN, kBN);
+      __syncthreads();  // the next step may overwrite s_x and s_a
+    }
+    if (warp < RT / kTile) tile_store(s_o + warp * kTile, RT, acc);
+    __syncthreads();
+    TA* s = static_cast<TA*>(p.s);
+    for (int i = tid; i < kShrinkBM * RT; i += kLoraThreads) {
+      const int mm = i / RT, k = i % RT;
+      if (row0 + mm < p.M && k < p.R) s[(row0 + mm) * p.lds + k] = from_float<TA>(s_o[i]);
+    }
+    __syncthreads();  // s_o is rewritten by the next row group
+  }
+}
+
+template <typename TX, typename TA, bool PACKED>
+cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
+  const dim3 grid(grid_for((p.M + kShrinkBM - 1) / kShrinkBM));
+  if (p.R <= 16) return launch_kernel(shrink_tile_kernel<TX, TA, 16, PACKED>, grid, kLoraThreads, stream, p);
+  if (p.R <= 32) return launch_kernel(shrink_tile_kernel<TX, TA, 32, PACKED>, grid, kLoraThreads, stream, p);
+  return launch_kernel(shrink_tile_kernel<TX, TA, 64, PACKED>, grid, kLoraThreads, stream, p);
+}
+
+}  // namespace
+
+bool shrink_tile_takes(const TranspeftLoraShrinkArgs& p) { return p.R >= 1 && p.R <= 64 && (p.sxk == 1 || p.K <= 1); }
+
+cudaError_t launch_shrink_tile(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
+  return with_dtype(p.x_dtype, [&](auto tx) -> cudaError_t {
+    using TX = typename decltype(tx)::type;
+    const bool packed = p.K % kGroup == 0 && aligned_rows<TX>(p.x, p.sxm);
+    return with_dtype(p.a_dtype, [&](auto ta) -> cudaError_t {
+      using TA = typename decltype(ta)::type;
+      return packed ? launch_shrink_tile_as<TX, TA, true>(p, stream) : launch_shrink_tile_as<TX, TA, false>(p, stream);
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace transpeft
