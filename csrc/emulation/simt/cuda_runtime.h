@@ -1,15 +1,18 @@
 // A host stand-in for <cuda_runtime.h>: it lets g++ compile csrc/kernels/*.cu unchanged and run their
-// kernels on the CPU, one cooperative fiber per CUDA thread (ucontext), for the emulation library
-// (csrc/emulation/README in transpeft_kernels/kernels/cuda/build.py's docstring).
+// kernels on the CPU, one cooperative fiber per CUDA thread, for the emulation library
+// (csrc/emulation/kernels_on_host.cpp, built by transpeft_kernels/kernels/cuda/build.py) and the host
+// tests. Found first on the include path only in those builds (-I csrc/emulation/simt); nvcc never
+// sees it.
 //
 // What it models: the launch grid and block (threadIdx, blockIdx, blockDim, gridDim), __shared__
-// memory (one copy per kernel instantiation; blocks run one after another, so that is one per block),
-// __syncthreads and __syncwarp as real barriers, and warp shuffles through a per-warp exchange
-// slot. A block's threads interleave only at barriers, so a kernel that reads shared memory another
-// thread wrote without a barrier in between reads stale data here too, as it may on a GPU. A barrier
-// that some threads never reach (divergence) stops the process with a message instead of hanging.
+// memory (one copy per kernel instantiation and OS thread; blocks run one after another, so that is
+// one per block), __syncthreads and __syncwarp as real barriers, and warp shuffles through a per-warp
+// exchange slot.
+// A block's threads interleave only at barriers, so a kernel that reads shared memory another thread
+// wrote without a barrier in between reads stale data here too, as it may on a GPU. Barriers that can
+// never complete (divergent __syncthreads / __syncwarp) end the launch with cudaErrorLaunchFailure and
+// a message on stderr instead of hanging; the block's fibers are abandoned.
 // What it does not model: timing, memory coalescing, occupancy, register or shared-memory limits.
-// Found first on the include path only in that build (-I csrc/emulation/simt); nvcc never sees it.
 // Switches: a fiber starts through setcontext and from then on switches with _setjmp/_longjmp, which,
 // unlike swapcontext, do not save the signal mask with a system call each time.
 #pragma once
@@ -30,9 +33,14 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local  // one copy per kernel instantiation and OS thread
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
 using cudaStream_t = struct CUstream_st*;
 
 struct dim3 {
@@ -42,8 +50,10 @@ struct dim3 {
 
 namespace simt {
 
-// The running fiber's coordinates; the scheduler sets them before it resumes a fiber.
-inline dim3 thread_idx, block_idx, block_dim, grid_dim;
+// The running fiber's coordinates; the scheduler sets them before it resumes a fiber. Per OS thread:
+// fibers never leave the thread that launched them, and two threads may launch at once (ctypes
+// releases the GIL during a call).
+inline thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
 
 struct Barrier {
   int arrived = 0;
@@ -72,7 +82,7 @@ struct Block {
 };
 
 inline Block*& active() {
-  static Block* b = nullptr;
+  static thread_local Block* b = nullptr;
   return b;
 }
 
@@ -151,8 +161,9 @@ __attribute__((noinline)) inline void resume(Block& b, int i) {
   }
 }
 
-// Runs one block: every fiber until it finishes, round robin, switching only at barriers.
-inline void run_block(Block& b) {
+// Runs one block: every fiber until it finishes, round robin, switching only at barriers. False when
+// no fiber can move (a deadlock).
+inline bool run_block(Block& b) {
   constexpr size_t kStack = 256 * 1024;
   const int n = static_cast<int>(b.fibers.size());
   for (int i = 0; i < n; ++i) {
@@ -184,11 +195,12 @@ inline void run_block(Block& b) {
     const bool progress = b.block_barrier.generation != before_gen || b.live != before_live || warp_gens != warp_gens_after;
     stalled_rounds = progress ? 0 : stalled_rounds + 1;
     if (stalled_rounds > 2) {
-      fprintf(stderr, "simt emulation: block (%u, %u, %u) deadlocked: a barrier some threads never reach\n",
+      fprintf(stderr, "simt emulation: block (%u, %u, %u) deadlocked: barriers that can never complete\n",
               block_idx.x, block_idx.y, block_idx.z);
-      abort();
+      return false;
     }
   }
+  return true;
 }
 
 // kernel<<<grid, block>>>(args) on the host: blocks one after another, threads as fibers.
@@ -220,7 +232,10 @@ inline cudaError_t launch(void (*kernel)(Args), dim3 grid, dim3 block, const Arg
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx = dim3(x, y, z);
-        run_block(b);
+        if (!run_block(b)) {
+          active() = outer;
+          return cudaErrorLaunchFailure;
+        }
       }
   active() = outer;
   return cudaSuccess;
@@ -253,6 +268,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
   }
   return "unknown error";
 }
