@@ -210,25 +210,11 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
     }
     __syncthreads();  // s_x complete
 
-#pragma unroll
-    for (int j = 0; j < NTW; ++j) {
-      const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-      tile_mma<TA, true, kBM>(acc[j], s_t + rt * kTile, RT, s_x + nt * kTile, kBN);
-    }
+    reduce_step<TA, RT, NTW>(acc, s_t, s_x);
     __syncthreads();  // the next step may overwrite s_t, s_x and s_z
   }
-
-#pragma unroll
-  for (int j = 0; j < NTW; ++j) {
-    const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-    tile_store(s_z + rt * kTile * kBN + nt * kTile, kBN, acc[j]);
-  }
-  __syncthreads();
-  float* part = static_cast<float*>(q.da_part) + split * p.rank * p.I;
-  for (int i = tid; i < RT * kBN; i += kLoraThreads) {
-    const int k = i / kBN, c = i % kBN;
-    if (k < p.rank && col0 + c < p.I) part[k * p.I + col0 + c] = p.scaling * s_z[i];
-  }
+  store_reduction<TA, RT, NTW>(acc, s_z, static_cast<float*>(q.da_part) + split * p.rank * p.I, p.rank, p.I, col0,
+                               p.scaling);
 }
 
 template <typename T, typename TA, Activation ACT>

@@ -40,7 +40,6 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) token_reduce_ker
   const TA* l = static_cast<const TA*>(p.l);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
   const int tid = threadIdx.x;
-  const int warp = tid >> 5;
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
   const int64_t split = blockIdx.y;
   const int64_t row_begin = split * p.rows_per_split;
@@ -62,45 +61,17 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) token_reduce_ker
       const int c = (group % (kBN / kGroup)) * kGroup;
       const int64_t row = row0 + m, col = col0 + c;
       float xv[kGroup];
-      if (row < row_end && col < p.N) {
-        const TX* xp = x + row * p.ldx + col;
-        if (PACKED) {
-          load_group<TX>(xp, xv);
-        } else {
-#pragma unroll
-          for (int v = 0; v < kGroup; ++v) xv[v] = col + v < p.N ? to_float(xp[v]) : 0.0f;
-        }
-        const uint32_t dbits = keep_bits(p.drop.on, dseed, row, col, p.N, p.drop.threshold);
-#pragma unroll
-        for (int v = 0; v < kGroup; ++v) xv[v] = lora_input<TA>(xv[v], lane_factor(p.drop.on, dbits, v, p.drop.kept));
-      } else {
-#pragma unroll
-        for (int v = 0; v < kGroup; ++v) xv[v] = 0.0f;
-      }
+      lora_input_group<TX, TA, PACKED>(x + row * p.ldx + col, row < row_end && col < p.N, row, col, p.N, p.drop, dseed,
+                                       xv);
 #pragma unroll
       for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
     }
     __syncthreads();  // s_l and s_x complete
 
-#pragma unroll
-    for (int j = 0; j < NTW; ++j) {
-      const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-      tile_mma<TA, true, kBM>(acc[j], s_l + rt * kTile, RT, s_x + nt * kTile, kBN);
-    }
+    reduce_step<TA, RT, NTW>(acc, s_l, s_x);
     __syncthreads();  // the next step may overwrite s_l and s_x
   }
-
-#pragma unroll
-  for (int j = 0; j < NTW; ++j) {
-    const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-    tile_store(s_o + rt * kTile * kBN + nt * kTile, kBN, acc[j]);
-  }
-  __syncthreads();
-  float* part = static_cast<float*>(p.part) + split * p.R * p.N;
-  for (int i = tid; i < RT * kBN; i += kLoraThreads) {
-    const int k = i / kBN, c = i % kBN;
-    if (k < p.R && col0 + c < p.N) part[k * p.N + col0 + c] = p.scaling * s_o[i];
-  }
+  store_reduction<TA, RT, NTW>(acc, s_o, static_cast<float*>(p.part) + split * p.R * p.N, p.R, p.N, col0, p.scaling);
 }
 
 template <typename TX, typename TA, bool PACKED>

@@ -48,22 +48,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
     for (int64_t col0 = 0; col0 < p.K; col0 += kBN) {
       stage_columns<TA, TA, RT>(s_a, a, p.sar, p.sak, p.R, col0, p.K, a_vec);
       const int64_t col = col0 + c;
-      float xv[kGroup];
-      if (row < p.M && col < p.K) {
-        const TX* xp = x + row * p.sxm + col;  // unit column stride
-        if (PACKED) {
-          load_group<TX>(xp, xv);
-        } else {
-#pragma unroll
-          for (int v = 0; v < kGroup; ++v) xv[v] = col + v < p.K ? to_float(xp[v]) : 0.0f;
-        }
-        const uint32_t dbits = keep_bits(p.drop.on, dseed, row, col, p.K, p.drop.threshold);
-#pragma unroll
-        for (int v = 0; v < kGroup; ++v) xv[v] = lora_input<TA>(xv[v], lane_factor(p.drop.on, dbits, v, p.drop.kept));
-      } else {
-#pragma unroll
-        for (int v = 0; v < kGroup; ++v) xv[v] = 0.0f;
-      }
+      float xv[kGroup];  // x has unit column stride here
+      lora_input_group<TX, TA, PACKED>(x + row * p.sxm + col, row < p.M && col < p.K, row, col, p.K, p.drop, dseed, xv);
 #pragma unroll
       for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
       __syncthreads();  // s_x and s_a complete

@@ -297,8 +297,8 @@ class _KernelRecorder:
 # work (2 x 18.4), over 24:
 #   forward   r 16: fp32 adapters 1762 / 16 = 110 per element, bf16 1779 / 16 = 111
 #             r 64: 2982 / 16 = 186, bf16 2604 / 16 = 163
-#   backward  r 16: 2251 / 16 = 141, bf16 1981 / 16 = 124
-#             r 64: 4134 / 16 = 258 (tf32x3: 2 x 8 + 4 x 4 split-and-mma steps), bf16 2777 / 16 = 174
+#   backward  r 16: 2239 / 16 = 140, bf16 1969 / 16 = 123
+#             r 64: 4086 / 16 = 255 (tf32x3: 2 x 8 + 4 x 4 split-and-mma steps), bf16 2749 / 16 = 172
 # The activation is a template parameter there, so the static count is what runs.
 # masked_gated_act.cu's kernels (ragged or unaligned rows, h' or xd wanted, no LoRA term, and
 # TRANSPEFT_CUDA_ONE_PASS_BWD=0) switch on the activation at run time, so their loops carry all three
@@ -309,7 +309,7 @@ class _KernelRecorder:
 # FFMA chains, charged again as fp32 FLOPs (the time takes the larger of issue and compute).
 CUDA_ACT_LORA_ELEMENT_WEIGHT = {
     ("fwd", True, False): 3.05, ("fwd", False, False): 3.10, ("fwd", True, True): 6.23, ("fwd", False, True): 5.25,
-    ("bwd", True, False): 4.33, ("bwd", False, False): 3.63, ("bwd", True, True): 9.23, ("bwd", False, True): 5.70,
+    ("bwd", True, False): 4.30, ("bwd", False, False): 3.60, ("bwd", True, True): 9.11, ("bwd", False, True): 5.63,
     ("fwd_ffma", True, False): 2.44, ("fwd_ffma", False, False): 2.81, ("fwd_ffma", True, True): 11.24,
     ("fwd_ffma", False, True): 14.41,
     ("bwd_ffma", True, False): 4.41, ("bwd_ffma", False, False): 6.13, ("bwd_ffma", True, True): 17.94,
@@ -318,11 +318,11 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
 # lora_token_reduce (csrc/kernels/lora_reduce.cu), the same way, keyed by (an fp32 adapter, rank > 32):
-# per 32-row step of 16 elements per thread, bf16 x, r 16: 761 instructions with fp32 adapters (the
-# second group 141, three more tf32x3 k-steps of 65), 712 with bf16; r 64: 1824 (four output tiles of
-# four k-steps, the staging of l's 64 columns), 1218 with bf16; over 16, less one mask stream (the
+# per 32-row step of 16 elements per thread, bf16 x, r 16: 777 instructions with fp32 adapters (the
+# second group 150, three more tf32x3 k-steps of 62), 736 with bf16; r 64: 1838 (four output tiles of
+# four k-steps, the staging of l's 64 columns), 1250 with bf16; over 16, less one mask stream (the
 # static count holds the dropout path), over 24.
-CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.22, (False, False): 1.09, (True, True): 3.98, (False, True): 2.40}
+CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (True, True): 4.02, (False, True): 2.49}
 
 # The tensor-core shrink and expand (lora_shrink.cu, lora_expand.cu), the same way, keyed by (kind, an
 # fp32 adapter, rank > 32), bf16 x / y. shrink, per 64-column step of 8 elements per thread: the step

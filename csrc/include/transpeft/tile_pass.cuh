@@ -6,7 +6,9 @@
 
 #include <stdint.h>
 
+#include "capi.h"
 #include "cuda_common.cuh"
+#include "fused_math.h"
 #include "philox.h"
 #include "tile_mma.cuh"
 
@@ -71,6 +73,60 @@ __device__ __forceinline__ void stage_columns(TD* dst, const TS* src, int64_t ld
       dst[i] = (r < rows && col0 + c < cols) ? from_float<TD>(to_float(src[r * ld + (col0 + c) * step]))
                                              : from_float<TD>(0.0f);
     }
+  }
+}
+
+// The LoRA input of one group of 8 columns of x's row `row` (columns col.. of `cols`), as floats:
+// dropout_q(cast_A(x)) (fused_math.h lora_input), zeros when the group is outside (`valid` false).
+// PACKED: the group loads with 16-byte loads (cols % 8 == 0, aligned rows); otherwise element by
+// element, zero past `cols`.
+template <typename TX, typename TA, bool PACKED>
+__device__ __forceinline__ void lora_input_group(const TX* xp, bool valid, int64_t row, int64_t col, int64_t cols,
+                                                 const TranspeftRandomMask& drop, uint64_t dseed,
+                                                 float (&out)[kGroup]) {
+  if (!valid) {
+#pragma unroll
+    for (int v = 0; v < kGroup; ++v) out[v] = 0.0f;
+    return;
+  }
+  if (PACKED) {
+    load_group<TX>(xp, out);
+  } else {
+#pragma unroll
+    for (int v = 0; v < kGroup; ++v) out[v] = col + v < cols ? to_float(xp[v]) : 0.0f;
+  }
+  const uint32_t bits = keep_bits(drop.on, dseed, row, col, cols, drop.threshold);
+#pragma unroll
+  for (int v = 0; v < kGroup; ++v) out[v] = lora_input<TA>(out[v], lane_factor(drop.on, bits, v, drop.kept));
+}
+
+// The token reductions' accumulation and output (act_lora.cu's dA_d, lora_reduce.cu): warp w owns the
+// NTW (16 x 16) tiles w NTW.. of the (RT, kBN) result, tile t at rows 16 (t / 4), columns 16 (t % 4).
+template <typename TA, int RT, int NTW>
+__device__ __forceinline__ void reduce_step(TileAcc<TA> (&acc)[NTW], const TA* s_l, const TA* s_x) {
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) {
+    const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
+    tile_mma<TA, true, kBM>(acc[j], s_l + rt * kTile, RT, s_x + nt * kTile, kBN);  // += l^T x, l (kBM, RT)
+  }
+}
+
+// part[k * N + col0 + c] = scaling * result (k < R, col0 + c < N), through `stage` (RT x kBN floats of
+// shared memory). Ends with the block synced.
+template <typename TA, int RT, int NTW>
+__device__ __forceinline__ void store_reduction(const TileAcc<TA> (&acc)[NTW], float* stage, float* part, int64_t R,
+                                                int64_t N, int64_t col0, float scaling) {
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < NTW; ++j) {
+    const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
+    tile_store(stage + rt * kTile * kBN + nt * kTile, kBN, acc[j]);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < RT * kBN; i += kLoraThreads) {
+    const int k = i / kBN, c = i % kBN;
+    if (k < R && col0 + c < N) part[k * N + col0 + c] = scaling * stage[i];
   }
 }
 
