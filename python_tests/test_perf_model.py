@@ -203,3 +203,13 @@ def test_model_beside_measured_joins_gpu_records():
     for p in pairs:
         assert p["device_model"] == "H200 SXM" and p["predicted_ms"] > 0
         assert p["model_error"] == pytest.approx(p["measured_ms"] / p["predicted_ms"], rel=1e-3)
+
+
+def test_a_cuda_call_outside_the_recorded_wrappers_is_an_error():
+    """A CUDA entry point called by a wrapper without a cost rule would vanish from the model; recording
+    refuses it instead."""
+    from transpeft_kernels.kernels.cuda import launch
+
+    with recording(device("h200").target()):
+        with pytest.raises(KeyError, match="not in _CUDA_WRAPPERS"):
+            launch.load().call("transpeft_some_new_kernel", None, 0)

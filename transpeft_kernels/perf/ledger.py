@@ -421,14 +421,20 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
 
 
 class _CudaLibRecorder:
-    """Stands in for the loaded CUDA library: ``call`` records the C function name for the wrapper in progress."""
+    """Stands in for the loaded CUDA library: ``call`` records the C function name for the wrapper in
+    progress; a call from a wrapper that is not in _CUDA_WRAPPERS (so without a cost rule) is an error,
+    not a launch the model silently leaves out."""
 
     emulated = False
 
     def __init__(self):
         self.calls: list[str] = []
+        self.active = 0  # recorded wrappers in progress
 
     def call(self, name, *args):
+        if not self.active:
+            raise KeyError(f"{name}: called by a CUDA wrapper that is not in _CUDA_WRAPPERS (perf/ledger.py); "
+                           "add it there with a cost rule")
         self.calls.append(name)
 
 
@@ -442,7 +448,11 @@ def _cuda_wrapper(fn, wrapper: str, lib: _CudaLibRecorder, ledger: Ledger):
     def recorded(*args, **kwargs):
         bound = dict(zip(params, args)) | kwargs
         before = len(lib.calls)
-        out = fn(*args, **kwargs)
+        lib.active += 1
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            lib.active -= 1
         ins = [v for v in args if isinstance(v, torch.Tensor)] + \
             [v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k != "out"]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
