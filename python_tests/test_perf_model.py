@@ -210,6 +210,6 @@ def test_a_cuda_call_outside_the_recorded_wrappers_is_an_error():
     refuses it instead."""
     from transpeft_kernels.kernels.cuda import launch
 
-    with recording(device("h200").target()):
+    with recording(H200):
         with pytest.raises(KeyError, match="not in _CUDA_WRAPPERS"):
             launch.load().call("transpeft_some_new_kernel", None, 0)
