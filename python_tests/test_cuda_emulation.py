@@ -236,11 +236,12 @@ def test_one_pass_backward_refuses_what_it_does_not_take():
 @pytest.mark.parametrize("dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                            (torch.float16, torch.float16), (torch.float32, torch.float32)])
 @pytest.mark.parametrize("activation", list(R.Activation))
-@pytest.mark.parametrize("M,inter,r", [(45, 72, 5), (70, 136, 40), (33, 64, 64), (3, 16, 1)])
+@pytest.mark.parametrize("M,inter,r", [(45, 72, 5), (70, 136, 40), (33, 64, 64), (3, 16, 1), (40, 264, 16)])
 def test_forward_down_shrink_on_tensor_cores_against_float64(dtype, a_dtype, activation, M, inter, r):
     """With I % 8 == 0 and aligned rows the forward runs the tensor-core kernel (act_lora.cu): h' bit for
     bit the plain masked activation's, S_d = dropout(cast_A(h')) A_d^T within the rounding of its
-    I-long sum (tf32x3 products with fp32 adapters). Ragged: partial 32-row blocks and 64-column steps."""
+    I-long sum (tf32x3 products with fp32 adapters). Ragged: partial 32-row blocks and 64-column steps;
+    I = 264 splits its columns in two (192 + 72), fp32 partials summed by the wrapper."""
     g, u = torch.randn(M, inter).to(dtype), torch.randn(M, inter).to(dtype)
     A = (torch.randn(r, inter) * 0.3).to(a_dtype)
     seed_m, seed_d = torch.tensor(21), torch.tensor(8)

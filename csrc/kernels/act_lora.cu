@@ -4,7 +4,8 @@
 // forward (transpeft_masked_gated_act_fwd with A_d, when rows are aligned and I % 8 == 0):
 //   h'   = act(g) u m                                      written in T
 //   S_d  = dropout_qd(cast_A(h')) A_d^T                    (BM x RT per block, mma over I)
-// A block of 4 warps owns BM = 32 rows and sweeps I in BN = 64 column steps: each step runs the
+// A block of 4 warps owns BM = 32 rows and sweeps I (or one of col_splits ranges of it, each writing an
+// fp32 partial of S_d, so that M / 32 blocks do not leave SMs idle) in BN = 64 column steps: each runs the
 // element-wise part (two groups of 8 columns per thread: one Philox call per group and mask, 16-byte
 // loads and stores), stages xd (BM, BN) and A_d's (RT, BN) columns in shared memory, and adds
 // xd A_d^T into the S_d accumulators. A_d is read once per 32 rows (the earlier kernel read it once
@@ -65,13 +66,16 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int64_t row0 = int64_t{blockIdx.x} * kBM;
+  const bool split = p.s_part != nullptr;
+  const int64_t col_begin = split ? int64_t{blockIdx.y} * p.cols_per_split : 0;
+  const int64_t col_end = split && col_begin + p.cols_per_split < p.I ? col_begin + p.cols_per_split : p.I;
 
   TileAcc<TA> acc[NTW];
 #pragma unroll
   for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
 
   const bool a_vec = aligned_rows<TA>(p.a, p.lda);  // I % 8 == 0 here
-  for (int64_t col0 = 0; col0 < p.I; col0 += kBN) {
+  for (int64_t col0 = col_begin; col0 < col_end; col0 += kBN) {
     stage_columns<TA, TA, RT>(s_a, a, p.lda, 1, p.rank, col0, p.I, a_vec);
 #pragma unroll 1  // as in the backward: one group's values live at a time
     for (int i = 0; i < kGroupsPerThread; ++i) {
@@ -115,10 +119,18 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
     if (tile < TILES) tile_store(s_o + mt * kTile * RT + nt * kTile, RT, acc[j]);
   }
   __syncthreads();
-  TA* s_d = static_cast<TA*>(p.s);
-  for (int i = tid; i < kBM * RT; i += kLoraThreads) {
-    const int m = i / RT, k = i % RT;
-    if (row0 + m < p.M && k < p.rank) s_d[(row0 + m) * p.lds + k] = from_float<TA>(s_o[i]);
+  if (split) {
+    float* part = static_cast<float*>(p.s_part) + int64_t{blockIdx.y} * p.M * p.rank;
+    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
+      const int m = i / RT, k = i % RT;
+      if (row0 + m < p.M && k < p.rank) part[(row0 + m) * p.rank + k] = s_o[i];
+    }
+  } else {
+    TA* s_d = static_cast<TA*>(p.s);
+    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
+      const int m = i / RT, k = i % RT;
+      if (row0 + m < p.M && k < p.rank) s_d[(row0 + m) * p.lds + k] = from_float<TA>(s_o[i]);
+    }
   }
 }
 
@@ -230,7 +242,8 @@ template <typename T, typename TA, Activation ACT>
 struct FwdKernel {
   template <int RT>
   static cudaError_t run(const TranspeftActFwdArgs& args, cudaStream_t stream) {
-    const dim3 grid(static_cast<unsigned>((args.M + kBM - 1) / kBM));
+    const unsigned splits = args.s_part != nullptr ? static_cast<unsigned>(args.col_splits) : 1u;
+    const dim3 grid(static_cast<unsigned>((args.M + kBM - 1) / kBM), splits);
     return launch_kernel(act_fwd_lora_kernel<T, TA, ACT, RT>, grid, kLoraThreads, stream, args);
   }
 };
@@ -291,6 +304,10 @@ namespace cuda {
 
 bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
   if (p.a == nullptr || p.rank < 1 || p.rank > 64 || p.I % kGroup != 0 || (p.M + kBM - 1) / kBM > 0x7FFFFFFF) return false;
+  if (p.s_part != nullptr && (p.cols_per_split < kBN || p.cols_per_split % kBN != 0 || p.col_splits > 65535 ||
+                              p.col_splits != (p.I + p.cols_per_split - 1) / p.cols_per_split)) {
+    return false;
+  }
   return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
            using T = typename decltype(tag)::type;
            return aligned_rows<T>(p.g, p.ldg) && aligned_rows<T>(p.u, p.ldu) && aligned_rows<T>(p.h, p.ldh)

@@ -76,6 +76,14 @@ typedef struct TranspeftActFwdArgs {
   void* s;
   int64_t lds;
   int32_t a_dtype;  // of A_d and S_d
+  // Optional, for the tensor-core forward only (NULL / 1: S_d written as above): the column range of I
+  // split into col_splits parts of cols_per_split columns (a multiple of 64), each writing its fp32
+  // partial of S_d to s_part (col_splits, M, rank) contiguous; the caller sums them in a fixed order and
+  // casts to a_dtype (s is then not written). cudaErrorInvalidValue when that kernel does not take the
+  // call (I % 8 != 0, unaligned rows): callers check first.
+  void* s_part;
+  int64_t col_splits;
+  int64_t cols_per_split;
 } TranspeftActFwdArgs;
 
 int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, uint64_t stream);

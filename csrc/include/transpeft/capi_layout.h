@@ -53,6 +53,9 @@ static constexpr LayoutEntry kLayout[] = {
     TRANSPEFT_FIELD(TranspeftActFwdArgs, s),
     TRANSPEFT_FIELD(TranspeftActFwdArgs, lds),
     TRANSPEFT_FIELD(TranspeftActFwdArgs, a_dtype),
+    TRANSPEFT_FIELD(TranspeftActFwdArgs, s_part),
+    TRANSPEFT_FIELD(TranspeftActFwdArgs, col_splits),
+    TRANSPEFT_FIELD(TranspeftActFwdArgs, cols_per_split),
 
     TRANSPEFT_SIZE(TranspeftActBwdArgs),
     TRANSPEFT_FIELD(TranspeftActBwdArgs, dh),

@@ -61,8 +61,11 @@ class ActFwdArgs(_Args):
         ("M", _I64), ("I", _I64), ("activation", _I32), ("dtype", _I32), ("mask", RandomMask),
         # the fused down-projection shrink, absent when a is NULL
         ("a", _P), ("lda", _I64), ("rank", _I64), ("drop", RandomMask), ("s", _P), ("lds", _I64), ("a_dtype", _I32),
+        # the tensor-core forward's column split of S_d (fp32 partials), absent when s_part is NULL
+        ("s_part", _P), ("col_splits", _I64), ("cols_per_split", _I64),
     ]
-    _defaults_ = dict(a=None, lda=0, rank=0, a_dtype=0, drop=RandomMask.off, s=None, lds=0)
+    _defaults_ = dict(a=None, lda=0, rank=0, a_dtype=0, drop=RandomMask.off, s=None, lds=0, s_part=None, col_splits=1,
+                      cols_per_split=0)
 
 
 class ActBwdArgs(_Args):

@@ -84,20 +84,42 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     M, I = g.shape
     h = torch.empty((M, I), dtype=g.dtype, device=device)
     mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
-    fused, s = {}, None
+    fused, s, part = {}, None, None
     if down_a is not None:
         down_a = unit_column_stride(down_a, "down_a")
         if down_a.shape[1] != I or not 1 <= down_a.shape[0] <= MAX_FUSED_RANK:
             raise ValueError(f"down_a: expected (r <= {MAX_FUSED_RANK}, {I}), got {tuple(down_a.shape)}")
-        s = torch.empty((M, down_a.shape[0]), dtype=down_a.dtype, device=device)
+        r = down_a.shape[0]
+        s = torch.empty((M, r), dtype=down_a.dtype, device=device)
         drop, _keep2 = _dropout_args(down_drop, down_a.dtype, device)
-        fused = dict(a=down_a.data_ptr(), lda=_ld(down_a), rank=down_a.shape[0], a_dtype=dtype_code(down_a, "down_a"),
+        fused = dict(a=down_a.data_ptr(), lda=_ld(down_a), rank=r, a_dtype=dtype_code(down_a, "down_a"),
                      drop=drop, s=s.data_ptr(), lds=_ld(s))
+        splits, per_split = _col_splits(M, I, device) if act_bwd_lora_supported(g, u, h) else (1, I)
+        if splits > 1:  # the tensor-core forward, its column range split: fp32 partials of S_d
+            part = torch.empty((splits, M, r), dtype=torch.float32, device=device)
+            fused.update(s_part=part.data_ptr(), col_splits=splits, cols_per_split=per_split)
     args = ActFwdArgs(g=g.data_ptr(), ldg=_ld(g), u=u.data_ptr(), ldu=_ld(u), h=h.data_ptr(), ldh=_ld(h), M=M, I=I,
                       dtype=dtype_code(g, "g"), activation=ACT_CODES[activation], mask=mask, **fused)
     with _on_device(device):
         load().call("transpeft_masked_gated_act_fwd", args, _stream(device))
+    if part is not None:
+        s = part.sum(0).to(down_a.dtype)  # fixed order over the splits, then one rounding, as unsplit
     return h if down_a is None else (h, s)
+
+
+def _col_splits(M: int, I: int, device: torch.device) -> tuple[int, int]:
+    """(splits, columns per split) of the tensor-core forward's I range: enough (32-row blocks x splits)
+    to fill the GPU three times over (three blocks fit on an SM), each split at least 4 steps of 64
+    columns; on the CPU (the emulation) 2 when I has at least 4 steps, so tests cover the split."""
+    steps = -(-I // 64)
+    if device.type != "cuda":
+        n = 2 if steps >= 4 else 1
+    else:
+        blocks = -(-M // SPLIT_ROWS)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        n = max(1, min(-(-3 * sms // blocks), steps // 4, 64))
+    per_split = -(-steps // n) * 64
+    return -(-I // per_split), per_split
 
 
 def _act_bwd_args(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed, down_t, down_a,
