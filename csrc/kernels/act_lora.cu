@@ -79,9 +79,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
     stage_columns<TA, TA, RT>(s_a, a, p.lda, 1, p.rank, col0, p.I, a_vec);
 #pragma unroll 1  // as in the backward: one group's values live at a time
     for (int i = 0; i < kGroupsPerThread; ++i) {
-      const int group = tid + i * kLoraThreads;
-      const int m = group / (kBN / kGroup);
-      const int c = (group % (kBN / kGroup)) * kGroup;
+      const auto [m, c] = group_of(i);
       const int64_t row = row0 + m, col = col0 + c;
       float xd[kGroup];
       if (row < p.M && col < p.I) {  // I % 8 == 0: the whole group is in bounds
@@ -171,10 +169,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
   for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
 
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kBM) {
-    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
-      const int m = i / RT, k = i % RT;
-      s_t[i] = (row0 + m < row_end && k < p.rank) ? t[(row0 + m) * p.ldt + k] : from_float<TA>(0.0f);
-    }
+    stage_rank_rows<TA, RT>(s_t, t, p.ldt, 1, row0, row_end, p.rank);
     __syncthreads();  // s_t (and, on the first step, s_a) complete
 
 #pragma unroll
@@ -189,9 +184,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
 
 #pragma unroll 1  // one group's 5 x 8 values live at a time: registers for 4 blocks per SM
     for (int i = 0; i < kGroupsPerThread; ++i) {
-      const int group = tid + i * kLoraThreads;
-      const int m = group / (kBN / kGroup);
-      const int c = (group % (kBN / kGroup)) * kGroup;
+      const auto [m, c] = group_of(i);
       const int64_t row = row0 + m, col = col0 + c;
       float xd[kGroup];
       if (row < row_end && col < p.I) {  // I % 8 == 0: the whole group is in bounds

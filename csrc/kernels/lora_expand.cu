@@ -49,10 +49,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) expand_tile_kern
   // row groups: this block's 128 rows, then (past 65535 x 128 rows) the grid's next span
   for (int64_t row0 = int64_t{blockIdx.y} * kSpan; row0 < p.M;
        row0 += (row0 + kBM) % kSpan == 0 ? int64_t{gridDim.y} * kSpan - (kSpan - kBM) : kBM) {
-    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
-      const int m = i / RT, k = i % RT;
-      s_s[i] = (row0 + m < p.M && k < p.R) ? s[(row0 + m) * p.ssm + k * p.ssr] : from_float<TL>(0.0f);
-    }
+    stage_rank_rows<TL, RT>(s_s, s, p.ssm, p.ssr, row0, p.M, p.R);
     __syncthreads();  // s_s (and, the first time, s_b) complete
 
 #pragma unroll
@@ -67,9 +64,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) expand_tile_kern
 
 #pragma unroll 1
     for (int i = 0; i < kGroupsPerThread; ++i) {
-      const int group = tid + i * kLoraThreads;
-      const int m = group / (kBN / kGroup);
-      const int c = (group % (kBN / kGroup)) * kGroup;
+      const auto [m, c] = group_of(i);
       const int64_t row = row0 + m, col = col0 + c;
       if (row >= p.M || col >= p.N) continue;  // N % 8 == 0: the whole group is in bounds
       TY* yp = y + row * p.ldy + col;

@@ -39,7 +39,6 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) token_reduce_ker
   const TX* x = static_cast<const TX*>(p.x);
   const TA* l = static_cast<const TA*>(p.l);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
-  const int tid = threadIdx.x;
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
   const int64_t split = blockIdx.y;
   const int64_t row_begin = split * p.rows_per_split;
@@ -50,15 +49,10 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) token_reduce_ker
   for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
 
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kBM) {
-    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
-      const int m = i / RT, k = i % RT;
-      s_l[i] = (row0 + m < row_end && k < p.R) ? l[(row0 + m) * p.ldl + k] : from_float<TA>(0.0f);
-    }
+    stage_rank_rows<TA, RT>(s_l, l, p.ldl, 1, row0, row_end, p.R);
 #pragma unroll 1
     for (int i = 0; i < kGroupsPerThread; ++i) {
-      const int group = tid + i * kLoraThreads;
-      const int m = group / (kBN / kGroup);
-      const int c = (group % (kBN / kGroup)) * kGroup;
+      const auto [m, c] = group_of(i);
       const int64_t row = row0 + m, col = col0 + c;
       float xv[kGroup];
       lora_input_group<TX, TA, PACKED>(x + row * p.ldx + col, row < row_end && col < p.N, row, col, p.N, p.drop, dseed,

@@ -48,6 +48,28 @@ __device__ __forceinline__ void store_group(T* p, const float (&in)[kGroup]) {
   }
 }
 
+// This thread's i-th group of 8 columns in a (kBM x kBN) step: its row m and first column c. Consecutive
+// threads take consecutive groups of a row (16-byte accesses, coalesced).
+struct Group {
+  int m;
+  int c;
+};
+__device__ __forceinline__ Group group_of(int i) {
+  const int group = static_cast<int>(threadIdx.x) + i * kLoraThreads;
+  return Group{group / (kBN / kGroup), (group % (kBN / kGroup)) * kGroup};
+}
+
+// dst (kBM x RT, row-major) = src[(row0 + m) * ld + k * step] for row0 + m < row_end and k < R, else 0:
+// a rank-sized operand's rows of one step (t_d, S, l), staged in shared memory.
+template <typename TA, int RT>
+__device__ __forceinline__ void stage_rank_rows(TA* dst, const TA* src, int64_t ld, int64_t step, int64_t row0,
+                                                int64_t row_end, int64_t R) {
+  for (int i = threadIdx.x; i < kBM * RT; i += kLoraThreads) {
+    const int m = i / RT, k = i % RT;
+    dst[i] = (row0 + m < row_end && k < R) ? src[(row0 + m) * ld + k * step] : from_float<TA>(0.0f);
+  }
+}
+
 // dst (ROWS x kBN, row-major) = src[r * ld + (col0 + c) * step] for r < rows and col0 + c < cols, else 0:
 // a rank-sized operand's 64 columns of one step, staged in shared memory in dtype TD. `vec` (uniform over
 // the block: step == 1, cols % 8 == 0, 16-byte aligned rows with ld % 8 == 0) reads whole groups of 8
