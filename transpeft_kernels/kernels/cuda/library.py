@@ -4,9 +4,9 @@ Where the library is looked for, first found wins:
   1. $TRANSPEFT_CUDA_LIB: an explicit path (e.g. the CMake build: build/cmake/libtranspeft_cuda.so);
   2. next to this file: put there by ``pip install`` / setup.py when it built the extension;
   3. the JIT cache: ``python -m transpeft_kernels build-cuda`` writes default_cache_dir()/cuda.
-With TRANSPEFT_CUDA_EMULATE=1 the host emulation of the same C interface (csrc/emulation, g++,
-built on first use) is loaded instead, and the "cuda" backend runs CPU tensors: a test tool that
-checks the binding and the fused formulas without a GPU, never a fast path.
+With TRANSPEFT_CUDA_EMULATE=1 the emulation library is loaded instead (the same kernel sources built
+by g++ against csrc/emulation/simt, one fiber per CUDA thread; built on first use), and the "cuda"
+backend runs CPU tensors: a test tool that runs the kernels' own code without a GPU, never a fast path.
 """
 from __future__ import annotations
 
