@@ -166,31 +166,43 @@ def _add(into: dict, more: dict) -> dict:
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
 # ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, rank > 32): the loop body of
 # its static sm_90 SASS in the default config (loop_body_instructions in
-# benchmarks/results/sass_round2_sm90.json: 1250 / 1036 per iteration of 16 elements per thread for
-# fp32 / bf16 adapters at r 16, 831 / 606 per 8 elements at r 64), less the two mask streams the model
-# charges as Philox work (2 x 18.4), over 24. Every warp gathers each dot's rank-sized operand and
-# stages its share of the (BLOCK_M, BLOCK_N) tile through shared memory per dot: 1.2-2.8x an
-# elementwise kernel's work per element.
-ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, False): 1.72, (False, False): 1.16, (True, True): 2.80, (False, True): 1.62}
+# benchmarks/results/sass_round2_sm90.json: 1098 / 881 per iteration of 16 elements per thread for
+# fp32 / bf16 adapters at r 16, 753 / 541 per 8 elements at r 64; 1250 / 1036 and 831 / 606 before the
+# MUFU sigmoid of kernels/triton/activations.py), less the two mask streams the model charges as
+# Philox work (2 x 18.4), over 24. Every warp gathers each dot's rank-sized operand and stages its share
+# of the (BLOCK_M, BLOCK_N) tile through shared memory per dot: 0.8-2.4x an elementwise kernel's work
+# per element.
+ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, False): 1.33, (False, False): 0.76, (True, True): 2.39, (False, True): 1.28}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
 # sm_90 SASS in the default config (32 elements per thread; benchmarks/results/sass_round2_sm90.json):
 # lora_expand_add 578 instructions with fp32 adapters (18 per element; 1158 with the dX mask, whose
 # Philox work the model charges separately), gate_up_lora_act with fp32 adapters on both sides and the
-# mask 2128 (66.5 per element, 18.4 of them the mask's), over ELEMENTWISE_INSTR = 24.
-EPILOGUE_ELEMENT_WEIGHT = {"lora_expand_add_kernel": 0.75, "gate_up_lora_act_kernel": 2.0}
+# mask 1823 (57.0 per element, 18.4 of them the mask's; 2128 before the MUFU sigmoid), over
+# ELEMENTWISE_INSTR = 24.
+EPILOGUE_ELEMENT_WEIGHT = {"lora_expand_add_kernel": 0.75, "gate_up_lora_act_kernel": 1.61}
+
+# masked_gated_act's issue work per element, keyed by (kernel, mask on), so that with the mask charge
+# (18.4, roofline.py) the total is the static sm_90 SASS count of the default config, bf16, silu (the
+# benchmark's activation; "act_fwd bf16 act=0" in sass_round2_sm90.json): forward 24.8 per element
+# with the mask, 13.4 without; backward 33.9 and 22.1. The mask's measured increment is about 11.5
+# per element (the same with gelu_tanh), under the model's 18.4, hence weights below the unmasked ones.
+MASKED_ACT_ELEMENT_WEIGHT = {
+    ("masked_gated_act_fwd_kernel", True): 0.27, ("masked_gated_act_fwd_kernel", False): 0.56,
+    ("masked_gated_act_bwd_kernel", True): 0.65, ("masked_gated_act_bwd_kernel", False): 0.92,
+}
 
 
 def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
     """(pointer args read, pointer args written, FLOPs by unit, elements, philox) for one launch of
     one of our kernels, from its bound arguments (tensors, ints, constexprs)."""
-    if kernel == "masked_gated_act_fwd_kernel":
+    if kernel in ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel"):
         n = a["M"] * a["I"]
-        return ["g_ptr", "u_ptr"], ["h_ptr"], {}, n, n if a["HAS_MASK"] else 0
-    if kernel == "masked_gated_act_bwd_kernel":
-        n = a["M"] * a["I"]
-        return ["dh_ptr", "g_ptr", "u_ptr"], ["dg_ptr", "du_ptr"], {}, n, n if a["HAS_MASK"] else 0
+        reads, writes = (["g_ptr", "u_ptr"], ["h_ptr"]) if kernel.endswith("fwd_kernel") else \
+            (["dh_ptr", "g_ptr", "u_ptr"], ["dg_ptr", "du_ptr"])
+        weight = MASKED_ACT_ELEMENT_WEIGHT[(kernel, bool(a["HAS_MASK"]))]
+        return reads, writes, {}, round(n * weight), n if a["HAS_MASK"] else 0
     if kernel == "act_bwd_lora_kernel":
         # the activation backward plus, per LoRA side, dB, and the down LoRA's dA; h' is rebuilt in registers
         M, I = a["M"], a["I"]
@@ -299,17 +311,23 @@ class _KernelRecorder:
 #             r 64: 2982 / 16 = 186, bf16 2604 / 16 = 163
 #   backward  r 16: 2239 / 16 = 140, bf16 1969 / 16 = 123
 #             r 64: 4086 / 16 = 255 (tf32x3: 2 x 8 + 4 x 4 split-and-mma steps), bf16 2749 / 16 = 172
+# less, since the MUFU sigmoid of transpeft/activations.h, what it took off the 8-column group body that
+# runs twice per step (loop_body_instructions before / after, sass_round2_cuda_tiles.json /
+# sass_round2_cuda_mufu.json): forward r 16 166 (fp32 adapters) and 182 (bf16), r 64 161 and 179; backward
+# r 16 188 and 180, r 64 186 and 179; per element that is the difference over 8 (20-23.5).
 # The activation is a template parameter there, so the static count is what runs.
 # masked_gated_act.cu's kernels (ragged or unaligned rows, h' or xd wanted, no LoRA term, and
 # TRANSPEFT_CUDA_ONE_PASS_BWD=0) switch on the activation at run time, so their loops carry all three
 # activations' code; they are charged the static count of a copy compiled with silu fixed, a lower
 # bound: per element of their column loop (rows x 8 elements), less the Philox charge. Forward with the
 # shrink r 16 / r 64: 95 / 307 (fp32 adapters), 104 / 383 (bf16); backward with the LoRA term: 143 /
-# 467, 184 / 552; without a LoRA term: forward 53, backward 98 (one mask stream). Their rank sums are
+# 467, 184 / 552; without a LoRA term: forward 53, backward 98 (one mask stream). Those counts are from
+# before the MUFU sigmoid, which takes about 20 per element off them too; not re-derived (they are
+# fallbacks), so these weights now overcharge. Their rank sums are
 # FFMA chains, charged again as fp32 FLOPs (the time takes the larger of issue and compute).
 CUDA_ACT_LORA_ELEMENT_WEIGHT = {
-    ("fwd", True, False): 3.05, ("fwd", False, False): 3.10, ("fwd", True, True): 6.23, ("fwd", False, True): 5.25,
-    ("bwd", True, False): 4.30, ("bwd", False, False): 3.60, ("bwd", True, True): 9.11, ("bwd", False, True): 5.63,
+    ("fwd", True, False): 2.19, ("fwd", False, False): 2.15, ("fwd", True, True): 5.39, ("fwd", False, True): 4.32,
+    ("bwd", True, False): 3.32, ("bwd", False, False): 2.66, ("bwd", True, True): 8.14, ("bwd", False, True): 4.70,
     ("fwd_ffma", True, False): 2.44, ("fwd_ffma", False, False): 2.81, ("fwd_ffma", True, True): 11.24,
     ("fwd_ffma", False, True): 14.41,
     ("bwd_ffma", True, False): 4.41, ("bwd_ffma", False, False): 6.13, ("bwd_ffma", True, True): 17.94,

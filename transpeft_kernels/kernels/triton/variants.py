@@ -491,6 +491,12 @@ ACT_CASES = (
     ActBwd(dtype=BF16, act=GELU_TANH, mask=True, tuned=True),
     ActFwd(dtype=BF16, act=SILU, mask=False),
     ActBwd(dtype=BF16, act=SILU, mask=False),
+    # the benchmark's activation (Llama: silu) with the mask, and gelu_tanh without it: with the rows
+    # above, the mask's own cost per element (perf/roofline.py reads it off these)
+    ActFwd(dtype=BF16, act=SILU, mask=True),
+    ActBwd(dtype=BF16, act=SILU, mask=True),
+    ActFwd(dtype=BF16, act=GELU_TANH, mask=False),
+    ActBwd(dtype=BF16, act=GELU_TANH, mask=False),
 )
 
 # LoRA shrink: (x dtype, adapter dtype), the forward with dropout and the backward's t = dy B without
