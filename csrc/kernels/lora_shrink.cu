@@ -9,6 +9,8 @@
 // group for the dropout mask) into shared memory, a's (RT, 64) columns are staged beside it, and
 // warp w adds x a[16 w : 16 w + 16]^T into its accumulator tile (RT / 16 of the 4 warps have one).
 // 16 rows per block keep M / 16 blocks in flight (512 at 8192 tokens); a is re-read from L2 per block.
+// EXACT (fp32 a, 16-bit x, no dropout: the backward's t = dy B, and forward shrinks without dropout):
+// the staged x is exact in tf32, so each k step is two mmas instead of three (tile_mma's A_EXACT).
 // The earlier kernel summed with FFMA chains, 4 rows x 16 ranks per block.
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -26,8 +28,9 @@ namespace {
 constexpr int kShrinkBM = kTile;  // rows per block
 static_assert(kShrinkBM * kBN == kGroup * kLoraThreads, "one group of 8 columns per thread per step");
 
-template <typename TX, typename TA, int RT, bool PACKED>
+template <typename TX, typename TA, int RT, bool PACKED, bool EXACT>
 __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kernel(TranspeftLoraShrinkArgs p) {
+  static_assert(!EXACT || (sizeof(TX) == 2 && sizeof(TA) == 4), "EXACT: a 16-bit x under fp32 adapters");
   alignas(32) __shared__ TA s_x[kShrinkBM * kBN];  // dropout_q(cast_A(x)) of the step, zero outside (M, K)
   alignas(32) __shared__ TA s_a[RT * kBN];         // a's columns of the step: column-major B of x a^T
   alignas(32) __shared__ float s_o[kShrinkBM * RT];
@@ -53,7 +56,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
 #pragma unroll
       for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
       __syncthreads();  // s_x and s_a complete
-      if (warp < RT / kTile) tile_mma<TA, false, kBN, true>(acc, s_x, kBN, s_a + warp * kTile * kBN, kBN);
+      if (warp < RT / kTile) tile_mma<TA, false, kBN, true, EXACT>(acc, s_x, kBN, s_a + warp * kTile * kBN, kBN);
       __syncthreads();  // the next step may overwrite s_x and s_a
     }
     if (warp < RT / kTile) tile_store(s_o + warp * kTile, RT, acc);
@@ -67,12 +70,20 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
   }
 }
 
-template <typename TX, typename TA, bool PACKED>
+template <typename TX, typename TA, bool PACKED, bool EXACT>
 cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
   const dim3 grid(grid_for((p.M + kShrinkBM - 1) / kShrinkBM));
-  if (p.R <= 16) return launch_kernel(shrink_tile_kernel<TX, TA, 16, PACKED>, grid, kLoraThreads, stream, p);
-  if (p.R <= 32) return launch_kernel(shrink_tile_kernel<TX, TA, 32, PACKED>, grid, kLoraThreads, stream, p);
-  return launch_kernel(shrink_tile_kernel<TX, TA, 64, PACKED>, grid, kLoraThreads, stream, p);
+  if (p.R <= 16) return launch_kernel(shrink_tile_kernel<TX, TA, 16, PACKED, EXACT>, grid, kLoraThreads, stream, p);
+  if (p.R <= 32) return launch_kernel(shrink_tile_kernel<TX, TA, 32, PACKED, EXACT>, grid, kLoraThreads, stream, p);
+  return launch_kernel(shrink_tile_kernel<TX, TA, 64, PACKED, EXACT>, grid, kLoraThreads, stream, p);
+}
+
+template <typename TX, typename TA, bool PACKED>
+cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
+  if constexpr (sizeof(TX) == 2 && sizeof(TA) == 4) {
+    if (!p.drop.on) return launch_shrink_tile_as<TX, TA, PACKED, true>(p, stream);
+  }
+  return launch_shrink_tile_as<TX, TA, PACKED, false>(p, stream);
 }
 
 }  // namespace

@@ -354,9 +354,13 @@ CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (
 # operand element (tile_mma.cuh); a k-step of 3 x 4 HMMA.1684 is about 62 instructions with its
 # fragment loads. The earlier per-column kernels keep the weight of 1 (their static counts, 185 per
 # element for a 16-rank shrink chunk and 420 for an expand, hold every branch).
+# shrink_exact: fp32 adapters over a 16-bit x without dropout (tile_mma's A_EXACT: two mmas per k step,
+# x not split): 16 instructions fewer per k step (sm_90a, sass_round2_cuda_mufu.json), times the k steps
+# per thread and step (2 at r 16, 8 at r 64, as above) over 8 elements: 4 and 16 per element fewer; its
+# FLOPs are charged as two tf32 products, not three.
 CUDA_LORA_TILE_ELEMENT_WEIGHT = {
     ("shrink", True, False): 2.40, ("shrink", False, False): 2.94, ("shrink", True, True): 6.36,
-    ("shrink", False, True): 6.48,
+    ("shrink", False, True): 6.48, ("shrink_exact", True, False): 2.23, ("shrink_exact", True, True): 5.69,
     ("expand", True, False): 1.96, ("expand", False, False): 1.50, ("expand", True, True): 5.38,
     ("expand", False, True): 3.46,
     ("expand_grad", True, False): 2.09, ("expand_grad", False, False): 1.94, ("expand_grad", True, True): 5.48,
@@ -374,10 +378,13 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
     if wrapper == "lora_shrink" and tensors_in[1].shape[0] <= 64 and (tensors_in[0].shape[1] <= 1 or tensors_in[0].stride(1) == 1):
         x, a = tensors_in[0], tensors_in[1]  # the tensor-core shrink (lora_shrink.cu)
         drop = kw.get("drop")
+        dropout = drop is not None and drop.q > 0
         unit, times = _cuda_tc_unit(a.dtype)
-        weight = CUDA_LORA_TILE_ELEMENT_WEIGHT[("shrink", a.dtype == torch.float32, a.shape[0] > 32)]
-        return {unit: times * 2 * x.numel() * a.shape[0]}, round(x.numel() * weight), \
-            x.numel() if drop is not None and drop.q > 0 else 0
+        exact = a.dtype == torch.float32 and x.element_size() == 2 and not dropout
+        weight = CUDA_LORA_TILE_ELEMENT_WEIGHT[("shrink_exact" if exact else "shrink", a.dtype == torch.float32,
+                                                a.shape[0] > 32)]
+        return {unit: (2 if exact else times) * 2 * x.numel() * a.shape[0]}, round(x.numel() * weight), \
+            x.numel() if dropout else 0
     if wrapper == "lora_expand_" and tensors_in[1].shape[1] <= 64 and tensors_in[0].shape[1] % 8 == 0:
         y, s = tensors_in[0], tensors_in[1]  # the tensor-core expand (lora_expand.cu)
         drop = kw.get("drop")

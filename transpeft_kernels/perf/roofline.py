@@ -21,7 +21,11 @@ The constants are read off the sm_90 SASS of the bf16 masked activation forward 
 (``compile-check --sass``, static counts): about 24 thread instructions per element unmasked; with one
 call per element the mask added about 70 (59 + 11); with 8 elements per call it adds about 19
 (59 / 8 + 11 = 18.4 charged). The backward's mask costs a little more (about 22), which the model
-does not separate.
+does not separate. Those two figures are now accounting units: every kernel of ours is charged its own
+static SASS as a weight per element in these units, less 18.4 per mask stream
+(ledger.py: MASKED_ACT_ELEMENT_WEIGHT and the others). Since the activations became one MUFU sigmoid
+(kernels/triton/activations.py) the masked activation forward is 24.8 instructions per element with
+the mask and 13.4 without (bf16, silu), so the mask's real increment is about 11.5.
 
 What the model cannot see: caches (every operand is charged once, as if re-reads hit L2; a tile
 that misses L2 costs more), overlap between launches, tile-quantisation and wave effects, register

@@ -12,6 +12,10 @@
 //     (<= 2^-22) each product carries at most 2.25 x 2^-21 of |a b| before the fp32 accumulation
 //     (python_tests/budget.py: TF32X3_ROUNDOFF), within a few fp32 ulps of an fp32 dot, at three
 //     tensor-core mmas per k step instead of a CUDA-core FMA chain. An inf operand gives NaN.
+//     A_EXACT: A holds values that tf32 represents exactly (a 16-bit input staged as fp32: bf16 and
+//     fp16 have at most 10 mantissa bits), so lo_a = 0: A is not split and the k step is two mmas,
+//     acc += hi_a lo_b + hi_a hi_b, with the same error bound. The emulation reads A as the mma does
+//     (truncated to tf32), so a caller that passes an inexact A shows a 2^-11 error in the tests.
 // Accumulation order within an mma is the hardware's (fp32), so sums differ from a sequential fp32 loop
 // in the last bits only.
 //
@@ -91,7 +95,7 @@ __device__ __forceinline__ void tile_zero(TileAcc<TA>& acc) {
 }
 
 // acc += A B (see the file comment). A_COL_MAJOR, B_COL_MAJOR: the operand is stored column-major.
-template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false>
+template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
 __device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
   namespace wmma = nvcuda::wmma;
   using W = detail::WmmaType<TA>;
@@ -111,11 +115,15 @@ __device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda,
     wmma::load_matrix_sync(fa, ap, lda);
     wmma::load_matrix_sync(fb, bp, ldb);
     if constexpr (sizeof(TA) == 4) {
-      decltype(fa) fa_lo;
       decltype(fb) fb_lo;
-      detail::split_tf32(fa, fa_lo);
-      detail::split_tf32(fb, fb_lo);
-      wmma::mma_sync(acc.f, fa_lo, fb, acc.f);
+      if constexpr (!A_EXACT) {
+        decltype(fa) fa_lo;
+        detail::split_tf32(fa, fa_lo);
+        detail::split_tf32(fb, fb_lo);
+        wmma::mma_sync(acc.f, fa_lo, fb, acc.f);
+      } else {
+        detail::split_tf32(fb, fb_lo);
+      }
       wmma::mma_sync(acc.f, fa, fb_lo, acc.f);
     }
     wmma::mma_sync(acc.f, fa, fb, acc.f);
@@ -146,7 +154,7 @@ inline float tf32_hi(float v) { return transpeft::detail::bits_f32((transpeft::d
 inline float tf32_read(float v) { return transpeft::detail::bits_f32(transpeft::detail::f32_bits(v) & 0xFFFFE000u); }
 }  // namespace detail
 
-template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false>
+template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
 inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
   constexpr int KS = kTileK<TA>;
   static_assert(K % KS == 0, "K must be a multiple of the mma's k");
@@ -158,7 +166,12 @@ inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ld
         for (int k = k0; k < k0 + KS; ++k) {
           const float av = to_float(A_COL_MAJOR ? a[k * lda + m] : a[m * lda + k]);
           const float bv = to_float(B_COL_MAJOR ? b[n * ldb + k] : b[k * ldb + n]);
-          if constexpr (sizeof(TA) == 4) {
+          if constexpr (sizeof(TA) == 4 && A_EXACT) {
+            const float ah = detail::tf32_read(av), bh = detail::tf32_hi(bv);
+            const float bl = detail::tf32_read(bv - bh);
+            c += ah * bl;
+            c += ah * bh;
+          } else if constexpr (sizeof(TA) == 4) {
             const float ah = detail::tf32_hi(av), bh = detail::tf32_hi(bv);
             const float al = detail::tf32_read(av - ah), bl = detail::tf32_read(bv - bh);
             c += al * bh;
