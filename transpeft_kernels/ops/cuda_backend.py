@@ -7,9 +7,10 @@ lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropo
               S and t through ATen instead when there is nothing to fuse: no dropout mask and the
               adapter in x's dtype (``_shrink``)
               dW = dy^T x, db = sum_rows dy (ATen)
-              dB = s cast_A(dy)^T S, dA = s t^T dropout_q(cast_A(x)): fp32 adapters on 16-bit activations at
-              rank <= 32 lora_token_reduce (tensor cores, the cast and the mask applied while staging);
-              otherwise ATen on cast copies, lora_dropout_cast for the mask (``_reducible``)
+              dB = s cast_A(dy)^T S, dA = s t^T dropout_q(cast_A(x)): lora_token_reduce (tensor cores, the
+              cast and the mask applied while staging) at rank <= 32 for fp32 adapters on 16-bit
+              activations and for a 16-bit adapter's dA under dropout; otherwise ATen on cast copies,
+              lora_dropout_cast for the mask (``_reducible``)
 masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
     forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers,
               S_d's products on the tensor cores when I % 8 == 0 and rows are 16-byte aligned)
@@ -130,27 +131,29 @@ class CudaBackend(TorchBackend):
             db = dy.sum(0).to(lin.bias.dtype)
         if lora is not None:
             adt = lora.A.dtype
-            reduce = self._reducible(lora, x2d.dtype)
             if needs.B:
-                dB = K.lora_token_reduce(s, dy, lora.scaling).t().contiguous() if reduce \
+                dB = K.lora_token_reduce(s, dy, lora.scaling).t().contiguous() if self._reducible(lora, x2d.dtype) \
                     else (dy.to(adt).t() @ s) * lora.scaling
             if needs.A:
                 drop = self._dropout(lin, seed)
-                if reduce:
+                if self._reducible(lora, x2d.dtype, drop):
                     dA = K.lora_token_reduce(t, x2d, lora.scaling, drop)
                 else:
                     xd = x2d.to(adt) if drop is None else K.lora_dropout_cast(x2d, adt, drop)
                     dA = (t.t() @ xd) * lora.scaling
         return LinearGrads(dx, dW, db, dA, dB)
 
-    def _reducible(self, lora, dtype: torch.dtype) -> bool:
-        """Whether dA and dB take lora_token_reduce (the tensor-core token sums that cast while staging)
-        instead of ATen on an fp32 copy: fp32 adapters on 16-bit activations, rank <= 32. Chosen by the
-        model (perf/ledger.py, the kernels' SASS): there the copy (6 bytes per element, read again as 4)
-        costs more than the kernel's instructions; at rank 64 the tf32x3 steps cost more than the copy,
-        and 16-bit adapters on their own dtype need no copy (cuBLAS is better)."""
-        return (lora.A.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
-                and lora.A.shape[0] <= REDUCE_MAX_RANK)
+    def _reducible(self, lora, dtype: torch.dtype, drop=None) -> bool:
+        """Whether a LoRA token sum (dB = s cast_A(dy)^T S, or dA = s t^T dropout(cast_A(x)) with
+        ``drop`` its dropout) takes lora_token_reduce (the tensor-core token sums that cast and mask while
+        staging) instead of ATen on a cast or masked copy: at rank <= 32, for fp32 adapters on 16-bit
+        activations, and for dA under dropout. Chosen by the model (perf/ledger.py, the kernels' SASS):
+        there the copy (6 bytes per element for the fp32 cast, 4 for a masked 16-bit one, read again)
+        costs more than the kernel's instructions; at rank 64 its steps cost more than the copy, and a
+        16-bit adapter on its own dtype without a mask needs no copy (cuBLAS is better)."""
+        if lora.A.shape[0] > REDUCE_MAX_RANK or dtype not in (torch.float16, torch.bfloat16):
+            return False
+        return lora.A.dtype == torch.float32 or (drop is not None and lora.A.dtype == dtype)
 
     # ---- masked gated activation ---------------------------------------------------------------
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:

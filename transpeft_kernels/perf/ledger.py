@@ -166,7 +166,7 @@ def _add(into: dict, more: dict) -> dict:
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
 # ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, rank > 32): the loop body of
 # its static sm_90 SASS in the default config (loop_body_instructions in
-# benchmarks/results/sass_round2_sm90.json: 1098 / 881 per iteration of 16 elements per thread for
+# benchmarks/results/sass_round2_triton_mufu.json: 1098 / 881 per iteration of 16 elements per thread for
 # fp32 / bf16 adapters at r 16, 753 / 541 per 8 elements at r 64; 1250 / 1036 and 831 / 606 before the
 # MUFU sigmoid of kernels/triton/activations.py), less the two mask streams the model charges as
 # Philox work (2 x 18.4), over 24. Every warp gathers each dot's rank-sized operand and stages its share
@@ -176,7 +176,7 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, False): 1.33, (False, False): 0.76, (True,
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
-# sm_90 SASS in the default config (32 elements per thread; benchmarks/results/sass_round2_sm90.json):
+# sm_90 SASS in the default config (32 elements per thread; benchmarks/results/sass_round2_triton_mufu.json):
 # lora_expand_add 578 instructions with fp32 adapters (18 per element; 1158 with the dX mask, whose
 # Philox work the model charges separately), gate_up_lora_act with fp32 adapters on both sides and the
 # mask 1823 (57.0 per element, 18.4 of them the mask's; 2128 before the MUFU sigmoid), over
@@ -185,7 +185,7 @@ EPILOGUE_ELEMENT_WEIGHT = {"lora_expand_add_kernel": 0.75, "gate_up_lora_act_ker
 
 # masked_gated_act's issue work per element, keyed by (kernel, mask on), so that with the mask charge
 # (18.4, roofline.py) the total is the static sm_90 SASS count of the default config, bf16, silu (the
-# benchmark's activation; "act_fwd bf16 act=0" in sass_round2_sm90.json): forward 24.8 per element
+# benchmark's activation; "act_fwd bf16 act=0" in sass_round2_triton_mufu.json): forward 24.8 per element
 # with the mask, 13.4 without; backward 33.9 and 22.1. The mask's measured increment is about 11.5
 # per element (the same with gelu_tanh), under the model's 18.4, hence weights below the unmasked ones.
 MASKED_ACT_ELEMENT_WEIGHT = {
