@@ -93,6 +93,25 @@ def test_masked_act_forward_masks_bit_for_bit_and_values_to_rounding(dtype, acti
         assert_within_budget(got, want, exact, dtype, 16, f"h {mask}")
 
 
+@pytest.mark.parametrize("x_dtype, out_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                                 (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("K_cols, layout", [(48, "rows"), (37, "rows"), (40, "padded"), (24, "strided")])
+@pytest.mark.parametrize("q", [0.0, 0.3])
+def test_dropout_cast_bit_for_bit(x_dtype, out_dtype, K_cols, layout, q):
+    """lora_dropout_cast = x.to(A) * dropout_multiplier, bit for bit: the 8-column groups with 16-byte packs
+    (K % 8 == 0, aligned rows), the groups element by element (ragged K, padded rows), and the
+    per-element kernel (x with a column stride other than 1)."""
+    M = 19
+    base = torch.randn(M, 2 * K_cols + 8).to(x_dtype)
+    x = {"rows": base[:, :K_cols].contiguous(), "padded": base[:, 3:3 + K_cols],
+         "strided": base[:, : 2 * K_cols : 2]}[layout]
+    seed = torch.tensor(23)
+    drop = K.Dropout(q, seed) if q > 0 else None
+    got = K.lora_dropout_cast(x, out_dtype, drop)
+    want = x.to(out_dtype) * (dropout_multiplier(seed, x.to(out_dtype), q) if q > 0 else 1)
+    assert got.dtype == out_dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16])
 def test_fused_down_shrink_and_grad_term_match_the_unfused_composition(a_dtype):
     dtype = torch.bfloat16

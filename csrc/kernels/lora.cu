@@ -6,8 +6,10 @@
 //   dropout_cast  dropout_q(cast_A(X))                  the LoRA input for dA = s t^T xd
 // Rounding follows transpeft/fused_math.h, the contract transpeft/capi.h. Masks are regenerated
 // from (seed, row, col) (Philox offset row * ceil(cols / 8) + col / 8 in 64 bits, lane col % 8),
-// never stored. These kernels handle one column per thread, so each mask element costs one Philox
-// call here (keep_factor): correct, but without the 8-per-call saving of the activation kernels.
+// never stored. The shrink and expand here handle one column per thread, so each mask element costs
+// one Philox call (keep_factor): correct, but without the 8-per-call saving of the activation
+// kernels; they are the fallbacks. dropout_cast takes groups of 8 columns (one call per group) when x
+// has unit column stride.
 //
 // shrink: a block owns 4 token rows and 16 ranks at a time; threads stride over K (coalesced for a
 // row-major X), each A element read serves the 4 rows, and the 64 partial sums are reduced over the
@@ -22,6 +24,7 @@
 #include "transpeft/capi.h"
 #include "transpeft/cuda_common.cuh"
 #include "transpeft/fused_math.h"
+#include "transpeft/tile_pass.cuh"  // the 8-column groups: lora_input_group, store_group, aligned_rows
 
 namespace transpeft {
 namespace cuda {
@@ -123,6 +126,32 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(ExpandArgs p) {
   }
 }
 
+// dropout_q(cast_A(x)) for x with unit column stride: a thread takes groups of 8 columns, one Philox call
+// per group (keep_bits, the activation kernels' scheme) and, when PACKED (K % 8 == 0, x's and out's
+// rows 16-byte aligned), 16-byte loads and stores.
+template <typename TX, typename TO, bool PACKED>
+__global__ void __launch_bounds__(kThreads) dropout_cast_group_kernel(CastArgs p) {
+  const TX* x = static_cast<const TX*>(p.x);
+  TO* out = static_cast<TO*>(p.out);
+  const uint64_t seed = load_seed(p.drop.seed, p.drop.on);
+  for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {
+    for (int64_t col = int64_t{threadIdx.x} * kGroup; col < p.K; col += int64_t{kThreads} * kGroup) {
+      float v[kGroup];
+      lora_input_group<TX, TO, PACKED>(x + row * p.sxm + col, true, row, col, p.K, p.drop, seed, v);
+      TO* o = out + row * p.ldo + col;
+      if constexpr (PACKED) {
+        store_group<TO>(o, v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          if (col + j < p.K) o[j] = from_float<TO>(v[j]);
+        }
+      }
+    }
+  }
+}
+
+// The same for any column stride, one column per thread and one Philox call per element.
 template <typename TX, typename TO>
 __global__ void __launch_bounds__(kThreads) dropout_cast_kernel(CastArgs p) {
   const TX* x = static_cast<const TX*>(p.x);
@@ -196,6 +225,11 @@ extern "C" int transpeft_lora_dropout_cast(const TranspeftLoraDropoutCastArgs* a
   return with_dtypes(p.x_dtype, p.out_dtype, [&](auto tx, auto to) -> cudaError_t {
     using TX = typename decltype(tx)::type;
     using TO = typename decltype(to)::type;
-    return launch_kernel(dropout_cast_kernel<TX, TO>, dim3(grid_for(p.M)), kThreads, as_stream(stream), p);
+    const dim3 grid(grid_for(p.M));
+    if (p.sxk != 1 && p.K > 1) return launch_kernel(dropout_cast_kernel<TX, TO>, grid, kThreads, as_stream(stream), p);
+    if (p.K % kGroup == 0 && aligned_rows<TX>(p.x, p.sxm) && aligned_rows<TO>(p.out, p.ldo)) {
+      return launch_kernel(dropout_cast_group_kernel<TX, TO, true>, grid, kThreads, as_stream(stream), p);
+    }
+    return launch_kernel(dropout_cast_group_kernel<TX, TO, false>, grid, kThreads, as_stream(stream), p);
   });
 }

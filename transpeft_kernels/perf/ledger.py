@@ -368,6 +368,15 @@ CUDA_LORA_TILE_ELEMENT_WEIGHT = {
 }
 
 
+# lora_dropout_cast (lora.cu), keyed by (kernel, fp32 output): the 8-column group kernel (unit column
+# stride; one Philox call per group) per element of its column loop, sm_90a, 16-bit x, aligned rows
+# (sass_round2_cuda_mufu.json): 156 / 8 = 19.5 instructions to fp32, 220 / 8 = 27.5 to a 16-bit dtype;
+# the per-element kernel (strided x; one call per element): 249 and 291. Less the mask charge (18.4),
+# over 24. Before the group kernel every call took the per-element one and was charged 24 + 18.4.
+CUDA_DROPOUT_CAST_ELEMENT_WEIGHT = {("group", True): 0.05, ("group", False): 0.38,
+                                    ("element", True): 9.61, ("element", False): 11.36}
+
+
 def _cuda_tc_unit(dtype) -> tuple[str, int]:
     """(unit, products per FLOP) of the tensor-core LoRA products of act_lora.cu in an adapter dtype."""
     return {torch.float32: ("tc_tf32", 3), torch.float16: ("tc_fp16", 1), torch.bfloat16: ("tc_bf16", 1)}[dtype]
@@ -441,7 +450,10 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         return {unit: times * 2 * x.numel() * l.shape[1]}, round(x.numel() * weight), \
             x.numel() if drop is not None and drop.q > 0 else 0
     if wrapper == "lora_dropout_cast":
-        return {}, tensors_in[0].numel(), tensors_in[0].numel()
+        x, out = tensors_in[0], tensors_out[0]
+        grouped = x.shape[1] <= 1 or x.stride(1) == 1
+        weight = CUDA_DROPOUT_CAST_ELEMENT_WEIGHT[("group" if grouped else "element", out.element_size() == 4)]
+        return {}, round(x.numel() * weight), x.numel()
     raise KeyError(f"no cost rule for CUDA wrapper {wrapper!r}: add one to perf/ledger.py")
 
 
