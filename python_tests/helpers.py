@@ -94,6 +94,15 @@ def mlps(model):
     return [layer.mlp for layer in hf.model.layers]
 
 
+# The CUDA library's C functions one masked gated MLP step calls on "cuda" (bf16 base, fp32 adapters at
+# rank <= 32 with LoRA dropout; frozen bases), besides the activation backward: shared by the GPU test
+# and its emulated twin (test_cuda_emulation.py), so that a change of path shows on CPU first.
+FUSED_MLP_CALLS = frozenset({"transpeft_lora_shrink", "transpeft_lora_expand", "transpeft_masked_gated_act_fwd",
+                             "transpeft_lora_token_reduce"})
+# the activation backward by TRANSPEFT_CUDA_ONE_PASS_BWD
+ACT_BWD_CALLS = {"1": "transpeft_act_bwd_lora", "0": "transpeft_masked_gated_act_bwd"}
+
+
 def spy_cuda_calls(monkeypatch) -> list[str]:
     """Names of the CUDA library's C functions called from now on (a silent fallback to torch would
     leave the list empty)."""

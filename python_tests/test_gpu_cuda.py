@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from budget import assert_within_budget
-from helpers import spy_cuda_calls
+from helpers import ACT_BWD_CALLS, FUSED_MLP_CALLS, spy_cuda_calls
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels.cuda import build, library
 from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, LoraWeights, MaskSpec
@@ -99,9 +99,6 @@ def test_library_builds_for_this_gpu_and_loads(cuda_library):
 
 # frozen bases, trainable A_d: the backward's activation pass is the one-pass act_bwd_lora (the earlier
 # masked_gated_act_bwd + ATen dA_d path with TRANSPEFT_CUDA_ONE_PASS_BWD=0)
-FUSED_MLP_CALLS = {"transpeft_lora_shrink", "transpeft_lora_expand", "transpeft_lora_dropout_cast",
-                   "transpeft_masked_gated_act_fwd"}
-ACT_BWD_CALLS = {"1": "transpeft_act_bwd_lora", "0": "transpeft_masked_gated_act_bwd"}
 
 
 def _linear(d_in, d_out, rank, gen):
