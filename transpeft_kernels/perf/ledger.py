@@ -164,15 +164,16 @@ def _add(into: dict, more: dict) -> dict:
 
 
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
-# ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, rank > 32): the loop body of
-# its static sm_90 SASS in the default config (loop_body_instructions in
+# ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, rank tile 16 / 32 / 64): the loop
+# body of its static sm_90 SASS in the default config (loop_body_instructions in
 # benchmarks/results/sass_round2_triton_mufu.json: 1098 / 881 per iteration of 16 elements per thread for
-# fp32 / bf16 adapters at r 16, 753 / 541 per 8 elements at r 64; 1250 / 1036 and 831 / 606 before the
-# MUFU sigmoid of kernels/triton/activations.py), less the two mask streams the model charges as
-# Philox work (2 x 18.4), over 24. Every warp gathers each dot's rank-sized operand and stages its share
-# of the (BLOCK_M, BLOCK_N) tile through shared memory per dot: 0.8-2.4x an elementwise kernel's work
-# per element.
-ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, False): 1.33, (False, False): 0.76, (True, True): 2.39, (False, True): 1.28}
+# fp32 / bf16 adapters at r 16 (1250 / 1036 before the MUFU sigmoid of kernels/triton/activations.py);
+# r 32: 1302 per 16 (fp32, 128 columns), 545 per 8 (bf16, 64 columns: 128 spilled); r 64: 753 / 541 per 8
+# (831 / 606 before)), less the two mask streams the model charges as Philox work (2 x 18.4), over 24.
+# Every warp gathers each dot's rank-sized operand and stages its share of the (BLOCK_M, BLOCK_N) tile
+# through shared memory per dot: 0.8-2.4x an elementwise kernel's work per element.
+ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.33, (False, 16): 0.76, (True, 32): 1.86, (False, 32): 1.31,
+                               (True, 64): 2.39, (False, 64): 1.28}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
@@ -220,9 +221,10 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"]))
             philox += n if a["D_DROPOUT"] else 0
         fp32 = any(a[f"LORA_{x}"] and a[f"{x}_DTYPE"] == 0 for x in ("G", "U", "D"))
-        big = max(a["RG"], a["RU"], a["RD"]) > 32
+        rank = max(a["RG"], a["RU"], a["RD"])
+        tile = 16 if rank <= 16 else 32 if rank <= 32 else 64
         lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]
-        return reads, writes, flops, round(n * (ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, big)] if lora else 1.0)), philox
+        return reads, writes, flops, round(n * (ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, tile)] if lora else 1.0)), philox
     if kernel == "lora_expand_add_kernel":  # y <- y + s D(S B^T) over a cuBLAS output
         M, N, R = a["M"], a["N"], a["R"]
         return ["y_ptr", "s_ptr", "b_ptr"], ["y_ptr"], _lora_flops(a["LORA_DTYPE"], 2 * M * N * R), \

@@ -202,9 +202,12 @@ class ActBwdLoraGrads:
     dA_d: torch.Tensor | None
 
 
-def _block_n(block_n: int, rank: int) -> int:
-    """BLOCK_N for LoRA rank ``rank``: at most 64 above rank 32 (the rank x BLOCK_N fp32 accumulators)."""
-    return min(block_n, 64) if rank > 32 else block_n
+def _block_n(block_n: int, rank: int, all_fp32: bool) -> int:
+    """BLOCK_N for LoRA rank ``rank``: at most 64 above rank 32, and above rank 16 unless every adapter
+    is fp32 (the rank x BLOCK_N fp32 accumulators; static sm_80 / sm_90 SASS: at rank 64 and 128 columns
+    both spilled; at rank 32 the 16-bit adapters spilled 8 bytes on sm_90 while fp32 ones fit in 254
+    registers, and 64 columns cost 105 instructions per element against 81)."""
+    return min(block_n, 64) if rank > 32 or (rank > 16 and not all_fp32) else block_n
 
 
 def _check_side(side: LoraSide | None, name: str, M: int) -> int:
@@ -265,11 +268,12 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
     dseed = seed_on(down.seed, device, "down.seed") if has_drop else dh
     seed_t = seed_on(seed, device) if has_mask else dh
     block_r, block_rd = pow2_at_least(rank), pow2_at_least(rd)
+    all_fp32 = all(t.dtype == torch.float32 for t in (gate and gate.s, up and up.s, down and down.t) if t is not None)
     fp32 = torch.float32
 
     def launch(config, n_splits=splits, keep=None):
         meta = config.kwargs()
-        meta["BLOCK_N"] = _block_n(meta["BLOCK_N"], rank)
+        meta["BLOCK_N"] = _block_n(meta["BLOCK_N"], max(rank, rd), all_fp32)
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         n_col = triton.cdiv(I, bn)
         if n_splits is None:

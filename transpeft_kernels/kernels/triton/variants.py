@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from ..launch_args import ACT_CODES
 from . import configs
 from ._common import BF16, CODE_NAMES, FP16, FP32, TORCH_DTYPES
+from .act_bwd_lora import _block_n
 
 _PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16"}
 SILU, GELU, GELU_TANH = ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_tanh"]
@@ -408,7 +409,8 @@ class ActBwdLora(_Case):
     def meta(self) -> dict:
         block_r = max(16, self.rank)
         meta = dict(BLOCK_R=block_r, BLOCK_RD=block_r)
-        if self.rank > 32:  # the launcher halves BLOCK_N (128 -> 64) for large ranks
+        all_fp32 = all(c == FP32 for c in (self.gate_lora, self.up_lora, self.down_lora) if c is not None)
+        if _block_n(128, self.rank, all_fp32) == 64:  # the launcher halves BLOCK_N for these ranks
             meta["BLOCK_N"] = 64
         return meta
 
@@ -420,6 +422,7 @@ class ExpandAdd(_Case):
     x: int
     lora: int
     dropout: bool
+    block_r: int = 16  # the launcher's BLOCK_R: the rank rounded up to a power of two, 16 to 64
     family = "epilogue"
     kernel = "lora_epilogue.lora_expand_add_kernel"
 
@@ -429,7 +432,8 @@ class ExpandAdd(_Case):
 
     @property
     def label(self) -> str:
-        return f"expand_add x={CODE_NAMES[self.x]} lora={CODE_NAMES[self.lora]} mask={self.dropout}"
+        return (f"expand_add x={CODE_NAMES[self.x]} lora={CODE_NAMES[self.lora]} mask={self.dropout}"
+                + (f" r={self.block_r}" if self.block_r != 16 else ""))
 
     @property
     def elem_bytes(self) -> int:
@@ -442,7 +446,7 @@ class ExpandAdd(_Case):
         return dict(LORA_DROPOUT=self.dropout, LORA_DTYPE=self.lora, UPCAST=False)
 
     def meta(self) -> dict:
-        return dict(BLOCK_R=16)
+        return dict(BLOCK_R=self.block_r)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -454,13 +458,14 @@ class GateUpLoraAct(_Case):
     gate_lora: int | None
     up_lora: int | None
     mask: bool
+    block_r: int = 16
     family = "epilogue"
     kernel = "lora_epilogue.gate_up_lora_act_kernel"
 
     @property
     def label(self) -> str:
         return (f"gate_up_lora_act x={CODE_NAMES[self.x]} act={self.act} lora=({_names(self.gate_lora, self.up_lora)}) "
-                f"mask={self.mask}")
+                f"mask={self.mask}" + (f" r={self.block_r}" if self.block_r != 16 else ""))
 
     @property
     def elem_bytes(self) -> int:
@@ -478,7 +483,7 @@ class GateUpLoraAct(_Case):
                     LORA_G_DTYPE=g, LORA_U_DTYPE=u, UPCAST=False)
 
     def meta(self) -> dict:
-        return dict(BLOCK_R=16)
+        return dict(BLOCK_R=self.block_r)
 
 
 # masked gated activation: every dtype, every activation (cycled over dtypes), mask on and off
@@ -575,6 +580,8 @@ ACT_BWD_LORA_CASES = (
     ActBwdLora(x=FP16, act=GELU, gate_lora=FP16, up_lora=None, down_lora=FP16, mask=False, dropout=False),
     ActBwdLora(x=BF16, act=SILU, gate_lora=None, up_lora=None, down_lora=FP32),
     ActBwdLora(x=BF16, act=SILU, gate_lora=None, up_lora=None, down_lora=None),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32, rank=32),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32),
 )
 
 # LoRA passes over cuBLAS outputs: forward expand, dX expand with the mask, the gate/up pass per dtype
@@ -590,6 +597,11 @@ EPILOGUE_CASES = (
     GateUpLoraAct(x=FP32, act=SILU, gate_lora=FP32, up_lora=None, mask=True),
     GateUpLoraAct(x=FP16, act=GELU, gate_lora=None, up_lora=FP16, mask=False),
     GateUpLoraAct(x=BF16, act=SILU, gate_lora=None, up_lora=None, mask=True),
+    # ranks 32 and 64 (BLOCK_R 32 / 64) of the Llama cases: the launchers' rank tiles past 16
+    *(ExpandAdd(x=BF16, lora=lora, dropout=drop, block_r=br) for br in (32, 64) for lora in (FP32, BF16)
+      for drop in (False, True)),
+    *(GateUpLoraAct(x=BF16, act=SILU, gate_lora=lora, up_lora=lora, mask=True, block_r=br) for br in (32, 64)
+      for lora in (FP32, BF16)),
 )
 
 CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES, *ACT_BWD_LORA_CASES,
