@@ -15,7 +15,7 @@ correctness through pytest, then timing against performance targets.
 3. Gated MLP fwd+bwd, bf16 base, fp32 adapters, d = 4096, I = 14336, 8192 tokens, r = 16 on all three
    projections, masking 0.1, LoRA dropout 0.05: "cuda" (and "torch", "triton" when available) against
    the frozen-GEMM floor (the 6 bf16 GEMMs a frozen base needs: gate, up, down forward; dh, dx(gate),
-   dx(up) backward). Target: cuda <= 1.10 x floor.
+   dx(up) backward). Target: cuda <= 1.15 x floor.
 4. The rest of python_tests/test_cuda_ops.py on the GPU while the budget lasts (skipped with
    --skip-pytest; stopped with SIGINT, so its JUnit XML keeps what ran, when the budget is spent).
 Targets are reported (INFO lines, "targets" in the JSON: met or MISSED), never a failure. The pytest

@@ -237,6 +237,10 @@ class Shrink(_Case):
     def label(self) -> str:
         return f"shrink x={CODE_NAMES[self.x]} A={CODE_NAMES[self.adapter]} drop={self.dropout} R={self.block_r}"
 
+    @property
+    def elem_bytes(self) -> int:
+        return TORCH_DTYPES[self.adapter].itemsize  # the launcher passes a.element_size()
+
     def pointers(self) -> dict:
         return {"x_ptr": _PTR[self.x], "a_ptr": _PTR[self.adapter], "s_ptr": _PTR[self.adapter], "seed_ptr": "*i64"}
 
@@ -513,6 +517,10 @@ SHRINK_CASES = (
     Shrink(x=FP16, adapter=FP32, dropout=False),
     Shrink(x=FP16, adapter=FP16, dropout=True),
     Shrink(x=BF16, adapter=FP32, dropout=False),
+    Shrink(x=BF16, adapter=FP32, dropout=True, block_r=32),  # rank 32 (the launcher's block_r)
+    Shrink(x=BF16, adapter=BF16, dropout=True, block_r=32),
+    Shrink(x=BF16, adapter=FP32, dropout=False, block_r=64),
+    Shrink(x=BF16, adapter=FP32, dropout=True, block_r=64),
 )
 
 # base GEMM + LoRA expand: the forward (bias, no epilogue mask), dX (epilogue mask), no LoRA
@@ -566,6 +574,10 @@ TOKEN_REDUCE_CASES = (
     TokenReduce(what="dW", p=BF16, q=BF16, dot=BF16, q_dropout=False, colsum=True, tuned=True),
     TokenReduce(what="dW", p=FP16, q=FP16, dot=FP16, q_dropout=False, colsum=True),
     TokenReduce(what="dW", p=FP32, q=FP32, dot=FP32, q_dropout=False, colsum=True),
+    # ranks 32 and 64 of dA and dB
+    *(TokenReduce(what="dA", p=x, q=x, dot=x, q_dropout=True, colsum=False, block_a=ba) for ba in (32, 64)
+      for x in (FP32, BF16)),
+    *(TokenReduce(what="dB", p=BF16, q=FP32, dot=FP32, q_dropout=False, colsum=False, block_b=bb) for bb in (32, 64)),
 )
 
 # one-pass activation backward: the Llama shapes' cases (bf16 base, fp32 or bf16 adapters, r 16 and 64),
