@@ -117,3 +117,28 @@ def spy_cuda_calls(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(library.Library, "call", spy)
     return seen
+
+# Activation inputs far outside any real model's range: the sigmoid's power overflows (g < -88 for silu),
+# the cubic of gelu_tanh overflows (|g| > 1.2e13), and fp32's extremes.
+EXTREME_G = (-3e38, -1e20, -2e13, -1e13, -200.0, -100.0, -88.0, -30.0, -12.0, 12.0, 30.0, 88.0, 1e13, 1.2e13, 1e15,
+             1e19, 3e38)
+
+
+def assert_act_at_extremes(fwd, bwd, activation) -> None:
+    """``fwd(g, u)`` -> h' and ``bwd(dh, g, u)`` -> (dg, du) of an unmasked fp32 masked activation, on
+    EXTREME_G: finite wherever the float64 reference is, and within 1e-5 relative or 1e-30 absolute of it
+    (results below 2^-126 may flush to zero on the GPU)."""
+    from transpeft_kernels.reference.activations import act, act_grad
+
+    g = torch.tensor(EXTREME_G, dtype=torch.float32).repeat(3, 1)
+    g = torch.cat([g, torch.zeros(3, 7)], 1)  # 24 columns: whole groups of 8
+    u = torch.ones_like(g)
+    h = fwd(g, u)
+    dg, du = bwd(torch.ones_like(g), g, u)
+    a, da = act(g.double(), activation), act_grad(g.double(), activation)
+    for name, got, exact in (("h", h, a), ("dg", dg, da), ("du", du, a)):
+        got = got.double().cpu()
+        assert torch.isfinite(got).all(), (activation, name, g[0][~torch.isfinite(got[0])].tolist())
+        err = (got - exact).abs()
+        bad = err > 1e-5 * exact.abs() + 1e-30
+        assert not bad.any(), (activation, name, g[bad].tolist(), got[bad].tolist(), exact[bad].tolist())

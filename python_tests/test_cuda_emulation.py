@@ -16,7 +16,7 @@ import torch
 
 import test_ops
 from budget import UNIT_ROUNDOFF, assert_close_to_exact, assert_within_budget, floor
-from helpers import ACT_BWD_CALLS, FUSED_MLP_CALLS
+from helpers import ACT_BWD_CALLS, FUSED_MLP_CALLS, assert_act_at_extremes
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels import cuda as K
 from transpeft_kernels.ops import backends, cuda_backend
@@ -65,6 +65,31 @@ def test_the_emulated_backend_is_the_cuda_backend_and_runs_the_kernels(backend, 
     assert not missing, (sorted(missing), calls)
     other = set(ACT_BWD_CALLS.values()) - {act_bwd}
     assert not other & set(calls), calls
+
+
+@pytest.mark.parametrize("activation", list(R.Activation))
+def test_masked_act_at_extreme_inputs(activation):
+    assert_act_at_extremes(lambda g, u: K.masked_gated_act_fwd(g, u, activation.value, 0.0, False, None),
+                           lambda dh, g, u: K.masked_gated_act_bwd(dh, g, u, activation.value, 0.0, False, None)[:2],
+                           activation)
+
+
+@pytest.mark.parametrize("x_dtype, a_dtype, rank, q, shrink, reduce", [
+    (torch.bfloat16, torch.bfloat16, 8, 0.0, False, False),   # nothing to fuse: cuBLAS for S, t, dA, dB
+    (torch.bfloat16, torch.bfloat16, 8, 0.1, True, True),     # the dropout fused; dA reduced with the mask
+    (torch.bfloat16, torch.bfloat16, 64, 0.1, True, False),   # rank 64: dA on a masked copy (lora_dropout_cast)
+    (torch.float32, torch.float32, 8, 0.0, True, False),      # fp32 stays on the tf32x3 kernel
+    (torch.bfloat16, torch.float32, 8, 0.0, True, True),      # the fp32 cast fused; tensor-core token sums
+])
+def test_lora_linear_routes_by_what_there_is_to_fuse(backend, calls, x_dtype, a_dtype, rank, q, shrink, reduce):
+    """CudaBackend's choices (the model's): lora_shrink only where it fuses a cast or a mask,
+    lora_token_reduce for dA/dB at rank <= 32 where it saves a cast or masked copy."""
+    lin = test_ops.make_linear(16, 24, x_dtype, adapter_dtype=a_dtype, rank=rank, dropout=q)
+    x = torch.randn(7, 16, dtype=x_dtype, requires_grad=True)
+    ops.lora_linear(x, lin, torch.tensor(5), backend).sum().backward()
+    assert ("transpeft_lora_shrink" in calls) == shrink, calls
+    assert ("transpeft_lora_token_reduce" in calls) == reduce, calls
+    assert ("transpeft_lora_dropout_cast" in calls) == (q > 0 and not reduce), calls
 
 
 def test_a_bad_one_pass_setting_is_refused(monkeypatch):

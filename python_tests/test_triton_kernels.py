@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from budget import assert_close_to_exact  # noqa: E402
+from helpers import assert_act_at_extremes  # noqa: E402
 from transpeft_kernels.kernels import triton as K  # noqa: E402  (conftest chose the interpreter first)
 from transpeft_kernels.kernels.triton._common import philox_keep  # noqa: E402
 from transpeft_kernels.reference import philox as P  # noqa: E402
@@ -271,6 +272,14 @@ def test_token_reduce_splits_agree_and_are_deterministic():
         assert_close64(a, p.double().cpu().t() @ q.double().cpu(), torch.float32, depth=200, tf32x3_depth=200)
 
 
+@pytest.mark.parametrize("activation", list(Activation))
+def test_masked_act_at_extreme_inputs(activation):
+    assert_act_at_extremes(
+        lambda g, u: K.masked_gated_act_fwd(g.to(DEV), u.to(DEV), activation.value, 0.0, False, None),
+        lambda dh, g, u: K.masked_gated_act_bwd(dh.to(DEV), g.to(DEV), u.to(DEV), activation.value, 0.0, False, None),
+        activation)
+
+
 # ---- one-pass activation backward with the LoRA partials (act_bwd_lora) ----------------------------
 def _side(M, r, adt):
     return K.LoraSide(torch.randn(M, r, device=DEV).to(adt), 1.5)
@@ -333,8 +342,9 @@ def test_act_bwd_lora(dtype, adt, activation, mask, ranks, q, shared, splits):
 def test_act_bwd_lora_recomputes_the_forward_h_bit_for_bit(activation):
     """With t_d = the identity (fp32 adapters, scaling 1, no dropout) dA_d is h' exactly: an fp16 h'
     is its own tf32 split, so the tf32x3 dot adds nothing. So the h' the pass rebuilds equals
-    masked_gated_act_fwd's bit for bit. (Sized to catch a formula off by an fp32 ulp: building h' from
-    the gradient's gelu_tanh instead of the forward's changes about 13 of these fp16 roundings.)"""
+    masked_gated_act_fwd's bit for bit. (Sized to catch a formula off by an fp32 ulp: with the earlier
+    gelu_tanh, whose gradient computed act(g) differently, building h' from it changed about 13 of
+    these fp16 roundings.)"""
     M, I = 64, 3000 if activation == "gelu_tanh" else 600
     g, u = (3 * torch.randn(M, I, device=DEV)).half(), torch.randn(M, I, device=DEV).half()
     key = seed(9)

@@ -40,17 +40,18 @@ using BwdArgs = TranspeftActBwdArgs;
 __host__ __device__ constexpr int rows_for(int rt) { return rt == 0 ? 1 : 64 / rt; }
 constexpr int kRankChunk = 16;  // RT is 16, 32 or 64
 
-// The kernels' minimum blocks per SM for __launch_bounds__: 1 for the narrow packs (fp32 backward,
-// forward packs under 16 bytes), where ptxas otherwise held them to 128 registers and spilled 8 bytes
-// (sm_90); 0, which leaves ptxas its default, for the rest, which spilled up to 256 bytes with 1.
+// The kernels' minimum blocks per SM for __launch_bounds__: 1 where ptxas otherwise held a kernel to
+// 128 registers and spilled 8 bytes (sm_90: the forward with packs under 16 bytes and the fp32
+// backward, both at RT 32); 0, which leaves ptxas its default, for the rest: 1 everywhere spilled up to
+// 256 bytes elsewhere and raised the narrow forwards at RT 16 and 64 from 128 to 172-190 registers.
 // compile-check --cuda: no spills in any instantiation on sm_80 and sm_90a.
-template <typename T, int VEC>
-constexpr int fwd_min_blocks() { return VEC * sizeof(T) < 16 ? 1 : 0; }
-template <typename T>
-constexpr int bwd_min_blocks() { return sizeof(T) == 4 ? 1 : 0; }
+template <typename T, int VEC, int RT>
+constexpr int fwd_min_blocks() { return VEC * sizeof(T) < 16 && RT == 32 ? 1 : 0; }
+template <typename T, int RT>
+constexpr int bwd_min_blocks() { return sizeof(T) == 4 && RT == 32 ? 1 : 0; }
 
 template <typename T, typename TA, int VEC, int RT>
-__global__ void __launch_bounds__(kThreads, fwd_min_blocks<T, VEC>()) act_fwd_kernel(FwdArgs p) {
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks<T, VEC, RT>()) act_fwd_kernel(FwdArgs p) {
   static_assert(kMaskLanes % VEC == 0, "a pack must lie in one group of 8 mask lanes");
   constexpr int ROWS = rows_for(RT);
   constexpr int NACC = RT == 0 ? 1 : ROWS * RT;
@@ -127,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<T, VEC>()) act_fwd_ke
 }
 
 template <typename T, typename TA, int VEC, int RT>
-__global__ void __launch_bounds__(kThreads, bwd_min_blocks<T>()) act_bwd_kernel(BwdArgs p) {
+__global__ void __launch_bounds__(kThreads, bwd_min_blocks<T, RT>()) act_bwd_kernel(BwdArgs p) {
   static_assert(kMaskLanes % VEC == 0, "a pack must lie in one group of 8 mask lanes");
   constexpr int ROWS = rows_for(RT);
   constexpr int TN = RT == 0 ? 1 : RT;

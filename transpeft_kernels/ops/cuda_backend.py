@@ -88,11 +88,13 @@ class CudaBackend(TorchBackend):
 
     def _shrink(self, x2d: torch.Tensor, a: torch.Tensor, drop=None) -> torch.Tensor:
         """dropout(cast_A(x2d)) a^T, (M, r) in a's dtype; ``a`` (r, K): A, or B^T for t = cast_A(dy) B.
-        ATen (cuBLAS) when a is in x2d's dtype and there is no mask: the kernel then fuses nothing,
-        and cuBLAS reads x at memory speed while lora_shrink is issue-bound (the model, from its SASS:
-        at 16-bit rank 64 0.16 ms against 0.02 ms for 8192 x 4096 tokens x features). The same
-        product either way: operands in a's dtype, fp32 accumulation, one rounding."""
-        if drop is None and a.dtype == x2d.dtype:
+        ATen (cuBLAS) when a is a 16-bit dtype, x2d's, and there is no mask: the kernel then fuses
+        nothing, and cuBLAS reads x at memory speed while lora_shrink is issue-bound (the model, from its
+        SASS: at rank 64 0.16 ms against 0.02 ms for 8192 x 4096 tokens x features). Operands in a's
+        dtype and fp32 accumulation either way (cuBLAS may sum split-K partials in reduced precision
+        under torch's defaults, as the torch backend's own product does). fp32 stays on the kernel:
+        cuBLAS would make it a TF32 product wherever a script allows TF32, not tf32x3."""
+        if drop is None and a.dtype == x2d.dtype and a.element_size() == 2:
             return x2d @ a.t()
         return self._k.lora_shrink(x2d, _rows_contiguous(a), drop)
 

@@ -164,7 +164,7 @@ def _add(into: dict, more: dict) -> dict:
 
 
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
-# ELEMENTWISE_INSTR = 24 instructions each), keyed by (an fp32 adapter, rank tile 16 / 32 / 64): the loop
+# ELEMENTWISE_INSTR = 24 instructions each), keyed by (every adapter fp32, rank tile 16 / 32 / 64): the loop
 # body of its static sm_90 SASS in the default config (loop_body_instructions in
 # benchmarks/results/sass_round2_triton_mufu.json: 1098 / 881 per iteration of 16 elements per thread for
 # fp32 / bf16 adapters at r 16 (1250 / 1036 before the MUFU sigmoid of kernels/triton/activations.py);
@@ -220,7 +220,8 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             writes.append("dad_ptr")
             _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"]))
             philox += n if a["D_DROPOUT"] else 0
-        fp32 = any(a[f"LORA_{x}"] and a[f"{x}_DTYPE"] == 0 for x in ("G", "U", "D"))
+        present = [x for x in ("G", "U", "D") if a[f"LORA_{x}"]]
+        fp32 = bool(present) and all(a[f"{x}_DTYPE"] == 0 for x in present)  # as _block_n decides
         rank = max(a["RG"], a["RU"], a["RD"])
         tile = 16 if rank <= 16 else 32 if rank <= 32 else 64
         lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]

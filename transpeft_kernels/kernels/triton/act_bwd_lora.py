@@ -27,8 +27,12 @@ instructions per element with fp32 adapters (65 to 77 with bf16), more issue tim
 bytes cost, plus 8 r / BLOCK_N bytes of fp32 partials per element, and the fp32 variants spilled
 (96-168 B). Neither is the down LoRA's term of dh' added here (cuBLAS mode): +41 / +36 instructions
 per element at r 16 (fp32 / bf16 adapters), spills at r 64, about what the separate lora_expand_add
-over dh' costs in bytes. Both: benchmarks/results/sass_act_bwd_lora_options.json.
-Ranks up to 64 (register accumulators).
+over dh' costs in bytes. Both: benchmarks/results/sass_act_bwd_lora_options.json (counts from before
+the MUFU sigmoid of activations.py, which took the loop to 69 / 55 per element at r 16: with them the
+model finds the dh' fold about 0.09 ms faster with 16-bit adapters and even with fp32 ones; tried again
+and left out: it spilled 16-96 B at ranks 16 and 32 in one loop form or the other).
+Ranks up to 64 (register accumulators); BLOCK_N is halved above rank 32, and above rank 16 unless every
+adapter is fp32 (``_block_n``).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from ..launch_args import ACT_CODES, unit_column_stride
 from . import configs
 from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
-from .activations import act_fwd, act_fwd_and_grad
+from .activations import act_fwd_and_grad
 from .masked_gated_act import _mask_scalars, grad_outputs
 from ...reference.philox import keep_threshold
 
@@ -139,13 +143,9 @@ def act_bwd_lora_kernel(
         if LORA_U:
             acc_bu = _db_step(acc_bu, du, su_ptr, r64, row_ok, RU, U_DTYPE, UPCAST, X16, BLOCK_R)
         if LORA_D:
-            # h' as the forward rounded it: silu's and erf-gelu's act(g) from the gradient are the forward's
-            # bit for bit (the same products; a factor 0.5 moved is exact); gelu_tanh's are written
-            # differently and can differ in the last fp32 bit, so its act_fwd runs again
-            if ACT == 2:
-                h = cast_like(act_fwd(g, ACT) * u * scale, g_ptr)
-            else:
-                h = cast_like(a * u * scale, g_ptr)
+            # h' as the forward rounded it: act(g) from act_fwd_and_grad is act_fwd's bit for bit (the same
+            # operations in the same order for every activation; for erf-gelu a factor 0.5 moved is exact)
+            h = cast_like(a * u * scale, g_ptr)
             hq = to_code(h, D_DTYPE)
             tdt = dot_operand(_rank_tile_t(td_ptr, r64, row_ok, RD, BLOCK_RD), D_DTYPE, UPCAST)
             if D_EXACT:

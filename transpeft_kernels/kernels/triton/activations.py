@@ -34,10 +34,11 @@ from ._common import _INTERPRETED
 
 @triton.jit
 def _exp2_ftz(x):
-    """2^x: MUFU ex2 with subnormal results flushed to zero. The interpreter (numpy's exp2) caps x at
-    127 so as not to warn about an overflow to inf: 1 / (1 + 2^127) is within 2^-126 of 0."""
+    """2^x: MUFU ex2 with subnormal results flushed to zero, +inf past 2^127. The interpreter computes
+    numpy's exp2 on x capped at 127 (no overflow warning) and gives +inf above, as the hardware does, so
+    that g * sigmoid(g) is -0, not g * 2^-127, for very negative g."""
     if _INTERPRETED:
-        y = tl.exp2(tl.minimum(x, 127.0))
+        y = tl.where(x > 127.0, float("inf"), tl.exp2(tl.minimum(x, 127.0)))
     else:
         y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                       is_pure=True, pack=1)
@@ -92,9 +93,11 @@ def act_fwd_and_grad(g, ACT: tl.constexpr):
         y = g * cdf
         dy = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
     else:
-        g2 = g * g
         s = _gelu_tanh_sigmoid(g)
         y = g * s
-        w = g * (1.5957691216057308 + 0.21406444881780073 * g2)  # 2 c g (1 + 3 0.044715 g^2)
+        # 2 c g (1 + 3 0.044715 g^2), on g clamped to [-30, 30]: past that s is exactly 0 or 1, so the
+        # clamp changes nothing but keeps w finite (|g| > 1.2e13 overflowed it: inf * 0 = NaN)
+        gc = tl.minimum(tl.maximum(g, -30.0), 30.0)
+        w = gc * (1.5957691216057308 + 0.21406444881780073 * (gc * gc))
         dy = s * (1.0 + w * (1.0 - s))
     return y, dy

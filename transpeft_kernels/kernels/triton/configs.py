@@ -167,8 +167,8 @@ SHRINK = ConfigSet(
         "sm_80": [cfg(4, 4, BLOCK_M=32, BLOCK_K=128), cfg(4, 3, BLOCK_M=128, BLOCK_K=32), cfg(4, 4, BLOCK_M=64, BLOCK_K=128)],
     },
     smem=_shrink_smem,
-    # fp32 adapters (tf32x3 holds both operand tiles' splits): the 16-bit default spilled 288-344 B at
-    # rank 64 on sm_80; 32-column K steps in 2 stages fit every rank (153-214 registers)
+    # fp32 adapters (tf32x3 holds both operand tiles' splits): the 16-bit default spilled 288-464 B at
+    # rank 64 on sm_80; 32-column K steps in 2 stages fit every rank (88-230 registers)
     fp32_default={"sm_80": cfg(4, 2, BLOCK_M=64, BLOCK_K=32)},
 )
 
