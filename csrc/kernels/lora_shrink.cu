@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
 }
 
 template <typename TX, typename TA, bool PACKED, bool EXACT>
-cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
+cudaError_t launch_shrink_rank_tile(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
   const dim3 grid(grid_for((p.M + kShrinkBM - 1) / kShrinkBM));
   if (p.R <= 16) return launch_kernel(shrink_tile_kernel<TX, TA, 16, PACKED, EXACT>, grid, kLoraThreads, stream, p);
   if (p.R <= 32) return launch_kernel(shrink_tile_kernel<TX, TA, 32, PACKED, EXACT>, grid, kLoraThreads, stream, p);
@@ -81,9 +81,9 @@ cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t
 template <typename TX, typename TA, bool PACKED>
 cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
   if constexpr (sizeof(TX) == 2 && sizeof(TA) == 4) {
-    if (!p.drop.on) return launch_shrink_tile_as<TX, TA, PACKED, true>(p, stream);
+    if (!p.drop.on) return launch_shrink_rank_tile<TX, TA, PACKED, true>(p, stream);
   }
-  return launch_shrink_tile_as<TX, TA, PACKED, false>(p, stream);
+  return launch_shrink_rank_tile<TX, TA, PACKED, false>(p, stream);
 }
 
 }  // namespace

@@ -4,8 +4,8 @@ the large GEMMs through ATen (cuBLAS). Same contract, saved state and results as
 lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropout, t = cast_A(dy) B):
     forward   y = x W^T + b (ATen);  S = dropout_q(cast_A(x)) A^T (lora_shrink);  y += s S B^T (lora_expand_)
     backward  dx = dy W (ATen) += cast(s D(t A)) (lora_expand_, mask in the epilogue); t (lora_shrink)
-              S and t through ATen instead when there is nothing to fuse: no dropout mask and the
-              adapter in x's dtype (``_shrink``)
+              S and t through ATen instead when there is nothing to fuse: no dropout mask and a
+              16-bit adapter in x's dtype (``_shrink``)
               dW = dy^T x, db = sum_rows dy (ATen)
               dB = s cast_A(dy)^T S, dA = s t^T dropout_q(cast_A(x)): lora_token_reduce (tensor cores, the
               cast and the mask applied while staging) at rank <= 32 for fp32 adapters on 16-bit

@@ -221,7 +221,7 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"]))
             philox += n if a["D_DROPOUT"] else 0
         present = [x for x in ("G", "U", "D") if a[f"LORA_{x}"]]
-        fp32 = bool(present) and all(a[f"{x}_DTYPE"] == 0 for x in present)  # as _block_n decides
+        fp32 = bool(present) and all(a[f"{x}_DTYPE"] == 0 for x in present)  # as act_bwd_lora.block_n_for_rank decides
         rank = max(a["RG"], a["RU"], a["RD"])
         tile = 16 if rank <= 16 else 32 if rank <= 32 else 64
         lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]

@@ -32,7 +32,7 @@ the MUFU sigmoid of activations.py, which took the loop to 69 / 55 per element a
 model finds the dh' fold about 0.09 ms faster with 16-bit adapters and even with fp32 ones; tried again
 and left out: it spilled 16-96 B at ranks 16 and 32 in one loop form or the other).
 Ranks up to 64 (register accumulators); BLOCK_N is halved above rank 32, and above rank 16 unless every
-adapter is fp32 (``_block_n``).
+adapter is fp32 (``block_n_for_rank``).
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ class ActBwdLoraGrads:
     dA_d: torch.Tensor | None
 
 
-def _block_n(block_n: int, rank: int, all_fp32: bool) -> int:
+def block_n_for_rank(block_n: int, rank: int, all_fp32: bool) -> int:
     """BLOCK_N for LoRA rank ``rank``: at most 64 above rank 32, and above rank 16 unless every adapter
     is fp32 (the rank x BLOCK_N fp32 accumulators; static sm_80 / sm_90 SASS: at rank 64 and 128 columns
     both spilled; at rank 32 the 16-bit adapters spilled 8 bytes on sm_90 while fp32 ones fit in 254
@@ -273,7 +273,7 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
 
     def launch(config, n_splits=splits, keep=None):
         meta = config.kwargs()
-        meta["BLOCK_N"] = _block_n(meta["BLOCK_N"], max(rank, rd), all_fp32)
+        meta["BLOCK_N"] = block_n_for_rank(meta["BLOCK_N"], max(rank, rd), all_fp32)
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         n_col = triton.cdiv(I, bn)
         if n_splits is None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..launch_args import ACT_CODES
 from . import configs
 from ._common import BF16, CODE_NAMES, FP16, FP32, TORCH_DTYPES
-from .act_bwd_lora import _block_n
+from .act_bwd_lora import block_n_for_rank
 
 _PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16"}
 SILU, GELU, GELU_TANH = ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_tanh"]
@@ -414,7 +414,7 @@ class ActBwdLora(_Case):
         block_r = max(16, self.rank)
         meta = dict(BLOCK_R=block_r, BLOCK_RD=block_r)
         all_fp32 = all(c == FP32 for c in (self.gate_lora, self.up_lora, self.down_lora) if c is not None)
-        if _block_n(128, self.rank, all_fp32) == 64:  # the launcher halves BLOCK_N for these ranks
+        if block_n_for_rank(128, self.rank, all_fp32) == 64:  # the launcher halves BLOCK_N for these ranks
             meta["BLOCK_N"] = 64
         return meta
 
