@@ -72,6 +72,12 @@ def main() -> int:
                 lambda: KT.masked_gated_act_fwd(g, u, "silu", p, True, seed),
                 lambda: KT.masked_gated_act_bwd(dh, g, u, "silu", p, True, seed))
     os.environ.pop("TRANSPEFT_TRITON_AUTOTUNE")
+    from transpeft_kernels.kernels.triton import configs
+
+    # what the tuner chose (the default config reached 0.41 / 0.51 of copy on the first H200 run, tuned 0.66 / 0.72)
+    report["triton_autotuned_configs"] = {repr(k): repr(v) for k, v in configs._CACHE.items() if k[0] == "elementwise"}
+    for k, v in report["triton_autotuned_configs"].items():
+        print(f"INFO  triton tuned {k}: {v}", flush=True)
     try:
         from transpeft_kernels.kernels import cuda as KC
 

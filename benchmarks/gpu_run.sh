@@ -43,7 +43,10 @@ fi
 if [ "${TPK_GPU_RUN_SMOKE:-0}" != "0" ]; then
   PRESET_ARGS=(--smoke)
 else
-  PRESET_ARGS=(--preset gpu --budget-s "$BUDGET")
+  # torch (the reference path: ~0.14 s per MLP step on an H200) and vanilla_compiled (a compile per
+  # shape) ate the whole budget of the first H200 run on one case; name them in TPK_BENCH_IMPLS to add them
+  read -r -a IMPLS <<< "${TPK_BENCH_IMPLS:-vanilla floor triton cuda}"
+  PRESET_ARGS=(--preset gpu --budget-s "$BUDGET" --impls "${IMPLS[@]}")
 fi
 
 {

@@ -5,6 +5,7 @@
 #   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh checks   # ~5 min: correctness on the GPU
 #   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh bench    # ~7 min: the benchmark suite
 #   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh all      # both, with tighter caps (<= 540 s)
+#   TPK_COMMIT=<sha> OUT=$OUT bash benchmarks/gpu_session.sh diagnose # ~4 min: where the time goes (below)
 #
 # checks: benchmarks/gpu_triton_check.py (pytest python_tests/test_gpu_triton.py -m gpu: tl.rand bits, masks
 #         and op numerics vs torch and float64 compiled on the GPU; a LoRA-linear timing; then the
@@ -13,6 +14,9 @@
 #         numerics; test_cuda_ops.py's masks; bandwidth and gated MLP vs floor reported against their
 #         targets, never failing the stage; then the rest of test_cuda_ops.py while its budget lasts).
 #         A stage's exit status is 1 when a test failed (see the *.junit.xml files), not for a missed target.
+# diagnose: benchmarks/gpu_profile_ops.py (host time vs device time vs kernels per op, on the bench's setups)
+#         and benchmarks/gpu_act_bandwidth.py (masked activation GB/s per backend against a copy). The first
+#         H200 run left a shape-independent ~2 ms in lora_linear and the MLP unexplained: run this first.
 # bench:  the CUDA library built for this GPU when none is found (JIT route, <= 150 s), then
 #         benchmarks/gpu_run.sh (the `gpu` preset of the benchmark suite; see that script).
 # Every part starts with a preflight (versions of python, torch + CUDA, triton, transformers, peft,
@@ -23,10 +27,11 @@
 # on the GPU machine's 16) + cuda 130 + bench 90 (killed at 130) + model_vs_measured 20 = 540 s.
 # The CUDA library is built in its own stage before the cuda checks (their first test would otherwise
 # build it inside their budget, and a build cut short skips every other CUDA part).
-# Outputs under $OUT: preflight.txt, model.json, model_vs_measured.json (bench), triton_check.txt + triton_check.json
+# Outputs under $OUT: preflight.txt, model.json, model_vs_measured.json (bench), profile_ops.json + act_bandwidth.json
+# (diagnose), triton_check.txt + triton_check.json
 # + triton_check.junit.xml (+ triton_suite.junit.xml), cuda_check.txt + cuda_check.json + cuda_check.junit.xml
 # (+ cuda_masks.junit.xml, cuda_ops.junit.xml), the gpu_run.sh files, and session.txt (commit, versions, each
-# stage's exit status and seconds).
+# stage's exit status and seconds). With PACK_TO=<file.tgz> also one archive of all of them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,10 +40,11 @@ mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 PART="${1:-checks}"
 case "$PART" in
-  checks) TRITON_S=300; BUILD_S=150; CUDA_S=240; BENCH_BUDGET=0;   BENCH_HARD=0 ;;
-  bench)  TRITON_S=0;   BUILD_S=150; CUDA_S=0;   BENCH_BUDGET=300; BENCH_HARD=420 ;;
-  all)    TRITON_S=140; BUILD_S=60;  CUDA_S=130; BENCH_BUDGET=90;  BENCH_HARD=130 ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh checks|bench|all (got '$PART')" >&2; exit 2 ;;
+  checks)   TRITON_S=300; BUILD_S=150; CUDA_S=240; BENCH_BUDGET=0;   BENCH_HARD=0;   DIAG_S=0 ;;
+  bench)    TRITON_S=0;   BUILD_S=150; CUDA_S=0;   BENCH_BUDGET=300; BENCH_HARD=420; DIAG_S=0 ;;
+  all)      TRITON_S=140; BUILD_S=60;  CUDA_S=130; BENCH_BUDGET=90;  BENCH_HARD=130; DIAG_S=0 ;;
+  diagnose) TRITON_S=0;   BUILD_S=60;  CUDA_S=0;   BENCH_BUDGET=0;   BENCH_HARD=0;   DIAG_S=120 ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh checks|bench|all|diagnose (got '$PART')" >&2; exit 2 ;;
 esac
 
 COMMIT="${TPK_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
@@ -117,15 +123,23 @@ fi
 # The CUDA library for this GPU's arch only, into the JIT cache, where test_gpu_cuda.py's build (the same
 # route and ninja file) then finds it up to date and the suite's "cuda" rows find it. Always run: ninja
 # rebuilds only what changed, e.g. a library left by an earlier commit.
-if [ "$CUDA_S" -gt 0 ] || [ "$BENCH_BUDGET" -gt 0 ]; then
+if [ "$CUDA_S" -gt 0 ] || [ "$BENCH_BUDGET" -gt 0 ] || [ "$DIAG_S" -gt 0 ]; then
   arch=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}{p.minor}' + ('a' if p.major == 9 else ''))" 2>/dev/null || echo 90a)
   stage build_cuda "$BUILD_S" "$PY" -m transpeft_kernels build-cuda --arch "$arch"
 fi
 if [ "$CUDA_S" -gt 0 ]; then
   stage cuda_check "$CUDA_S" env OUT="$OUT" "$PY" -u benchmarks/gpu_cuda_check.py --budget-s $((CUDA_S - 40))
 fi
+if [ "$DIAG_S" -gt 0 ]; then
+  stage profile_ops "$DIAG_S" env OUT="$OUT" "$PY" -u benchmarks/gpu_profile_ops.py
+  stage act_bandwidth 70 env OUT="$OUT" "$PY" -u benchmarks/gpu_act_bandwidth.py
+fi
 if [ "$BENCH_BUDGET" -gt 0 ]; then
   TPK_BENCH_BUDGET_S="$BENCH_BUDGET" TPK_BENCH_HARD_S="$BENCH_HARD" OUT="$OUT" PYTHON="$PY" bash benchmarks/gpu_run.sh
   echo "gpu_run: exit $?" | tee -a "$OUT/session.txt"
   stage model_vs_measured 20 "$PY" -m transpeft_kernels model --compare "$OUT/results.jsonl" --json "$OUT/model_vs_measured.json"
+fi
+# PACK_TO=<file.tgz>: everything under $OUT in one archive too (for a machine that hands back few files)
+if [ -n "${PACK_TO:-}" ]; then
+  tar czf "$PACK_TO" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed $OUT into $PACK_TO"
 fi
