@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..env import interpreting
 from ..launch_args import (  # noqa: F401  (re-exported for the kernel modules)
-    DTYPE_CODES, check_2d, check_out, check_same_device, dtype_code, rounded_to, seed_on,
+    DTYPE_CODES, cdiv, check_2d, check_out, check_same_device, dtype_code, next_pow2, rounded_to, seed_on,
 )
 import triton
 import triton.language as tl
@@ -28,7 +28,7 @@ def upcast_dots() -> bool:
 
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """Next power of two >= max(n, floor); tl.dot needs every block dimension >= 16."""
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+    return max(floor, next_pow2(max(int(n), 1)))
 
 
 # ---- device-side helpers ------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES, unit_column_stride
 from . import configs
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
 from .activations import act_fwd_and_grad
 from .masked_gated_act import _mask_scalars, grad_outputs
@@ -275,11 +275,11 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
         meta = config.kwargs()
         meta["BLOCK_N"] = block_n_for_rank(meta["BLOCK_N"], max(rank, rd), all_fp32)
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-        n_col = triton.cdiv(I, bn)
+        n_col = cdiv(I, bn)
         if n_splits is None:
             n_splits = configs.token_splits(n_col, M, bm, device)
-        per_split = triton.cdiv(triton.cdiv(M, n_splits), bm) * bm
-        n_splits = triton.cdiv(M, per_split)
+        per_split = cdiv(cdiv(M, n_splits), bm) * bm
+        n_splits = cdiv(M, per_split)
         dbg = torch.empty((n_splits, I, rg), dtype=fp32, device=device) if gate is not None else None
         dbu = torch.empty((n_splits, I, ru), dtype=fp32, device=device) if up is not None else None
         dad = torch.empty((n_splits, rd, I), dtype=fp32, device=device) if down is not None else None

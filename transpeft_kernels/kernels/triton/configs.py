@@ -30,7 +30,7 @@ import triton
 import triton.testing
 
 from ..env import dry_run
-from ._common import interpreting
+from ._common import cdiv, interpreting, next_pow2
 
 SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
 
@@ -260,7 +260,7 @@ def token_splits(tiles: int, T: int, block_t: int, device: torch.device) -> int:
         return 1
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(tiles, 1))
+    want = cdiv(2 * sms, max(tiles, 1))
     most = max(1, T // (4 * block_t))
     return max(1, min(want, most, 64))
 
@@ -271,7 +271,7 @@ def autotune_enabled() -> bool:
 
 def bucket(n: int) -> int:
     """Token counts are tuned per power-of-two bucket (any new batch size would re-tune otherwise)."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(max(int(n), 1))
 
 
 _CACHE: dict = {}

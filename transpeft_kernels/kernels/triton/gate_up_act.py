@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES
 from . import configs
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
                       pow2_at_least, seed_on, to_code, upcast_dots)
 from .activations import act_fwd
 from .gemm_lora_expand import grouped_tile, lora_expand_tile
@@ -231,7 +231,7 @@ def gate_up_act(x: torch.Tensor, gate: GateUpOperand, up: GateUpOperand | None, 
     K = x.shape[1]
 
     def launch(config):
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(inter, config["BLOCK_N"]),)
+        grid = (cdiv(M, config["BLOCK_M"]) * cdiv(inter, config["BLOCK_N"]),)
         gate_up_act_kernel[grid](
             x, wg, wu, bg, bu, sg, lbg, su, lbu, g_out, u_out, h, seed_t,
             M, inter, K, rg, ru,

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import configs
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
 
 
@@ -183,7 +183,7 @@ def gemm_lora_expand(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     br = min(64, pow2_at_least(R))
 
     def launch(config):
-        grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+        grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
         gemm_lora_expand_kernel[grid](
             x, w, bias if bias is not None else x, s if has_lora else x, b if has_lora else x, y, seed_t,
             M, N, K, R,

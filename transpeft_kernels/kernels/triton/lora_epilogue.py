@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES
 from . import configs
-from ._common import (cast_like, check_2d, check_same_device, dtype_code, philox_keep, pow2_at_least, rounded_to,
+from ._common import (cast_like, cdiv, check_2d, check_same_device, dtype_code, philox_keep, pow2_at_least, rounded_to,
                       seed_on, upcast_dots)
 from .activations import act_fwd
 from .gemm_lora_expand import lora_expand_tile, lora_term
@@ -128,7 +128,7 @@ def _check_output(t: torch.Tensor, name: str) -> None:
 
 
 def _grid(M, N, config):
-    return (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
+    return (cdiv(M, config["BLOCK_M"]), cdiv(N, config["BLOCK_N"]))
 
 
 def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0,

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from . import configs
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot, philox_keep,
-                      pow2_at_least, rounded_to, seed_on, upcast_dots)
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+                      philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
 
 
 @triton.jit(do_not_specialize=["drop_threshold"])
@@ -104,7 +104,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: to
     br = block_r(R)
 
     def launch(config):
-        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(R, br))
+        grid = (cdiv(M, config["BLOCK_M"]), cdiv(R, br))
         lora_shrink_kernel[grid](
             x, a, s, seed_t, M, K, R,
             x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),

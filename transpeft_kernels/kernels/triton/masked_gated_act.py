@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES, unit_column_stride
 from . import configs
-from ._common import cast_like, check_out, check_same_device, philox_keep, rounded_to, seed_on
+from ._common import cast_like, cdiv, check_out, check_same_device, philox_keep, rounded_to, seed_on
 from .activations import act_fwd, act_fwd_and_grad
 from ...reference.philox import keep_threshold
 
@@ -100,7 +100,7 @@ def grad_outputs(g, u, out):
 
 
 def _grid(M, I, config):
-    return (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(I, config["BLOCK_N"]))
+    return (cdiv(M, config["BLOCK_M"]), cdiv(I, config["BLOCK_N"]))
 
 
 def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, seed: torch.Tensor | None, out=None):

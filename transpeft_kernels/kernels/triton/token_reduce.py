@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import configs
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
 
 
@@ -132,11 +132,11 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
 
     def run(config, n_splits):
         m = meta(config)
-        tiles = triton.cdiv(A, m["BLOCK_A"]) * triton.cdiv(B, m["BLOCK_B"])
+        tiles = cdiv(A, m["BLOCK_A"]) * cdiv(B, m["BLOCK_B"])
         if n_splits is None:
             n_splits = configs.token_splits(tiles, T, m["BLOCK_T"], device)
-        per_split = triton.cdiv(triton.cdiv(T, n_splits), m["BLOCK_T"]) * m["BLOCK_T"]
-        n_splits = triton.cdiv(T, per_split)
+        per_split = cdiv(cdiv(T, n_splits), m["BLOCK_T"]) * m["BLOCK_T"]
+        n_splits = cdiv(T, per_split)
         if n_splits == 1:
             full = torch.empty(shape, dtype=out_dtype, device=device) if out is None else out
             cs = torch.empty(A, dtype=colsum_dtype, device=device) if colsum_dtype else None
