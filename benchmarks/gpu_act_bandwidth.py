@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cuda_check import bench_ms  # noqa: E402
+from gpu_cuda_check import bench_ms, gated_mlp_problem  # noqa: E402
 from gpu_triton_check import ROOT, environment  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
@@ -34,7 +34,7 @@ def main() -> int:
 
     from transpeft_kernels import ops, reference as R
     from transpeft_kernels.kernels import triton as KT
-    from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec
+    from transpeft_kernels.specs import MaskSpec
 
     if not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
@@ -94,18 +94,7 @@ def main() -> int:
     report["torch_backend"] = {"keep_mask_ms": round(keep_ms, 3)}
     print(f"INFO  reference keep_mask {M}x{I} on the GPU  {keep_ms:.2f} ms", flush=True)
     del dh
-    d, r, bf = 4096, 16, torch.bfloat16
-
-    def lin(d_in, d_out):
-        W = torch.randn(d_out, d_in, device=dev, dtype=bf) / d_in**0.5
-        A = (torch.randn(r, d_in, device=dev) / d_in**0.5).requires_grad_()
-        B = (torch.randn(d_out, r, device=dev) / r**0.5).requires_grad_()
-        return LinearWeights(W, None, LoraWeights(A, B, 2.0, 0.05))
-
-    w = GatedMLPWeights((lin(d, I), lin(d, I)), lin(I, d))
-    x = torch.randn(M, d, device=dev, dtype=bf, requires_grad=True)
-    dy = torch.randn(M, d, device=dev, dtype=bf)
-    leaves = [x] + [t for p in w.projections for t in (p.lora.A, p.lora.B)]
+    w, x, dy, leaves = gated_mlp_problem(M, 4096, I, 16)
     be = ops.resolve("torch", torch.device(dev))
 
     def step():

@@ -112,14 +112,14 @@ def bandwidth(report: Report) -> None:
             report.info(name, line)
 
 
-def mlp_timing(report: Report) -> None:
+def gated_mlp_problem(M: int, d: int, inter: int, r: int, dev: str = "cuda"):
+    """(weights, x, dy, leaves) of a gated MLP on ``dev``: bf16 base, fp32 adapters of rank r with random
+    B (scaling 2, LoRA dropout 0.05) on gate/up/down; ``leaves`` = x and every A, B (what the timed
+    backward differentiates)."""
     import torch
 
-    from transpeft_kernels import ops, reference as R
-    from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec
+    from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights
 
-    d, inter, M, r = 4096, 14336, 8192, 16
-    dev = "cuda"
     bf = torch.bfloat16
 
     def lin(d_in, d_out):
@@ -131,7 +131,19 @@ def mlp_timing(report: Report) -> None:
     w = GatedMLPWeights((lin(d, inter), lin(d, inter)), lin(inter, d))
     x = torch.randn(M, d, device=dev, dtype=bf, requires_grad=True)
     dy = torch.randn(M, d, device=dev, dtype=bf)
-    leaves = [x] + [t for p in w.projections for t in (p.lora.A, p.lora.B)]
+    return w, x, dy, [x] + [t for p in w.projections for t in (p.lora.A, p.lora.B)]
+
+
+def mlp_timing(report: Report) -> None:
+    import torch
+
+    from transpeft_kernels import ops, reference as R
+    from transpeft_kernels.specs import MaskSpec
+
+    d, inter, M, r = 4096, 14336, 8192, 16
+    dev = "cuda"
+    bf = torch.bfloat16
+    w, x, dy, leaves = gated_mlp_problem(M, d, inter, r)
     seed = torch.tensor(9)
 
     h = torch.randn(M, inter, device=dev, dtype=bf)
