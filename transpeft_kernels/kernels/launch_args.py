@@ -74,4 +74,5 @@ def seed_on(seed: torch.Tensor | None, device: torch.device, name: str = "seed")
         return None
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise TypeError(f"{name}: expected a one-element int64 tensor, got {seed!r}")
-    return seed.reshape(1).to(device, non_blocking=True)
+    s = seed if seed.dim() == 1 else seed.reshape(1)
+    return s if s.device == device else s.to(device, non_blocking=True)  # no dispatch when already there

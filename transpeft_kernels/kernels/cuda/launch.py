@@ -15,7 +15,6 @@ created by the caller, never a saved tensor or an incoming gradient).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +39,29 @@ def _ld(t: torch.Tensor) -> int:
     return t.stride(0)
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+def _call(name: str, args, device: torch.device) -> None:
+    """Call C entry point ``name`` on ``device``'s current stream, with that device current for the
+    call. The device switch and the stream object are what cost host time (microseconds per launch on
+    a path that launches several kernels per op), so the switch happens only when another device is
+    current and the stream is read as a raw handle."""
+    lib = load()
+    if device.type != "cuda":  # the host emulation: no streams
+        lib.call(name, args, 0)
+        return
+    current = torch.cuda.current_device()
+    index = current if device.index is None else device.index
+    if index == current:
+        lib.call(name, args, _raw_stream(index))
+        return
+    with torch.cuda.device(index):
+        lib.call(name, args, _raw_stream(index))
 
 
-def _on_device(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+def _raw_stream(index: int) -> int:
+    """The current CUDA stream of device ``index`` as a cudaStream_t value (what torch.compile's
+    generated code reads too; through the public Stream object where that binding is missing)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(index) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
 
 def _mask_args(p: float, kept: float, seed: torch.Tensor | None, device: torch.device, what: str):
@@ -100,8 +114,7 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
             fused.update(s_part=part.data_ptr(), col_splits=splits, cols_per_split=per_split)
     args = ActFwdArgs(g=g.data_ptr(), ldg=_ld(g), u=u.data_ptr(), ldu=_ld(u), h=h.data_ptr(), ldh=_ld(h), M=M, I=I,
                       dtype=dtype_code(g, "g"), activation=ACT_CODES[activation], mask=mask, **fused)
-    with _on_device(device):
-        load().call("transpeft_masked_gated_act_fwd", args, _stream(device))
+    _call("transpeft_masked_gated_act_fwd", args, device)
     if part is not None:
         s = part.sum(0).to(down_a.dtype)  # fixed order over the splits, then one rounding, as unsplit
     return h if down_a is None else (h, s)
@@ -185,8 +198,7 @@ def masked_gated_act_bwd(dh_base, g, u, activation: str, p: float, rescale: bool
     args, outs, _alive = _act_bwd_args(dh_base, g, u, activation, p, rescale, mask_seed, down_t, down_a,
                                        down_scaling, down_drop, want_h, want_xd, out)
     device = outs[0].device
-    with _on_device(device):
-        load().call("transpeft_masked_gated_act_bwd", args, _stream(device))
+    _call("transpeft_masked_gated_act_bwd", args, device)
     return outs
 
 
@@ -227,8 +239,7 @@ def act_bwd_lora(dh_base, g, u, activation: str, p: float, rescale: bool, mask_s
     n, per_split = _split_rows(M, I, device, splits)
     part = torch.empty((n, r, I), dtype=torch.float32, device=device)
     largs = ActBwdLoraArgs(act=args, da_part=part.data_ptr(), splits=n, rows_per_split=per_split)
-    with _on_device(device):
-        load().call("transpeft_act_bwd_lora", largs, _stream(device))
+    _call("transpeft_act_bwd_lora", largs, device)
     return dg, du, (part[0] if n == 1 else part.sum(0)).to(down_a.dtype)
 
 
@@ -268,8 +279,7 @@ def lora_token_reduce(l: torch.Tensor, x: torch.Tensor, scaling: float, drop: Dr
     args = LoraTokenReduceArgs(l=l.data_ptr(), ldl=_ld(l), x=x.data_ptr(), ldx=_ld(x), part=part.data_ptr(), M=M, N=N,
                                R=R, x_dtype=dtype_code(x, "x"), l_dtype=dtype_code(l, "l"), scaling=float(scaling),
                                drop=d, splits=n, rows_per_split=per_split)
-    with _on_device(device):
-        load().call("transpeft_lora_token_reduce", args, _stream(device))
+    _call("transpeft_lora_token_reduce", args, device)
     return (part[0] if n == 1 else part.sum(0)).to(l.dtype)
 
 
@@ -300,8 +310,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None) -
     args = LoraShrinkArgs(x=x.data_ptr(), sxm=x.stride(0), sxk=x.stride(1), a=a.data_ptr(), sar=a.stride(0),
                           sak=a.stride(1), s=s.data_ptr(), lds=max(R, 1), M=M, K=K, R=R, x_dtype=dtype_code(x, "x"),
                           a_dtype=dtype_code(a, "a"), drop=d)
-    with _on_device(device):
-        load().call("transpeft_lora_shrink", args, _stream(device))
+    _call("transpeft_lora_shrink", args, device)
     return s
 
 
@@ -321,8 +330,7 @@ def lora_expand_(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: flo
     args = LoraExpandArgs(y=y.data_ptr(), ldy=_ld(y), s=s.data_ptr(), ssm=s.stride(0), ssr=s.stride(1), b=b.data_ptr(),
                           sbn=b.stride(0), sbr=b.stride(1), M=M, N=N, R=s.shape[1], y_dtype=dtype_code(y, "y"),
                           lora_dtype=dtype_code(s, "s"), scaling=float(scaling), grad_mode=int(grad), drop=d)
-    with _on_device(device):
-        load().call("transpeft_lora_expand", args, _stream(device))
+    _call("transpeft_lora_expand", args, device)
     return y
 
 
@@ -335,6 +343,5 @@ def lora_dropout_cast(x: torch.Tensor, dtype: torch.dtype, drop: Dropout) -> tor
     d, _keep = _dropout_args(drop, dtype, x.device)
     args = LoraDropoutCastArgs(x=x.data_ptr(), sxm=x.stride(0), sxk=x.stride(1), out=out.data_ptr(), ldo=max(K, 1),
                                M=M, K=K, x_dtype=dtype_code(x, "x"), out_dtype=dtype_code(out, "out"), drop=d)
-    with _on_device(x.device):
-        load().call("transpeft_lora_dropout_cast", args, _stream(x.device))
+    _call("transpeft_lora_dropout_cast", args, x.device)
     return out

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..launch_args import ACT_CODES, unit_column_stride
-from . import configs
+from . import configs, plans
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
 from .activations import act_fwd_and_grad
@@ -220,6 +220,24 @@ def _check_side(side: LoraSide | None, name: str, M: int) -> int:
     return side.s.shape[1]
 
 
+class _Plan(NamedTuple):
+    empty: bool  # M == 0 or I == 0: zero gradients, nothing launched
+    has_mask: bool
+    has_drop: bool
+    n_splits: int
+    grid: tuple
+    head: tuple  # the kernel's arguments between the thirteen pointers and the three scalings
+    tail: tuple  # those after the scalings
+    meta: dict
+
+
+_PLANS = plans.plan_cache("act_bwd_lora")
+
+
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
 def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str, p: float = 0.0,
                  rescale: bool = False, seed: torch.Tensor | None = None, gate: LoraSide | None = None,
                  up: LoraSide | None = None, down: DownLora | None = None, splits: int | None = None,
@@ -229,6 +247,52 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
     None. ``down``: the down LoRA whose dA to compute, or None. ``splits``: row splits (None: chosen from the device; any value gives the
     same result up to fp32 summation order). ``out``: optional (dg, du) to write into (unit column
     stride, e.g. the halves of one (M, 2I) buffer; must not alias an input)."""
+    sig = plans.signature
+    key = (sig(dh), sig(g), sig(u), activation, p, rescale, seed is None,
+           None if gate is None else sig(gate.s), None if up is None else sig(up.s),
+           None if down is None else (sig(down.t), down.dropout, down.seed is None), splits,
+           None if out is None else (sig(out[0]), sig(out[1])), plans.tuning_state())
+    plan = _PLANS.get(key, lambda: _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out))
+    dh, g, u = _unit_columns(dh), _unit_columns(g), _unit_columns(u)
+    dg, du = grad_outputs(g, u, out)
+    M, I = g.shape
+    if plan.empty:
+        def zeros(shape, like):
+            return torch.zeros(shape, dtype=like.dtype, device=g.device)
+
+        return ActBwdLoraGrads(
+            dg, du,
+            zeros((I, gate.s.shape[1]), gate.s) if gate is not None else None,
+            zeros((I, up.s.shape[1]), up.s) if up is not None else None,
+            zeros((down.t.shape[1], I), down.t) if down is not None else None)
+    sg = gate.s.contiguous() if gate is not None else dh  # rank-sized: copies are cheap
+    su = up.s.contiguous() if up is not None else dh
+    td = down.t.contiguous() if down is not None else dh
+    dseed = seed_on(down.seed, g.device, "down.seed") if plan.has_drop else dh
+    seed_t = seed_on(seed, g.device) if plan.has_mask else dh
+    dbg, dbu, dad = _partials(plan.n_splits, I, gate, up, down, g.device)
+    act_bwd_lora_kernel[plan.grid](
+        dh, g, u, dg, du, seed_t,
+        sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
+        td, dad if dad is not None else dh, dseed, *plan.head,
+        float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
+        float(down.scaling) if down is not None else 1.0, *plan.tail, **plan.meta)
+
+    def total(part, like):  # fixed-order sum of the fp32 partials, then the adapter dtype
+        return None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0)).to(like.dtype)
+
+    return ActBwdLoraGrads(dg, du, total(dbg, sg), total(dbu, su), total(dad, td))
+
+
+def _partials(n_splits, I, gate, up, down, device):
+    """The fp32 partial sums of dB_g (splits, I, r_g), dB_u and dA_d (splits, r_d, I); None for an absent side."""
+    fp32 = torch.float32
+    return (torch.empty((n_splits, I, gate.s.shape[1]), dtype=fp32, device=device) if gate is not None else None,
+            torch.empty((n_splits, I, up.s.shape[1]), dtype=fp32, device=device) if up is not None else None,
+            torch.empty((n_splits, down.t.shape[1], I), dtype=fp32, device=device) if down is not None else None)
+
+
+def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -> _Plan:
     dh, g, u = unit_column_stride(dh, "dh"), unit_column_stride(g, "g"), unit_column_stride(u, "u")
     for name, t in (("u", u), ("dh", dh)):
         if t.shape != g.shape:
@@ -248,30 +312,23 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             raise ValueError("down.seed: required when down.dropout > 0")
     device = check_same_device(dh=dh, g=g, u=u, gate_s=gate and gate.s, up_s=up and up.s, down_t=down and down.t)
     has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
-    dg, du = grad_outputs(g, u, out)
-    rank = max(rg, ru)
-
-    def zeros(shape, like):
-        return torch.zeros(shape, dtype=like.dtype, device=device)
-
-    if M == 0 or I == 0:
-        return ActBwdLoraGrads(
-            dg, du,
-            zeros((I, rg), gate.s) if gate is not None else None,
-            zeros((I, ru), up.s) if up is not None else None,
-            zeros((rd, I), down.t) if down is not None else None)
-    contiguous = lambda t: None if t is None else t.contiguous()  # rank-sized: copies are cheap
-    sg = contiguous(gate.s) if gate is not None else dh
-    su = contiguous(up.s) if up is not None else dh
-    td = contiguous(down.t) if down is not None else dh
+    if out is not None:
+        grad_outputs(g, u, out)  # checks out; fresh gradients are contiguous (M, I)
+    stride_dg, stride_du = (out[0].stride(0), out[1].stride(0)) if out is not None else (I, I)
     has_drop = down is not None and down.dropout > 0
+    if M == 0 or I == 0:
+        return _Plan(True, has_mask, has_drop, 0, (), (), (), {})
+    rank = max(rg, ru)
+    sg = gate.s.contiguous() if gate is not None else dh
+    su = up.s.contiguous() if up is not None else dh
+    td = down.t.contiguous() if down is not None else dh
     dseed = seed_on(down.seed, device, "down.seed") if has_drop else dh
     seed_t = seed_on(seed, device) if has_mask else dh
     block_r, block_rd = pow2_at_least(rank), pow2_at_least(rd)
     all_fp32 = all(t.dtype == torch.float32 for t in (gate and gate.s, up and up.s, down and down.t) if t is not None)
-    fp32 = torch.float32
+    codes = dict(G_DTYPE=dtype_code(sg, "gate.s"), U_DTYPE=dtype_code(su, "up.s"), D_DTYPE=dtype_code(td, "down.t"))
 
-    def launch(config, n_splits=splits, keep=None):
+    def plan_for(config, n_splits) -> _Plan:
         meta = config.kwargs()
         meta["BLOCK_N"] = block_n_for_rank(meta["BLOCK_N"], max(rank, rd), all_fp32)
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -280,32 +337,31 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             n_splits = configs.token_splits(n_col, M, bm, device)
         per_split = cdiv(cdiv(M, n_splits), bm) * bm
         n_splits = cdiv(M, per_split)
-        dbg = torch.empty((n_splits, I, rg), dtype=fp32, device=device) if gate is not None else None
-        dbu = torch.empty((n_splits, I, ru), dtype=fp32, device=device) if up is not None else None
-        dad = torch.empty((n_splits, rd, I), dtype=fp32, device=device) if down is not None else None
-        act_bwd_lora_kernel[(n_col, n_splits)](
+        return _Plan(False, has_mask, has_drop, n_splits, (n_col, n_splits),
+                     (M, I, rg, ru, rd, per_split, dh.stride(0), g.stride(0), u.stride(0), stride_dg, stride_du,
+                      threshold, c),
+                     (keep_threshold(down.dropout) if has_drop else 0,
+                      rounded_to(1.0 / (1.0 - down.dropout), down.t.dtype) if has_drop else 1.0),
+                     dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, LORA_G=gate is not None, LORA_U=up is not None,
+                          LORA_D=down is not None, D_DROPOUT=has_drop, **codes, UPCAST=upcast_dots(), BLOCK_M=bm,
+                          BLOCK_N=bn, BLOCK_R=block_r, BLOCK_RD=block_rd, num_warps=config.num_warps,
+                          num_stages=config.num_stages))
+
+    tuned = []  # the gradients the tuner writes, allocated only when it runs
+
+    def launch(config):
+        if not tuned:
+            tuned.extend(grad_outputs(g, u, out))
+        dg, du = tuned
+        pl = plan_for(config, splits)
+        dbg, dbu, dad = _partials(pl.n_splits, I, gate, up, down, device)
+        act_bwd_lora_kernel[pl.grid](
             dh, g, u, dg, du, seed_t,
             sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
-            td, dad if dad is not None else dh, dseed,
-            M, I, rg, ru, rd, per_split,
-            dh.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0),
-            threshold, c,
+            td, dad if dad is not None else dh, dseed, *pl.head,
             float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
-            float(down.scaling) if down is not None else 1.0,
-            keep_threshold(down.dropout) if has_drop else 0,
-            rounded_to(1.0 / (1.0 - down.dropout), down.t.dtype) if has_drop else 1.0,
-            ACT=ACT_CODES[activation], HAS_MASK=has_mask, LORA_G=gate is not None, LORA_U=up is not None,
-            LORA_D=down is not None, D_DROPOUT=has_drop,
-            G_DTYPE=dtype_code(sg, "gate.s"), U_DTYPE=dtype_code(su, "up.s"), D_DTYPE=dtype_code(td, "down.t"),
-            UPCAST=upcast_dots(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, BLOCK_RD=block_rd,
-            num_warps=config.num_warps, num_stages=config.num_stages)
-        return dbg, dbu, dad
+            float(down.scaling) if down is not None else 1.0, *pl.tail, **pl.meta)
 
     key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, has_drop, None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
-           None if down is None else down.t.dtype, configs.layout_key(dh, g, u, dg, du))
-    dbg, dbu, dad = launch(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch))
-
-    def total(part, like):  # fixed-order sum of the fp32 partials, then the adapter dtype
-        return None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0)).to(like.dtype)
-
-    return ActBwdLoraGrads(dg, du, total(dbg, sg), total(dbu, su), total(dad, td))
+           None if down is None else down.t.dtype, configs.layout_key(dh, g, u, *(out or (None, None))))
+    return plan_for(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch), splits)

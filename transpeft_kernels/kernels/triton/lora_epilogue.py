@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..launch_args import ACT_CODES
-from . import configs
+from . import configs, plans
 from ._common import (cast_like, cdiv, check_2d, check_same_device, dtype_code, philox_keep, pow2_at_least, rounded_to,
                       seed_on, upcast_dots)
 from .activations import act_fwd
@@ -131,11 +131,33 @@ def _grid(M, N, config):
     return (cdiv(M, config["BLOCK_M"]), cdiv(N, config["BLOCK_N"]))
 
 
+class _ExpandPlan(NamedTuple):
+    empty: bool  # nothing to add: y is (0, N) or (M, 0), or the rank is 0
+    drop: bool
+    grid: tuple
+    head: tuple  # the kernel's arguments between the four pointers and the scaling
+    tail: tuple  # those after the scaling
+    meta: dict
+
+
+_EXPAND_PLANS = plans.plan_cache("lora_expand_add")
+
+
 def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0,
                     seed: torch.Tensor | None = None) -> torch.Tensor:
     """y <- y + scaling * D(s b^T), in place, rounded to y's dtype; returns y. y (M, N) with a unit
     column stride; s (M, r), b (N, r) in one adapter dtype (b may be a strided view, e.g. A^T for dX).
     dropout > 0: the keep mask of ``seed`` over (M, N) and 1/(1-dropout) rounded to the adapter dtype."""
+    key = (plans.signature(y), plans.signature(s), plans.signature(b), dropout, seed is None, plans.tuning_state())
+    plan = _EXPAND_PLANS.get(key, lambda: _expand_plan(y, s, b, scaling, dropout, seed))
+    if plan.empty:
+        return y
+    seed_t = seed_on(seed, y.device) if plan.drop else y
+    lora_expand_add_kernel[plan.grid](y, s, b, seed_t, *plan.head, float(scaling), *plan.tail, **plan.meta)
+    return y
+
+
+def _expand_plan(y, s, b, scaling, dropout, seed) -> _ExpandPlan:
     _check_output(y, "y")
     M, N = y.shape
     code = _check_lora(s, b, "", M, N)
@@ -147,27 +169,39 @@ def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: 
     device = check_same_device(y=y, s=s, b=b)
     R = s.shape[1]
     if M == 0 or N == 0 or R == 0:
-        return y
+        return _ExpandPlan(True, drop, (), (), (), {})
     seed_t = seed_on(seed, device) if drop else y
     scale = rounded_to(1.0 / (1.0 - dropout), s.dtype) if drop else 1.0
 
-    def run(config, target):
-        lora_expand_add_kernel[_grid(M, N, config)](
-            target, s, b, seed_t, M, N, R, target.stride(0), s.stride(0), s.stride(1), b.stride(0), b.stride(1),
-            float(scaling), keep_threshold(dropout) if drop else 0, scale,
-            LORA_DROPOUT=drop, LORA_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(R)),
-            num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
+    def plan_for(config) -> _ExpandPlan:
+        return _ExpandPlan(False, drop, _grid(M, N, config),
+                           (M, N, R, y.stride(0), s.stride(0), s.stride(1), b.stride(0), b.stride(1)),
+                           (keep_threshold(dropout) if drop else 0, scale),
+                           dict(LORA_DROPOUT=drop, LORA_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(R)),
+                                num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
 
     key = ("expand_add", configs.bucket(M), N, R, y.dtype, s.dtype, drop, configs.layout_key(y, s, b))
     scratch = []  # the tuner times launches on a copy: each launch adds the term to its target again
 
     def timed(config):
-        if not scratch:
-            scratch.append(y.clone())
-        run(config, scratch[0])
+        if not scratch:  # with y's strides: the plan's arguments carry them
+            scratch.append(torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y))
+        p = plan_for(config)
+        lora_expand_add_kernel[p.grid](scratch[0], s, b, seed_t, *p.head, float(scaling), *p.tail, **p.meta)
 
-    run(configs.choose(configs.EPILOGUE, device, key, y.element_size(), timed), y)
-    return y
+    return plan_for(configs.choose(configs.EPILOGUE, device, key, y.element_size(), timed))
+
+
+class _GateUpPlan(NamedTuple):
+    empty: bool  # M == 0 or I == 0: nothing launched
+    has_mask: bool
+    grid: tuple
+    head: tuple  # the kernel's arguments between the eight pointers and the two scalings
+    tail: tuple  # those after the scalings
+    meta: dict
+
+
+_GATE_UP_PLANS = plans.plan_cache("gate_up_lora_act")
 
 
 def gate_up_lora_act(g: torch.Tensor, u: torch.Tensor, gate: ExpandSide | None, up: ExpandSide | None,
@@ -177,6 +211,28 @@ def gate_up_lora_act(g: torch.Tensor, u: torch.Tensor, gate: ExpandSide | None, 
     dtype), and h' = act(g) * u * keep * c (M, I) in g's dtype, returned. g and u: (M, I) base outputs
     with unit column strides (the halves of a fused (M, 2I) output are fine). ``p``, ``rescale``,
     ``seed``: the knowledge mask as in masked_gated_act_fwd."""
+    sig = plans.signature
+    key = (sig(g), sig(u), None if gate is None else (sig(gate.s), sig(gate.b)),
+           None if up is None else (sig(up.s), sig(up.b)), activation, p, rescale, seed is None, sig(out_h),
+           plans.tuning_state())
+    plan = _GATE_UP_PLANS.get(key, lambda: _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h))
+    h = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out_h is None else out_h
+    if plan.empty:
+        return h
+    seed_t = seed_on(seed, g.device) if plan.has_mask else g
+    (sg, lbg), scale_g = _side_args(gate, g)
+    (su, lbu), scale_u = _side_args(up, g)
+    gate_up_lora_act_kernel[plan.grid](g, u, h, sg, lbg, su, lbu, seed_t, *plan.head, scale_g, scale_u, *plan.tail,
+                                       **plan.meta)
+    return h
+
+
+def _side_args(side: ExpandSide | None, g: torch.Tensor):
+    """((s, b), scaling) of a side, or stand-in pointers the kernel never reads and 1.0."""
+    return ((g, g), 1.0) if side is None else ((side.s, side.b), float(side.scaling))
+
+
+def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> _GateUpPlan:
     _check_output(g, "g")
     _check_output(u, "u")
     if g.shape != u.shape or g.dtype != u.dtype:
@@ -187,40 +243,40 @@ def gate_up_lora_act(g: torch.Tensor, u: torch.Tensor, gate: ExpandSide | None, 
     device = check_same_device(g=g, u=u, gate_s=gate and gate.s, gate_b=gate and gate.b, up_s=up and up.s,
                                up_b=up and up.b)
     has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
-    h = torch.empty((M, I), dtype=g.dtype, device=device) if out_h is None else out_h
-    if tuple(h.shape) != (M, I) or h.dtype != g.dtype or (I > 1 and h.stride(1) != 1):
+    h = out_h  # None: a fresh contiguous (M, I) on each call
+    if h is not None and (tuple(h.shape) != (M, I) or h.dtype != g.dtype or (I > 1 and h.stride(1) != 1)):
         raise ValueError(f"out_h: expected shape ({M}, {I}), dtype {g.dtype} and a unit column stride")
+    stride_h = I if h is None else h.stride(0)
     if M == 0 or I == 0:
-        return h
+        return _GateUpPlan(True, has_mask, (), (), (), {})
     seed_t = seed_on(seed, device) if has_mask else g
     rg = gate.s.shape[1] if gate is not None else 0
     ru = up.s.shape[1] if up is not None else 0
 
-    def lora_args(side):
-        if side is None:
-            return (g, g), (0, 0, 0, 0), 1.0
-        return (side.s, side.b), (side.s.stride(0), side.s.stride(1), side.b.stride(0), side.b.stride(1)), \
-            float(side.scaling)
+    def strides(side):
+        return (0, 0, 0, 0) if side is None else (side.s.stride(0), side.s.stride(1), side.b.stride(0), side.b.stride(1))
 
-    (sg, lbg), sg_strides, scale_g = lora_args(gate)
-    (su, lbu), su_strides, scale_u = lora_args(up)
-
-    def run(config, tg, tu):
-        gate_up_lora_act_kernel[_grid(M, I, config)](
-            tg, tu, h, sg, lbg, su, lbu, seed_t, M, I, rg, ru, tg.stride(0), tu.stride(0), h.stride(0),
-            *sg_strides, *su_strides, scale_g, scale_u, threshold, c,
-            ACT=ACT_CODES[activation], LORA_G=gate is not None, LORA_U=up is not None, HAS_MASK=has_mask,
-            LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(max(rg, ru))),
-            num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
+    def plan_for(config) -> _GateUpPlan:
+        return _GateUpPlan(False, has_mask, _grid(M, I, config),
+                           (M, I, rg, ru, g.stride(0), u.stride(0), stride_h, *strides(gate), *strides(up)),
+                           (threshold, c),
+                           dict(ACT=ACT_CODES[activation], LORA_G=gate is not None, LORA_U=up is not None,
+                                HAS_MASK=has_mask, LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=upcast_dots(),
+                                BLOCK_R=min(64, pow2_at_least(max(rg, ru))), num_warps=config.num_warps,
+                                num_stages=config.num_stages, **config.kwargs()))
 
     key = ("gate_up_lora_act", configs.bucket(M), I, rg, ru, g.dtype, gcode, ucode, activation, has_mask,
-           configs.layout_key(g, u, h, sg, su))
-    scratch = []  # the tuner times launches on copies of g and u (they are updated in place)
+           configs.layout_key(g, u, h, gate and gate.s, up and up.s))  # h None: fresh, aligned
+    scratch = []  # the tuner times launches on copies of g and u (they are updated in place), with their strides
 
     def timed(config):
         if not scratch:
-            scratch.extend((g.clone(), u.clone()))
-        run(config, *scratch)
+            scratch.extend(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t) for t in (g, u))
+            scratch.append(torch.empty((M, I), dtype=g.dtype, device=device) if h is None else h)
+        pl = plan_for(config)
+        (sg, lbg), scale_g = _side_args(gate, g)
+        (su, lbu), scale_u = _side_args(up, g)
+        gate_up_lora_act_kernel[pl.grid](scratch[0], scratch[1], scratch[2], sg, lbg, su, lbu, seed_t, *pl.head, scale_g,
+                                         scale_u, *pl.tail, **pl.meta)
 
-    run(configs.choose(configs.EPILOGUE, device, key, g.element_size(), timed), g, u)
-    return h
+    return plan_for(configs.choose(configs.EPILOGUE, device, key, g.element_size(), timed))

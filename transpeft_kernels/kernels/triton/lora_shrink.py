@@ -17,11 +17,13 @@ One program owns BLOCK_M rows and one BLOCK_R-wide slice of the rank and loops o
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, plans
 from ...reference.philox import keep_threshold
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
@@ -71,6 +73,19 @@ def block_r(R: int) -> int:
     return min(64, pow2_at_least(R))
 
 
+class _Plan(NamedTuple):
+    out_shape: tuple
+    out_dtype: torch.dtype
+    zero: bool  # nothing to launch: the output is (M, 0) or (0, R), or zeros when K == 0
+    has_drop: bool
+    grid: tuple
+    args: tuple  # the kernel's arguments after the four pointers
+    meta: dict  # constexprs, num_warps, num_stages
+
+
+_PLANS = plans.plan_cache("lora_shrink")
+
+
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """S = dropout_q(cast_a(x)) a^T: x (M, K), a (R, K) -> S (M, R) in ``out_dtype`` (default a's dtype).
@@ -79,6 +94,18 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: to
     ``seed``: the projection's Philox stream key (int64 tensor), required when dropout > 0.
     ``out``: optional (M, R) tensor to write into (must not alias an input).
     """
+    key = (plans.signature(x), plans.signature(a), dropout, seed is None, out_dtype, plans.signature(out),
+           plans.tuning_state())
+    plan = _PLANS.get(key, lambda: _plan(x, a, dropout, seed, out_dtype, out))
+    s = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=x.device) if out is None else out
+    if plan.zero:
+        return s.zero_() if s.numel() else s
+    seed_t = seed_on(seed, x.device) if plan.has_drop else x
+    lora_shrink_kernel[plan.grid](x, a, s, seed_t, *plan.args, **plan.meta)
+    return s
+
+
+def _plan(x, a, dropout, seed, out_dtype, out) -> _Plan:
     check_2d(x, "x")
     check_2d(a, "a")
     dtype_code(x, "x")
@@ -92,26 +119,26 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: to
     device = check_same_device(x=x, a=a)
     M, K = x.shape
     R = a.shape[0]
-    check_out(out, (M, R), out_dtype or a.dtype)
-    s = torch.empty((M, R), dtype=out_dtype or a.dtype, device=device) if out is None else out
-    if M == 0 or R == 0:
-        return s
-    if K == 0:
-        return s.zero_()
+    shape, dtype = (M, R), out_dtype or a.dtype
+    check_out(out, shape, dtype)
     has_drop = dropout > 0
+    if M == 0 or R == 0 or K == 0:
+        return _Plan(shape, dtype, True, has_drop, (), (), {})
+    s = torch.empty(shape, dtype=dtype, device=device) if out is None else out  # what the tuner writes
     seed_t = seed_on(seed, device) if has_drop else x
     scale = rounded_to(1.0 / (1.0 - dropout), a.dtype) if has_drop else 1.0
     br = block_r(R)
 
+    def plan_for(config) -> _Plan:
+        return _Plan(shape, dtype, False, has_drop, (cdiv(M, config["BLOCK_M"]), cdiv(R, br)),
+                     (M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
+                      keep_threshold(dropout) if has_drop else 0, scale),
+                     dict(HAS_DROPOUT=has_drop, DOT_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=br,
+                          num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
+
     def launch(config):
-        grid = (cdiv(M, config["BLOCK_M"]), cdiv(R, br))
-        lora_shrink_kernel[grid](
-            x, a, s, seed_t, M, K, R,
-            x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
-            keep_threshold(dropout) if has_drop else 0, scale,
-            HAS_DROPOUT=has_drop, DOT_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=br,
-            num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
+        p = plan_for(config)
+        lora_shrink_kernel[p.grid](x, a, s, seed_t, *p.args, **p.meta)
 
     key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, has_drop, configs.layout_key(x, a))
-    launch(configs.choose(configs.SHRINK, device, key, a.element_size(), launch))
-    return s
+    return plan_for(configs.choose(configs.SHRINK, device, key, a.element_size(), launch))

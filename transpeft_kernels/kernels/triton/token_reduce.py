@@ -22,11 +22,13 @@ afterwards. No atomics.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, plans
 from ...reference.philox import keep_threshold
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
@@ -84,6 +86,20 @@ def token_reduce_kernel(
             tl.store(colsum_ptr + split.to(tl.int64) * stride_cs + a64 * stride_ca, cast_like(csum, colsum_ptr), mask=a_ok)
 
 
+class _Plan(NamedTuple):
+    shape: tuple  # the result's shape
+    empty: bool  # no tokens or an empty side: the result is zeros, nothing is launched
+    has_drop: bool
+    n_splits: int
+    grid: tuple
+    head: tuple  # the kernel's arguments between the five pointers and the scale, but the part strides
+    tail: tuple  # those after the scale
+    meta: dict
+
+
+_PLANS = plans.plan_cache("token_reduce")
+
+
 def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_dtype: torch.dtype,
                  scale: float = 1.0, dropout: float = 0.0, seed: torch.Tensor | None = None,
                  colsum_dtype: torch.dtype | None = None, transpose_out: bool = False,
@@ -96,6 +112,47 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
     ``out``: optional tensor of the result's shape and dtype to write into (must not alias p or q).
     ``lora``: a LoRA gradient (dA, dB), whose fp32 product runs as tf32x3 on the tensor cores; False
     for the base weight's dW, which keeps IEEE fp32 for fp32 operands."""
+    key = (plans.signature(p), plans.signature(q), out_dtype, dot_dtype, dropout, seed is None, colsum_dtype,
+           transpose_out, splits, plans.signature(out), bool(lora), plans.tuning_state())
+    plan = _PLANS.get(key, lambda: _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype,
+                                         transpose_out, splits, out, lora))
+    device, A = p.device, p.shape[1]
+    if plan.empty:
+        res = torch.zeros(plan.shape, dtype=out_dtype, device=device) if out is None else out.zero_()
+        return res, (torch.zeros(A, dtype=colsum_dtype, device=device) if colsum_dtype else None)
+    seed_t = seed_on(seed, device) if plan.has_drop else p
+    res, cs, part, cpart = _buffers(plan.shape, plan.n_splits, A, out_dtype, colsum_dtype, out, device)
+    token_reduce_kernel[plan.grid](p, q, part, cpart if cpart is not None else part, seed_t,
+                                   *plan.head, *_part_strides(part, cpart, transpose_out), float(scale),
+                                   *plan.tail, **plan.meta)
+    if plan.n_splits == 1:
+        return res, cs
+    # fixed-order sum of the fp32 partials: deterministic, no atomics
+    total = part.sum(0)
+    total = total.to(out_dtype) if out is None else out.copy_(total)
+    return total, None if cpart is None else cpart.sum(0).to(colsum_dtype)
+
+
+def _buffers(shape, n_splits, A, out_dtype, colsum_dtype, out, device):
+    """(result, colsum, what the kernel writes, its colsum): the result itself with one split, else
+    fp32 partials (n_splits, *shape) to be summed."""
+    if n_splits == 1:
+        res = torch.empty(shape, dtype=out_dtype, device=device) if out is None else out
+        cs = torch.empty(A, dtype=colsum_dtype, device=device) if colsum_dtype else None
+        return res, cs, res.unsqueeze(0), None if cs is None else cs.unsqueeze(0)
+    part = torch.empty((n_splits, *shape), dtype=torch.float32, device=device)
+    cpart = torch.empty((n_splits, A), dtype=torch.float32, device=device) if colsum_dtype else None
+    return None, None, part, cpart
+
+
+def _part_strides(part, cpart, transpose_out) -> tuple:
+    """stride_os, stride_oa, stride_ob, stride_cs, stride_ca (``out``'s strides vary with the caller)."""
+    so, s1, s2 = part.stride()
+    soa, sob = (s2, s1) if transpose_out else (s1, s2)
+    return so, soa, sob, cpart.stride(0) if cpart is not None else 0, cpart.stride(1) if cpart is not None else 0
+
+
+def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transpose_out, splits, out, lora) -> _Plan:
     check_2d(p, "p")
     check_2d(q, "q")
     dtype_code(p, "p")
@@ -113,55 +170,38 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
     B = q.shape[1]
     shape = (B, A) if transpose_out else (A, B)
     check_out(out, shape, out_dtype)
-    if T == 0 or A == 0 or B == 0:
-        res = torch.zeros(shape, dtype=out_dtype, device=device) if out is None else out.zero_()
-        return res, (torch.zeros(A, dtype=colsum_dtype, device=device) if colsum_dtype else None)
     has_drop = dropout > 0
+    if T == 0 or A == 0 or B == 0:
+        return _Plan(shape, True, has_drop, 0, (), (), (), {})
     seed_t = seed_on(seed, device) if has_drop else p
     drop_scale = rounded_to(1.0 / (1.0 - dropout), dot_dtype) if has_drop else 1.0
     elem = torch.empty((), dtype=dot_dtype).element_size()
 
-    def meta(config):
+    def plan_for(config, n_splits) -> _Plan:
         m = config.kwargs()
         # A rank-sized side gets one block of exactly its (padded) width: no wasted tiles.
         if A <= 64:
             m["BLOCK_A"] = pow2_at_least(A)
         if B <= 64:
             m["BLOCK_B"] = pow2_at_least(B)
-        return m
-
-    def run(config, n_splits):
-        m = meta(config)
         tiles = cdiv(A, m["BLOCK_A"]) * cdiv(B, m["BLOCK_B"])
         if n_splits is None:
             n_splits = configs.token_splits(tiles, T, m["BLOCK_T"], device)
         per_split = cdiv(cdiv(T, n_splits), m["BLOCK_T"]) * m["BLOCK_T"]
         n_splits = cdiv(T, per_split)
-        if n_splits == 1:
-            full = torch.empty(shape, dtype=out_dtype, device=device) if out is None else out
-            cs = torch.empty(A, dtype=colsum_dtype, device=device) if colsum_dtype else None
-            part, cpart = full.unsqueeze(0), None if cs is None else cs.unsqueeze(0)
-        else:
-            part = torch.empty((n_splits, *shape), dtype=torch.float32, device=device)
-            cpart = torch.empty((n_splits, A), dtype=torch.float32, device=device) if colsum_dtype else None
-        so, s1, s2 = part.stride()
-        soa, sob = (s2, s1) if transpose_out else (s1, s2)
-        token_reduce_kernel[(tiles, n_splits)](
-            p, q, part, cpart if cpart is not None else part, seed_t,
-            T, A, B, per_split,
-            p.stride(0), p.stride(1), q.stride(0), q.stride(1), so, soa, sob,
-            cpart.stride(0) if cpart is not None else 0, cpart.stride(1) if cpart is not None else 0,
-            float(scale), keep_threshold(dropout) if has_drop else 0, drop_scale,
-            Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=DTYPE_CODES[dot_dtype],
-            UPCAST=upcast_dots(), LORA_DOT=bool(lora), num_warps=config.num_warps, num_stages=config.num_stages, **m)
-        if n_splits == 1:
-            return part[0], None if cpart is None else cpart[0]
-        # fixed-order sum of the fp32 partials: deterministic, no atomics
-        total = part.sum(0)
-        total = total.to(out_dtype) if out is None else out.copy_(total)
-        return total, None if cpart is None else cpart.sum(0).to(colsum_dtype)
+        return _Plan(shape, False, has_drop, n_splits, (tiles, n_splits),
+                     (T, A, B, per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1)),
+                     (keep_threshold(dropout) if has_drop else 0, drop_scale),
+                     dict(Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=DTYPE_CODES[dot_dtype],
+                          UPCAST=upcast_dots(), LORA_DOT=bool(lora), num_warps=config.num_warps,
+                          num_stages=config.num_stages, **m))
+
+    def launch(config):  # what the tuner times (it writes only fresh partials or ``out``)
+        pl = plan_for(config, splits)
+        _, _, part, cpart = _buffers(shape, pl.n_splits, A, out_dtype, colsum_dtype, out, device)
+        token_reduce_kernel[pl.grid](p, q, part, cpart if cpart is not None else part, seed_t, *pl.head,
+                                     *_part_strides(part, cpart, transpose_out), float(scale), *pl.tail, **pl.meta)
 
     key = ("token_reduce", configs.bucket(T), A, B, p.dtype, q.dtype, dot_dtype, has_drop, colsum_dtype,
            transpose_out, configs.layout_key(p, q), bool(lora))
-    config = configs.choose(configs.TOKEN_REDUCE, device, key, elem, lambda c: run(c, splits))
-    return run(config, splits)
+    return plan_for(configs.choose(configs.TOKEN_REDUCE, device, key, elem, launch), splits)
