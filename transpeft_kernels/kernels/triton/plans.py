@@ -8,9 +8,9 @@ call (the tensors' addresses, a scaling factor, fresh outputs) is handled on the
 
 Why: the first H200 run measured lora_linear fwd+bwd at ~2-2.5 ms whatever the projection shape,
 with a wide spread between runs, against 0.3-0.7 ms of kernels by the model: the signature of a GPU
-waiting for the host. Building the plan took 13-22 us per launch on the development CPU (kernels
-stubbed: benchmarks/host_overhead.py); a cached plan leaves the signature, a dict lookup, the output
-allocation and the launch itself.
+waiting for the host (not yet proven by a profile). Working the plan out on every call took 13-22 us
+per launch on the development CPU with the kernels stubbed (benchmarks/host_overhead.py); a cached plan
+leaves the signature, a dict lookup, the output allocation and the launch itself: 5-12 us.
 
 The signature includes the tuning state (``TRANSPEFT_TRITON_AUTOTUNE`` and a dry run in progress), so
 switching either takes effect on the next call, as before. A checked argument that is not part of
