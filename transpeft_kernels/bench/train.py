@@ -7,7 +7,8 @@ random lora_B). Implementations, on that same model in turn:
                    returns zeros)
     torch, triton, cuda   transpeft_kernels.patch(model, masking, dropping, backend=...)
 A step is forward, backward, AdamW step and zero_grad on the adapter parameters. Reported: median step
-time over warm steps, tokens/s (tokens per step / median step time), peak memory over the timed steps,
+time over warm steps, tokens/s (tokens per step / median step time), peak memory over the timed steps
+(absolute, and above what was allocated when they started: weights, optimizer state, batches),
 and the bytes one forward saves for backward (dropping makes this vary with which layers were skipped;
 it is measured after the same torch.manual_seed for every implementation).
 
@@ -162,15 +163,18 @@ def run_train_case(case: TrainCase, impl_names, device: torch.device, preset, en
             for i in range(case.warmup):
                 step(i % N_BATCHES)
             synchronize(device)
+            before = None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             timing = time_calls(step, device, warmup=0, reps=case.steps, buffers=N_BATCHES)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             med = timing.median_ms
             records.append(make_record(
                 env, preset.name, **fields, impl=impl, status="ok", median_ms=round(med, 4), iqr_ms=round(timing.iqr_ms, 4),
                 reps=len(timing.times_ms), timer=timing.method, tokens_per_s=round(case.M / (med / 1e3), 1),
-                peak_mem_bytes=None if peak is None else int(peak), saved_bytes=saved, numerics_rel_err=err,
+                peak_mem_bytes=None if peak is None else int(peak),
+                peak_extra_bytes=None if peak is None else int(peak - before), saved_bytes=saved, numerics_rel_err=err,
                 numerics_mode="vanilla: reference" if err is None else "interventions off, against vanilla"))
         except NumericsMismatch as e:
             log(f"!!! NUMERICS MISMATCH: {e}")
