@@ -61,3 +61,17 @@ def test_lora_dropout_keeps_and_scales():
     assert torch.equal(kept, keep_mask(torch.tensor(5), 400, 300, q))
     with pytest.raises(ValueError, match="seed"):
         lora_dropout(x, q, None)
+
+
+def test_sub_seeds_are_the_base_plus_the_stream_made_once_and_refreshed_after_an_in_place_change():
+    from transpeft_kernels.specs import SubSeed, sub_seed
+
+    for base in (torch.tensor(123), torch.tensor([2**61 + 5])):
+        keys = [sub_seed(base, s) for s in SubSeed]
+        assert [int(k) for k in keys] == [int(base) + int(s) for s in SubSeed]
+        assert all(k.shape == base.shape and k.dtype == torch.int64 for k in keys)
+        # one addition for all streams: the keys are views of one tensor
+        assert len({k.untyped_storage().data_ptr() for k in keys}) == 1
+        base.fill_(7)  # a seed tensor reused with a new value gets new keys
+        assert int(sub_seed(base, SubSeed.DOWN)) == 7 + int(SubSeed.DOWN)
+    assert sub_seed(None, SubSeed.MASK) is None

@@ -103,8 +103,32 @@ SEED_BOUND = 2**62
 
 
 def sub_seed(seed: torch.Tensor | None, which: SubSeed) -> torch.Tensor | None:
-    """Philox key of one random use; ``seed`` is the int64 base seed drawn for the forward (None: none)."""
-    return None if seed is None else seed + int(which)
+    """Philox key of one random use, ``seed + which``, a tensor of seed's shape on its device; ``seed``
+    is the int64 base seed drawn for the forward (None: none).
+
+    All keys of a base seed are made by one addition on their first use and kept on the seed tensor
+    (as long as it is not modified in place): a fused MLP step asks for keys about 8 times, and on a GPU
+    each ``seed + k`` was a kernel launch of its own. The keys are views into that one result."""
+    if seed is None:
+        return None
+    if torch.compiler.is_compiling() or seed.is_inference():  # no attributes on traced tensors, no version counter
+        return seed + int(which)
+    cached = getattr(seed, "_tpk_sub_seeds", None)
+    if cached is None or cached[0] != seed._version:
+        cached = (seed._version, seed.reshape(1) + _stream_offsets(seed.device))
+        seed._tpk_sub_seeds = cached
+    return cached[1][int(which)].reshape(seed.shape)
+
+
+_OFFSETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _stream_offsets(device: torch.device) -> torch.Tensor:
+    """[0, 1, ..., len(SubSeed) - 1] as int64 on ``device``, made once per device."""
+    offsets = _OFFSETS.get(device)
+    if offsets is None:
+        offsets = _OFFSETS[device] = torch.arange(len(SubSeed), dtype=torch.int64, device=device)
+    return offsets
 
 
 def split_gate_up(outs, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:

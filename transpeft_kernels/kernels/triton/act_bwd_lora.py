@@ -322,8 +322,8 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
     sg = gate.s.contiguous() if gate is not None else dh
     su = up.s.contiguous() if up is not None else dh
     td = down.t.contiguous() if down is not None else dh
-    dseed = seed_on(down.seed, device, "down.seed") if has_drop else dh
-    seed_t = seed_on(seed, device) if has_mask else dh
+    seeds = lambda: (seed_on(seed, device) if has_mask else dh,  # noqa: E731  (the tuner's; copied only if it runs)
+                     seed_on(down.seed, device, "down.seed") if has_drop else dh)
     block_r, block_rd = pow2_at_least(rank), pow2_at_least(rd)
     all_fp32 = all(t.dtype == torch.float32 for t in (gate and gate.s, up and up.s, down and down.t) if t is not None)
     codes = dict(G_DTYPE=dtype_code(sg, "gate.s"), U_DTYPE=dtype_code(su, "up.s"), D_DTYPE=dtype_code(td, "down.t"))
@@ -355,6 +355,7 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
         dg, du = tuned
         pl = plan_for(config, splits)
         dbg, dbu, dad = _partials(pl.n_splits, I, gate, up, down, device)
+        seed_t, dseed = seeds()
         act_bwd_lora_kernel[pl.grid](
             dh, g, u, dg, du, seed_t,
             sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,

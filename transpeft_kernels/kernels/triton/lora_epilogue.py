@@ -170,7 +170,7 @@ def _expand_plan(y, s, b, scaling, dropout, seed) -> _ExpandPlan:
     R = s.shape[1]
     if M == 0 or N == 0 or R == 0:
         return _ExpandPlan(True, drop, (), (), (), {})
-    seed_t = seed_on(seed, device) if drop else y
+    seed_t = lambda: seed_on(seed, device) if drop else y  # noqa: E731  (the tuner's; copied only if it runs)
     scale = rounded_to(1.0 / (1.0 - dropout), s.dtype) if drop else 1.0
 
     def plan_for(config) -> _ExpandPlan:
@@ -187,7 +187,7 @@ def _expand_plan(y, s, b, scaling, dropout, seed) -> _ExpandPlan:
         if not scratch:  # with y's strides: the plan's arguments carry them
             scratch.append(torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y))
         p = plan_for(config)
-        lora_expand_add_kernel[p.grid](scratch[0], s, b, seed_t, *p.head, float(scaling), *p.tail, **p.meta)
+        lora_expand_add_kernel[p.grid](scratch[0], s, b, seed_t(), *p.head, float(scaling), *p.tail, **p.meta)
 
     return plan_for(configs.choose(configs.EPILOGUE, device, key, y.element_size(), timed))
 
@@ -249,7 +249,7 @@ def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> _GateU
     stride_h = I if h is None else h.stride(0)
     if M == 0 or I == 0:
         return _GateUpPlan(True, has_mask, (), (), (), {})
-    seed_t = seed_on(seed, device) if has_mask else g
+    seed_t = lambda: seed_on(seed, device) if has_mask else g  # noqa: E731  (the tuner's; copied only if it runs)
     rg = gate.s.shape[1] if gate is not None else 0
     ru = up.s.shape[1] if up is not None else 0
 
@@ -276,7 +276,7 @@ def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> _GateU
         pl = plan_for(config)
         (sg, lbg), scale_g = _side_args(gate, g)
         (su, lbu), scale_u = _side_args(up, g)
-        gate_up_lora_act_kernel[pl.grid](scratch[0], scratch[1], scratch[2], sg, lbg, su, lbu, seed_t, *pl.head, scale_g,
+        gate_up_lora_act_kernel[pl.grid](scratch[0], scratch[1], scratch[2], sg, lbg, su, lbu, seed_t(), *pl.head, scale_g,
                                          scale_u, *pl.tail, **pl.meta)
 
     return plan_for(configs.choose(configs.EPILOGUE, device, key, g.element_size(), timed))

@@ -125,7 +125,7 @@ def _plan(x, a, dropout, seed, out_dtype, out) -> _Plan:
     if M == 0 or R == 0 or K == 0:
         return _Plan(shape, dtype, True, has_drop, (), (), {})
     s = torch.empty(shape, dtype=dtype, device=device) if out is None else out  # what the tuner writes
-    seed_t = seed_on(seed, device) if has_drop else x
+    seed_t = lambda: seed_on(seed, device) if has_drop else x  # noqa: E731  (the tuner's; copied only if it runs)
     scale = rounded_to(1.0 / (1.0 - dropout), a.dtype) if has_drop else 1.0
     br = block_r(R)
 
@@ -138,7 +138,7 @@ def _plan(x, a, dropout, seed, out_dtype, out) -> _Plan:
 
     def launch(config):
         p = plan_for(config)
-        lora_shrink_kernel[p.grid](x, a, s, seed_t, *p.args, **p.meta)
+        lora_shrink_kernel[p.grid](x, a, s, seed_t(), *p.args, **p.meta)
 
     key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, has_drop, configs.layout_key(x, a))
     return plan_for(configs.choose(configs.SHRINK, device, key, a.element_size(), launch))

@@ -173,7 +173,7 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
     has_drop = dropout > 0
     if T == 0 or A == 0 or B == 0:
         return _Plan(shape, True, has_drop, 0, (), (), (), {})
-    seed_t = seed_on(seed, device) if has_drop else p
+    seed_t = lambda: seed_on(seed, device) if has_drop else p  # noqa: E731  (the tuner's; copied only if it runs)
     drop_scale = rounded_to(1.0 / (1.0 - dropout), dot_dtype) if has_drop else 1.0
     elem = torch.empty((), dtype=dot_dtype).element_size()
 
@@ -199,7 +199,7 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
     def launch(config):  # what the tuner times (it writes only fresh partials or ``out``)
         pl = plan_for(config, splits)
         _, _, part, cpart = _buffers(shape, pl.n_splits, A, out_dtype, colsum_dtype, out, device)
-        token_reduce_kernel[pl.grid](p, q, part, cpart if cpart is not None else part, seed_t, *pl.head,
+        token_reduce_kernel[pl.grid](p, q, part, cpart if cpart is not None else part, seed_t(), *pl.head,
                                      *_part_strides(part, cpart, transpose_out), float(scale), *pl.tail, **pl.meta)
 
     key = ("token_reduce", configs.bucket(T), A, B, p.dtype, q.dtype, dot_dtype, has_drop, colsum_dtype,
