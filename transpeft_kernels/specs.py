@@ -115,9 +115,10 @@ def sub_seed(seed: torch.Tensor | None, which: SubSeed) -> torch.Tensor | None:
         return seed + int(which)
     cached = getattr(seed, "_tpk_sub_seeds", None)
     if cached is None or cached[0] != seed._version:
-        cached = (seed._version, seed.reshape(1) + _stream_offsets(seed.device))
+        keys = seed.reshape(1) + _stream_offsets(seed.device)
+        cached = (seed._version, tuple(keys[i].reshape(seed.shape) for i in range(len(SubSeed))))
         seed._tpk_sub_seeds = cached
-    return cached[1][int(which)].reshape(seed.shape)
+    return cached[1][which]
 
 
 _OFFSETS: dict[torch.device, torch.Tensor] = {}
