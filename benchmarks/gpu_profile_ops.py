@@ -17,6 +17,8 @@ grow with the problem. This script tells them apart, per implementation, on the 
   gpu_busy        kernel_ms / wall_ms: near 1 means device-bound; far below 1 and host_ms near wall_ms
                   means the GPU waits for the host
   top kernels     the 12 kernels with the most device time per call, with their launch counts
+  host_profile    cProfile of 20 calls: own time by origin (Triton's runtime, this package, torch's Python,
+                  C functions) and the top functions: whether Triton's launcher or our Python dominates
 
 Cases: lora_linear Llama-3-8B q,o and k,v at 8192 tokens; gated MLP Llama-3-8B at 2048 tokens (masking
 0.1). Writes $OUT/profile_ops.json (GPU, versions, commit) and prints one block per case and impl.
@@ -52,6 +54,43 @@ def host_ms(call, iters: int = 20) -> float:
         times.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def host_profile(call, calls: int = 20) -> dict:
+    """Where the host time of one call goes, by cProfile (which inflates Python-heavy code: compare the
+    shares, not the absolute times): own time summed by origin (Triton's runtime, this package, torch's
+    Python, C functions) and the 12 functions with the most own time."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    groups: dict[str, float] = {}
+    rows = []
+    for (filename, line, name), (_, _, tottime, _, _) in stats.items():
+        if "/triton/" in filename:
+            group = "triton"
+        elif "transpeft_kernels" in filename:
+            group = "transpeft_kernels"
+        elif "/torch/" in filename:
+            group = "torch_python"
+        elif filename == "~":
+            group = "c_functions"
+        else:
+            group = "other"
+        groups[group] = groups.get(group, 0.0) + tottime
+        rows.append((tottime, f"{Path(filename).name}:{line}({name})" if filename != "~" else name))
+    rows.sort(reverse=True)
+    return {"own_ms_per_call_by_origin": {k: round(v * 1e3 / calls, 4) for k, v in sorted(groups.items())},
+            "top_functions": [{"function": f[:120], "own_ms_per_call": round(t * 1e3 / calls, 4)} for t, f in rows[:12]]}
 
 
 def kernel_table(call, calls: int = 5) -> tuple[float, list[dict]]:
@@ -110,6 +149,7 @@ def main() -> int:
                 wall = bench_ms(call)
                 host = host_ms(call)
                 kernel_ms, top = kernel_table(call)
+                where = host_profile(call)
             except Exception as e:  # report and go on: the other implementations still tell
                 report["cases"].append({"case": f"{case.op} {case.model} {case.label} M={case.M}", "impl": name,
                                         "error": f"{type(e).__name__}: {e}"})
@@ -117,12 +157,13 @@ def main() -> int:
                 continue
             rec = {"case": f"{case.op} {case.model} {case.label} M={case.M}", "impl": name,
                    "wall_ms": round(wall, 3), "host_ms": round(host, 3), "kernel_ms": round(kernel_ms, 3),
-                   "gpu_busy": round(kernel_ms / wall, 3), "top_kernels": top}
+                   "gpu_busy": round(kernel_ms / wall, 3), "top_kernels": top, "host_profile": where}
             report["cases"].append(rec)
             print(f"INFO  {rec['case']}  {name}: wall {wall:.3f} ms, host {host:.3f} ms, kernels {kernel_ms:.3f} ms "
                   f"(busy {kernel_ms / wall:.2f})", flush=True)
             for k in top[:8]:
                 print(f"        {k['ms_per_call']:8.4f} ms  x{k['launches_per_call']:<4g} {k['name'][:90]}")
+            print(f"        host own time by origin (cProfile, ms per call): {where['own_ms_per_call_by_origin']}")
             (out / "profile_ops.json").write_text(json.dumps(report, indent=1) + "\n")
         del setup, xs, dys
         torch.cuda.empty_cache()
