@@ -43,7 +43,7 @@ case "$PART" in
   checks)   TRITON_S=300; BUILD_S=150; CUDA_S=240; BENCH_BUDGET=0;   BENCH_HARD=0;   DIAG_S=0 ;;
   bench)    TRITON_S=0;   BUILD_S=150; CUDA_S=0;   BENCH_BUDGET=300; BENCH_HARD=420; DIAG_S=0 ;;
   all)      TRITON_S=140; BUILD_S=60;  CUDA_S=130; BENCH_BUDGET=90;  BENCH_HARD=130; DIAG_S=0 ;;
-  diagnose) TRITON_S=0;   BUILD_S=60;  CUDA_S=0;   BENCH_BUDGET=0;   BENCH_HARD=0;   DIAG_S=120 ;;
+  diagnose) TRITON_S=0;   BUILD_S=60;  CUDA_S=0;   BENCH_BUDGET=0;   BENCH_HARD=0;   DIAG_S=160 ;;
   *) echo "usage: bash benchmarks/gpu_session.sh checks|bench|all|diagnose (got '$PART')" >&2; exit 2 ;;
 esac
 

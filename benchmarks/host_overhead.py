@@ -121,7 +121,29 @@ def triton_launch_path() -> dict:
     return out
 
 
-def _mlp_launch_path(backend, launches) -> dict:
+def cuda_launch_path() -> dict:
+    """Runs with TRANSPEFT_CUDA_EMULATE=1 (set by main for this subprocess): the cuda backend's wrappers,
+    argument structs and autograd with every library call stubbed out (no kernel, no emulation), on the
+    same shapes as triton_launch_path, beside vanilla PEFT."""
+    from transpeft_kernels import ops
+    from transpeft_kernels.kernels.cuda import launch as cuda_launch
+
+    calls = [0]
+
+    class NoKernels:
+        def call(self, name, args, stream=0):
+            calls[0] += 1
+
+    cuda_launch.load = lambda: NoKernels()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    backend = ops.resolve("cuda", torch.device("cpu"))
+    out = _mlp_launch_path(backend, calls, "cuda")
+    out["cuda_mlp_library_calls_per_call"] = out.pop("cuda_mlp_launches_per_call")
+    return out
+
+
+def _mlp_launch_path(backend, launches, label: str = "triton") -> dict:
     """The gated MLP (Llama-shaped, d 64, I 128, 8 tokens, bf16 base, fp32 adapters r 16, LoRA dropout
     0.05, masking 0.1) fwd+bwd with the kernels stubbed, beside vanilla PEFT with the reference masking."""
     from peft import LoraConfig, get_peft_model
@@ -161,8 +183,8 @@ def _mlp_launch_path(backend, launches) -> dict:
 
     out = {"vanilla_peft_mlp_fwd_bwd": round(_mean_us(vanilla, 500))}
     launches[0] = 0
-    out["triton_mlp_fwd_bwd_kernels_stubbed"] = round(_mean_us(ours, 500))
-    out["triton_mlp_launches_per_call"] = launches[0] / 550
+    out[f"{label}_mlp_fwd_bwd_kernels_stubbed"] = round(_mean_us(ours, 500))
+    out[f"{label}_mlp_launches_per_call"] = launches[0] / 550
     return out
 
 
@@ -194,11 +216,15 @@ def patched_forward() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the figures here")
-    ap.add_argument("--triton-stub", action="store_true", help=argparse.SUPPRESS)  # the subprocess's part
+    ap.add_argument("--triton-stub", action="store_true", help=argparse.SUPPRESS)  # the subprocesses' parts
+    ap.add_argument("--cuda-stub", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.triton_stub:
         print(json.dumps(triton_launch_path()))
+        return 0
+    if args.cuda_stub:
+        print(json.dumps(cuda_launch_path()))
         return 0
     result = {"eager_ops_us": eager_ops(), "patched_30_layer_forward": patched_forward()}
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -207,6 +233,11 @@ def main(argv=None) -> int:
     if proc.returncode != 0:
         raise RuntimeError(f"the triton launch-path measurement failed:\n{proc.stderr[-2000:]}")
     result["triton_launch_path_us"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, __file__, "--cuda-stub"], env=dict(os.environ, TRANSPEFT_CUDA_EMULATE="1"),
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the cuda launch-path measurement failed:\n{proc.stderr[-2000:]}")
+    result["cuda_launch_path_us"] = json.loads(proc.stdout.strip().splitlines()[-1])
     from transpeft_kernels.provenance import environment
 
     result["environment"] = environment(torch.device("cpu"))

@@ -25,20 +25,34 @@ class _Args(ctypes.Structure):
     _defaults_: dict = {}
 
     def __init__(self, **fields):
-        names = [f[0] for f in self._fields_]
-        unknown = sorted(set(fields) - set(names))
-        missing = [n for n in names if n not in fields and n not in self._defaults_]
-        problems = ([f"unknown fields {unknown}"] if unknown else []) + ([f"missing fields {missing}"] if missing else [])
-        if problems:
+        names, required, nested = _layout(type(self))
+        if not (fields.keys() <= names and required <= fields.keys()):
+            unknown = sorted(set(fields) - names)
+            missing = [f[0] for f in self._fields_ if f[0] in required and f[0] not in fields]
+            problems = ([f"unknown fields {unknown}"] if unknown else []) + ([f"missing fields {missing}"] if missing else [])
             raise TypeError(f"{type(self).__name__}: " + "; ".join(problems))
-        for name, ftype in self._fields_:
+        for name, ftype in nested:
             # ctypes would also take a tuple for a nested struct, filled positionally
-            if issubclass(ftype, _Args) and name in fields and not isinstance(fields[name], ftype):
+            if name in fields and not isinstance(fields[name], ftype):
                 raise TypeError(f"{type(self).__name__}.{name}: expected a {ftype.__name__}, "
                                 f"got {type(fields[name]).__name__}")
         # a nested struct's default is a factory (RandomMask.off)
         defaults = {k: (v() if callable(v) else v) for k, v in self._defaults_.items() if k not in fields}
         super().__init__(**defaults, **fields)
+
+
+_LAYOUTS: dict[type, tuple[frozenset, frozenset, tuple]] = {}
+
+
+def _layout(cls: type) -> tuple[frozenset, frozenset, tuple]:
+    """(field names, the fields without a default, the nested-struct fields) of a mirror, worked out
+    once per class: a wrapper fills several structs per op call, and this ran on every one."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        names = frozenset(f[0] for f in cls._fields_)
+        layout = _LAYOUTS[cls] = (names, names - frozenset(cls._defaults_),
+                                  tuple((n, t) for n, t in cls._fields_ if issubclass(t, _Args)))
+    return layout
 
 
 class RandomMask(_Args):
@@ -51,7 +65,13 @@ class RandomMask(_Args):
 
     @classmethod
     def off(cls) -> "RandomMask":
-        return cls(threshold=0, kept=1.0, seed=None, on=0)
+        """The off mask. One shared instance: a struct given it as a field copies its bytes, so no struct
+        ever refers to it afterwards (nobody may modify it; it is made once because wrappers fill a
+        dozen structs per op call)."""
+        return _OFF
+
+
+_OFF = RandomMask(threshold=0, kept=1.0, seed=None, on=0)
 
 
 class ActFwdArgs(_Args):
