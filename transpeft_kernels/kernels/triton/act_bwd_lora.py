@@ -268,20 +268,29 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
     sg = gate.s.contiguous() if gate is not None else dh  # rank-sized: copies are cheap
     su = up.s.contiguous() if up is not None else dh
     td = down.t.contiguous() if down is not None else dh
-    dseed = seed_on(down.seed, g.device, "down.seed") if plan.has_drop else dh
-    seed_t = seed_on(seed, g.device) if plan.has_mask else dh
-    dbg, dbu, dad = _partials(plan.n_splits, I, gate, up, down, g.device)
-    act_bwd_lora_kernel[plan.grid](
-        dh, g, u, dg, du, seed_t,
-        sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
-        td, dad if dad is not None else dh, dseed, *plan.head,
-        float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
-        float(down.scaling) if down is not None else 1.0, *plan.tail, **plan.meta)
+    seeds = (seed_on(seed, g.device) if plan.has_mask else dh,
+             seed_on(down.seed, g.device, "down.seed") if plan.has_drop else dh)
+    dbg, dbu, dad = _run(plan, (dh, g, u, dg, du), (sg, su, td), seeds, gate, up, down)
 
     def total(part, like):  # fixed-order sum of the fp32 partials, then the adapter dtype
         return None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0)).to(like.dtype)
 
     return ActBwdLoraGrads(dg, du, total(dbg, sg), total(dbu, su), total(dad, td))
+
+
+def _run(plan: _Plan, act: tuple, lora: tuple, seeds: tuple, gate, up, down) -> tuple:
+    """One launch of ``plan``: act = (dh, g, u, dg, du), lora = the rank-sized operands (s_g, s_u, t_d; dh
+    where absent), seeds = (mask key, down dropout key; dh where unused). Returns the fresh partials."""
+    dh, g = act[0], act[1]
+    dbg, dbu, dad = _partials(plan.n_splits, g.shape[1], gate, up, down, g.device)
+    sg, su, td = lora
+    act_bwd_lora_kernel[plan.grid](
+        *act, seeds[0],
+        sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
+        td, dad if dad is not None else dh, seeds[1], *plan.head,
+        float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
+        float(down.scaling) if down is not None else 1.0, *plan.tail, **plan.meta)
+    return dbg, dbu, dad
 
 
 def _partials(n_splits, I, gate, up, down, device):
@@ -352,16 +361,7 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
     def launch(config):
         if not tuned:
             tuned.extend(grad_outputs(g, u, out))
-        dg, du = tuned
-        pl = plan_for(config, splits)
-        dbg, dbu, dad = _partials(pl.n_splits, I, gate, up, down, device)
-        seed_t, dseed = seeds()
-        act_bwd_lora_kernel[pl.grid](
-            dh, g, u, dg, du, seed_t,
-            sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
-            td, dad if dad is not None else dh, dseed, *pl.head,
-            float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
-            float(down.scaling) if down is not None else 1.0, *pl.tail, **pl.meta)
+        _run(plan_for(config, splits), (dh, g, u, *tuned), (sg, su, td), seeds(), gate, up, down)
 
     key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, has_drop, None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
            None if down is None else down.t.dtype, configs.layout_key(dh, g, u, *(out or (None, None))))
