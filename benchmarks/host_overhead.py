@@ -137,13 +137,10 @@ def cuda_launch_path() -> dict:
     cuda_launch.load = lambda: NoKernels()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    backend = ops.resolve("cuda", torch.device("cpu"))
-    out = _mlp_launch_path(backend, calls, "cuda")
-    out["cuda_mlp_library_calls_per_call"] = out.pop("cuda_mlp_launches_per_call")
-    return out
+    return _mlp_launch_path(ops.resolve("cuda", torch.device("cpu")), calls, "cuda", "library_calls")
 
 
-def _mlp_launch_path(backend, launches, label: str = "triton") -> dict:
+def _mlp_launch_path(backend, launches, label: str = "triton", counted: str = "launches") -> dict:
     """The gated MLP (Llama-shaped, d 64, I 128, 8 tokens, bf16 base, fp32 adapters r 16, LoRA dropout
     0.05, masking 0.1) fwd+bwd with the kernels stubbed, beside vanilla PEFT with the reference masking."""
     from peft import LoraConfig, get_peft_model
@@ -184,7 +181,7 @@ def _mlp_launch_path(backend, launches, label: str = "triton") -> dict:
     out = {"vanilla_peft_mlp_fwd_bwd": round(_mean_us(vanilla, 500))}
     launches[0] = 0
     out[f"{label}_mlp_fwd_bwd_kernels_stubbed"] = round(_mean_us(ours, 500))
-    out[f"{label}_mlp_launches_per_call"] = launches[0] / 550
+    out[f"{label}_mlp_{counted}_per_call"] = launches[0] / 550
     return out
 
 
@@ -213,6 +210,15 @@ def patched_forward() -> dict:
     return out
 
 
+def _in_subprocess(backend: str, **env) -> dict:
+    """The --<backend>-stub part's figures, run in a child with ``env`` set before anything is imported."""
+    proc = subprocess.run([sys.executable, __file__, f"--{backend}-stub"], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {backend} launch-path measurement failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the figures here")
@@ -227,17 +233,8 @@ def main(argv=None) -> int:
         print(json.dumps(cuda_launch_path()))
         return 0
     result = {"eager_ops_us": eager_ops(), "patched_30_layer_forward": patched_forward()}
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, "--triton-stub"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the triton launch-path measurement failed:\n{proc.stderr[-2000:]}")
-    result["triton_launch_path_us"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    proc = subprocess.run([sys.executable, __file__, "--cuda-stub"], env=dict(os.environ, TRANSPEFT_CUDA_EMULATE="1"),
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the cuda launch-path measurement failed:\n{proc.stderr[-2000:]}")
-    result["cuda_launch_path_us"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["triton_launch_path_us"] = _in_subprocess("triton", TRITON_INTERPRET="1")
+    result["cuda_launch_path_us"] = _in_subprocess("cuda", TRANSPEFT_CUDA_EMULATE="1")
     from transpeft_kernels.provenance import environment
 
     result["environment"] = environment(torch.device("cpu"))

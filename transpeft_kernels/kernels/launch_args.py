@@ -49,6 +49,11 @@ def unit_column_stride(t: torch.Tensor, name: str) -> torch.Tensor:
     are strided. The elementwise kernels index rows by their stride and columns by position."""
     check_2d(t, name)
     dtype_code(t, name)
+    return unit_columns(t)
+
+
+def unit_columns(t: torch.Tensor) -> torch.Tensor:
+    """unit_column_stride without the checks, for a launcher that checked ``t`` once already."""
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 

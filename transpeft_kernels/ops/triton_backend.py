@@ -89,14 +89,6 @@ def base_gemm() -> str:
     return value
 
 
-def _runnable(*tensors: torch.Tensor | None, cpu_ok: bool) -> bool:
-    return covered(*tensors, cpu_ok=cpu_ok)
-
-
-def _linear_ok(x2d: torch.Tensor, lin: LinearWeights, cpu_ok: bool) -> bool:
-    return linear_covered(x2d, lin, cpu_ok=cpu_ok)
-
-
 class TritonBackend(TorchBackend):
     """Same primitives and signatures as TorchBackend; see the module docstring for the math and
     the fallbacks."""
@@ -110,10 +102,16 @@ class TritonBackend(TorchBackend):
         # CPU tensors run only in Triton's interpreter, which Triton chose when it was imported (now)
         self._cpu_ok = interpreting()
 
+    def _runnable(self, *tensors: torch.Tensor | None) -> bool:
+        return covered(*tensors, cpu_ok=self._cpu_ok)
+
+    def _linear_ok(self, x2d: torch.Tensor, lin: LinearWeights) -> bool:
+        return linear_covered(x2d, lin, cpu_ok=self._cpu_ok)
+
     # ---- lora_linear -------------------------------------------------------------------------
     def lora_linear_fwd(self, x2d: torch.Tensor, lin: LinearWeights, seed: torch.Tensor | None):
         """x2d (M, d_in) -> (y (M, d_out) in x dtype, S (M, r) in adapter dtype or None)."""
-        if not _linear_ok(x2d, lin, self._cpu_ok):
+        if not self._linear_ok(x2d, lin):
             return super().lora_linear_fwd(x2d, lin, seed)
         K = self._k
         lora = lin.lora
@@ -144,7 +142,7 @@ class TritonBackend(TorchBackend):
         return dx if into is None else into.add_(dx)
 
     def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
-        if dy.dtype != x2d.dtype or not _linear_ok(x2d, lin, self._cpu_ok) or not _runnable(dy, x2d, s, cpu_ok=self._cpu_ok):
+        if dy.dtype != x2d.dtype or not self._linear_ok(x2d, lin) or not self._runnable(dy, x2d, s):
             return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
         return self._linear_bwd(dy, x2d, s, lin, seed, needs)
 
@@ -178,14 +176,14 @@ class TritonBackend(TorchBackend):
     # ---- masked gated activation ---------------------------------------------------------------
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
         """g, u (M, I) -> h' (M, I) = act(g) * u * keep * c, in g's dtype."""
-        if g.dtype != u.dtype or not _runnable(g, u, cpu_ok=self._cpu_ok):
+        if g.dtype != u.dtype or not self._runnable(g, u):
             return super().masked_act_fwd(g, u, activation, mask, seed)
         p, rescale, mseed = knowledge_mask_args(mask, seed)
         return self._k.masked_gated_act_fwd(g, u, Activation(activation).value, p, rescale, mseed)
 
     def masked_act_bwd(self, dh, g, u, activation: Activation, mask: MaskSpec | None, seed):
         """dh' (M, I) -> (dg, du) in g's and u's dtypes, computed in float32."""
-        if g.dtype != u.dtype or not _runnable(dh, g, u, cpu_ok=self._cpu_ok):
+        if g.dtype != u.dtype or not self._runnable(dh, g, u):
             return super().masked_act_bwd(dh, g, u, activation, mask, seed)
         p, rescale, mseed = knowledge_mask_args(mask, seed)
         return self._k.masked_gated_act_bwd(dh, g, u, Activation(activation).value, p, rescale, mseed)
@@ -195,7 +193,7 @@ class TritonBackend(TorchBackend):
         """x2d (M, d) -> (outs, shrinks, h'): gate/up outputs ((M, I) each, or one (M, 2I) for the
         fused layout), their LoRA shrinks S (M, r) or None, and h' (M, I) = act(g) * u * keep * c,
         from one gate/up GEMM with the LoRA expands and the masked activation in its epilogue."""
-        if not all(_linear_ok(x2d, lin, self._cpu_ok) for lin in w.inputs):
+        if not all(self._linear_ok(x2d, lin) for lin in w.inputs):
             return super().gate_up_act_fwd(x2d, w, activation, mask, seed)
         K = self._k
         p, rescale, mseed = knowledge_mask_args(mask, seed)
@@ -243,8 +241,8 @@ class TritonBackend(TorchBackend):
         ranks = [lin.lora.A.shape[0] for lin in w.projections if lin.lora is not None]
         if (not one_pass_bwd_enabled() or dy.dtype != x2d.dtype or g.dtype != u.dtype or nd.weight or nd.bias
                 or any(r > self._k.ACT_BWD_LORA_MAX_RANK for r in ranks)
-                or not all(_linear_ok(x2d, lin, self._cpu_ok) for lin in w.inputs) or not _linear_ok(g, down, self._cpu_ok)
-                or not _runnable(dy, x2d, g, u, *saved.shrinks, saved.s_down, cpu_ok=self._cpu_ok)):
+                or not all(self._linear_ok(x2d, lin) for lin in w.inputs) or not self._linear_ok(g, down)
+                or not self._runnable(dy, x2d, g, u, *saved.shrinks, saved.s_down)):
             return super().mlp_bwd(dy, x2d, saved, w, activation, mask, seed, needs)
         K = self._k
         # down projection: everything that needs only dY

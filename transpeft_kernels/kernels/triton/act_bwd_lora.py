@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch_args import ACT_CODES, unit_column_stride
+from ..launch_args import ACT_CODES, unit_column_stride, unit_columns
 from . import configs, plans
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
@@ -220,22 +220,7 @@ def _check_side(side: LoraSide | None, name: str, M: int) -> int:
     return side.s.shape[1]
 
 
-class _Plan(NamedTuple):
-    empty: bool  # M == 0 or I == 0: zero gradients, nothing launched
-    has_mask: bool
-    has_drop: bool
-    n_splits: int
-    grid: tuple
-    head: tuple  # the kernel's arguments between the thirteen pointers and the three scalings
-    tail: tuple  # those after the scalings
-    meta: dict
-
-
 _PLANS = plans.plan_cache("act_bwd_lora")
-
-
-def _unit_columns(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 
 def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str, p: float = 0.0,
@@ -253,7 +238,7 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
            None if down is None else (sig(down.t), down.dropout, down.seed is None), splits,
            None if out is None else (sig(out[0]), sig(out[1])), plans.tuning_state())
     plan = _PLANS.get(key, lambda: _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out))
-    dh, g, u = _unit_columns(dh), _unit_columns(g), _unit_columns(u)
+    dh, g, u = unit_columns(dh), unit_columns(g), unit_columns(u)
     dg, du = grad_outputs(g, u, out)
     M, I = g.shape
     if plan.empty:
@@ -265,29 +250,28 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             zeros((I, gate.s.shape[1]), gate.s) if gate is not None else None,
             zeros((I, up.s.shape[1]), up.s) if up is not None else None,
             zeros((down.t.shape[1], I), down.t) if down is not None else None)
-    sg = gate.s.contiguous() if gate is not None else dh  # rank-sized: copies are cheap
-    su = up.s.contiguous() if up is not None else dh
-    td = down.t.contiguous() if down is not None else dh
-    seeds = (seed_on(seed, g.device) if plan.has_mask else dh,
-             seed_on(down.seed, g.device, "down.seed") if plan.has_drop else dh)
-    dbg, dbu, dad = _run(plan, (dh, g, u, dg, du), (sg, su, td), seeds, gate, up, down)
+    dbg, dbu, dad = _run(plan, (dh, g, u, dg, du), gate, up, down, seed if p > 0 else None)
 
     def total(part, like):  # fixed-order sum of the fp32 partials, then the adapter dtype
         return None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0)).to(like.dtype)
 
-    return ActBwdLoraGrads(dg, du, total(dbg, sg), total(dbu, su), total(dad, td))
+    return ActBwdLoraGrads(dg, du, total(dbg, gate and gate.s), total(dbu, up and up.s), total(dad, down and down.t))
 
 
-def _run(plan: _Plan, act: tuple, lora: tuple, seeds: tuple, gate, up, down) -> tuple:
-    """One launch of ``plan``: act = (dh, g, u, dg, du), lora = the rank-sized operands (s_g, s_u, t_d; dh
-    where absent), seeds = (mask key, down dropout key; dh where unused). Returns the fresh partials."""
+def _run(plan: plans.LaunchPlan, act: tuple, gate, up, down, mask_seed) -> tuple:
+    """One launch of ``plan``: act = (dh, g, u, dg, du); ``mask_seed`` None without the knowledge mask.
+    ``plan.head``: the arguments between the thirteen pointers and the three scalings. Returns the fresh
+    fp32 partials (dB_g, dB_u, dA_d; None for an absent side)."""
     dh, g = act[0], act[1]
     dbg, dbu, dad = _partials(plan.n_splits, g.shape[1], gate, up, down, g.device)
-    sg, su, td = lora
+    sg = gate.s.contiguous() if gate is not None else dh  # rank-sized: copies are cheap
+    su = up.s.contiguous() if up is not None else dh
+    td = down.t.contiguous() if down is not None else dh
+    dseed = seed_on(down.seed, g.device, "down.seed") if down is not None and down.dropout > 0 else dh
     act_bwd_lora_kernel[plan.grid](
-        *act, seeds[0],
+        *act, seed_on(mask_seed, g.device) if mask_seed is not None else dh,
         sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
-        td, dad if dad is not None else dh, seeds[1], *plan.head,
+        td, dad if dad is not None else dh, dseed, *plan.head,
         float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
         float(down.scaling) if down is not None else 1.0, *plan.tail, **plan.meta)
     return dbg, dbu, dad
@@ -301,7 +285,7 @@ def _partials(n_splits, I, gate, up, down, device):
             torch.empty((n_splits, down.t.shape[1], I), dtype=fp32, device=device) if down is not None else None)
 
 
-def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -> _Plan:
+def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -> plans.LaunchPlan:
     dh, g, u = unit_column_stride(dh, "dh"), unit_column_stride(g, "g"), unit_column_stride(u, "u")
     for name, t in (("u", u), ("dh", dh)):
         if t.shape != g.shape:
@@ -326,18 +310,14 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
     stride_dg, stride_du = (out[0].stride(0), out[1].stride(0)) if out is not None else (I, I)
     has_drop = down is not None and down.dropout > 0
     if M == 0 or I == 0:
-        return _Plan(True, has_mask, has_drop, 0, (), (), (), {})
+        return plans.NOTHING
     rank = max(rg, ru)
-    sg = gate.s.contiguous() if gate is not None else dh
-    su = up.s.contiguous() if up is not None else dh
-    td = down.t.contiguous() if down is not None else dh
-    seeds = lambda: (seed_on(seed, device) if has_mask else dh,  # noqa: E731  (the tuner's; copied only if it runs)
-                     seed_on(down.seed, device, "down.seed") if has_drop else dh)
     block_r, block_rd = pow2_at_least(rank), pow2_at_least(rd)
     all_fp32 = all(t.dtype == torch.float32 for t in (gate and gate.s, up and up.s, down and down.t) if t is not None)
-    codes = dict(G_DTYPE=dtype_code(sg, "gate.s"), U_DTYPE=dtype_code(su, "up.s"), D_DTYPE=dtype_code(td, "down.t"))
+    codes = dict(G_DTYPE=dtype_code(gate.s if gate else dh, "gate.s"), U_DTYPE=dtype_code(up.s if up else dh, "up.s"),
+                 D_DTYPE=dtype_code(down.t if down else dh, "down.t"))
 
-    def plan_for(config, n_splits) -> _Plan:
+    def plan_for(config, n_splits) -> plans.LaunchPlan:
         meta = config.kwargs()
         meta["BLOCK_N"] = block_n_for_rank(meta["BLOCK_N"], max(rank, rd), all_fp32)
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
@@ -346,22 +326,23 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
             n_splits = configs.token_splits(n_col, M, bm, device)
         per_split = cdiv(cdiv(M, n_splits), bm) * bm
         n_splits = cdiv(M, per_split)
-        return _Plan(False, has_mask, has_drop, n_splits, (n_col, n_splits),
-                     (M, I, rg, ru, rd, per_split, dh.stride(0), g.stride(0), u.stride(0), stride_dg, stride_du,
-                      threshold, c),
-                     (keep_threshold(down.dropout) if has_drop else 0,
-                      rounded_to(1.0 / (1.0 - down.dropout), down.t.dtype) if has_drop else 1.0),
-                     dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, LORA_G=gate is not None, LORA_U=up is not None,
-                          LORA_D=down is not None, D_DROPOUT=has_drop, **codes, UPCAST=upcast_dots(), BLOCK_M=bm,
-                          BLOCK_N=bn, BLOCK_R=block_r, BLOCK_RD=block_rd, num_warps=config.num_warps,
-                          num_stages=config.num_stages))
+        return plans.LaunchPlan(
+            (n_col, n_splits),
+            (M, I, rg, ru, rd, per_split, dh.stride(0), g.stride(0), u.stride(0), stride_dg, stride_du, threshold, c),
+            (keep_threshold(down.dropout) if has_drop else 0,
+             rounded_to(1.0 / (1.0 - down.dropout), down.t.dtype) if has_drop else 1.0),
+            dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, LORA_G=gate is not None, LORA_U=up is not None,
+                 LORA_D=down is not None, D_DROPOUT=has_drop, **codes, UPCAST=upcast_dots(), BLOCK_M=bm,
+                 BLOCK_N=bn, BLOCK_R=block_r, BLOCK_RD=block_rd, num_warps=config.num_warps,
+                 num_stages=config.num_stages),
+            n_splits)
 
     tuned = []  # the gradients the tuner writes, allocated only when it runs
 
     def launch(config):
         if not tuned:
             tuned.extend(grad_outputs(g, u, out))
-        _run(plan_for(config, splits), (dh, g, u, *tuned), (sg, su, td), seeds(), gate, up, down)
+        _run(plan_for(config, splits), (dh, g, u, *tuned), gate, up, down, seed if has_mask else None)
 
     key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, has_drop, None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
            None if down is None else down.t.dtype, configs.layout_key(dh, g, u, *(out or (None, None))))

@@ -131,15 +131,6 @@ def _grid(M, N, config):
     return (cdiv(M, config["BLOCK_M"]), cdiv(N, config["BLOCK_N"]))
 
 
-class _ExpandPlan(NamedTuple):
-    empty: bool  # nothing to add: y is (0, N) or (M, 0), or the rank is 0
-    drop: bool
-    grid: tuple
-    head: tuple  # the kernel's arguments between the four pointers and the scaling
-    tail: tuple  # those after the scaling
-    meta: dict
-
-
 _EXPAND_PLANS = plans.plan_cache("lora_expand_add")
 
 
@@ -150,14 +141,17 @@ def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: 
     dropout > 0: the keep mask of ``seed`` over (M, N) and 1/(1-dropout) rounded to the adapter dtype."""
     key = (plans.signature(y), plans.signature(s), plans.signature(b), dropout, seed is None, plans.tuning_state())
     plan = _EXPAND_PLANS.get(key, lambda: _expand_plan(y, s, b, scaling, dropout, seed))
-    if plan.empty:
-        return y
-    seed_t = seed_on(seed, y.device) if plan.drop else y
-    lora_expand_add_kernel[plan.grid](y, s, b, seed_t, *plan.head, float(scaling), *plan.tail, **plan.meta)
+    if not plan.empty:
+        _expand(plan, y, s, b, scaling, seed_on(seed, y.device) if dropout > 0 else y)
     return y
 
 
-def _expand_plan(y, s, b, scaling, dropout, seed) -> _ExpandPlan:
+def _expand(plan: plans.LaunchPlan, target, s, b, scaling, seed_t) -> None:
+    """One launch; ``plan.head``: the arguments between the four pointers and the scaling."""
+    lora_expand_add_kernel[plan.grid](target, s, b, seed_t, *plan.head, float(scaling), *plan.tail, **plan.meta)
+
+
+def _expand_plan(y, s, b, scaling, dropout, seed) -> plans.LaunchPlan:
     _check_output(y, "y")
     M, N = y.shape
     code = _check_lora(s, b, "", M, N)
@@ -169,16 +163,15 @@ def _expand_plan(y, s, b, scaling, dropout, seed) -> _ExpandPlan:
     device = check_same_device(y=y, s=s, b=b)
     R = s.shape[1]
     if M == 0 or N == 0 or R == 0:
-        return _ExpandPlan(True, drop, (), (), (), {})
-    seed_t = lambda: seed_on(seed, device) if drop else y  # noqa: E731  (the tuner's; copied only if it runs)
+        return plans.NOTHING
     scale = rounded_to(1.0 / (1.0 - dropout), s.dtype) if drop else 1.0
 
-    def plan_for(config) -> _ExpandPlan:
-        return _ExpandPlan(False, drop, _grid(M, N, config),
-                           (M, N, R, y.stride(0), s.stride(0), s.stride(1), b.stride(0), b.stride(1)),
-                           (keep_threshold(dropout) if drop else 0, scale),
-                           dict(LORA_DROPOUT=drop, LORA_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(R)),
-                                num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
+    def plan_for(config) -> plans.LaunchPlan:
+        return plans.LaunchPlan(
+            _grid(M, N, config), (M, N, R, y.stride(0), s.stride(0), s.stride(1), b.stride(0), b.stride(1)),
+            (keep_threshold(dropout) if drop else 0, scale),
+            dict(LORA_DROPOUT=drop, LORA_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(R)),
+                 num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
 
     key = ("expand_add", configs.bucket(M), N, R, y.dtype, s.dtype, drop, configs.layout_key(y, s, b))
     scratch = []  # the tuner times launches on a copy: each launch adds the term to its target again
@@ -186,19 +179,9 @@ def _expand_plan(y, s, b, scaling, dropout, seed) -> _ExpandPlan:
     def timed(config):
         if not scratch:  # with y's strides: the plan's arguments carry them
             scratch.append(torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y))
-        p = plan_for(config)
-        lora_expand_add_kernel[p.grid](scratch[0], s, b, seed_t(), *p.head, float(scaling), *p.tail, **p.meta)
+        _expand(plan_for(config), scratch[0], s, b, scaling, seed_on(seed, device) if drop else y)
 
     return plan_for(configs.choose(configs.EPILOGUE, device, key, y.element_size(), timed))
-
-
-class _GateUpPlan(NamedTuple):
-    empty: bool  # M == 0 or I == 0: nothing launched
-    has_mask: bool
-    grid: tuple
-    head: tuple  # the kernel's arguments between the eight pointers and the two scalings
-    tail: tuple  # those after the scalings
-    meta: dict
 
 
 _GATE_UP_PLANS = plans.plan_cache("gate_up_lora_act")
@@ -217,22 +200,21 @@ def gate_up_lora_act(g: torch.Tensor, u: torch.Tensor, gate: ExpandSide | None, 
            plans.tuning_state())
     plan = _GATE_UP_PLANS.get(key, lambda: _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h))
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out_h is None else out_h
-    if plan.empty:
-        return h
-    seed_t = seed_on(seed, g.device) if plan.has_mask else g
-    (sg, lbg), scale_g = _side_args(gate, g)
-    (su, lbu), scale_u = _side_args(up, g)
-    gate_up_lora_act_kernel[plan.grid](g, u, h, sg, lbg, su, lbu, seed_t, *plan.head, scale_g, scale_u, *plan.tail,
-                                       **plan.meta)
+    if not plan.empty:
+        _gate_up(plan, g, u, h, gate, up, seed_on(seed, g.device) if p > 0 else g)
     return h
 
 
-def _side_args(side: ExpandSide | None, g: torch.Tensor):
-    """((s, b), scaling) of a side, or stand-in pointers the kernel never reads and 1.0."""
-    return ((g, g), 1.0) if side is None else ((side.s, side.b), float(side.scaling))
+def _gate_up(plan: plans.LaunchPlan, g, u, h, gate: ExpandSide | None, up: ExpandSide | None, seed_t) -> None:
+    """One launch; ``plan.head``: the arguments between the eight pointers and the two scalings. A side
+    without LoRA passes stand-in pointers the kernel never reads and scaling 1."""
+    sg, lbg, scale_g = (g, g, 1.0) if gate is None else (gate.s, gate.b, float(gate.scaling))
+    su, lbu, scale_u = (g, g, 1.0) if up is None else (up.s, up.b, float(up.scaling))
+    gate_up_lora_act_kernel[plan.grid](g, u, h, sg, lbg, su, lbu, seed_t, *plan.head, scale_g, scale_u, *plan.tail,
+                                       **plan.meta)
 
 
-def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> _GateUpPlan:
+def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> plans.LaunchPlan:
     _check_output(g, "g")
     _check_output(u, "u")
     if g.shape != u.shape or g.dtype != u.dtype:
@@ -248,22 +230,21 @@ def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> _GateU
         raise ValueError(f"out_h: expected shape ({M}, {I}), dtype {g.dtype} and a unit column stride")
     stride_h = I if h is None else h.stride(0)
     if M == 0 or I == 0:
-        return _GateUpPlan(True, has_mask, (), (), (), {})
-    seed_t = lambda: seed_on(seed, device) if has_mask else g  # noqa: E731  (the tuner's; copied only if it runs)
+        return plans.NOTHING
     rg = gate.s.shape[1] if gate is not None else 0
     ru = up.s.shape[1] if up is not None else 0
 
     def strides(side):
         return (0, 0, 0, 0) if side is None else (side.s.stride(0), side.s.stride(1), side.b.stride(0), side.b.stride(1))
 
-    def plan_for(config) -> _GateUpPlan:
-        return _GateUpPlan(False, has_mask, _grid(M, I, config),
-                           (M, I, rg, ru, g.stride(0), u.stride(0), stride_h, *strides(gate), *strides(up)),
-                           (threshold, c),
-                           dict(ACT=ACT_CODES[activation], LORA_G=gate is not None, LORA_U=up is not None,
-                                HAS_MASK=has_mask, LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=upcast_dots(),
-                                BLOCK_R=min(64, pow2_at_least(max(rg, ru))), num_warps=config.num_warps,
-                                num_stages=config.num_stages, **config.kwargs()))
+    def plan_for(config) -> plans.LaunchPlan:
+        return plans.LaunchPlan(
+            _grid(M, I, config), (M, I, rg, ru, g.stride(0), u.stride(0), stride_h, *strides(gate), *strides(up)),
+            (threshold, c),
+            dict(ACT=ACT_CODES[activation], LORA_G=gate is not None, LORA_U=up is not None, HAS_MASK=has_mask,
+                 LORA_G_DTYPE=gcode, LORA_U_DTYPE=ucode, UPCAST=upcast_dots(),
+                 BLOCK_R=min(64, pow2_at_least(max(rg, ru))), num_warps=config.num_warps,
+                 num_stages=config.num_stages, **config.kwargs()))
 
     key = ("gate_up_lora_act", configs.bucket(M), I, rg, ru, g.dtype, gcode, ucode, activation, has_mask,
            configs.layout_key(g, u, h, gate and gate.s, up and up.s))  # h None: fresh, aligned
@@ -273,10 +254,6 @@ def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> _GateU
         if not scratch:
             scratch.extend(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t) for t in (g, u))
             scratch.append(torch.empty((M, I), dtype=g.dtype, device=device) if h is None else h)
-        pl = plan_for(config)
-        (sg, lbg), scale_g = _side_args(gate, g)
-        (su, lbu), scale_u = _side_args(up, g)
-        gate_up_lora_act_kernel[pl.grid](scratch[0], scratch[1], scratch[2], sg, lbg, su, lbu, seed_t(), *pl.head, scale_g,
-                                         scale_u, *pl.tail, **pl.meta)
+        _gate_up(plan_for(config), *scratch, gate, up, seed_on(seed, device) if has_mask else g)
 
     return plan_for(configs.choose(configs.EPILOGUE, device, key, g.element_size(), timed))

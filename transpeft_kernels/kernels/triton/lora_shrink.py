@@ -17,8 +17,6 @@ One program owns BLOCK_M rows and one BLOCK_R-wide slice of the rank and loops o
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -73,16 +71,6 @@ def block_r(R: int) -> int:
     return min(64, pow2_at_least(R))
 
 
-class _Plan(NamedTuple):
-    out_shape: tuple
-    out_dtype: torch.dtype
-    zero: bool  # nothing to launch: the output is (M, 0) or (0, R), or zeros when K == 0
-    has_drop: bool
-    grid: tuple
-    args: tuple  # the kernel's arguments after the four pointers
-    meta: dict  # constexprs, num_warps, num_stages
-
-
 _PLANS = plans.plan_cache("lora_shrink")
 
 
@@ -97,15 +85,15 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: to
     key = (plans.signature(x), plans.signature(a), dropout, seed is None, out_dtype, plans.signature(out),
            plans.tuning_state())
     plan = _PLANS.get(key, lambda: _plan(x, a, dropout, seed, out_dtype, out))
-    s = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=x.device) if out is None else out
-    if plan.zero:
+    s = torch.empty((x.shape[0], a.shape[0]), dtype=out_dtype or a.dtype, device=x.device) if out is None else out
+    if plan.empty:  # an empty side, or K == 0: zeros
         return s.zero_() if s.numel() else s
-    seed_t = seed_on(seed, x.device) if plan.has_drop else x
-    lora_shrink_kernel[plan.grid](x, a, s, seed_t, *plan.args, **plan.meta)
+    seed_t = seed_on(seed, x.device) if dropout > 0 else x
+    lora_shrink_kernel[plan.grid](x, a, s, seed_t, *plan.head, **plan.meta)
     return s
 
 
-def _plan(x, a, dropout, seed, out_dtype, out) -> _Plan:
+def _plan(x, a, dropout, seed, out_dtype, out) -> plans.LaunchPlan:
     check_2d(x, "x")
     check_2d(a, "a")
     dtype_code(x, "x")
@@ -123,22 +111,21 @@ def _plan(x, a, dropout, seed, out_dtype, out) -> _Plan:
     check_out(out, shape, dtype)
     has_drop = dropout > 0
     if M == 0 or R == 0 or K == 0:
-        return _Plan(shape, dtype, True, has_drop, (), (), {})
+        return plans.NOTHING
     s = torch.empty(shape, dtype=dtype, device=device) if out is None else out  # what the tuner writes
-    seed_t = lambda: seed_on(seed, device) if has_drop else x  # noqa: E731  (the tuner's; copied only if it runs)
     scale = rounded_to(1.0 / (1.0 - dropout), a.dtype) if has_drop else 1.0
     br = block_r(R)
 
-    def plan_for(config) -> _Plan:
-        return _Plan(shape, dtype, False, has_drop, (cdiv(M, config["BLOCK_M"]), cdiv(R, br)),
-                     (M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
-                      keep_threshold(dropout) if has_drop else 0, scale),
-                     dict(HAS_DROPOUT=has_drop, DOT_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=br,
-                          num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
+    def plan_for(config) -> plans.LaunchPlan:  # head: every argument after the four pointers
+        return plans.LaunchPlan((cdiv(M, config["BLOCK_M"]), cdiv(R, br)),
+                                (M, K, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), s.stride(0), s.stride(1),
+                                 keep_threshold(dropout) if has_drop else 0, scale),
+                                meta=dict(HAS_DROPOUT=has_drop, DOT_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=br,
+                                          num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
 
     def launch(config):
-        p = plan_for(config)
-        lora_shrink_kernel[p.grid](x, a, s, seed_t(), *p.args, **p.meta)
+        pl = plan_for(config)
+        lora_shrink_kernel[pl.grid](x, a, s, seed_on(seed, device) if has_drop else x, *pl.head, **pl.meta)
 
     key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, has_drop, configs.layout_key(x, a))
     return plan_for(configs.choose(configs.SHRINK, device, key, a.element_size(), launch))

@@ -15,13 +15,11 @@ columns start at multiples of BLOCK_N, a power of two >= 16).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from ..launch_args import ACT_CODES, unit_column_stride
+from ..launch_args import ACT_CODES, unit_column_stride, unit_columns
 from . import configs, plans
 from ._common import cast_like, cdiv, check_out, check_same_device, philox_keep, rounded_to, seed_on
 from .activations import act_fwd, act_fwd_and_grad
@@ -105,20 +103,8 @@ def _grid(M, I, config):
     return (cdiv(M, config["BLOCK_M"]), cdiv(I, config["BLOCK_N"]))
 
 
-class _Plan(NamedTuple):
-    empty: bool  # M == 0 or I == 0: nothing launched
-    has_mask: bool
-    grid: tuple
-    args: tuple  # the kernel's arguments after the pointers
-    meta: dict
-
-
 _FWD_PLANS = plans.plan_cache("masked_gated_act_fwd")
 _BWD_PLANS = plans.plan_cache("masked_gated_act_bwd")
-
-
-def _unit_columns(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 
 def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, seed: torch.Tensor | None, out=None):
@@ -127,16 +113,16 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, seed: t
     sig = plans.signature
     key = (sig(g), sig(u), activation, p, rescale, seed is None, sig(out), plans.tuning_state())
     plan = _FWD_PLANS.get(key, lambda: _fwd_plan(g, u, activation, p, rescale, seed, out))
-    g, u = _unit_columns(g), _unit_columns(u)
+    g, u = unit_columns(g), unit_columns(u)
     h = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
     if plan.empty:
         return h
-    seed_t = seed_on(seed, g.device) if plan.has_mask else g  # any pointer when unused
-    masked_gated_act_fwd_kernel[plan.grid](g, u, h, seed_t, *plan.args, **plan.meta)
+    seed_t = seed_on(seed, g.device) if p > 0 else g  # any pointer when unused
+    masked_gated_act_fwd_kernel[plan.grid](g, u, h, seed_t, *plan.head, **plan.meta)
     return h
 
 
-def _fwd_plan(g, u, activation, p, rescale, seed, out) -> _Plan:
+def _fwd_plan(g, u, activation, p, rescale, seed, out) -> plans.LaunchPlan:
     g, u = unit_column_stride(g, "g"), unit_column_stride(u, "u")
     if g.shape != u.shape:
         raise ValueError(f"u: expected shape {tuple(g.shape)} like g, got {tuple(u.shape)}")
@@ -145,14 +131,13 @@ def _fwd_plan(g, u, activation, p, rescale, seed, out) -> _Plan:
     M, I = g.shape
     check_out(out, (M, I), g.dtype)
     if M == 0 or I == 0:
-        return _Plan(True, has_mask, (), (), {})
+        return plans.NOTHING
     stride_h = I if out is None else out.stride(0)
-    seed_t = lambda: seed_on(seed, device) if has_mask else g  # noqa: E731  (the tuner's; copied only if it runs)
 
-    def plan_for(config) -> _Plan:
-        return _Plan(False, has_mask, _grid(M, I, config), (M, I, g.stride(0), u.stride(0), stride_h, threshold, c),
-                     dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, num_warps=config.num_warps,
-                          num_stages=config.num_stages, **config.kwargs()))
+    def plan_for(config) -> plans.LaunchPlan:  # head: every argument after the four pointers
+        return plans.LaunchPlan(_grid(M, I, config), (M, I, g.stride(0), u.stride(0), stride_h, threshold, c),
+                                meta=dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, num_warps=config.num_warps,
+                                          num_stages=config.num_stages, **config.kwargs()))
 
     tuned = []  # the output the tuner writes, allocated only when it runs
 
@@ -160,7 +145,8 @@ def _fwd_plan(g, u, activation, p, rescale, seed, out) -> _Plan:
         if not tuned:
             tuned.append(torch.empty((M, I), dtype=g.dtype, device=device) if out is None else out)
         pl = plan_for(config)
-        masked_gated_act_fwd_kernel[pl.grid](g, u, tuned[0], seed_t(), *pl.args, **pl.meta)
+        masked_gated_act_fwd_kernel[pl.grid](g, u, tuned[0], seed_on(seed, device) if has_mask else g, *pl.head,
+                                             **pl.meta)
 
     key = ("act_fwd", configs.bucket(M), I, g.dtype, activation, has_mask, configs.layout_key(g, u, out))
     return plan_for(configs.choose(configs.ELEMENTWISE, device, key, g.element_size(), launch))
@@ -173,16 +159,16 @@ def masked_gated_act_bwd(dh, g, u, activation: str, p: float, rescale: bool, see
     key = (sig(dh), sig(g), sig(u), activation, p, rescale, seed is None,
            None if out is None else (sig(out[0]), sig(out[1])), plans.tuning_state())
     plan = _BWD_PLANS.get(key, lambda: _bwd_plan(dh, g, u, activation, p, rescale, seed, out))
-    dh, g, u = _unit_columns(dh), _unit_columns(g), _unit_columns(u)
+    dh, g, u = unit_columns(dh), unit_columns(g), unit_columns(u)
     dg, du = grad_outputs(g, u, out)
     if plan.empty:
         return dg, du
-    seed_t = seed_on(seed, g.device) if plan.has_mask else g
-    masked_gated_act_bwd_kernel[plan.grid](dh, g, u, dg, du, seed_t, *plan.args, **plan.meta)
+    seed_t = seed_on(seed, g.device) if p > 0 else g
+    masked_gated_act_bwd_kernel[plan.grid](dh, g, u, dg, du, seed_t, *plan.head, **plan.meta)
     return dg, du
 
 
-def _bwd_plan(dh, g, u, activation, p, rescale, seed, out) -> _Plan:
+def _bwd_plan(dh, g, u, activation, p, rescale, seed, out) -> plans.LaunchPlan:
     dh, g, u = unit_column_stride(dh, "dh"), unit_column_stride(g, "g"), unit_column_stride(u, "u")
     for name, t in (("u", u), ("dh", dh)):
         if t.shape != g.shape:
@@ -193,15 +179,14 @@ def _bwd_plan(dh, g, u, activation, p, rescale, seed, out) -> _Plan:
     if out is not None:
         grad_outputs(g, u, out)  # checks out; fresh gradients are contiguous (M, I)
     if M == 0 or I == 0:
-        return _Plan(True, has_mask, (), (), {})
+        return plans.NOTHING
     stride_dg, stride_du = (out[0].stride(0), out[1].stride(0)) if out is not None else (I, I)
-    seed_t = lambda: seed_on(seed, device) if has_mask else g  # noqa: E731  (the tuner's; copied only if it runs)
 
-    def plan_for(config) -> _Plan:
-        return _Plan(False, has_mask, _grid(M, I, config),
-                     (M, I, dh.stride(0), g.stride(0), u.stride(0), stride_dg, stride_du, threshold, c),
-                     dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, num_warps=config.num_warps,
-                          num_stages=config.num_stages, **config.kwargs()))
+    def plan_for(config) -> plans.LaunchPlan:  # head: every argument after the six pointers
+        return plans.LaunchPlan(_grid(M, I, config),
+                                (M, I, dh.stride(0), g.stride(0), u.stride(0), stride_dg, stride_du, threshold, c),
+                                meta=dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, num_warps=config.num_warps,
+                                          num_stages=config.num_stages, **config.kwargs()))
 
     tuned = []
 
@@ -209,7 +194,8 @@ def _bwd_plan(dh, g, u, activation, p, rescale, seed, out) -> _Plan:
         if not tuned:
             tuned.extend(grad_outputs(g, u, out))
         pl = plan_for(config)
-        masked_gated_act_bwd_kernel[pl.grid](dh, g, u, *tuned, seed_t(), *pl.args, **pl.meta)
+        masked_gated_act_bwd_kernel[pl.grid](dh, g, u, *tuned, seed_on(seed, device) if has_mask else g, *pl.head,
+                                             **pl.meta)
 
     key = ("act_bwd", configs.bucket(M), I, g.dtype, activation, has_mask,
            configs.layout_key(dh, g, u, *(out or (None, None))))

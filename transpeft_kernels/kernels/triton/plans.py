@@ -23,7 +23,7 @@ the signature would be checked only once per signature: every launcher keys on e
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,6 +31,26 @@ from ..env import dry_run
 from .configs import autotune_enabled
 
 MAX_PLANS = 512  # per launcher; a long run of new shapes (e.g. every sequence length) clears and refills
+
+
+class LaunchPlan(NamedTuple):
+    """A launcher's worked-out launch. ``grid``: empty when there is nothing to launch (an empty operand).
+    ``head`` and ``tail``: the kernel's non-pointer arguments before and after those given per call
+    (scalings; a launcher's comment says where the split is). ``meta``: constexprs, num_warps,
+    num_stages. ``n_splits``: the token or row splits of a split reduction (its partial buffers)."""
+
+    grid: tuple
+    head: tuple = ()
+    tail: tuple = ()
+    meta: dict | None = None
+    n_splits: int = 1
+
+    @property
+    def empty(self) -> bool:
+        return not self.grid
+
+
+NOTHING = LaunchPlan(())
 
 
 def signature(t: torch.Tensor | None) -> tuple | None:

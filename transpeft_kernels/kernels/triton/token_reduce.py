@@ -22,8 +22,6 @@ afterwards. No atomics.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -86,17 +84,6 @@ def token_reduce_kernel(
             tl.store(colsum_ptr + split.to(tl.int64) * stride_cs + a64 * stride_ca, cast_like(csum, colsum_ptr), mask=a_ok)
 
 
-class _Plan(NamedTuple):
-    shape: tuple  # the result's shape
-    empty: bool  # no tokens or an empty side: the result is zeros, nothing is launched
-    has_drop: bool
-    n_splits: int
-    grid: tuple
-    head: tuple  # the kernel's arguments between the five pointers and the scale, but the part strides
-    tail: tuple  # those after the scale
-    meta: dict
-
-
 _PLANS = plans.plan_cache("token_reduce")
 
 
@@ -116,15 +103,13 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
            transpose_out, splits, plans.signature(out), bool(lora), plans.tuning_state())
     plan = _PLANS.get(key, lambda: _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype,
                                          transpose_out, splits, out, lora))
-    device, A = p.device, p.shape[1]
+    device, A, B = p.device, p.shape[1], q.shape[1]
+    shape = (B, A) if transpose_out else (A, B)
     if plan.empty:
-        res = torch.zeros(plan.shape, dtype=out_dtype, device=device) if out is None else out.zero_()
+        res = torch.zeros(shape, dtype=out_dtype, device=device) if out is None else out.zero_()
         return res, (torch.zeros(A, dtype=colsum_dtype, device=device) if colsum_dtype else None)
-    seed_t = seed_on(seed, device) if plan.has_drop else p
-    res, cs, part, cpart = _buffers(plan.shape, plan.n_splits, A, out_dtype, colsum_dtype, out, device)
-    token_reduce_kernel[plan.grid](p, q, part, cpart if cpart is not None else part, seed_t,
-                                   *plan.head, *_part_strides(part, cpart, transpose_out), float(scale),
-                                   *plan.tail, **plan.meta)
+    res, cs, part, cpart = _buffers(shape, plan.n_splits, A, out_dtype, colsum_dtype, out, device)
+    _run(plan, p, q, part, cpart, seed_on(seed, device) if dropout > 0 else p, scale, transpose_out)
     if plan.n_splits == 1:
         return res, cs
     # fixed-order sum of the fp32 partials: deterministic, no atomics
@@ -145,14 +130,18 @@ def _buffers(shape, n_splits, A, out_dtype, colsum_dtype, out, device):
     return None, None, part, cpart
 
 
-def _part_strides(part, cpart, transpose_out) -> tuple:
-    """stride_os, stride_oa, stride_ob, stride_cs, stride_ca (``out``'s strides vary with the caller)."""
+def _run(plan: plans.LaunchPlan, p, q, part, cpart, seed_t, scale, transpose_out) -> None:
+    """One launch writing ``part`` (and ``cpart``). ``plan.head``: the arguments between the five pointers
+    and the output strides, which are read here (``out``'s vary with the caller); then the scale."""
     so, s1, s2 = part.stride()
     soa, sob = (s2, s1) if transpose_out else (s1, s2)
-    return so, soa, sob, cpart.stride(0) if cpart is not None else 0, cpart.stride(1) if cpart is not None else 0
+    cs = cpart.stride() if cpart is not None else (0, 0)
+    token_reduce_kernel[plan.grid](p, q, part, cpart if cpart is not None else part, seed_t, *plan.head,
+                                   so, soa, sob, *cs, float(scale), *plan.tail, **plan.meta)
 
 
-def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transpose_out, splits, out, lora) -> _Plan:
+def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transpose_out, splits, out,
+          lora) -> plans.LaunchPlan:
     check_2d(p, "p")
     check_2d(q, "q")
     dtype_code(p, "p")
@@ -172,12 +161,11 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
     check_out(out, shape, out_dtype)
     has_drop = dropout > 0
     if T == 0 or A == 0 or B == 0:
-        return _Plan(shape, True, has_drop, 0, (), (), (), {})
-    seed_t = lambda: seed_on(seed, device) if has_drop else p  # noqa: E731  (the tuner's; copied only if it runs)
+        return plans.NOTHING
     drop_scale = rounded_to(1.0 / (1.0 - dropout), dot_dtype) if has_drop else 1.0
     elem = torch.empty((), dtype=dot_dtype).element_size()
 
-    def plan_for(config, n_splits) -> _Plan:
+    def plan_for(config, n_splits) -> plans.LaunchPlan:
         m = config.kwargs()
         # A rank-sized side gets one block of exactly its (padded) width: no wasted tiles.
         if A <= 64:
@@ -189,18 +177,18 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
             n_splits = configs.token_splits(tiles, T, m["BLOCK_T"], device)
         per_split = cdiv(cdiv(T, n_splits), m["BLOCK_T"]) * m["BLOCK_T"]
         n_splits = cdiv(T, per_split)
-        return _Plan(shape, False, has_drop, n_splits, (tiles, n_splits),
-                     (T, A, B, per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1)),
-                     (keep_threshold(dropout) if has_drop else 0, drop_scale),
-                     dict(Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=DTYPE_CODES[dot_dtype],
-                          UPCAST=upcast_dots(), LORA_DOT=bool(lora), num_warps=config.num_warps,
-                          num_stages=config.num_stages, **m))
+        return plans.LaunchPlan(
+            (tiles, n_splits), (T, A, B, per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1)),
+            (keep_threshold(dropout) if has_drop else 0, drop_scale),
+            dict(Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=DTYPE_CODES[dot_dtype],
+                 UPCAST=upcast_dots(), LORA_DOT=bool(lora), num_warps=config.num_warps,
+                 num_stages=config.num_stages, **m),
+            n_splits)
 
     def launch(config):  # what the tuner times (it writes only fresh partials or ``out``)
         pl = plan_for(config, splits)
         _, _, part, cpart = _buffers(shape, pl.n_splits, A, out_dtype, colsum_dtype, out, device)
-        token_reduce_kernel[pl.grid](p, q, part, cpart if cpart is not None else part, seed_t(), *pl.head,
-                                     *_part_strides(part, cpart, transpose_out), float(scale), *pl.tail, **pl.meta)
+        _run(pl, p, q, part, cpart, seed_on(seed, device) if has_drop else p, scale, transpose_out)
 
     key = ("token_reduce", configs.bucket(T), A, B, p.dtype, q.dtype, dot_dtype, has_drop, colsum_dtype,
            transpose_out, configs.layout_key(p, q), bool(lora))
