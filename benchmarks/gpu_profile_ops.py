@@ -20,6 +20,8 @@ grow with the problem. This script tells them apart, per implementation, on the 
   host_profile    cProfile of 20 calls: own time by origin (Triton's runtime, this package, torch's Python,
                   C functions) and the top functions: whether Triton's launcher or our Python dominates
 
+Implementations: vanilla, triton, triton-jit (triton with every launch through Triton's own kernel[grid]
+path instead of the plans' compiled kernels: what direct launches save on this GPU's host), cuda.
 Cases: lora_linear Llama-3-8B q,o and k,v at 8192 tokens; gated MLP Llama-3-8B at 2048 tokens, r 16, and
 at 8192 tokens, r 64 (masking 0.1). Writes $OUT/profile_ops.json (GPU, versions, commit) and prints one block per case and impl.
 """
@@ -114,6 +116,20 @@ def kernel_table(call, calls: int = 5) -> tuple[float, list[dict]]:
                        "launches_per_call": k["count"] / calls} for k in rows[:12]]
 
 
+def through_tritons_path(call):
+    """call() with every Triton launch through kernel[grid] (kernels/triton/direct_launch.py off)."""
+    from transpeft_kernels.kernels.triton import direct_launch
+
+    def run():
+        direct_launch.ENABLED = False
+        try:
+            return call()
+        finally:
+            direct_launch.ENABLED = True
+
+    return run
+
+
 def main() -> int:
     import torch
 
@@ -122,7 +138,9 @@ def main() -> int:
     from transpeft_kernels.bench.op_runner import make_inputs, pass_calls
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--impls", nargs="+", default=["vanilla", "triton", "cuda"])
+    ap.add_argument("--impls", nargs="+", default=["vanilla", "triton", "triton-jit", "cuda"],
+                    help="triton-jit: the triton backend with every launch through Triton's kernel[grid] path "
+                         "(direct launches off; not for the device-bound rank-64 case)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
@@ -143,10 +161,14 @@ def main() -> int:
         setup = build_setup(case, dev)
         xs, dys = make_inputs(setup, 1)
         for name in args.impls:
+            if name == "triton-jit" and case.r == 64:
+                continue
             try:
-                impl = build_impl(name, setup)
+                impl = build_impl("triton" if name == "triton-jit" else name, setup)
                 calls = pass_calls(impl, "fwd+bwd", xs, dys, setup.params)
                 call = lambda: calls.call(calls.prepare(0))  # noqa: E731
+                if name == "triton-jit":
+                    call = through_tritons_path(call)
                 for _ in range(5):
                     call()
                 wall = bench_ms(call)

@@ -14,7 +14,8 @@
 #         numerics; test_cuda_ops.py's masks; bandwidth and gated MLP vs floor reported against their
 #         targets, never failing the stage; then the rest of test_cuda_ops.py while its budget lasts).
 #         A stage's exit status is 1 when a test failed (see the *.junit.xml files), not for a missed target.
-# diagnose: benchmarks/gpu_profile_ops.py (host time vs device time vs kernels per op, on the bench's setups)
+# diagnose: pytest python_tests/test_gpu_triton.py -m gpu (90 s cap: the kernels' numerics through the direct
+#         launches), benchmarks/gpu_profile_ops.py (host time vs device time vs kernels per op, on the bench's setups)
 #         and benchmarks/gpu_act_bandwidth.py (masked activation GB/s per backend against a copy). The first
 #         H200 run left a shape-independent ~2 ms in lora_linear and the MLP unexplained: run this first.
 # bench:  the CUDA library built for this GPU when none is found (JIT route, <= 150 s), then
@@ -131,6 +132,8 @@ if [ "$CUDA_S" -gt 0 ]; then
   stage cuda_check "$CUDA_S" env OUT="$OUT" "$PY" -u benchmarks/gpu_cuda_check.py --budget-s $((CUDA_S - 40))
 fi
 if [ "$DIAG_S" -gt 0 ]; then
+  # the Triton kernels on this GPU first: their launches go through direct_launch.py, which only a GPU runs
+  stage triton_tests 90 "$PY" -m pytest -q -x -m gpu python_tests/test_gpu_triton.py --junitxml="$OUT/triton_tests.junit.xml"
   stage profile_ops "$DIAG_S" env OUT="$OUT" "$PY" -u benchmarks/gpu_profile_ops.py
   stage act_bandwidth 70 env OUT="$OUT" "$PY" -u benchmarks/gpu_act_bandwidth.py
 fi

@@ -6,6 +6,7 @@ from the mirrors is refused at load with an error that names the struct and both
 how to rebuild. The stale libraries here are the host emulation built (g++) from an edited copy of
 csrc/: the same layout table and load check as the nvcc library, without nvcc.
 """
+import contextlib
 import ctypes
 import shutil
 import subprocess
@@ -34,6 +35,14 @@ def test_mirrors_take_keywords_only_and_every_required_field():
     with pytest.raises(TypeError, match=r"ActFwdArgs.mask: expected a RandomMask, got tuple"):
         abi.ActFwdArgs(g=None, ldg=1, u=None, ldu=1, h=None, ldh=1, M=0, I=0, dtype=0, activation=0,
                        mask=(16384, 1.5, None, 0))
+    # the checks of a keyword set are cached per call site; the nested type is still checked every time
+    for bad in (False, False, True):
+        mask = (16384, 1.5, None, 0) if bad else _mask()
+        with pytest.raises(TypeError, match="LoraShrinkArgs.drop") if bad else contextlib.nullcontext():
+            abi.LoraShrinkArgs(x=None, sxm=1, sxk=1, a=None, sar=1, sak=1, s=None, lds=1, M=0, K=0, R=0, x_dtype=0,
+                               a_dtype=0, drop=mask)
+    with pytest.raises(TypeError, match=r"missing fields \['on'\]"):  # a failed check is not cached
+        abi.RandomMask(threshold=16384, kept=1.5, seed=None)
     # the optional parts default to absent: NULL pointers and an off mask, fresh per instance
     a = abi.ActFwdArgs(g=None, ldg=1, u=None, ldu=1, h=None, ldh=1, M=0, I=0, dtype=0, activation=0, mask=_mask())
     b = abi.ActFwdArgs(g=None, ldg=1, u=None, ldu=1, h=None, ldh=1, M=0, I=0, dtype=0, activation=0, mask=_mask())

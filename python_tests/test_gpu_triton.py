@@ -11,7 +11,9 @@ test_triton_gate_up_act.py and test_ops.py, compiled as well when a GPU is prese
 * lora_linear and masked_gated_mlp (both layouts) on "triton", with cuBLAS and with Triton base GEMMs,
   forward and every gradient, at realistic shapes against "torch" on the same GPU and float64 on the
   CPU, within budget.py's error budget, with the Triton kernels counted as they launch (a silent
-  fallback to torch fails).
+  fallback to torch fails);
+* launches through the plans' compiled kernels (kernels/triton/direct_launch.py) give the same bits as
+  launches through Triton's own kernel[grid] path, and are taken.
 
 Autotuning stays off unless TRANSPEFT_TRITON_AUTOTUNE is set: the numerics hold for any config,
 and timing every candidate would cost minutes of compiles.
@@ -229,3 +231,42 @@ def test_ops_at_realistic_shapes_match_torch_and_float64(op, dtypes, base_gemm, 
     for name, ours, theirs, e in zip(names, got, ref, exact, strict=True):
         assert ours.device.type == "cuda" and ours.dtype == theirs.dtype, name
         assert_within_budget(ours.cpu(), theirs.cpu(), e, ours.dtype, depth, f"{op} {dtypes} {name}")
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "gated_mlp_split"])
+def test_direct_launches_give_the_same_bits_as_tritons_path(op, monkeypatch):
+    """kernels/triton/direct_launch.py: after a plan's first launch the compiled kernel is called directly.
+    Its results must equal, bit for bit, those of every launch going through kernel[grid] (the kernels
+    are deterministic), and the direct path must actually have been taken."""
+    from transpeft_kernels.kernels.triton import direct_launch, plans
+
+    monkeypatch.setattr(direct_launch, "ENABLED", direct_launch.ENABLED)
+    gen = torch.Generator().manual_seed(1)
+    d, inter = 257, 700
+    x = torch.randn(2, 300, d, generator=gen).to(CUDA, torch.bfloat16)
+    seed = torch.tensor(5, device=CUDA)
+    if op == "lora_linear":
+        lins = [_placed(_linear(d, 515, torch.bfloat16, torch.float32, 16, 0.1, gen), CUDA)]
+
+        def fn(x, ls):
+            return ops.lora_linear(x, ls[0], seed, ops.resolve("triton", CUDA))
+    else:
+        lins = [_placed(_linear(a, b, torch.bfloat16, torch.float32, 8, 0.05, gen), CUDA)
+                for a, b in ((d, inter), (d, inter), (inter, d))]
+
+        def fn(x, ls):
+            return ops.masked_gated_mlp(x, GatedMLPWeights(tuple(ls[:2]), ls[2]), R.Activation.SILU, MaskSpec(0.1),
+                                        seed, ops.resolve("triton", CUDA))
+    dy = torch.randn(*x.shape[:-1], lins[-1].weight.shape[0], generator=gen).to(CUDA, torch.bfloat16)
+
+    def results(enabled):
+        direct_launch.ENABLED = enabled
+        return _output_and_grads(fn, x, lins, dy)
+
+    plans.clear_all()
+    through_triton = results(False)
+    plans.clear_all()
+    first, again = results(True), results(True)
+    assert any(pl.compiled for c in plans.CACHES.values() for pl in c._plans.values()), "no direct launch happened"
+    for i, (a, b, c) in enumerate(zip(through_triton, first, again, strict=True)):
+        assert torch.equal(a, b) and torch.equal(a, c), f"{op} output {i}"

@@ -25,34 +25,36 @@ class _Args(ctypes.Structure):
     _defaults_: dict = {}
 
     def __init__(self, **fields):
-        names, required, nested = _layout(type(self))
-        if not (fields.keys() <= names and required <= fields.keys()):
-            unknown = sorted(set(fields) - names)
-            missing = [f[0] for f in self._fields_ if f[0] in required and f[0] not in fields]
-            problems = ([f"unknown fields {unknown}"] if unknown else []) + ([f"missing fields {missing}"] if missing else [])
-            raise TypeError(f"{type(self).__name__}: " + "; ".join(problems))
-        for name, ftype in nested:
-            # ctypes would also take a tuple for a nested struct, filled positionally
-            if name in fields and not isinstance(fields[name], ftype):
+        checked = _CHECKED.get((type(self), *fields))
+        defaults, nested = checked if checked is not None else _check(type(self), fields)
+        for name, ftype in nested:  # ctypes would also take a tuple for a nested struct, filled positionally
+            if not isinstance(fields[name], ftype):
                 raise TypeError(f"{type(self).__name__}.{name}: expected a {ftype.__name__}, "
                                 f"got {type(fields[name]).__name__}")
-        # a nested struct's default is a factory (RandomMask.off)
-        defaults = {k: (v() if callable(v) else v) for k, v in self._defaults_.items() if k not in fields}
         super().__init__(**defaults, **fields)
 
 
-_LAYOUTS: dict[type, tuple[frozenset, frozenset, tuple]] = {}
+# (mirror class, the field names given, in order) -> (the defaults to add, the nested-struct fields
+# given). A wrapper fills the same fields on every call, so the name checks run once per call site
+# instead of on each of the dozen structs an op call fills.
+_CHECKED: dict[tuple, tuple[dict, tuple]] = {}
 
 
-def _layout(cls: type) -> tuple[frozenset, frozenset, tuple]:
-    """(field names, the fields without a default, the nested-struct fields) of a mirror, worked out
-    once per class: a wrapper fills several structs per op call, and this ran on every one."""
-    layout = _LAYOUTS.get(cls)
-    if layout is None:
-        names = frozenset(f[0] for f in cls._fields_)
-        layout = _LAYOUTS[cls] = (names, names - frozenset(cls._defaults_),
-                                  tuple((n, t) for n, t in cls._fields_ if issubclass(t, _Args)))
-    return layout
+def _check(cls: type, fields: dict) -> tuple[dict, tuple]:
+    """Check a keyword set against ``cls``'s fields (TypeError naming unknown and missing fields); cache
+    and return the defaults it leaves to add and the nested-struct fields it gives."""
+    names = frozenset(f[0] for f in cls._fields_)
+    required = names - frozenset(cls._defaults_)
+    if not (fields.keys() <= names and required <= fields.keys()):
+        unknown = sorted(set(fields) - names)
+        missing = [f[0] for f in cls._fields_ if f[0] in required and f[0] not in fields]
+        problems = ([f"unknown fields {unknown}"] if unknown else []) + ([f"missing fields {missing}"] if missing else [])
+        raise TypeError(f"{cls.__name__}: " + "; ".join(problems))
+    nested = tuple((n, t) for n, t in cls._fields_ if issubclass(t, _Args) and n in fields)
+    # a nested struct's default is a factory (RandomMask.off, which returns one shared instance)
+    defaults = {k: (v() if callable(v) else v) for k, v in cls._defaults_.items() if k not in fields}
+    _CHECKED[(cls, *fields)] = defaults, nested
+    return defaults, nested
 
 
 class RandomMask(_Args):

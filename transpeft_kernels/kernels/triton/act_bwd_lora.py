@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..launch_args import ACT_CODES, unit_column_stride, unit_columns
-from . import configs, plans
+from . import configs, direct_launch, plans
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
 from .activations import act_fwd_and_grad
@@ -268,12 +268,13 @@ def _run(plan: plans.LaunchPlan, act: tuple, gate, up, down, mask_seed) -> tuple
     su = up.s.contiguous() if up is not None else dh
     td = down.t.contiguous() if down is not None else dh
     dseed = seed_on(down.seed, g.device, "down.seed") if down is not None and down.dropout > 0 else dh
-    act_bwd_lora_kernel[plan.grid](
-        *act, seed_on(mask_seed, g.device) if mask_seed is not None else dh,
-        sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
-        td, dad if dad is not None else dh, dseed, *plan.head,
-        float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
-        float(down.scaling) if down is not None else 1.0, *plan.tail, **plan.meta)
+    direct_launch.launch(
+        act_bwd_lora_kernel, plan,
+        (*act, seed_on(mask_seed, g.device) if mask_seed is not None else dh,
+         sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
+         td, dad if dad is not None else dh, dseed),
+        (float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
+         float(down.scaling) if down is not None else 1.0))
     return dbg, dbu, dad
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..launch_args import ACT_CODES
-from . import configs, plans
+from . import configs, direct_launch, plans
 from ._common import (cast_like, cdiv, check_2d, check_same_device, dtype_code, philox_keep, pow2_at_least, rounded_to,
                       seed_on, upcast_dots)
 from .activations import act_fwd
@@ -148,7 +148,7 @@ def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: 
 
 def _expand(plan: plans.LaunchPlan, target, s, b, scaling, seed_t) -> None:
     """One launch; ``plan.head``: the arguments between the four pointers and the scaling."""
-    lora_expand_add_kernel[plan.grid](target, s, b, seed_t, *plan.head, float(scaling), *plan.tail, **plan.meta)
+    direct_launch.launch(lora_expand_add_kernel, plan, (target, s, b, seed_t), (float(scaling),))
 
 
 def _expand_plan(y, s, b, scaling, dropout, seed) -> plans.LaunchPlan:
@@ -210,8 +210,7 @@ def _gate_up(plan: plans.LaunchPlan, g, u, h, gate: ExpandSide | None, up: Expan
     without LoRA passes stand-in pointers the kernel never reads and scaling 1."""
     sg, lbg, scale_g = (g, g, 1.0) if gate is None else (gate.s, gate.b, float(gate.scaling))
     su, lbu, scale_u = (g, g, 1.0) if up is None else (up.s, up.b, float(up.scaling))
-    gate_up_lora_act_kernel[plan.grid](g, u, h, sg, lbg, su, lbu, seed_t, *plan.head, scale_g, scale_u, *plan.tail,
-                                       **plan.meta)
+    direct_launch.launch(gate_up_lora_act_kernel, plan, (g, u, h, sg, lbg, su, lbu, seed_t), (scale_g, scale_u))
 
 
 def _gate_up_plan(g, u, gate, up, activation, p, rescale, seed, out_h) -> plans.LaunchPlan:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, plans
+from . import configs, direct_launch, plans
 from ...reference.philox import keep_threshold
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
@@ -89,7 +89,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, dropout: float = 0.0, seed: to
     if plan.empty:  # an empty side, or K == 0: zeros
         return s.zero_() if s.numel() else s
     seed_t = seed_on(seed, x.device) if dropout > 0 else x
-    lora_shrink_kernel[plan.grid](x, a, s, seed_t, *plan.head, **plan.meta)
+    direct_launch.launch(lora_shrink_kernel, plan, (x, a, s, seed_t))
     return s
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..launch_args import ACT_CODES, unit_column_stride, unit_columns
-from . import configs, plans
+from . import configs, direct_launch, plans
 from ._common import cast_like, cdiv, check_out, check_same_device, philox_keep, rounded_to, seed_on
 from .activations import act_fwd, act_fwd_and_grad
 from ...reference.philox import keep_threshold
@@ -118,7 +118,7 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, seed: t
     if plan.empty:
         return h
     seed_t = seed_on(seed, g.device) if p > 0 else g  # any pointer when unused
-    masked_gated_act_fwd_kernel[plan.grid](g, u, h, seed_t, *plan.head, **plan.meta)
+    direct_launch.launch(masked_gated_act_fwd_kernel, plan, (g, u, h, seed_t))
     return h
 
 
@@ -164,7 +164,7 @@ def masked_gated_act_bwd(dh, g, u, activation: str, p: float, rescale: bool, see
     if plan.empty:
         return dg, du
     seed_t = seed_on(seed, g.device) if p > 0 else g
-    masked_gated_act_bwd_kernel[plan.grid](dh, g, u, dg, du, seed_t, *plan.head, **plan.meta)
+    direct_launch.launch(masked_gated_act_bwd_kernel, plan, (dh, g, u, dg, du, seed_t))
     return dg, du
 
 

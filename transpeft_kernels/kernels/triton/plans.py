@@ -16,6 +16,9 @@ Launchers with plans: lora_shrink, lora_expand_add, token_reduce, gate_up_lora_a
 masked_gated_act_fwd/bwd (everything the default cuBLAS-based paths launch). The Triton GEMMs
 (gemm_lora_expand, gate_up_act; only with TRANSPEFT_TRITON_BASE_GEMM=triton) still work it out per call.
 
+Launchers launch through ``direct_launch.launch(kernel, plan, pointers, scalars)``: the plan also keeps
+the compiled kernels its launches used, so that later launches skip Triton's own per-call dispatch.
+
 The signature includes the tuning state (``TRANSPEFT_TRITON_AUTOTUNE`` and a dry run in progress), so
 switching either takes effect on the next call, as before. A checked argument that is not part of
 the signature would be checked only once per signature: every launcher keys on everything its checks read.
@@ -23,7 +26,8 @@ the signature would be checked only once per signature: every launcher keys on e
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,17 +37,20 @@ from .configs import autotune_enabled
 MAX_PLANS = 512  # per launcher; a long run of new shapes (e.g. every sequence length) clears and refills
 
 
-class LaunchPlan(NamedTuple):
+@dataclass(eq=False)
+class LaunchPlan:
     """A launcher's worked-out launch. ``grid``: empty when there is nothing to launch (an empty operand).
     ``head`` and ``tail``: the kernel's non-pointer arguments before and after those given per call
     (scalings; a launcher's comment says where the split is). ``meta``: constexprs, num_warps,
-    num_stages. ``n_splits``: the token or row splits of a split reduction (its partial buffers)."""
+    num_stages. ``n_splits``: the token or row splits of a split reduction (its partial buffers).
+    ``compiled``: the compiled kernels direct_launch keeps for this plan (filled on its launches)."""
 
     grid: tuple
     head: tuple = ()
     tail: tuple = ()
     meta: dict | None = None
     n_splits: int = 1
+    compiled: dict = field(default_factory=dict, repr=False)
 
     @property
     def empty(self) -> bool:

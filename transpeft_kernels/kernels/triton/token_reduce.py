@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, plans
+from . import configs, direct_launch, plans
 from ...reference.philox import keep_threshold
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
@@ -136,8 +136,8 @@ def _run(plan: plans.LaunchPlan, p, q, part, cpart, seed_t, scale, transpose_out
     so, s1, s2 = part.stride()
     soa, sob = (s2, s1) if transpose_out else (s1, s2)
     cs = cpart.stride() if cpart is not None else (0, 0)
-    token_reduce_kernel[plan.grid](p, q, part, cpart if cpart is not None else part, seed_t, *plan.head,
-                                   so, soa, sob, *cs, float(scale), *plan.tail, **plan.meta)
+    direct_launch.launch(token_reduce_kernel, plan, (p, q, part, cpart if cpart is not None else part, seed_t),
+                         (so, soa, sob, *cs, float(scale)))
 
 
 def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transpose_out, splits, out,
