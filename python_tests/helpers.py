@@ -146,3 +146,25 @@ def assert_act_at_extremes(fwd, bwd, activation) -> None:
         err = (got - exact).abs()
         bad = err > 1e-5 * exact.abs() + 1e-30
         assert not bad.any(), (activation, name, g[bad].tolist(), got[bad].tolist(), exact[bad].tolist())
+
+
+def capture_and_replay(step, warmup: int = 3):
+    """Run ``step()`` (-> list of CUDA tensors) ``warmup`` times on a side stream (plans, compiles and any
+    tuning happen there), then capture one call into a CUDA graph and replay it twice. Capture raises
+    on what a graph cannot hold: a host sync, a pageable host-to-device copy, work on another stream.
+    Returns (the last eager outputs, the first replay's, the second replay's), cloned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            eager = [t.detach().clone() for t in step()]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append([t.detach().clone() for t in static])
+    return eager, replays[0], replays[1]

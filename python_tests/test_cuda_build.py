@@ -6,7 +6,6 @@
 * setup.py: when it builds the library (TRANSPEFT_BUILD_CUDA, nvcc, torch.version.cuda).
 """
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ import torch
 
 from transpeft_kernels import ops
 from transpeft_kernels.kernels.cuda import build, launch, library
-from transpeft_kernels.ops import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 

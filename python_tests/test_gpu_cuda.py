@@ -9,7 +9,8 @@ loads a private copy of it for the session. Without nvcc or ninja the tests are 
 * the library builds for this GPU, loads (ABI checked) and its kernels run here;
 * a bf16 gated MLP with fp32 adapters at a realistic shape, both layouts, forward and every
   gradient on "cuda" against "torch" on the same GPU and float64 on the CPU, within budget.py's
-  error budget, with the fused kernels counted as they are called (a silent fallback to torch fails).
+  error budget, with the fused kernels counted as they are called (a silent fallback to torch fails);
+* the same MLP's forward and backward capture into a CUDA graph and replay within budget.
 
 The op-level cases (every dtype, layout, rank, activation and mask) and the masks bit-equal to the
 reference (offsets past 2**31 included) are test_cuda_ops.py's, which runs once the library is
@@ -148,3 +149,40 @@ def test_gated_mlp_at_a_realistic_shape_matches_torch_and_float64(layout, one_pa
         assert ours.device.type == "cuda" and ours.dtype == theirs.dtype, name
         # fp32 adapters: the tile kernels' LoRA products are tf32x3 (budget.py), every step of the chain
         assert_within_budget(ours.cpu(), theirs.cpu(), e, ours.dtype, depth, f"{layout.value} {name}", tf32x3_depth=depth)
+
+
+def test_gated_mlp_captures_in_a_cuda_graph(calls):
+    """The fused MLP's forward and backward on "cuda" capture into one CUDA graph (the wrappers read the
+    current stream, which is the capture stream, and make no host syncs or pageable copies), replay
+    deterministically, and the replayed outputs and gradients stay within budget against float64."""
+    from helpers import capture_and_replay
+
+    gen = torch.Generator().manual_seed(3)
+    d, inter, rank = 512, 1536, 16
+    lins = [_linear(d, inter, rank, gen), _linear(d, inter, rank, gen), _linear(inter, d, rank, gen)]
+    x = torch.randn(2, 300, d, generator=gen).bfloat16()
+    dy = torch.randn(2, 300, d, generator=gen).bfloat16()
+
+    def runner(backend, device, dtype=None):
+        seed = torch.tensor(2**41 + 5, device=device)  # on the device: a CPU seed would be a host-to-device copy
+        ls = [_placed(lin, device, dtype) for lin in lins]
+        xx, dyy = x.to(device, dtype), dy.to(device, dtype)
+
+        def step():
+            xl = xx.detach().requires_grad_()
+            y = ops.masked_gated_mlp(xl, GatedMLPWeights(tuple(ls[:2]), ls[2]), R.Activation.SILU, MaskSpec(0.1), seed,
+                                     ops.resolve(backend, device))
+            return [y, *torch.autograd.grad(y, [xl] + [t for lin in ls for t in (lin.lora.A, lin.lora.B)], dyy)]
+        return step
+
+    eager, first, second = capture_and_replay(runner("cuda", CUDA))
+    missing = FUSED_MLP_CALLS - set(calls)
+    assert not missing, f"kernels not called (a fallback to torch?): {sorted(missing)}"
+    ref = runner("torch", CUDA)()
+    exact = runner("torch", CPU, torch.float64)()
+    depth = x.numel() // d + sum(lin.weight.shape[0] + lin.weight.shape[1] + rank for lin in lins) + 16
+    names = ["y", "dx"] + [f"{n}[{i}]" for i in range(3) for n in ("dA", "dB")]
+    for name, e, a, b, theirs, ex in zip(names, eager, first, second, ref, exact, strict=True):
+        assert torch.equal(a, b), f"{name}: two replays differ"
+        for label, ours in (("eager", e), ("graph", a)):
+            assert_within_budget(ours.cpu(), theirs.cpu(), ex, ours.dtype, depth, f"{label} {name}", tf32x3_depth=depth)

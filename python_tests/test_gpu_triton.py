@@ -13,7 +13,8 @@ test_triton_gate_up_act.py and test_ops.py, compiled as well when a GPU is prese
   CPU, within budget.py's error budget, with the Triton kernels counted as they launch (a silent
   fallback to torch fails);
 * launches through the plans' compiled kernels (kernels/triton/direct_launch.py) give the same bits as
-  launches through Triton's own kernel[grid] path, and are taken.
+  launches through Triton's own kernel[grid] path, and are taken;
+* the masked gated MLP's forward and backward capture into a CUDA graph and replay within budget.
 
 Autotuning stays off unless TRANSPEFT_TRITON_AUTOTUNE is set: the numerics hold for any config,
 and timing every candidate would cost minutes of compiles.
@@ -270,3 +271,36 @@ def test_direct_launches_give_the_same_bits_as_tritons_path(op, monkeypatch):
     assert any(pl.compiled for c in plans.CACHES.values() for pl in c._plans.values()), "no direct launch happened"
     for i, (a, b, c) in enumerate(zip(through_triton, first, again, strict=True)):
         assert torch.equal(a, b) and torch.equal(a, c), f"{op} output {i}"
+
+
+def test_mlp_fwd_bwd_captures_in_a_cuda_graph():
+    """The masked gated MLP's forward and backward on "triton" capture into one CUDA graph (no host
+    syncs, no pageable copies: the issue's "CUDA-graph capturable"), replay deterministically, and
+    the replayed outputs and gradients stay within the error budget against float64."""
+    from helpers import capture_and_replay
+
+    gen = torch.Generator().manual_seed(2)
+    d, inter = 257, 700
+    lins = [_linear(a, b, torch.bfloat16, torch.float32, 8, 0.05, gen) for a, b in ((d, inter), (d, inter), (inter, d))]
+    x = torch.randn(2, 300, d, generator=gen).bfloat16()
+    dy = torch.randn(2, 300, d, generator=gen).bfloat16()
+
+    def runner(backend, device, dtype=None):
+        seed = torch.tensor(7, device=device)  # on the device: a CPU seed would be a host-to-device copy
+        ls = [_placed(lin, device, dtype) for lin in lins]
+        xx, dyy = x.to(device, dtype), dy.to(device, dtype)
+
+        def fn(x, ls):
+            return ops.masked_gated_mlp(x, GatedMLPWeights(tuple(ls[:2]), ls[2]), R.Activation.SILU, MaskSpec(0.1),
+                                        seed, ops.resolve(backend, device))
+        return lambda: _output_and_grads(fn, xx, ls, dyy)
+
+    eager, first, second = capture_and_replay(runner("triton", CUDA))
+    ref = runner("torch", CUDA)()
+    exact = runner("torch", CPU, torch.float64)()
+    depth = x.numel() // d + sum(lin.weight.shape[0] + lin.weight.shape[1] + 8 for lin in lins) + 16
+    names = ["y", "dx"] + [f"{n}[{i}]" for i in range(3) for n in ("dA", "dB")]
+    for name, e, a, b, theirs, ex in zip(names, eager, first, second, ref, exact, strict=True):
+        assert torch.equal(a, b), f"{name}: two replays differ"
+        for label, ours in (("eager", e), ("graph", a)):
+            assert_within_budget(ours.cpu(), theirs.cpu(), ex, ours.dtype, depth, f"{label} {name}")

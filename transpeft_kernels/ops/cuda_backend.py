@@ -22,7 +22,8 @@ masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, 
                dg, du [, h', dropout_qd(h')] = masked_gated_act_bwd, dW_d = dY^T h',
                dA_d = s_d t_d^T dropout_qd(h') (ATen))
               dB_d = s_d cast_A(dY)^T S_d (lora_token_reduce or ATen, as dB above)
-              gate/up backward as lora_linear above (the fused layout's dg, du land in one (M, 2I) buffer)
+              gate/up backward as lora_linear above (the fused layout's dg, du land in one (M, 2I) buffer;
+              the split layout's two dX products accumulate into one output, addmm_)
     saved     what MLPSaved holds: x, the gate/up outputs, the rank-sized shrinks; h' is recomputed.
 Every output is a fresh tensor; nothing is written into saved tensors or incoming gradients.
 
@@ -37,6 +38,7 @@ Falls back to TorchBackend (same results, unfused) where the kernels do not appl
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from ..kernels.cuda.library import emulating
 from ..reference.activations import Activation
+from ..reference.mlp import INPUT_SUB_SEEDS
 from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
 from .coverage import covered, linear_covered, knowledge_mask_args
 from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend
@@ -117,14 +120,20 @@ class CudaBackend(TorchBackend):
         self._k.lora_expand_(y, s, lora.B, lora.scaling)
         return y, s
 
-    def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
+    def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds,
+                        dx_into: torch.Tensor | None = None) -> LinearGrads:
+        """As TorchBackend's; with ``dx_into`` (a fresh (M, K) tensor of ours) dx is accumulated into it
+        in place and returned (the gate and up projections' dX share one output)."""
         if dy.dtype != x2d.dtype or not _linear_ok(x2d, lin) or not _runnable(dy, x2d, s):
-            return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
+            grads = super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
+            if dx_into is not None and grads.x is not None:
+                grads = dataclasses.replace(grads, x=dx_into.add_(grads.x))
+            return grads
         K, lora = self._k, lin.lora
         dx = dW = db = dA = dB = None
         t = self._shrink(dy, lora.B.t()) if lora is not None and (needs.A or needs.x) else None
         if needs.x:
-            dx = dy @ lin.weight
+            dx = torch.mm(dy, lin.weight) if dx_into is None else dx_into.addmm_(dy, lin.weight)
             if lora is not None:
                 K.lora_expand_(dx, t, lora.A.t(), lora.scaling, grad=True, drop=self._dropout(lin, seed))
         if needs.weight:
@@ -144,6 +153,17 @@ class CudaBackend(TorchBackend):
                     xd = x2d.to(adt) if drop is None else K.lora_dropout_cast(x2d, adt, drop)
                     dA = (t.t() @ xd) * lora.scaling
         return LinearGrads(dx, dW, db, dA, dB)
+
+    def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...]):
+        """As TorchBackend's, with the gate and up dX summed into one output (addmm_, no extra add pass)."""
+        dx, grads = None, []
+        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
+            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i],
+                                      dx_into=dx)
+            if gi.x is not None:
+                dx = gi.x
+            grads.append(gi)
+        return dx, grads
 
     def _reducible(self, lora, dtype: torch.dtype, drop=None) -> bool:
         """Whether a LoRA token sum (dB = s cast_A(dy)^T S, or dA = s t^T dropout(cast_A(x)) with

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES, unit_column_stride, unit_columns
 from . import configs, direct_launch, plans
-from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (cast_like, cdiv, check_2d, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
 from .activations import act_fwd_and_grad
 from .masked_gated_act import _mask_scalars, grad_outputs

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 from triton.runtime.jit import JITFunction
 
