@@ -65,6 +65,37 @@ def test_the_emulated_backend_is_the_cuda_backend_and_runs_the_kernels(backend, 
     assert not missing, (sorted(missing), calls)
     other = set(ACT_BWD_CALLS.values()) - {act_bwd}
     assert not other & set(calls), calls
+    # token sums: dB_d, dA_g, dA_u; the one pass also gives the gate/up dB (the multi-pass path reduces them)
+    assert calls.count("transpeft_lora_token_reduce") == (3 if one_pass == "1" else 5), calls
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+def test_gate_up_db_from_the_one_pass_backward_matches_the_token_sums(backend, calls, monkeypatch, layout):
+    """The MLP's gate/up dB from act_bwd_lora equal those of the token reductions it replaces up to fp32
+    summation order (both sum s cast_A(dg)^T S in fp32 on the tensor cores), and every other gradient
+    bit for bit; the fused layout's dB is [dg^T S; du^T S]."""
+    w = test_ops.make_mlp(16, 48, layout, torch.bfloat16, adapter_dtype=torch.float32, rank=8, dropout=0.1)
+
+    def grads():
+        torch.manual_seed(0)
+        x = torch.randn(70, 16, dtype=torch.bfloat16, requires_grad=True)
+        y = ops.masked_gated_mlp(x, w, R.Activation.SILU, MaskSpec(0.2), torch.tensor(3), backend)
+        return torch.autograd.grad(y, test_ops.leaves(x, w), torch.randn_like(y))
+
+    input_bs = [lin.lora.B for lin in w.inputs]
+    is_input_db = [any(t is b for b in input_bs) for t in test_ops.leaves(torch.empty(0), w)]
+    assert sum(is_input_db) == len(w.inputs)
+    fused = grads()
+    n_fused = calls.count("transpeft_lora_token_reduce")
+    monkeypatch.setattr(cuda_backend.CudaBackend, "_gate_up_db", lambda self, *a: None)
+    calls.clear()
+    separate = grads()
+    assert calls.count("transpeft_lora_token_reduce") == n_fused + len(w.inputs)
+    for i, (a, b, db) in enumerate(zip(fused, separate, is_input_db, strict=True)):
+        if db:
+            assert_close_to_exact(a, b.double(), torch.float32, 70, f"grad {i}", tf32x3_depth=70)
+        else:
+            assert torch.equal(a, b), f"grad {i}"
 
 
 @pytest.mark.parametrize("activation", list(R.Activation))
@@ -193,14 +224,21 @@ def test_patched_tiny_model_on_cuda_matches_torch(family, calls):
     assert "transpeft_act_bwd_lora" in calls  # the one-pass backward (the tiny models' I is a multiple of 8)
 
 
-def _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=None, out=None, q=0.2):
-    """act_bwd_lora on random inputs, with what it should equal: (dg, du, dA), the reference dg, du
-    (torch, in dtype, on the same rounded LoRA term), their float64 versions, and dA in float64."""
+def _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=None, out=None, q=0.2, gate_up_rank=None):
+    """act_bwd_lora on random inputs, with what it should equal: its result (dg, du, dA_d, dB_g, dB_u), the
+    reference dg, du (torch, in dtype, on the same rounded LoRA term), their float64 versions, and dA in
+    float64. With ``gate_up_rank`` it is also given S_g, S_u of that rank (scalings 0.75, 1.25), kept in
+    ``_one_pass_case.gate_up`` for ``_db_exact``."""
     g, u, dh_base = (torch.randn(M, inter).to(dtype) for _ in range(3))
     A, t = (torch.randn(r, inter) * 0.3).to(a_dtype), torch.randn(M, r).to(a_dtype)
     seed_m, seed_d = torch.tensor(5), torch.tensor(9)
     mask, drop = MaskSpec(0.1, True), K.Dropout(q, seed_d)
-    got = K.act_bwd_lora(dh_base, g, u, activation.value, 0.1, True, seed_m, t, A, 0.5, drop, out=out, splits=splits)
+    gate_up = None
+    if gate_up_rank is not None:
+        gate_up = (torch.randn(M, gate_up_rank).to(a_dtype), 0.75, torch.randn(M, gate_up_rank).to(a_dtype), 1.25)
+    got = K.act_bwd_lora(dh_base, g, u, activation.value, 0.1, True, seed_m, t, A, 0.5, drop, out=out, splits=splits,
+                         gate_up=gate_up)
+    _one_pass_case.gate_up = gate_up
     h = K.masked_gated_act_fwd(g, u, activation.value, 0.1, True, seed_m)
     keep_d = dropout_multiplier(seed_d, h.to(a_dtype), q)
     xd = h.to(a_dtype) * keep_d  # exactly what the kernel rebuilds in registers
@@ -225,7 +263,7 @@ def test_one_pass_backward_against_float64(dtype, a_dtype, activation, calls):
     with fp32 adapters); dA_d within the rounding of its M-long sum; on a ragged shape (45 rows: a partial
     32-row step; 72 columns: a partial 64-column block) split over two row groups."""
     M, inter, r = 45, 72, 5
-    (dg, du, dA), want, exact, dA64 = _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=2)
+    (dg, du, dA, *_), want, exact, dA64 = _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=2)
     assert calls == ["transpeft_act_bwd_lora", "transpeft_masked_gated_act_fwd"]
     for name, a, b, e in zip(("dg", "du"), (dg, du), want, exact):
         assert_within_budget(a, b, e, dtype, r + 16, name, tf32x3_depth=_tf32x3(a_dtype, r))
@@ -237,7 +275,7 @@ def test_one_pass_backward_against_float64(dtype, a_dtype, activation, calls):
 def test_one_pass_backward_every_rank_tile(r):
     """Ranks padded to the 16, 32 and 64 tiles (zero rows of A_d and columns of t_d must add nothing)."""
     M, inter = 70, 136
-    (dg, du, dA), want, exact, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.SILU)
+    (dg, du, dA, *_), want, exact, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.SILU)
     for name, a, b, e in zip(("dg", "du"), (dg, du), want, exact):
         assert_within_budget(a, b, e, torch.bfloat16, r + 16, name, tf32x3_depth=r)
     assert_close_to_exact(dA, dA64, torch.float32, M, "dA_d", tf32x3_depth=M)
@@ -252,11 +290,71 @@ def test_one_pass_backward_splits_change_only_the_summation_order():
     for splits in (2, 4, 50):
         torch.manual_seed(3)
         buf = torch.empty(M, 2 * inter, dtype=torch.bfloat16)
-        (dg, du, dA), _, _, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.GELU,
+        (dg, du, dA, *_), _, _, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.GELU,
                                                   splits=splits, out=(buf[:, :inter], buf[:, inter:]))
         assert torch.equal(dg, one[0]) and torch.equal(du, one[1])
         assert torch.equal(buf[:, :inter], one[0]) and torch.equal(buf[:, inter:], one[1])
         assert_close_to_exact(dA, dA64, torch.float32, M, "dA_d", tf32x3_depth=M)
+
+
+def _db_exact(got, gate_up, a_dtype):
+    """dB_g, dB_u in float64 from the dg, du the pass returned: s cast_A(dg)^T S (what the token sums read)."""
+    sg, scale_g, su, scale_u = gate_up
+    return (scale_g * (got.dg.to(a_dtype).double().t() @ sg.double()),
+            scale_u * (got.du.to(a_dtype).double().t() @ su.double()))
+
+
+@pytest.mark.parametrize("dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("r,r_gu", [(5, 5), (16, 3), (2, 17), (32, 32)])
+def test_one_pass_backward_gate_up_db_against_float64(dtype, a_dtype, r, r_gu, calls):
+    """The gate/up dB from the same pass: within the rounding of the M-long sum against float64, in A_d's
+    dtype, (I, r) contiguous; on a ragged shape split over three row groups, with the down and gate/up
+    ranks in different tiles; dg, du and dA_d the same bits as without it."""
+    M, inter = 77, 136
+    torch.manual_seed(4)
+    got, *_ = _one_pass_case(M, inter, r, dtype, a_dtype, R.Activation.SILU, splits=3, gate_up_rank=r_gu)
+    gate_up = _one_pass_case.gate_up
+    torch.manual_seed(4)
+    plain, *_ = _one_pass_case(M, inter, r, dtype, a_dtype, R.Activation.SILU, splits=3)
+    assert calls.count("transpeft_act_bwd_lora") == 2
+    assert torch.equal(got.dg, plain.dg) and torch.equal(got.du, plain.du) and torch.equal(got.dA_d, plain.dA_d)
+    assert plain.dB_g is None and plain.dB_u is None
+    for name, db, exact in zip(("dB_g", "dB_u"), (got.dB_g, got.dB_u), _db_exact(got, gate_up, a_dtype)):
+        assert db.dtype == a_dtype and db.shape == (inter, r_gu) and db.is_contiguous(), name
+        assert_close_to_exact(db, exact, a_dtype, M, name, tf32x3_depth=_tf32x3(a_dtype, M))
+
+
+def test_one_pass_backward_gate_up_db_splits_change_only_the_summation_order():
+    M, inter, r = 100, 64, 8
+    results = []
+    for splits in (1, 2, 4):
+        torch.manual_seed(5)
+        got, *_ = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.GELU_TANH, splits=splits,
+                                 gate_up_rank=8)
+        results.append(got)
+        for name, db, exact in zip(("dB_g", "dB_u"), (got.dB_g, got.dB_u),
+                                   _db_exact(got, _one_pass_case.gate_up, torch.float32)):
+            assert_close_to_exact(db, exact, torch.float32, M, name, tf32x3_depth=M)
+    assert all(torch.equal(r.dg, results[0].dg) and torch.equal(r.du, results[0].du) for r in results)
+
+
+def test_one_pass_backward_gate_up_db_refuses_what_it_does_not_take():
+    M, inter, r = 40, 64, 8
+    g = torch.randn(M, inter).bfloat16()
+    t, A = torch.randn(M, r), torch.randn(r, inter)
+    args = ("silu", 0.0, False, None)
+    s = torch.randn(M, 8)
+    with pytest.raises(ValueError, match="S_g"):
+        K.act_bwd_lora(g, g, g, *args, t, A, 1.0, gate_up=(torch.randn(M, 33), 1.0, torch.randn(M, 33), 1.0))
+    with pytest.raises(ValueError, match="S_u"):
+        K.act_bwd_lora(g, g, g, *args, t, A, 1.0, gate_up=(s, 1.0, torch.randn(M, 4), 1.0))
+    with pytest.raises(ValueError, match="S_g"):  # not A_d's dtype
+        K.act_bwd_lora(g, g, g, *args, t, A, 1.0, gate_up=(s.bfloat16(), 1.0, s.bfloat16(), 1.0))
+    with pytest.raises(ValueError, match="down rank"):
+        K.act_bwd_lora(g, g, g, *args, torch.randn(M, 40), torch.randn(40, inter), 1.0, gate_up=(s, 1.0, s, 1.0))
+    with pytest.raises(ValueError, match="16-bit activations"):
+        K.act_bwd_lora(g.float(), g.float(), g.float(), *args, t, A, 1.0, gate_up=(s, 1.0, s, 1.0))
 
 
 def test_one_pass_backward_refuses_what_it_does_not_take():

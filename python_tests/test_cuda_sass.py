@@ -9,9 +9,10 @@ from transpeft_kernels.kernels import sass
 from transpeft_kernels.kernels.cuda import build
 
 # source -> (its tensor-core kernels, variant count): 5 (operand, adapter) dtype pairs x 3 rank tiles x
-# 3 activations forward and backward, or x 2 load paths (packed, unpacked)
+# 3 activations forward and backward (the backward also with the gate/up dB at rank tiles 16 and 32 for
+# the 4 pairs with 16-bit activations), or x 2 load paths (packed, unpacked)
 SOURCES = {
-    "act_lora.cu": (("act_fwd_lora_kernel", "act_bwd_lora_kernel"), 2 * 5 * 3 * 3),
+    "act_lora.cu": (("act_fwd_lora_kernel", "act_bwd_lora_kernel"), 2 * 5 * 3 * 3 + 4 * 2 * 3),
     "lora_reduce.cu": (("token_reduce_kernel",), 5 * 3 * 2),
 }
 

@@ -17,6 +17,9 @@
 //   dg   = dh' m u act'(g),  du = dh' m act(g)             written in T
 //   h'   = act(g) u m (rebuilt, never written),  xd = dropout_qd(cast_A(h'))
 //   dA_d partial += t_d^T xd                                (RT x BN, mma, kept in accumulators)
+//   optionally (ranks <= 32, 16-bit activations) dB_g^T partial += S_g^T cast_A(dg), dB_u^T likewise: the
+//   gate/up LoRA's dB from the dg, du this pass writes, instead of a token reduction that reads them again
+//   (with fp32 activations that variant spilled 8-24 bytes: not built)
 // Compared with masked_gated_act_bwd + an ATen GEMM for dA_d, the (M, I) xd buffer (fp32 with fp32
 // adapters) is neither written nor read, and the rank-sized products leave the CUDA cores.
 // A block of 4 warps owns BN = 64 columns of one row split and walks its rows BM = 32 at a time.
@@ -132,15 +135,44 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
   }
 }
 
-template <typename T, typename TA, Activation ACT, int RT>
+// The dB staging of act_bwd_lora_kernel: S_g's and S_u's rows of a step and cast_A(dg), cast_A(du) of
+// its tile, zero outside (M, I) and past rank_gu. Declared here, in the DB instantiations only: the rank-64
+// fp32-adapter kernel without dB already uses all 48 KB of static shared memory. For fp32 adapters
+// cast_A(dg) takes z's place in s_z (each element is read by the thread that then overwrites it), which
+// keeps rank 32 under 48 KB.
+template <typename TA>
+struct DbBuffers {
+  TA* sg;
+  TA* su;
+  TA* dg;
+  TA* du;
+};
+
+template <typename TA, int RT>
+__device__ __forceinline__ DbBuffers<TA> db_buffers(float* s_z) {
+  alignas(32) __shared__ TA sg[kBM * RT];
+  alignas(32) __shared__ TA su[kBM * RT];
+  alignas(32) __shared__ TA du[kBM * kBN];
+  if constexpr (std::is_same<TA, float>::value) {
+    return DbBuffers<TA>{sg, su, reinterpret_cast<TA*>(s_z), du};
+  } else {
+    alignas(32) __shared__ TA dg[kBM * kBN];
+    return DbBuffers<TA>{sg, su, dg, du};
+  }
+}
+
+template <typename T, typename TA, Activation ACT, int RT, bool DB>
 __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_kernel(LoraBwdArgs q) {
   constexpr int NTW = RT / kTile;  // dA tiles per warp: (RT / 16) x (BN / 16) tiles over 4 warps
   static_assert((RT / kTile) * (kBN / kTile) == NTW * kLoraWarps, "dA: NTW tiles per warp");
+  static_assert(!DB || RT <= 32, "dB: three sets of rank-sized accumulators fit up to rank 32");
   constexpr int ZROWS = RT > kBM ? RT : kBM;
   alignas(32) __shared__ TA s_a[RT * kBN];     // A_d[:, col0 : col0 + BN], zero past rank and I
   alignas(32) __shared__ TA s_t[kBM * RT];     // t_d rows of the step, zero past rank and M
   alignas(32) __shared__ TA s_x[kBM * kBN];    // xd of the step, zero outside (M, I)
-  alignas(32) __shared__ float s_z[ZROWS * kBN];  // z of the step; at the end the dA tile
+  alignas(32) __shared__ float s_z[ZROWS * kBN];  // z of the step; at the end the dA (and dB) tiles
+  DbBuffers<TA> db{};
+  if constexpr (DB) db = db_buffers<TA, RT>(s_z);
 
   const TranspeftActBwdArgs& p = q.act;
   const T* dh = static_cast<const T*>(p.dh);
@@ -164,12 +196,22 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
     s_a[i] = (k < p.rank && col0 + c < p.I) ? a[k * p.lda + col0 + c] : from_float<TA>(0.0f);
   }
 
-  TileAcc<TA> acc[NTW];
+  TileAcc<TA> acc[NTW], acc_g[DB ? NTW : 1], acc_u[DB ? NTW : 1];
 #pragma unroll
-  for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
+  for (int j = 0; j < NTW; ++j) {
+    tile_zero(acc[j]);
+    if constexpr (DB) {
+      tile_zero(acc_g[j]);
+      tile_zero(acc_u[j]);
+    }
+  }
 
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kBM) {
     stage_rank_rows<TA, RT>(s_t, t, p.ldt, 1, row0, row_end, p.rank);
+    if constexpr (DB) {
+      stage_rank_rows<TA, RT>(db.sg, static_cast<const TA*>(q.sg), q.ldsg, 1, row0, row_end, q.rank_gu);
+      stage_rank_rows<TA, RT>(db.su, static_cast<const TA*>(q.su), q.ldsu, 1, row0, row_end, q.rank_gu);
+    }
     __syncthreads();  // s_t (and, on the first step, s_a) complete
 
 #pragma unroll
@@ -186,7 +228,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
     for (int i = 0; i < kGroupsPerThread; ++i) {
       const auto [m, c] = group_of(i);
       const int64_t row = row0 + m, col = col0 + c;
-      float xd[kGroup];
+      float xd[kGroup], dga[kGroup], dua[kGroup];
       if (row < row_end && col < p.I) {  // I % 8 == 0: the whole group is in bounds
         float dhv[kGroup], gv[kGroup], uv[kGroup], dgv[kGroup], duv[kGroup];
         load_group<T>(dh + row * p.lddh + col, dhv);
@@ -203,23 +245,48 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
           dgv[v] = gr.dg;
           duv[v] = gr.du;
           xd[v] = lora_input<TA>(masked_gated_act_value<T>(ACT, gv[v], uv[v], mk), d);
+          if constexpr (DB) {  // cast_A of the dg and du written, as the dB token sums read them
+            dga[v] = lora_input<TA>(round_as<T>(gr.dg), 1.0f);
+            dua[v] = lora_input<TA>(round_as<T>(gr.du), 1.0f);
+          }
         }
         store_group<T>(dg + row * p.lddg + col, dgv);
         store_group<T>(du + row * p.lddu + col, duv);
       } else {
 #pragma unroll
-        for (int v = 0; v < kGroup; ++v) xd[v] = 0.0f;
+        for (int v = 0; v < kGroup; ++v) {
+          xd[v] = 0.0f;
+          if constexpr (DB) dga[v] = dua[v] = 0.0f;
+        }
       }
 #pragma unroll
-      for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xd[v]);
+      for (int v = 0; v < kGroup; ++v) {
+        s_x[m * kBN + c + v] = from_float<TA>(xd[v]);
+        if constexpr (DB) {
+          db.dg[m * kBN + c + v] = from_float<TA>(dga[v]);  // for fp32 adapters over this thread's z element
+          db.du[m * kBN + c + v] = from_float<TA>(dua[v]);
+        }
+      }
     }
-    __syncthreads();  // s_x complete
+    __syncthreads();  // s_x (and db.dg, db.du) complete
 
     reduce_step<TA, RT, NTW>(acc, s_t, s_x);
+    if constexpr (DB) {
+      reduce_step<TA, RT, NTW>(acc_g, db.sg, db.dg);  // += S_g^T cast_A(dg): dB_g^T
+      reduce_step<TA, RT, NTW>(acc_u, db.su, db.du);
+    }
     __syncthreads();  // the next step may overwrite s_t, s_x and s_z
   }
-  store_reduction<TA, RT, NTW>(acc, s_z, static_cast<float*>(q.da_part) + split * p.rank * p.I, p.rank, p.I, col0,
-                               p.scaling);
+  const int64_t part = split * p.I;
+  store_reduction<TA, RT, NTW>(acc, s_z, static_cast<float*>(q.da_part) + part * p.rank, p.rank, p.I, col0, p.scaling);
+  if constexpr (DB) {
+    __syncthreads();  // s_z is the stage of each store
+    store_reduction<TA, RT, NTW>(acc_g, s_z, static_cast<float*>(q.dbg_part) + part * q.rank_gu, q.rank_gu, p.I, col0,
+                                 q.scaling_g);
+    __syncthreads();
+    store_reduction<TA, RT, NTW>(acc_u, s_z, static_cast<float*>(q.dbu_part) + part * q.rank_gu, q.rank_gu, p.I, col0,
+                                 q.scaling_u);
+  }
 }
 
 template <typename T, typename TA, Activation ACT>
@@ -227,7 +294,10 @@ struct BwdKernel {
   template <int RT>
   static cudaError_t run(const LoraBwdArgs& args, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>((args.act.I + kBN - 1) / kBN), static_cast<unsigned>(args.splits));
-    return launch_kernel(act_bwd_lora_kernel<T, TA, ACT, RT>, grid, kLoraThreads, stream, args);
+    if constexpr (RT <= 32 && !std::is_same<T, float>::value) {  // dB: 16-bit activations (fp32 ones spill)
+      if (args.sg != nullptr) return launch_kernel(act_bwd_lora_kernel<T, TA, ACT, RT, true>, grid, kLoraThreads, stream, args);
+    }
+    return launch_kernel(act_bwd_lora_kernel<T, TA, ACT, RT, false>, grid, kLoraThreads, stream, args);
   }
 };
 
@@ -273,6 +343,12 @@ extern "C" int transpeft_act_bwd_lora(const TranspeftActBwdLoraArgs* args, uint6
       args->da_part == nullptr || p.I % kGroup != 0) {
     return cudaErrorInvalidValue;
   }
+  const bool db = args->sg != nullptr;
+  if (db && (p.dtype == 0 || args->su == nullptr || args->dbg_part == nullptr || args->dbu_part == nullptr ||
+             args->rank_gu < 1 || args->rank_gu > 32 || p.rank > 32 || args->ldsg < args->rank_gu ||
+             args->ldsu < args->rank_gu)) {
+    return cudaErrorInvalidValue;
+  }
   if (p.M == 0 || p.I == 0) return cudaSuccess;
   if (args->rows_per_split < 1 || args->rows_per_split % kBM != 0 ||
       args->splits != (p.M + args->rows_per_split - 1) / args->rows_per_split || args->splits > 65535 ||
@@ -286,8 +362,9 @@ extern "C" int transpeft_act_bwd_lora(const TranspeftActBwdLoraArgs* args, uint6
                            {p.dg, p.lddg}, {p.du, p.lddu}}) {
       if (!aligned_rows<T>(ptr, ld)) return cudaErrorInvalidValue;
     }
-    if (p.a_dtype == 0) return launch_lora_pass<T, float, BwdKernel>(p.activation, p.rank, *args, st);
-    if (p.a_dtype == p.dtype) return launch_lora_pass<T, T, BwdKernel>(p.activation, p.rank, *args, st);
+    const int64_t rank = db && args->rank_gu > p.rank ? args->rank_gu : p.rank;  // the rank tile covers both
+    if (p.a_dtype == 0) return launch_lora_pass<T, float, BwdKernel>(p.activation, rank, *args, st);
+    if (p.a_dtype == p.dtype) return launch_lora_pass<T, T, BwdKernel>(p.activation, rank, *args, st);
     return cudaErrorInvalidValue;
   });
 }

@@ -335,6 +335,11 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
     ("fwd_ffma", False, True): 14.41,
     ("bwd_ffma", True, False): 4.41, ("bwd_ffma", False, False): 6.13, ("bwd_ffma", True, True): 17.94,
     ("bwd_ffma", False, True): 21.48,
+    # the backward with the gate/up dB (ranks <= 32): the rank-16 backward's weight plus what the dB adds
+    # to its row-step loop body in the static sm_90a SASS (bf16 / silu; fp32 adapters 1013 -> 1590
+    # instructions, bf16 944 -> 1566; over 16 elements, over 24): the two S^T cast(dg) products and the
+    # cast stores. The S_g / S_u staging loops (4-8 trips) are counted once, a slight undercharge.
+    ("bwd_db", True, False): 3.32 + 1.50, ("bwd_db", False, False): 2.66 + 1.62,
 }
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
@@ -443,6 +448,11 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         unit, times = _cuda_tc_unit(a.dtype)
         drop = kw.get("down_drop")
         philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
+        gate_up = kw.get("gate_up")
+        if gate_up is not None:  # and the gate/up dB: two more rank-sized token sums over the same tiles
+            r_gu = gate_up[0].shape[1]
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd_db", a.dtype == torch.float32, False)]
+            return {unit: times * 2 * (2 * n * r + 2 * n * r_gu)}, round(n * weight), philox
         weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd", a.dtype == torch.float32, r > 32)]
         return {unit: times * 2 * (2 * n * r)}, round(n * weight), philox
     if wrapper == "lora_token_reduce":  # s l^T D(cast_A(x)): x staged once, the products on the tensor cores

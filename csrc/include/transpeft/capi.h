@@ -35,7 +35,7 @@
 extern "C" {
 #endif
 
-#define TRANSPEFT_CUDA_ABI_VERSION 4  // 4: transpeft_act_bwd_lora, transpeft_lora_token_reduce; 3: integer mask threshold
+#define TRANSPEFT_CUDA_ABI_VERSION 5  // 5: act_bwd_lora's gate/up dB partials; 4: transpeft_act_bwd_lora, transpeft_lora_token_reduce; 3: integer mask threshold
 
 int transpeft_cuda_abi_version(void);
 const char* transpeft_cuda_error_string(int error);
@@ -134,11 +134,26 @@ int transpeft_masked_gated_act_bwd(const TranspeftActBwdArgs* args, uint64_t str
 // splits = ceil(M / rows_per_split). h' is rebuilt in registers and never written: act.h_out and
 // act.xd_out must be NULL. Needs 1 <= rank <= 64, I % 8 == 0, 16-byte aligned g, u, dh, dg, du with
 // row strides that are multiples of 8 elements; cudaErrorInvalidValue otherwise.
+// Optionally (sg != NULL) the gate and up projections' dB from the dg and du the pass writes, split
+// the same way: dbg_part (splits, rank_gu, I) fp32, contiguous,
+//   dbg_part[s] = scaling_g S_g[rows of s]^T cast_A(dg)[rows of s],   likewise dbu_part from S_u and du,
+// so dB_g = cast_A(sum over s of dbg_part[s])^T, as dA_d. S_g, S_u (M, rank_gu) in act.a_dtype with row
+// strides ldsg, ldsu (unit column stride); 1 <= rank_gu <= 32 and act.rank <= 32 (the accumulators of
+// three rank-sized products per block), 16-bit act.dtype; su, dbg_part and dbu_part then required.
 typedef struct TranspeftActBwdLoraArgs {
   TranspeftActBwdArgs act;
   void* da_part;
   int64_t splits;
   int64_t rows_per_split;
+  const void* sg;
+  int64_t ldsg;
+  const void* su;
+  int64_t ldsu;
+  int64_t rank_gu;
+  float scaling_g;
+  float scaling_u;
+  void* dbg_part;
+  void* dbu_part;
 } TranspeftActBwdLoraArgs;
 
 int transpeft_act_bwd_lora(const TranspeftActBwdLoraArgs* args, uint64_t stream);

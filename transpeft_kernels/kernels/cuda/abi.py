@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 4  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
+ABI_VERSION = 5  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
 
 _P, _I64, _I32, _U32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_float
 
@@ -106,7 +106,11 @@ class ActBwdArgs(_Args):
 
 class ActBwdLoraArgs(_Args):
     _c_name_ = "TranspeftActBwdLoraArgs"
-    _fields_ = [("act", ActBwdArgs), ("da_part", _P), ("splits", _I64), ("rows_per_split", _I64)]
+    _fields_ = [("act", ActBwdArgs), ("da_part", _P), ("splits", _I64), ("rows_per_split", _I64),
+                ("sg", _P), ("ldsg", _I64), ("su", _P), ("ldsu", _I64), ("rank_gu", _I64), ("scaling_g", _F32),
+                ("scaling_u", _F32), ("dbg_part", _P), ("dbu_part", _P)]
+    _defaults_ = dict(sg=None, ldsg=0, su=None, ldsu=0, rank_gu=0, scaling_g=1.0, scaling_u=1.0, dbg_part=None,
+                      dbu_part=None)
 
 
 class LoraShrinkArgs(_Args):

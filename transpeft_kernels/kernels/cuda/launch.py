@@ -16,6 +16,7 @@ created by the caller, never a saved tensor or an incoming gradient).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -218,29 +219,80 @@ def row_splits(M: int, N: int, device: torch.device) -> int:
     return max(1, min(-(-4 * sms // cols), steps // 4, 64))
 
 
+MAX_DB_RANK = 32  # act_bwd_lora's gate/up dB: three sets of rank-sized accumulators per block
+
+
+class ActBwdLoraGrads(NamedTuple):
+    """What act_bwd_lora returns: dg, du (M, I); dA_d (r_d, I); dB_g, dB_u (I, r) or None when not asked."""
+
+    dg: torch.Tensor
+    du: torch.Tensor
+    dA_d: torch.Tensor
+    dB_g: torch.Tensor | None = None
+    dB_u: torch.Tensor | None = None
+
+
 def act_bwd_lora(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed, down_t: torch.Tensor,
                  down_a: torch.Tensor, down_scaling: float, down_drop: Dropout | None = None, out=None,
-                 splits: int | None = None):
-    """(dg, du, dA_d): masked_gated_act_bwd with its LoRA term (same arguments and dg, du) and, in the
-    same pass on the tensor cores, dA_d = s_d t_d^T dropout_qd(cast_A(h')) (r, I) in A_d's dtype,
-    without writing h' or xd. Needs I % 8 == 0, 16-byte aligned rows (``act_bwd_lora_supported``).
-    The kernel writes fp32 partials per row split (``splits``: None to choose), summed here in a fixed
-    order: any split count gives the same result up to fp32 summation order."""
+                 splits: int | None = None, gate_up: tuple | None = None) -> ActBwdLoraGrads:
+    """(dg, du, dA_d[, dB_g, dB_u]): masked_gated_act_bwd with its LoRA term (same arguments and dg, du)
+    and, in the same pass on the tensor cores, dA_d = s_d t_d^T dropout_qd(cast_A(h')) (r, I) in A_d's
+    dtype, without writing h' or xd. Needs I % 8 == 0, 16-byte aligned rows (``act_bwd_lora_supported``).
+    ``gate_up`` = (S_g, s_g, S_u, s_u): also dB_g = s_g cast_A(dg)^T S_g and dB_u likewise, (I, r) in
+    A_d's dtype, from the dg and du the pass writes (S_g, S_u (M, r) in A_d's dtype, r <= 32, r_d <= 32,
+    16-bit activations). The kernel writes fp32 partials per row split (``splits``: None to choose), summed here
+    in a fixed order: any split count gives the same result up to fp32 summation order."""
     if down_t is None or down_a is None:
         raise ValueError("down_t, down_a: required (the pass computes dA_d)")
     args, (dg, du, _, _), _alive = _act_bwd_args(dh_base, g, u, activation, p, rescale, mask_seed, down_t, down_a,
                                                  down_scaling, down_drop, False, False, out)
     M, I = dg.shape
-    r, device = down_a.shape[0], dg.device
+    r, device, adt = down_a.shape[0], dg.device, down_a.dtype
     if I % 8 != 0:
         raise ValueError(f"g: expected a column count divisible by 8, got {I}")
+    sides = _gate_up_sides(gate_up, M, r, adt, dg.dtype, device)
     if M == 0 or I == 0:
-        return dg, du, torch.zeros((r, I), dtype=down_a.dtype, device=device)
+        zeros = None if sides is None else torch.zeros((I, sides[0].shape[1]), dtype=adt, device=device)
+        return ActBwdLoraGrads(dg, du, torch.zeros((r, I), dtype=adt, device=device), zeros,
+                               None if zeros is None else zeros.clone())
     n, per_split = _split_rows(M, I, device, splits)
     part = torch.empty((n, r, I), dtype=torch.float32, device=device)
-    largs = ActBwdLoraArgs(act=args, da_part=part.data_ptr(), splits=n, rows_per_split=per_split)
+    fused = {}
+    if sides is not None:
+        sg, scale_g, su, scale_u = sides
+        rgu = sg.shape[1]
+        dbg, dbu = (torch.empty((n, rgu, I), dtype=torch.float32, device=device) for _ in range(2))
+        fused = dict(sg=sg.data_ptr(), ldsg=_ld(sg), su=su.data_ptr(), ldsu=_ld(su), rank_gu=rgu,
+                     scaling_g=float(scale_g), scaling_u=float(scale_u), dbg_part=dbg.data_ptr(), dbu_part=dbu.data_ptr())
+    largs = ActBwdLoraArgs(act=args, da_part=part.data_ptr(), splits=n, rows_per_split=per_split, **fused)
     _call("transpeft_act_bwd_lora", largs, device)
-    return dg, du, (part[0] if n == 1 else part.sum(0)).to(down_a.dtype)
+
+    def total(p):  # fixed order over the splits, then one rounding, as unsplit
+        return (p[0] if n == 1 else p.sum(0)).to(adt)
+
+    if sides is None:
+        return ActBwdLoraGrads(dg, du, total(part))
+    return ActBwdLoraGrads(dg, du, total(part), total(dbg).t().contiguous(), total(dbu).t().contiguous())
+
+
+def _gate_up_sides(gate_up, M: int, r_d: int, adt: torch.dtype, act_dtype: torch.dtype, device: torch.device):
+    """act_bwd_lora's ``gate_up`` checked: (S_g, s_g, S_u, s_u) with unit column strides, or None."""
+    if gate_up is None:
+        return None
+    sg, scale_g, su, scale_u = gate_up
+    sg, su = unit_column_stride(sg, "gate_up S_g"), unit_column_stride(su, "gate_up S_u")
+    for name, s in (("S_g", sg), ("S_u", su)):
+        if s.device != device:
+            raise ValueError(f"gate_up {name}: expected device {device}, got {s.device}")
+    for name, s in (("S_g", sg), ("S_u", su)):
+        if s.dim() != 2 or s.shape[0] != M or not 1 <= s.shape[1] <= MAX_DB_RANK or s.shape != sg.shape or s.dtype != adt:
+            raise ValueError(f"gate_up {name}: expected ({M}, r <= {MAX_DB_RANK}) like S_g, in down_a's dtype {adt}, "
+                             f"got {tuple(s.shape)} {s.dtype}")
+    if r_d > MAX_DB_RANK:
+        raise ValueError(f"gate_up: the gate/up dB needs the down rank <= {MAX_DB_RANK}, got {r_d}")
+    if act_dtype == torch.float32:
+        raise ValueError("gate_up: the gate/up dB needs 16-bit activations (g, u, dh_base), got float32")
+    return sg, scale_g, su, scale_u
 
 
 def _split_rows(M: int, N: int, device: torch.device, splits: int | None) -> tuple[int, int]:
