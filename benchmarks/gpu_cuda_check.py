@@ -93,6 +93,10 @@ def bandwidth(report: Report) -> None:
         # also write xd, (M, I) fp32, for the ATen dA_d GEMM: want_xd is off there)
         "act_bwd_lora_r16": (5 * elt, lambda: K.act_bwd_lora(
             dh, g, u, "silu", 0.1, False, seed, t, A, 2.0, K.Dropout(0.05, seed))),
+        # with the gate/up dB from the same tiles (fp32 adapters): against the line above plus two
+        # token_reduce_r16 below, the saving the model expects (0.09 ms at Llama-3-8B shape)
+        "act_bwd_lora_r16+gate_up_db": (5 * elt, lambda: K.act_bwd_lora(
+            dh, g, u, "silu", 0.1, False, seed, t, A, 2.0, K.Dropout(0.05, seed), gate_up=(t, 2.0, t, 2.0))),
     }
     # the gate/up dB (fp32 adapters): lora_token_reduce against ATen on an fp32 copy of dg, side by side;
     # the backend's choice between them (cuda_backend._reducible) is the model's until this measures
