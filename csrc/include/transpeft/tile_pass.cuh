@@ -135,7 +135,7 @@ __device__ __forceinline__ void reduce_step(TileAcc<TA> (&acc)[NTW], const TA* s
 }
 
 // part[k * N + col0 + c] = scaling * result (k < R, col0 + c < N), through `stage` (RT x kBN floats of
-// shared memory). Ends with the block synced.
+// shared memory). Does not sync at the end: a caller that writes `stage` again syncs first.
 template <typename TA, int RT, int NTW>
 __device__ __forceinline__ void store_reduction(const TileAcc<TA> (&acc)[NTW], float* stage, float* part, int64_t R,
                                                 int64_t N, int64_t col0, float scaling) {
