@@ -225,7 +225,7 @@ def test_patched_tiny_model_on_cuda_matches_torch(family, calls):
 
 
 def _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=None, out=None, q=0.2, gate_up_rank=None):
-    """act_bwd_lora on random inputs, with what it should equal: its result (dg, du, dA_d, dB_g, dB_u), the
+    """act_bwd_lora on random inputs, with what it should equal: its result (ActBwdLoraGrads), the
     reference dg, du (torch, in dtype, on the same rounded LoRA term), their float64 versions, and dA in
     float64. With ``gate_up_rank`` it is also given S_g, S_u of that rank (scalings 0.75, 1.25), kept in
     ``_one_pass_case.gate_up`` for ``_db_exact``."""
@@ -263,7 +263,8 @@ def test_one_pass_backward_against_float64(dtype, a_dtype, activation, calls):
     with fp32 adapters); dA_d within the rounding of its M-long sum; on a ragged shape (45 rows: a partial
     32-row step; 72 columns: a partial 64-column block) split over two row groups."""
     M, inter, r = 45, 72, 5
-    (dg, du, dA, *_), want, exact, dA64 = _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=2)
+    got, want, exact, dA64 = _one_pass_case(M, inter, r, dtype, a_dtype, activation, splits=2)
+    dg, du, dA = got.dg, got.du, got.dA_d
     assert calls == ["transpeft_act_bwd_lora", "transpeft_masked_gated_act_fwd"]
     for name, a, b, e in zip(("dg", "du"), (dg, du), want, exact):
         assert_within_budget(a, b, e, dtype, r + 16, name, tf32x3_depth=_tf32x3(a_dtype, r))
@@ -275,7 +276,8 @@ def test_one_pass_backward_against_float64(dtype, a_dtype, activation, calls):
 def test_one_pass_backward_every_rank_tile(r):
     """Ranks padded to the 16, 32 and 64 tiles (zero rows of A_d and columns of t_d must add nothing)."""
     M, inter = 70, 136
-    (dg, du, dA, *_), want, exact, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.SILU)
+    got, want, exact, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.SILU)
+    dg, du, dA = got.dg, got.du, got.dA_d
     for name, a, b, e in zip(("dg", "du"), (dg, du), want, exact):
         assert_within_budget(a, b, e, torch.bfloat16, r + 16, name, tf32x3_depth=r)
     assert_close_to_exact(dA, dA64, torch.float32, M, "dA_d", tf32x3_depth=M)
@@ -290,10 +292,11 @@ def test_one_pass_backward_splits_change_only_the_summation_order():
     for splits in (2, 4, 50):
         torch.manual_seed(3)
         buf = torch.empty(M, 2 * inter, dtype=torch.bfloat16)
-        (dg, du, dA, *_), _, _, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.GELU,
-                                                  splits=splits, out=(buf[:, :inter], buf[:, inter:]))
-        assert torch.equal(dg, one[0]) and torch.equal(du, one[1])
-        assert torch.equal(buf[:, :inter], one[0]) and torch.equal(buf[:, inter:], one[1])
+        got, _, _, dA64 = _one_pass_case(M, inter, r, torch.bfloat16, torch.float32, R.Activation.GELU,
+                                         splits=splits, out=(buf[:, :inter], buf[:, inter:]))
+        dg, du, dA = got.dg, got.du, got.dA_d
+        assert torch.equal(dg, one.dg) and torch.equal(du, one.du)
+        assert torch.equal(buf[:, :inter], one.dg) and torch.equal(buf[:, inter:], one.du)
         assert_close_to_exact(dA, dA64, torch.float32, M, "dA_d", tf32x3_depth=M)
 
 

@@ -3,6 +3,7 @@ without triton and without the CUDA library)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -81,3 +82,16 @@ def seed_on(seed: torch.Tensor | None, device: torch.device, name: str = "seed")
         raise TypeError(f"{name}: expected a one-element int64 tensor, got {seed!r}")
     s = seed if seed.dim() == 1 else seed.reshape(1)
     return s if s.device == device else s.to(device, non_blocking=True)  # no dispatch when already there
+
+
+@dataclass(frozen=True)
+class ActBwdLoraGrads:
+    """Results of an ``act_bwd_lora`` (the Triton and the CUDA one). dg, du (M, I) in g's and u's dtypes;
+    dB_g, dB_u (I, r) in each side's adapter dtype (None for a side without LoRA, or not asked for);
+    dA_d (r_d, I) in the down adapter's dtype, or None."""
+
+    dg: torch.Tensor
+    du: torch.Tensor
+    dB_g: torch.Tensor | None
+    dB_u: torch.Tensor | None
+    dA_d: torch.Tensor | None

@@ -41,7 +41,6 @@ Falls back to TorchBackend (same results, unfused) where the kernels do not appl
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -49,7 +48,6 @@ import torch.nn.functional as F
 
 from ..kernels.cuda.library import emulating
 from ..reference.activations import Activation
-from ..reference.mlp import INPUT_SUB_SEEDS
 from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
 from .coverage import covered, linear_covered, knowledge_mask_args
 from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend
@@ -61,6 +59,11 @@ def _runnable(*tensors: torch.Tensor | None) -> bool:
 
 def _linear_ok(x2d: torch.Tensor, lin: LinearWeights) -> bool:
     return linear_covered(x2d, lin, cpu_ok=emulating())
+
+
+def _linear_bwd_ok(dy, x2d, s, lin: LinearWeights) -> bool:
+    """Whether lora_linear's backward runs on the kernels (else TorchBackend's)."""
+    return dy.dtype == x2d.dtype and _linear_ok(x2d, lin) and _runnable(dy, x2d, s)
 
 
 def _rows_contiguous(bt: torch.Tensor) -> torch.Tensor:
@@ -123,18 +126,22 @@ class CudaBackend(TorchBackend):
         self._k.lora_expand_(y, s, lora.B, lora.scaling)
         return y, s
 
-    def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds,
-                        dx_into: torch.Tensor | None = None, dB: torch.Tensor | None = None) -> LinearGrads:
-        """As TorchBackend's; with ``dx_into`` (a fresh (M, K) tensor of ours) dx is accumulated into it
-        in place and returned (the gate and up projections' dX share one output); ``dB`` when already
-        computed (by the one-pass activation backward), else computed here."""
-        if dy.dtype != x2d.dtype or not _linear_ok(x2d, lin) or not _runnable(dy, x2d, s):
-            grads = super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
-            if dx_into is not None and grads.x is not None:
-                grads = dataclasses.replace(grads, x=dx_into.add_(grads.x))
-            if dB is not None:
-                grads = dataclasses.replace(grads, B=dB)
-            return grads
+    def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
+        if not _linear_bwd_ok(dy, x2d, s, lin):
+            return super().lora_linear_bwd(dy, x2d, s, lin, seed, needs)
+        return self._linear_bwd(dy, x2d, s, lin, seed, needs)
+
+    def _input_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, dx_sum, dB) -> LinearGrads:
+        """TorchBackend's, with the projections' dX summed in one output (``dx_sum``, a fresh tensor of ours:
+        addmm_, no extra add pass)."""
+        if not _linear_bwd_ok(dy, x2d, s, lin):
+            return super()._input_bwd(dy, x2d, s, lin, seed, needs, dx_sum, dB)
+        return self._linear_bwd(dy, x2d, s, lin, seed, needs, dx_into=dx_sum, dB=dB)
+
+    def _linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds,
+                    dx_into: torch.Tensor | None = None, dB: torch.Tensor | None = None) -> LinearGrads:
+        """lora_linear_bwd on covered operands; dx accumulated into ``dx_into`` in place when given (and
+        returned as the gradient's x); ``dB`` when already computed, else computed here."""
         K, lora = self._k, lin.lora
         dx = dW = db = dA = None
         t = self._shrink(dy, lora.B.t()) if lora is not None and (needs.A or needs.x) else None
@@ -159,19 +166,6 @@ class CudaBackend(TorchBackend):
                     xd = x2d.to(adt) if drop is None else K.lora_dropout_cast(x2d, adt, drop)
                     dA = (t.t() @ xd) * lora.scaling
         return LinearGrads(dx, dW, db, dA, dB)
-
-    def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...],
-                   dBs: tuple | None = None):
-        """As TorchBackend's, with the gate and up dX summed into one output (addmm_, no extra add pass);
-        ``dBs``: the projections' dB where already computed (by the one-pass activation backward)."""
-        dx, grads = None, []
-        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
-            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i],
-                                      dx_into=dx, dB=None if dBs is None else dBs[i])
-            if gi.x is not None:
-                dx = gi.x
-            grads.append(gi)
-        return dx, grads
 
     def _reducible(self, lora, dtype: torch.dtype, drop=None) -> bool:
         """Whether a LoRA token sum (dB = s cast_A(dy)^T S, or dA = s t^T dropout(cast_A(x)) with

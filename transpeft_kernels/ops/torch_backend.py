@@ -17,6 +17,7 @@ A fused backend overrides gate_up_act_fwd (GEMM + activation epilogue) or the wh
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -141,15 +142,26 @@ class TorchBackend:
                  for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout])]
         return tuple(y for y, _ in pairs), tuple(s for _, s in pairs)
 
-    def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...]):
-        """Backward of the gate/up projections: d_outs like saved.outs -> (dx (M, d) or None, their LinearGrads)."""
+    def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...],
+                   dBs: tuple | None = None):
+        """Backward of the gate/up projections: d_outs like saved.outs -> (dx (M, d) or None, their LinearGrads).
+        ``dBs``: the projections' dB where a backend already computed them (its one-pass activation backward)."""
         dx, grads = None, []
         for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
-            gi = self.lora_linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i])
+            gi = self._input_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i], dx,
+                                 None if dBs is None else dBs[i])
             if gi.x is not None:
-                dx = gi.x if dx is None else dx + gi.x
+                dx = gi.x
             grads.append(gi)
         return dx, grads
+
+    def _input_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, dx_sum, dB) -> LinearGrads:
+        """One gate/up projection's lora_linear backward, its dx plus ``dx_sum`` (the projections' before it,
+        or None) and its dB replaced by ``dB`` when given. A backend with fused kernels overrides this."""
+        gi = self.lora_linear_bwd(dy, x2d, s, lin, seed, needs)
+        if dx_sum is not None and gi.x is not None:
+            gi = dataclasses.replace(gi, x=dx_sum + gi.x)
+        return gi if dB is None else dataclasses.replace(gi, B=dB)
 
     def gate_up_act_fwd(self, x2d, w: GatedMLPWeights, activation: Activation, mask: MaskSpec | None, seed):
         """x2d (M, d) -> (outs, shrinks, h'): the gate/up outputs and shrinks as MLPSaved holds them,

@@ -13,12 +13,12 @@
 The library is found or built as library.py describes; the big GEMMs are not here (the backend
 runs them through ATen, i.e. cuBLAS).
 """
-from .launch import (MAX_DB_RANK, MAX_FUSED_RANK, MAX_REDUCE_RANK, ActBwdLoraGrads, Dropout, act_bwd_lora,
+from .launch import (MAX_DB_RANK, MAX_FUSED_RANK, MAX_REDUCE_RANK, Dropout, act_bwd_lora,
                      act_bwd_lora_supported,
                      lora_dropout_cast, lora_token_reduce, lora_expand_, lora_shrink, masked_gated_act_bwd,
                      masked_gated_act_fwd)
 from .library import BUILD_ROUTES, emulating, find_library, load
 
-__all__ = ["BUILD_ROUTES", "MAX_DB_RANK", "MAX_FUSED_RANK", "MAX_REDUCE_RANK", "ActBwdLoraGrads", "Dropout", "act_bwd_lora", "act_bwd_lora_supported",
+__all__ = ["BUILD_ROUTES", "MAX_DB_RANK", "MAX_FUSED_RANK", "MAX_REDUCE_RANK", "Dropout", "act_bwd_lora", "act_bwd_lora_supported",
            "emulating", "lora_token_reduce", "find_library", "load", "lora_dropout_cast",
            "lora_expand_", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd"]

@@ -16,11 +16,11 @@ created by the caller, never a saved tensor or an incoming gradient).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
-from ..launch_args import ACT_CODES, check_same_device, dtype_code, rounded_to, seed_on, unit_column_stride
+from ..launch_args import (ACT_CODES, ActBwdLoraGrads, check_same_device, dtype_code, rounded_to, seed_on,
+                           unit_column_stride)
 from ...reference.philox import keep_threshold
 from .abi import ActBwdArgs, ActBwdLoraArgs, ActFwdArgs, LoraTokenReduceArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
 from .library import load
@@ -222,20 +222,10 @@ def row_splits(M: int, N: int, device: torch.device) -> int:
 MAX_DB_RANK = 32  # act_bwd_lora's gate/up dB: three sets of rank-sized accumulators per block
 
 
-class ActBwdLoraGrads(NamedTuple):
-    """What act_bwd_lora returns: dg, du (M, I); dA_d (r_d, I); dB_g, dB_u (I, r) or None when not asked."""
-
-    dg: torch.Tensor
-    du: torch.Tensor
-    dA_d: torch.Tensor
-    dB_g: torch.Tensor | None = None
-    dB_u: torch.Tensor | None = None
-
-
 def act_bwd_lora(dh_base, g, u, activation: str, p: float, rescale: bool, mask_seed, down_t: torch.Tensor,
                  down_a: torch.Tensor, down_scaling: float, down_drop: Dropout | None = None, out=None,
                  splits: int | None = None, gate_up: tuple | None = None) -> ActBwdLoraGrads:
-    """(dg, du, dA_d[, dB_g, dB_u]): masked_gated_act_bwd with its LoRA term (same arguments and dg, du)
+    """ActBwdLoraGrads (dg, du, dB_g, dB_u, dA_d): masked_gated_act_bwd with its LoRA term (same arguments and dg, du)
     and, in the same pass on the tensor cores, dA_d = s_d t_d^T dropout_qd(cast_A(h')) (r, I) in A_d's
     dtype, without writing h' or xd. Needs I % 8 == 0, 16-byte aligned rows (``act_bwd_lora_supported``).
     ``gate_up`` = (S_g, s_g, S_u, s_u): also dB_g = s_g cast_A(dg)^T S_g and dB_u likewise, (I, r) in
@@ -253,8 +243,8 @@ def act_bwd_lora(dh_base, g, u, activation: str, p: float, rescale: bool, mask_s
     sides = _gate_up_sides(gate_up, M, r, adt, dg.dtype, device)
     if M == 0 or I == 0:
         zeros = None if sides is None else torch.zeros((I, sides[0].shape[1]), dtype=adt, device=device)
-        return ActBwdLoraGrads(dg, du, torch.zeros((r, I), dtype=adt, device=device), zeros,
-                               None if zeros is None else zeros.clone())
+        return ActBwdLoraGrads(dg, du, zeros, None if zeros is None else zeros.clone(),
+                               torch.zeros((r, I), dtype=adt, device=device))
     n, per_split = _split_rows(M, I, device, splits)
     part = torch.empty((n, r, I), dtype=torch.float32, device=device)
     fused = {}
@@ -271,8 +261,8 @@ def act_bwd_lora(dh_base, g, u, activation: str, p: float, rescale: bool, mask_s
         return (p[0] if n == 1 else p.sum(0)).to(adt)
 
     if sides is None:
-        return ActBwdLoraGrads(dg, du, total(part))
-    return ActBwdLoraGrads(dg, du, total(part), total(dbg).t().contiguous(), total(dbu).t().contiguous())
+        return ActBwdLoraGrads(dg, du, None, None, total(part))
+    return ActBwdLoraGrads(dg, du, total(dbg).t().contiguous(), total(dbu).t().contiguous(), total(part))
 
 
 def _gate_up_sides(gate_up, M: int, r_d: int, adt: torch.dtype, act_dtype: torch.dtype, device: torch.device):
@@ -284,7 +274,6 @@ def _gate_up_sides(gate_up, M: int, r_d: int, adt: torch.dtype, act_dtype: torch
     for name, s in (("S_g", sg), ("S_u", su)):
         if s.device != device:
             raise ValueError(f"gate_up {name}: expected device {device}, got {s.device}")
-    for name, s in (("S_g", sg), ("S_u", su)):
         if s.dim() != 2 or s.shape[0] != M or not 1 <= s.shape[1] <= MAX_DB_RANK or s.shape != sg.shape or s.dtype != adt:
             raise ValueError(f"gate_up {name}: expected ({M}, r <= {MAX_DB_RANK}) like S_g, in down_a's dtype {adt}, "
                              f"got {tuple(s.shape)} {s.dtype}")

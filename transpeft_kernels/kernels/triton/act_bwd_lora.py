@@ -36,14 +36,13 @@ adapter is fp32 (``block_n_for_rank``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..launch_args import ACT_CODES, unit_column_stride, unit_columns
+from ..launch_args import ACT_CODES, ActBwdLoraGrads, unit_column_stride, unit_columns
 from . import configs, direct_launch, plans
 from ._common import (cast_like, cdiv, check_2d, check_same_device, dot_operand, dtype_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
@@ -188,18 +187,6 @@ class DownLora(NamedTuple):
     scaling: float
     dropout: float = 0.0
     seed: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class ActBwdLoraGrads:
-    """Results of ``act_bwd_lora``. dg, du (M, I) in g's and u's dtypes; dB_g, dB_u (I, r) in each side's
-    adapter dtype (None for a side without LoRA); dA_d (r_d, I) in the down adapter's dtype, or None."""
-
-    dg: torch.Tensor
-    du: torch.Tensor
-    dB_g: torch.Tensor | None
-    dB_u: torch.Tensor | None
-    dA_d: torch.Tensor | None
 
 
 def block_n_for_rank(block_n: int, rank: int, all_fp32: bool) -> int:

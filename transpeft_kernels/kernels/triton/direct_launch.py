@@ -4,7 +4,7 @@
 specialisation of each one (type, 16-byte alignment of pointers, divisibility of integers), hash that
 into a cache key and look the compiled kernel up, on every call: 7.5 us per launch with Triton 3.6 and
 9 us with 3.9 on the development CPU, against 0.4 us for the compiled kernel's own launcher (measured
-with the launch itself stubbed, ``python_tests/test_triton_direct_launch.py``'s fake driver). With 6
+with the launch itself stubbed, under ``perf/triton_stub_driver.py``). With 6
 launches per lora_linear fwd+bwd and 15 per gated MLP that is a quarter of our host path.
 
 A launch plan already fixes everything the specialisation depends on except what the launcher passes
