@@ -3,7 +3,7 @@ without triton and without the CUDA library)."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -84,11 +84,11 @@ def seed_on(seed: torch.Tensor | None, device: torch.device, name: str = "seed")
     return s if s.device == device else s.to(device, non_blocking=True)  # no dispatch when already there
 
 
-@dataclass(frozen=True)
-class ActBwdLoraGrads:
+class ActBwdLoraGrads(NamedTuple):
     """Results of an ``act_bwd_lora`` (the Triton and the CUDA one). dg, du (M, I) in g's and u's dtypes;
     dB_g, dB_u (I, r) in each side's adapter dtype (None for a side without LoRA, or not asked for);
-    dA_d (r_d, I) in the down adapter's dtype, or None."""
+    dA_d (r_d, I) in the down adapter's dtype, or None. A tuple, so that pytree flattening (the
+    performance model's byte count of a call's outputs) sees its tensors."""
 
     dg: torch.Tensor
     du: torch.Tensor
