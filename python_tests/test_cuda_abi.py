@@ -105,9 +105,9 @@ STALE = {
     "version": (f"#define TRANSPEFT_CUDA_ABI_VERSION {abi.ABI_VERSION}", "#define TRANSPEFT_CUDA_ABI_VERSION 1",
                 rf"C interface version 1, this package needs {abi.ABI_VERSION}"),
     # a field added without bumping the version
-    "size": ("  int32_t a_dtype;\n  TranspeftRandomMask drop;\n} TranspeftLoraShrinkArgs;",
-             "  int32_t a_dtype;\n  TranspeftRandomMask drop;\n  int64_t extra;\n} TranspeftLoraShrinkArgs;",
-             r"struct TranspeftLoraShrinkArgs: the library has 128 bytes, this package's mirror has 120 bytes"),
+    "size": ("  int64_t cols_per_split;\n} TranspeftLoraShrinkArgs;",
+             "  int64_t cols_per_split;\n  int64_t extra;\n} TranspeftLoraShrinkArgs;",
+             r"struct TranspeftLoraShrinkArgs: the library has 152 bytes, this package's mirror has 144 bytes"),
     # two fields of one type swapped: same size, every value in the other's place
     "order": (FWD_HEAD, FWD_HEAD.replace("int64_t M;\n  int64_t I;", "int64_t I;\n  int64_t M;"),
               r"field TranspeftActFwdArgs.M: the library has it at offset 56, this package's mirror at offset 48"),

@@ -398,6 +398,103 @@ def test_forward_down_shrink_on_tensor_cores_against_float64(dtype, a_dtype, act
                           tf32x3_depth=_tf32x3(a_dtype, inter))
 
 
+def _gate_up_case(M, inter, r, r_gu, dtype, a_dtype, layout="split"):
+    """g, u (M, I), A_d, the GateUpLora (S in a_dtype, B as the fused layout's halves of one (2I, r) B or two
+    B's) and the seeds of a forward with the gate/up expands."""
+    g, u = torch.randn(M, inter).to(dtype), torch.randn(M, inter).to(dtype)
+    A = (torch.randn(r, inter) * 0.3).to(a_dtype)
+    sg = torch.randn(M, r_gu).to(a_dtype)
+    if layout == "fused":  # one S, B_g and B_u the halves of one B
+        b_g, b_u = (torch.randn(2 * inter, r_gu) * 0.5).to(a_dtype).chunk(2)
+        gate_up = K.GateUpLora(sg, b_g, 0.5, sg, b_u, 0.5)
+    else:
+        gate_up = K.GateUpLora(sg, (torch.randn(inter, r_gu) * 0.5).to(a_dtype), 0.5,
+                               torch.randn(M, r_gu).to(a_dtype), (torch.randn(inter, r_gu) * 0.5).to(a_dtype), 2.0)
+    return g, u, A, gate_up
+
+
+@pytest.mark.parametrize("dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.float16, torch.float32),
+                                           (torch.float32, torch.float32)])
+@pytest.mark.parametrize("M,inter,r,r_gu,layout", [(45, 72, 5, 16, "split"), (70, 264, 16, 3, "split"),
+                                                   (33, 64, 2, 32, "fused"), (40, 136, 32, 17, "split"),
+                                                   (3, 16, 1, 1, "fused")])
+def test_forward_gate_up_expands_give_the_bits_of_the_separate_expands(dtype, a_dtype, M, inter, r, r_gu, layout, calls):
+    """The gate/up expands inside the tensor-core forward: g and u written in place with the same bits as
+    two lora_expand_ passes (the same mma; ranks in different tiles pad with zeros that add nothing), and
+    h', S_d the same bits as the forward over those; g within its rounding budget against float64. Ragged:
+    partial 32-row blocks and 64-column steps; I = 264 splits the columns in two."""
+    torch.manual_seed(6)
+    g0, u0, A, gu = _gate_up_case(M, inter, r, r_gu, dtype, a_dtype, layout)
+    seed_m, drop = torch.tensor(21), K.Dropout(0.1, torch.tensor(8))
+    g1, u1 = g0.clone(), u0.clone()
+    K.lora_expand_(g1, gu.s_g, gu.b_g, gu.scaling_g)
+    K.lora_expand_(u1, gu.s_u, gu.b_u, gu.scaling_u)
+    h1, s1 = K.masked_gated_act_fwd(g1, u1, "gelu_tanh", 0.1, True, seed_m, down_a=A, down_drop=drop)
+    calls.clear()
+    g2, u2 = g0.clone(), u0.clone()
+    h2, s2 = K.masked_gated_act_fwd(g2, u2, "gelu_tanh", 0.1, True, seed_m, down_a=A, down_drop=drop, gate_up=gu)
+    assert calls == ["transpeft_masked_gated_act_fwd"]
+    for name, a, b in (("g", g2, g1), ("u", u2, u1), ("h", h2, h1), ("S_d", s2, s1)):
+        assert torch.equal(a, b), name
+    term = (gu.s_g.double() @ gu.b_g.double().t()) * gu.scaling_g
+    exact = g0.double() + term
+    scale = max(g0.double().abs().max().item(), term.abs().max().item())
+    allowed = floor(torch.float32, r_gu, scale, roundings=0, tf32x3_depth=_tf32x3(a_dtype, r_gu)) \
+        + (2 * UNIT_ROUNDOFF[a_dtype] + UNIT_ROUNDOFF[dtype]) * scale  # TA(z), TA(. * s), T(g + term)
+    err = (g2.double() - exact).abs().max().item()
+    assert err <= allowed, (err, allowed)
+
+
+def test_forward_gate_up_expands_refuse_what_they_do_not_take():
+    M, inter = 40, 64
+    g, u, A, gu = _gate_up_case(M, inter, 8, 8, torch.bfloat16, torch.float32)
+    args = ("silu", 0.0, False, None)
+    with pytest.raises(ValueError, match="needs down_a"):
+        K.masked_gated_act_fwd(g, u, *args, gate_up=gu)
+    with pytest.raises(ValueError, match="down rank <= 32"):
+        K.masked_gated_act_fwd(g, u, *args, down_a=torch.randn(40, inter), gate_up=gu)
+    wide = K.GateUpLora(torch.randn(M, 33), torch.randn(inter, 33), 1.0, torch.randn(M, 33), torch.randn(inter, 33), 1.0)
+    with pytest.raises(ValueError, match="gate_up S_g"):
+        K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=wide)
+    with pytest.raises(ValueError, match="gate_up B_u"):  # not A_d's dtype
+        K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=K.GateUpLora(gu.s_g, gu.b_g, 1.0, gu.s_u, gu.b_u.bfloat16(), 1.0))
+    with pytest.raises(ValueError, match="gate_up B_g"):  # strided columns: the kernel reads unit-stride rows
+        K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=K.GateUpLora(gu.s_g, gu.b_g.t().contiguous().t(), 1.0,
+                                                                              gu.s_u, gu.b_u, 1.0))
+    # written in place, so never copied: rows 68 elements apart (not 16-byte aligned) are refused
+    pad = torch.randn(M, inter + 4).bfloat16()[:, :inter]
+    with pytest.raises(ValueError, match="written in place"):
+        K.masked_gated_act_fwd(pad, u, *args, down_a=A, gate_up=gu)
+    assert not K.gate_up_supported(g.t().contiguous().t(), u)
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+@pytest.mark.parametrize("a_dtype,rank", [(torch.float32, 8), (torch.bfloat16, 8), (torch.float32, 40)])
+def test_mlp_forward_takes_the_gate_up_expands_into_the_activation_pass(backend, calls, monkeypatch, layout, a_dtype,
+                                                                       rank):
+    """The MLP's forward adds the gate/up expands inside the activation pass (one lora_expand_ left: the
+    down projection's) where every projection has LoRA of one dtype and rank <= 32; output and every
+    gradient bit for bit those of the separate expands. Rank 40 keeps the separate expands."""
+    w = test_ops.make_mlp(16, 48, layout, torch.bfloat16, adapter_dtype=a_dtype, rank=rank, dropout=0.1)
+
+    def forward_and_grads():
+        torch.manual_seed(0)
+        x = torch.randn(70, 16, dtype=torch.bfloat16, requires_grad=True)
+        y = ops.masked_gated_mlp(x, w, R.Activation.SILU, MaskSpec(0.2), torch.tensor(3), backend)
+        n_expand = calls.count("transpeft_lora_expand")
+        return n_expand, (y, *torch.autograd.grad(y, test_ops.leaves(x, w), torch.randn_like(y)))
+
+    n_fused, fused = forward_and_grads()
+    monkeypatch.setattr(cuda_backend.CudaBackend, "_fuses_gate_up_expands", lambda self, w: False)
+    calls.clear()
+    n_separate, separate = forward_and_grads()
+    assert n_separate == 1 + len(w.inputs)
+    assert n_fused == (1 if rank <= K.MAX_GATE_UP_RANK else n_separate)
+    for i, (a, b) in enumerate(zip(fused, separate, strict=True)):
+        assert torch.equal(a, b), f"output {i}"
+
+
 @pytest.mark.parametrize("x_dtype,l_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                              (torch.float16, torch.float16), (torch.float16, torch.float32),
                                              (torch.float32, torch.float32)])
@@ -480,9 +577,10 @@ def test_expand_against_float64(y_dtype, l_dtype, grad, M, N, r, pad, calls):
                                             (17, 40, 8, 0.1, "padded"), (9, 24, 3, 0.0, "strided")])
 def test_shrink_against_float64(x_dtype, a_dtype, M, width, r, q, layout, calls):
     """S = dropout_q(cast_A(x)) a^T within the rounding of its K-long sum (tf32x3 with fp32 adapters),
-    the mask bit for bit the reference's. Tensor-core shrink: rows (16-row blocks, partial 64-column
-    steps), K % 8 != 0 (the unpacked load), a given as B^T's transposed view (t = dY B), rows padded to
-    40 + 4 elements (unaligned); x with column stride 2: the earlier kernel."""
+    the mask bit for bit the reference's. Tensor-core shrink: rows (64-row blocks, partial 64-column
+    steps; K of 4 steps or more split in two here), K % 8 != 0 (the unpacked load), a given as B^T's
+    transposed view (t = dY B), rows padded to 40 + 4 elements (unaligned); x with column stride 2: the
+    earlier kernel."""
     x = torch.randn(M, width + (4 if layout == "padded" else 0)).to(x_dtype)[:, :width]
     if layout == "strided":
         x = torch.randn(M, 2 * width).to(x_dtype)[:, ::2]
@@ -493,3 +591,21 @@ def test_shrink_against_float64(x_dtype, a_dtype, M, width, r, q, layout, calls)
     assert calls == ["transpeft_lora_shrink"] and got.dtype == a_dtype and got.shape == (M, r)
     xd = x.to(a_dtype) * (dropout_multiplier(seed, x.to(a_dtype), q) if q > 0 else 1)
     assert_close_to_exact(got, xd.double() @ a.double().t(), a_dtype, width, "S", tf32x3_depth=_tf32x3(a_dtype, width))
+
+
+def test_shrink_splits_change_only_the_summation_order(calls):
+    """Any split of K (fp32 partials summed by the wrapper in a fixed order) within the rounding of the
+    K-long sum; x with strided columns takes the earlier kernel, unsplit whatever the count; a count below
+    1 is refused. 150 rows: two blocks of 64 and a partial third."""
+    M, width, r = 150, 520, 24
+    x, a = torch.randn(M, width).bfloat16(), torch.randn(r, width)
+    exact = x.double() @ a.double().t()
+    for splits in (1, 2, 3, 9, 100):
+        got = K.lora_shrink(x, a, splits=splits)
+        assert_close_to_exact(got, exact, torch.float32, width, f"S, {splits} splits", tf32x3_depth=width)
+    assert calls == ["transpeft_lora_shrink"] * 5
+    strided = torch.randn(M, 2 * width).bfloat16()[:, ::2]
+    assert_close_to_exact(K.lora_shrink(strided, a, splits=4), strided.double() @ a.double().t(), torch.float32,
+                          width, "S, strided x")
+    with pytest.raises(ValueError, match="splits: expected a positive count"):
+        K.lora_shrink(x, a, splits=0)

@@ -1,4 +1,5 @@
-"""The CUDA tensor-core passes (csrc/kernels/act_lora.cu, lora_reduce.cu) in their static SASS, compiled
+"""The CUDA tensor-core passes (csrc/kernels/act_lora.cu, lora_reduce.cu, lora_shrink.cu, lora_expand.cu) in
+their static SASS, compiled
 with nvcc as the library builds them (no GPU needed): every variant runs its LoRA products on the tensor
 cores (HMMA) and spills nothing, on sm_80 and sm_90a. Skipped without nvcc or cuobjdump."""
 import subprocess
@@ -9,11 +10,15 @@ from transpeft_kernels.kernels import sass
 from transpeft_kernels.kernels.cuda import build
 
 # source -> (its tensor-core kernels, variant count): 5 (operand, adapter) dtype pairs x 3 rank tiles x
-# 3 activations forward and backward (the backward also with the gate/up dB at rank tiles 16 and 32 for
-# the 4 pairs with 16-bit activations), or x 2 load paths (packed, unpacked)
+# 3 activations forward and backward (the forward also with the gate/up expands at rank tiles 16 and 32
+# for all 5 pairs, the backward with the gate/up dB for the 4 pairs with 16-bit activations), or x 2 load
+# paths (packed, unpacked); the shrink and expand: any (x or y, adapter) dtype pair of 3 x 3, the shrink
+# x 2 load paths, plus its EXACT variants (a 16-bit x under fp32 adapters), the expand forward and dX
 SOURCES = {
-    "act_lora.cu": (("act_fwd_lora_kernel", "act_bwd_lora_kernel"), 2 * 5 * 3 * 3 + 4 * 2 * 3),
+    "act_lora.cu": (("act_fwd_lora_kernel", "act_bwd_lora_kernel"), 2 * 5 * 3 * 3 + 5 * 2 * 3 + 4 * 2 * 3),
     "lora_reduce.cu": (("token_reduce_kernel",), 5 * 3 * 2),
+    "lora_shrink.cu": (("shrink_tile_kernel",), 9 * 3 * 2 + 2 * 3 * 2),
+    "lora_expand.cu": (("expand_tile_kernel",), 9 * 3 * 2),
 }
 
 

@@ -2,6 +2,8 @@
 // (transpeft/tile_mma.cuh). Rounding follows transpeft/fused_math.h; contracts: transpeft/capi.h.
 //
 // forward (transpeft_masked_gated_act_fwd with A_d, when rows are aligned and I % 8 == 0):
+//   optionally (ranks <= 32) the gate/up LoRA expands first, in place:
+//   g    = T(g + TA(TA(S_g B_g^T) s_g)),  u likewise      (BM x BN per step, mma; written back in T)
 //   h'   = act(g) u m                                      written in T
 //   S_d  = dropout_qd(cast_A(h')) A_d^T                    (BM x RT per block, mma over I)
 // A block of 4 warps owns BM = 32 rows and sweeps I (or one of col_splits ranges of it, each writing an
@@ -9,7 +11,10 @@
 // element-wise part (two groups of 8 columns per thread: one Philox call per group and mask, 16-byte
 // loads and stores), stages xd (BM, BN) and A_d's (RT, BN) columns in shared memory, and adds
 // xd A_d^T into the S_d accumulators. A_d is read once per 32 rows (the earlier kernel read it once
-// per 64 / RT rows, and summed the products with FFMA chains).
+// per 64 / RT rows, and summed the products with FFMA chains). With the gate/up expands (GU) the block
+// stages its rows of S_g and S_u once, and per step B_g's and B_u's (BN, RT) rows; z_g, z_u go through
+// shared memory to the element-wise part, which adds them to g and u as lora_expand.cu does (the same
+// mma, so the same bits) and writes g, u back: the separate expands' read and write of g and u are gone.
 //
 // backward (transpeft_act_bwd_lora), one pass over (M, I):
 //   z    = t_d A_d                                         (BM x BN per step, mma)
@@ -52,16 +57,110 @@ using LoraBwdArgs = TranspeftActBwdLoraArgs;
 
 static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "z: two tiles per warp");
 
-template <typename T, typename TA, Activation ACT, int RT>
-__global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_kernel(TranspeftActFwdArgs p) {
-  constexpr int TILES = (kBM / kTile) * (RT / kTile);  // S_d tiles of the block, over 4 warps
-  constexpr int NTW = (TILES + kLoraWarps - 1) / kLoraWarps;
+// The forward's shared memory. Plain: A_d's columns, xd and the S_d tile at the end. With the gate/up
+// expands (GU, RT <= 32) also S_g's, S_u's rows of the block, B_g's, B_u's rows of the step and z_g, z_u,
+// in 48 KB at rank 32 with fp32 adapters because xd takes z_g's place there (each element is read by the
+// thread that then overwrites it) and the S_d tile z_u's (after the last step).
+template <typename TA>
+struct FwdBuffers {
+  TA* a;
+  TA* x;
+  float* o;
+  TA* sg;
+  TA* su;
+  TA* bg;
+  TA* bu;
+  float* zg;
+  float* zu;
+};
+
+template <typename TA, int RT>
+__device__ __forceinline__ FwdBuffers<TA> fwd_buffers() {
   alignas(32) __shared__ TA s_a[RT * kBN];      // A_d[:, col : col + BN]: column-major B of xd A_d^T
   alignas(32) __shared__ TA s_x[kBM * kBN];     // xd of the step, zero outside (M, I)
   alignas(32) __shared__ float s_o[kBM * RT];   // the S_d tile at the end
+  return FwdBuffers<TA>{s_a, s_x, s_o, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+}
+
+template <typename TA, int RT>
+__device__ __forceinline__ FwdBuffers<TA> fwd_gate_up_buffers() {
+  static_assert(RT <= 32, "the gate/up expands' buffers fit 48 KB up to rank 32");
+  alignas(32) __shared__ TA s_a[RT * kBN];
+  alignas(32) __shared__ TA sg[kBM * RT];       // S_g's rows of the block, zero past rank_gu and M
+  alignas(32) __shared__ TA su[kBM * RT];
+  alignas(32) __shared__ TA bg[kBN * RT];       // B_g's rows of the step (column-major B of S_g B_g^T)
+  alignas(32) __shared__ TA bu[kBN * RT];
+  alignas(32) __shared__ float zg[kBM * kBN];   // z_g of the step
+  alignas(32) __shared__ float zu[kBM * kBN];
+  if constexpr (std::is_same<TA, float>::value) {
+    return FwdBuffers<TA>{s_a, zg, zu, sg, su, bg, bu, zg, zu};
+  } else {
+    alignas(32) __shared__ TA s_x[kBM * kBN];
+    return FwdBuffers<TA>{s_a, s_x, zu, sg, su, bg, bu, zg, zu};
+  }
+}
+
+// rows [row0, row0 + ROWS) of src (row stride ld, unit column stride) as a (ROWS, RT) tile in shared
+// memory, zero past rows_end and R: B's rows for S B^T, as lora_expand.cu stages them. `vec` (uniform:
+// R % 8 == 0, 16-byte aligned rows) moves groups of 8 with 16-byte loads: one trip per thread at rank 16.
+template <typename TA, int RT, int ROWS>
+__device__ __forceinline__ void stage_b_rows(TA* dst, const TA* src, int64_t ld, int64_t row0, int64_t rows_end,
+                                             int64_t R, bool vec) {
+  if (vec) {
+#pragma unroll 1  // one or two trips: unrolled, ptxas held both sides' groups at once (168 registers on sm_80)
+    for (int i = threadIdx.x; i < ROWS * (RT / kGroup); i += kLoraThreads) {
+      const int n = i / (RT / kGroup), k = (i % (RT / kGroup)) * kGroup;
+      float v[kGroup];
+      if (row0 + n < rows_end && k < R) {  // R % 8 == 0: the whole group is in range
+        load_group<TA>(src + (row0 + n) * ld + k, v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) v[j] = 0.0f;
+      }
+      store_group<TA>(dst + n * RT + k, v);
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < ROWS * RT; i += kLoraThreads) {
+    const int n = i / RT, k = i % RT;
+    dst[i] = (row0 + n < rows_end && k < R) ? src[(row0 + n) * ld + k] : from_float<TA>(0.0f);
+  }
+}
+
+// z (BM x BN, fp32, row-major in shared memory) = s (BM x RT) b^T (b: BN x RT), two 16 x 16 tiles per
+// warp, with lora_expand.cu's mma.
+template <typename TA, int RT>
+__device__ __forceinline__ void expand_step(float* z, const TA* s, const TA* b) {
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int tile = warp * 2 + j, mt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
+    TileAcc<TA> acc;
+    tile_zero(acc);
+    tile_mma<TA, false, RT, true>(acc, s + mt * kTile * RT, RT, b + nt * kTile * RT, RT);
+    tile_store(z + mt * kTile * kBN + nt * kTile, kBN, acc);
+  }
+}
+
+template <typename T, typename TA, Activation ACT, int RT, bool GU>
+__global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_kernel(TranspeftActFwdArgs p) {
+  constexpr int TILES = (kBM / kTile) * (RT / kTile);  // S_d tiles of the block, over 4 warps
+  constexpr int NTW = (TILES + kLoraWarps - 1) / kLoraWarps;
+  static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "z_g, z_u: two tiles per warp");
+  FwdBuffers<TA> sm;
+  if constexpr (GU) {
+    sm = fwd_gate_up_buffers<TA, RT>();
+  } else {
+    sm = fwd_buffers<TA, RT>();
+  }
+  TA* const s_a = sm.a;
+  TA* const s_x = sm.x;
+  float* const s_o = sm.o;
 
   const T* g = static_cast<const T*>(p.g);
   const T* u = static_cast<const T*>(p.u);
+  T* const g_out = static_cast<T*>(const_cast<void*>(p.g));  // GU: in place (capi.h)
+  T* const u_out = static_cast<T*>(const_cast<void*>(p.u));
   T* h = static_cast<T*>(p.h);
   const TA* a = static_cast<const TA*>(p.a);
   const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
@@ -78,8 +177,22 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
   for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
 
   const bool a_vec = aligned_rows<TA>(p.a, p.lda);  // I % 8 == 0 here
+  bool b_vec = false;
+  if constexpr (GU) {
+    stage_rank_rows<TA, RT>(sm.sg, static_cast<const TA*>(p.sg), p.ldsg, 1, row0, p.M, p.rank_gu);
+    stage_rank_rows<TA, RT>(sm.su, static_cast<const TA*>(p.su), p.ldsu, 1, row0, p.M, p.rank_gu);
+    b_vec = p.rank_gu % kGroup == 0 && aligned_rows<TA>(p.bg, p.ldbg) && aligned_rows<TA>(p.bu, p.ldbu);
+  }
   for (int64_t col0 = col_begin; col0 < col_end; col0 += kBN) {
     stage_columns<TA, TA, RT>(s_a, a, p.lda, 1, p.rank, col0, p.I, a_vec);
+    if constexpr (GU) {
+      stage_b_rows<TA, RT, kBN>(sm.bg, static_cast<const TA*>(p.bg), p.ldbg, col0, p.I, p.rank_gu, b_vec);
+      stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu, b_vec);
+      __syncthreads();  // S_g, S_u (first step), B_g, B_u complete
+      expand_step<TA, RT>(sm.zg, sm.sg, sm.bg);
+      expand_step<TA, RT>(sm.zu, sm.su, sm.bu);
+      __syncthreads();  // z_g, z_u complete
+    }
 #pragma unroll 1  // as in the backward: one group's values live at a time
     for (int i = 0; i < kGroupsPerThread; ++i) {
       const auto [m, c] = group_of(i);
@@ -89,6 +202,15 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
         float gv[kGroup], uv[kGroup], hv[kGroup];
         load_group<T>(g + row * p.ldg + col, gv);
         load_group<T>(u + row * p.ldu + col, uv);
+        if constexpr (GU) {  // before xd overwrites z_g (fp32 adapters)
+#pragma unroll
+          for (int v = 0; v < kGroup; ++v) {
+            gv[v] = lora_forward_sum<T, TA>(gv[v], sm.zg[m * kBN + c + v], p.scaling_g);
+            uv[v] = lora_forward_sum<T, TA>(uv[v], sm.zu[m * kBN + c + v], p.scaling_u);
+          }
+          store_group<T>(g_out + row * p.ldg + col, gv);
+          store_group<T>(u_out + row * p.ldu + col, uv);
+        }
         const uint32_t mbits = keep_bits(p.mask.on, mseed, row, col, p.I, p.mask.threshold);
         const uint32_t dbits = keep_bits(p.drop.on, dseed, row, col, p.I, p.drop.threshold);
 #pragma unroll
@@ -307,7 +429,11 @@ struct FwdKernel {
   static cudaError_t run(const TranspeftActFwdArgs& args, cudaStream_t stream) {
     const unsigned splits = args.s_part != nullptr ? static_cast<unsigned>(args.col_splits) : 1u;
     const dim3 grid(static_cast<unsigned>((args.M + kBM - 1) / kBM), splits);
-    return launch_kernel(act_fwd_lora_kernel<T, TA, ACT, RT>, grid, kLoraThreads, stream, args);
+    if constexpr (RT <= 32) {
+      if (args.sg != nullptr) return launch_kernel(act_fwd_lora_kernel<T, TA, ACT, RT, true>, grid, kLoraThreads, stream, args);
+    }
+    if (args.sg != nullptr) return cudaErrorInvalidValue;
+    return launch_kernel(act_fwd_lora_kernel<T, TA, ACT, RT, false>, grid, kLoraThreads, stream, args);
   }
 };
 
@@ -374,6 +500,11 @@ namespace cuda {
 
 bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
   if (p.a == nullptr || p.rank < 1 || p.rank > 64 || p.I % kGroup != 0 || (p.M + kBM - 1) / kBM > 0x7FFFFFFF) return false;
+  if (p.sg != nullptr && (p.su == nullptr || p.bg == nullptr || p.bu == nullptr || p.rank_gu < 1 || p.rank_gu > 32 ||
+                          p.rank > 32 || p.ldsg < p.rank_gu || p.ldsu < p.rank_gu || p.ldbg < p.rank_gu ||
+                          p.ldbu < p.rank_gu)) {
+    return false;
+  }
   if (p.s_part != nullptr && (p.cols_per_split < kBN || p.cols_per_split % kBN != 0 || p.col_splits > 65535 ||
                               p.col_splits != (p.I + p.cols_per_split - 1) / p.cols_per_split)) {
     return false;
@@ -387,10 +518,11 @@ bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
 }
 
 cudaError_t launch_act_fwd_lora(const TranspeftActFwdArgs& p, cudaStream_t stream) {
+  const int64_t rank = p.sg != nullptr && p.rank_gu > p.rank ? p.rank_gu : p.rank;  // the rank tile covers both
   return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    if (p.a_dtype == 0) return launch_lora_pass<T, float, FwdKernel>(p.activation, p.rank, p, stream);
-    if (p.a_dtype == p.dtype) return launch_lora_pass<T, T, FwdKernel>(p.activation, p.rank, p, stream);
+    if (p.a_dtype == 0) return launch_lora_pass<T, float, FwdKernel>(p.activation, rank, p, stream);
+    if (p.a_dtype == p.dtype) return launch_lora_pass<T, T, FwdKernel>(p.activation, rank, p, stream);
     return cudaErrorInvalidValue;
   });
 }

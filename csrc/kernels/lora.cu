@@ -191,6 +191,7 @@ extern "C" int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64
   if (p.M < 0 || p.K < 0 || p.R < 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.R == 0) return cudaSuccess;
   if (shrink_tile_takes(p)) return launch_shrink_tile(p, as_stream(stream));
+  if (p.s_part != nullptr) return cudaErrorInvalidValue;  // only the tensor-core shrink writes partials
   const unsigned grid = grid_for((p.M + kShrinkRows - 1) / kShrinkRows);
   return with_dtypes(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) -> cudaError_t {
     using TX = typename decltype(tx)::type;

@@ -4,14 +4,17 @@
 //
 // Same contract and rounding as lora.cu's shrink_kernel (transpeft/capi.h, fused_math.h), which
 // transpeft_lora_shrink keeps for what this one does not take: x with a column stride other than 1,
-// rank > 64. A block of 4 warps owns 16 rows and sweeps K in 64-column steps: each thread casts one
-// group of 8 columns of x (16-byte loads when K % 8 == 0 and rows are aligned; one Philox call per
-// group for the dropout mask) into shared memory, a's (RT, 64) columns are staged beside it, and
-// warp w adds x a[16 w : 16 w + 16]^T into its accumulator tile (RT / 16 of the 4 warps have one).
-// 16 rows per block keep M / 16 blocks in flight (512 at 8192 tokens); a is re-read from L2 per block.
+// rank > 64. A block of 4 warps owns 64 rows, warp w the 16 rows 16 w.., and sweeps K (or one of
+// k_splits ranges of it, each writing an fp32 partial of S) in 64-column steps: each thread casts four
+// groups of 8 columns of x (16-byte loads when K % 8 == 0 and rows are aligned; one Philox call per
+// group for the dropout mask) into shared memory, a's (RT, 64) columns are staged beside it, and every
+// warp adds its rows' x a^T into RT / 16 accumulator tiles. a's columns are staged once per 64 rows and
+// every warp has tensor-core work; the split over K keeps enough blocks in flight (M / 64 row blocks
+// alone are 128 at 8192 tokens). The earlier tile kernel owned 16 rows per block, so a's staging, the
+// barriers and the step's bookkeeping were shared by 8 elements per thread instead of 32, and at rank 16
+// one warp of four did the mma.
 // EXACT (fp32 a, 16-bit x, no dropout: the backward's t = dy B, and forward shrinks without dropout):
 // the staged x is exact in tf32, so each k step is two mmas instead of three (tile_mma's A_EXACT).
-// The earlier kernel summed with FFMA chains, 4 rows x 16 ranks per block.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -25,12 +28,14 @@ namespace transpeft {
 namespace cuda {
 namespace {
 
-constexpr int kShrinkBM = kTile;  // rows per block
-static_assert(kShrinkBM * kBN == kGroup * kLoraThreads, "one group of 8 columns per thread per step");
+constexpr int kShrinkBM = kLoraWarps * kTile;  // rows per block: one 16-row slab per warp
+constexpr int kShrinkGroups = kShrinkBM * kBN / kGroup / kLoraThreads;  // groups of 8 per thread per step
+static_assert(kShrinkBM * kBN % (kGroup * kLoraThreads) == 0, "whole groups per thread");
 
 template <typename TX, typename TA, int RT, bool PACKED, bool EXACT>
 __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kernel(TranspeftLoraShrinkArgs p) {
   static_assert(!EXACT || (sizeof(TX) == 2 && sizeof(TA) == 4), "EXACT: a 16-bit x under fp32 adapters");
+  constexpr int NT = RT / kTile;                   // accumulator tiles per warp
   alignas(32) __shared__ TA s_x[kShrinkBM * kBN];  // dropout_q(cast_A(x)) of the step, zero outside (M, K)
   alignas(32) __shared__ TA s_a[RT * kBN];         // a's columns of the step: column-major B of x a^T
   alignas(32) __shared__ float s_o[kShrinkBM * RT];
@@ -40,31 +45,47 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
-  const int m = tid / (kBN / kGroup);             // this thread's row of the block
-  const int c = (tid % (kBN / kGroup)) * kGroup;  // and its group's first column in the step
   const bool a_vec = p.sak == 1 && p.K % kGroup == 0 && aligned_rows<TA>(p.a, p.sar);
+  const bool split = p.s_part != nullptr;
+  const int64_t k_begin = split ? int64_t{blockIdx.y} * p.cols_per_split : 0;
+  const int64_t k_end = split && k_begin + p.cols_per_split < p.K ? k_begin + p.cols_per_split : p.K;
 
   for (int64_t row0 = int64_t{blockIdx.x} * kShrinkBM; row0 < p.M; row0 += int64_t{gridDim.x} * kShrinkBM) {
-    const int64_t row = row0 + m;
-    TileAcc<TA> acc;
-    tile_zero(acc);
-    for (int64_t col0 = 0; col0 < p.K; col0 += kBN) {
-      stage_columns<TA, TA, RT>(s_a, a, p.sar, p.sak, p.R, col0, p.K, a_vec);
-      const int64_t col = col0 + c;
-      float xv[kGroup];  // x has unit column stride here
-      lora_input_group<TX, TA, PACKED>(x + row * p.sxm + col, row < p.M && col < p.K, row, col, p.K, p.drop, dseed, xv);
+    TileAcc<TA> acc[NT];
 #pragma unroll
-      for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
+    for (int j = 0; j < NT; ++j) tile_zero(acc[j]);
+    for (int64_t col0 = k_begin; col0 < k_end; col0 += kBN) {
+      stage_columns<TA, TA, RT>(s_a, a, p.sar, p.sak, p.R, col0, p.K, a_vec);
+#pragma unroll  // the four groups' loads in flight together
+      for (int i = 0; i < kShrinkGroups; ++i) {
+        const int group = tid + i * kLoraThreads;
+        const int m = group / (kBN / kGroup), c = (group % (kBN / kGroup)) * kGroup;
+        const int64_t row = row0 + m, col = col0 + c;
+        float xv[kGroup];  // x has unit column stride here
+        lora_input_group<TX, TA, PACKED>(x + row * p.sxm + col, row < p.M && col < p.K, row, col, p.K, p.drop, dseed,
+                                         xv);
+#pragma unroll
+        for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
+      }
       __syncthreads();  // s_x and s_a complete
-      if (warp < RT / kTile) tile_mma<TA, false, kBN, true, EXACT>(acc, s_x, kBN, s_a + warp * kTile * kBN, kBN);
+      tile_mma_row<TA, NT, false, kBN, true, EXACT>(acc, s_x + warp * kTile * kBN, kBN, s_a, kBN, kTile * kBN);
       __syncthreads();  // the next step may overwrite s_x and s_a
     }
-    if (warp < RT / kTile) tile_store(s_o + warp * kTile, RT, acc);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) tile_store(s_o + warp * kTile * RT + j * kTile, RT, acc[j]);
     __syncthreads();
-    TA* s = static_cast<TA*>(p.s);
-    for (int i = tid; i < kShrinkBM * RT; i += kLoraThreads) {
-      const int mm = i / RT, k = i % RT;
-      if (row0 + mm < p.M && k < p.R) s[(row0 + mm) * p.lds + k] = from_float<TA>(s_o[i]);
+    if (split) {
+      float* part = static_cast<float*>(p.s_part) + int64_t{blockIdx.y} * p.M * p.R;
+      for (int i = tid; i < kShrinkBM * RT; i += kLoraThreads) {
+        const int mm = i / RT, k = i % RT;
+        if (row0 + mm < p.M && k < p.R) part[(row0 + mm) * p.R + k] = s_o[i];
+      }
+    } else {
+      TA* s = static_cast<TA*>(p.s);
+      for (int i = tid; i < kShrinkBM * RT; i += kLoraThreads) {
+        const int mm = i / RT, k = i % RT;
+        if (row0 + mm < p.M && k < p.R) s[(row0 + mm) * p.lds + k] = from_float<TA>(s_o[i]);
+      }
     }
     __syncthreads();  // s_o is rewritten by the next row group
   }
@@ -72,7 +93,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
 
 template <typename TX, typename TA, bool PACKED, bool EXACT>
 cudaError_t launch_shrink_rank_tile(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
-  const dim3 grid(grid_for((p.M + kShrinkBM - 1) / kShrinkBM));
+  const unsigned splits = p.s_part != nullptr ? static_cast<unsigned>(p.k_splits) : 1u;
+  const dim3 grid(grid_for((p.M + kShrinkBM - 1) / kShrinkBM), splits);
   if (p.R <= 16) return launch_kernel(shrink_tile_kernel<TX, TA, 16, PACKED, EXACT>, grid, kLoraThreads, stream, p);
   if (p.R <= 32) return launch_kernel(shrink_tile_kernel<TX, TA, 32, PACKED, EXACT>, grid, kLoraThreads, stream, p);
   return launch_kernel(shrink_tile_kernel<TX, TA, 64, PACKED, EXACT>, grid, kLoraThreads, stream, p);
@@ -88,7 +110,11 @@ cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t
 
 }  // namespace
 
-bool shrink_tile_takes(const TranspeftLoraShrinkArgs& p) { return p.R >= 1 && p.R <= 64 && (p.sxk == 1 || p.K <= 1); }
+bool shrink_tile_takes(const TranspeftLoraShrinkArgs& p) {
+  if (p.R < 1 || p.R > 64 || (p.sxk != 1 && p.K > 1)) return false;
+  return p.s_part == nullptr || (p.cols_per_split >= kBN && p.cols_per_split % kBN == 0 && p.k_splits <= 65535 &&
+                                 p.k_splits == (p.K + p.cols_per_split - 1) / p.cols_per_split);
+}
 
 cudaError_t launch_shrink_tile(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
   return with_dtype(p.x_dtype, [&](auto tx) -> cudaError_t {

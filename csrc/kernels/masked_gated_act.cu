@@ -305,7 +305,8 @@ extern "C" int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, u
     }
     // I == 0 still runs: S_d is then a sum over nothing, written as zeros.
     if (act_fwd_lora_takes(p)) return launch_act_fwd_lora(p, st);
-    if (p.s_part != nullptr) return cudaErrorInvalidValue;  // only the tensor-core forward writes partials
+    // only the tensor-core forward writes partials or adds the gate/up expands
+    if (p.s_part != nullptr || p.sg != nullptr) return cudaErrorInvalidValue;
     if (p.a_dtype == 0) return by_rank<T, float>(p.rank, p, st, FwdLaunch{});
     if (p.a_dtype == p.dtype) return by_rank<T, T>(p.rank, p, st, FwdLaunch{});
     return cudaErrorInvalidValue;

@@ -14,6 +14,9 @@ lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropo
 masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
     forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers,
               S_d's products on the tensor cores when I % 8 == 0 and rows are 16-byte aligned)
+              with LoRA on every projection in one adapter dtype and ranks <= 32: g, u = the base GEMMs and
+              the shrinks only, their expands added in place by the same activation pass
+              (``_fuses_gate_up_expands``)
               y = h' W_d^T + b_d (ATen) += s_d S_d B_d^T (lora_expand_)
     backward  dh_base = dY W_d (ATen), t_d = cast_A(dY) B_d (lora_shrink, or ATen as t above)
               dg, du, dA_d = act_bwd_lora: one pass, dh' = dh_base + s_d D(t_d A_d) and
@@ -48,6 +51,7 @@ import torch.nn.functional as F
 
 from ..kernels.cuda.library import emulating
 from ..reference.activations import Activation
+from ..reference.mlp import INPUT_SUB_SEEDS
 from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
 from .coverage import covered, linear_covered, knowledge_mask_args
 from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend
@@ -118,13 +122,16 @@ class CudaBackend(TorchBackend):
         """x2d (M, d_in) -> (y (M, d_out) in x dtype, S (M, r) in adapter dtype or None)."""
         if not _linear_ok(x2d, lin):
             return super().lora_linear_fwd(x2d, lin, seed)
+        y, s = self._base_and_shrink(x2d, lin, seed)
+        if s is not None:
+            self._k.lora_expand_(y, s, lin.lora.B, lin.lora.scaling)
+        return y, s
+
+    def _base_and_shrink(self, x2d: torch.Tensor, lin: LinearWeights, seed):
+        """lora_linear_fwd without its expand: (x W^T + b, S or None); covered operands."""
         y = F.linear(x2d, lin.weight, lin.bias)
         lora = lin.lora
-        if lora is None:
-            return y, None
-        s = self._shrink(x2d, lora.A, self._dropout(lin, seed))
-        self._k.lora_expand_(y, s, lora.B, lora.scaling)
-        return y, s
+        return y, None if lora is None else self._shrink(x2d, lora.A, self._dropout(lin, seed))
 
     def lora_linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds) -> LinearGrads:
         if not _linear_bwd_ok(dy, x2d, s, lin):
@@ -208,14 +215,25 @@ class CudaBackend(TorchBackend):
             return super().mlp_fwd(x2d, w, activation, mask, seed)
         K, down = self._k, w.down
         margs = knowledge_mask_args(mask, seed)
-        outs, shrinks = self.inputs_fwd(x2d, w, seed)
-        g, u = split_gate_up(outs, w.layout)
         act = Activation(activation).value
+        gate_up = None
+        if self._fuses_gate_up_expands(w):
+            pairs = [self._base_and_shrink(x2d, lin, sub_seed(seed, stream))
+                     for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout])]
+            outs, shrinks = tuple(y for y, _ in pairs), tuple(s for _, s in pairs)
+            gate_up = self._gate_up_lora(w, shrinks)
+            if not K.gate_up_supported(*split_gate_up(outs, w.layout)):  # unaligned: the expands on their own
+                for y, s, lin in zip(outs, shrinks, w.inputs):
+                    K.lora_expand_(y, s, lin.lora.B, lin.lora.scaling)
+                gate_up = None
+        else:
+            outs, shrinks = self.inputs_fwd(x2d, w, seed)
+        g, u = split_gate_up(outs, w.layout)
         if down.lora is None:
             h, s_down = K.masked_gated_act_fwd(g, u, act, *margs), None
         else:
             drop = self._dropout(down, sub_seed(seed, SubSeed.DOWN))
-            h, s_down = K.masked_gated_act_fwd(g, u, act, *margs, down_a=down.lora.A, down_drop=drop)
+            h, s_down = K.masked_gated_act_fwd(g, u, act, *margs, down_a=down.lora.A, down_drop=drop, gate_up=gate_up)
         y = F.linear(h, down.weight, down.bias)
         del h
         if down.lora is not None:
@@ -275,6 +293,28 @@ class CudaBackend(TorchBackend):
         dx, grads = self.inputs_bwd(d_outs, x2d, saved, w, seed, needs, dBs=dBs)
         grads.append(LinearGrads(None, dW, db, dA, dB))
         return dx, tuple(grads)
+
+    def _fuses_gate_up_expands(self, w: GatedMLPWeights) -> bool:
+        """Whether the forward adds the gate/up LoRA expands inside the activation pass (masked_gated_act_fwd's
+        ``gate_up``) instead of two lora_expand_ passes over g and u: the down projection with LoRA (the
+        pass is its tensor-core forward), every input projection with LoRA in the down adapter's dtype, one
+        rank for them, it and the down rank <= MAX_GATE_UP_RANK. Chosen by the model (perf/ledger.py): the
+        separate expands read and write g and u once more each."""
+        down = w.down.lora
+        if down is None or down.A.shape[0] > self._k.MAX_GATE_UP_RANK:
+            return False
+        loras = [lin.lora for lin in w.inputs]
+        return all(lora is not None and lora.A.dtype == down.A.dtype and lora.A.shape[0] == loras[0].A.shape[0]
+                   and lora.A.shape[0] <= self._k.MAX_GATE_UP_RANK for lora in loras)
+
+    def _gate_up_lora(self, w: GatedMLPWeights, shrinks):
+        """The GateUpLora of the input projections; the fused layout's one B (2I, r) gives both halves."""
+        if w.layout is Layout.SPLIT:
+            (lg, lu), (sg, su) = (lin.lora for lin in w.inputs), shrinks
+            return self._k.GateUpLora(sg, lg.B, lg.scaling, su, lu.B, lu.scaling)
+        lora, s = w.inputs[0].lora, shrinks[0]
+        b_g, b_u = lora.B.chunk(2, dim=0)
+        return self._k.GateUpLora(s, b_g, lora.scaling, s, b_u, lora.scaling)
 
     def _gate_up_db(self, w: GatedMLPWeights, saved: MLPSaved, needs: tuple[LinearNeeds, ...]):
         """act_bwd_lora's ``gate_up`` (S_g, s_g, S_u, s_u) when the gate/up projections' dB come from the

@@ -340,6 +340,12 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
     # instructions, bf16 944 -> 1566; over 16 elements, over 24): the two S^T cast(dg) products and the
     # cast stores. The S_g / S_u staging loops (4-8 trips) are counted once, a slight undercharge.
     ("bwd_db", True, False): 3.32 + 1.50, ("bwd_db", False, False): 2.66 + 1.62,
+    # the forward with the gate/up expands (ranks <= 32): the rank-16 forward's weight plus what they add
+    # per 64-column step in the static sm_90a SASS (bf16 / silu): the step loop body (fp32 adapters
+    # 936 -> 1852, bf16 1070 -> 1879: B_g, B_u staged, z_g, z_u on the tensor cores, the sums and the g, u
+    # stores) plus the element loop's second trip (396 -> 488, 426 -> 605), less the two scalar B-staging
+    # loops not taken at ranks divisible by 8 (100 each); over 16 elements, over 24.
+    ("fwd_gu", True, False): 2.19 + 2.10, ("fwd_gu", False, False): 2.15 + 2.05,
 }
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
@@ -351,10 +357,15 @@ CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd":
 CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (True, True): 4.02, (False, True): 2.49}
 
 # The tensor-core shrink and expand (lora_shrink.cu, lora_expand.cu), the same way, keyed by (kind, an
-# fp32 adapter, rank > 32), bf16 x / y. shrink, per 64-column step of 8 elements per thread: the step
-# body, a's (RT, 64) staging (16-byte loads, 8 columns of one row per trip), the warps' tf32x3 or bf16
-# k-steps averaged over the 4 warps: r 16 608 / 8 = 76 (fp32 adapters), 711 / 8 = 89 (bf16); r 64 1370 / 8
-# = 171, 1391 / 8 = 174. expand (forward / dX with its mask, separate kernels), per 32-row group of 16
+# fp32 adapter, rank > 32), bf16 x / y. shrink (64 rows per block, every warp on the tensor cores), per
+# 64-column step of 32 elements per thread (static sm_90a SASS, packed x): the step body (four groups of
+# x cast and staged, a's (RT, 64) columns staged), less the scalar staging loop it does not take, plus
+# the k loop's further trips (tile_mma_row: A's fragments loaded and split once per k step for all RT / 16
+# tiles) and the staging loop's (RT / 16 - 1 more at rank 64): r 16 (1100 - 120 + 7 x 61) / 32 = 44.0
+# (fp32 adapters), (1357 - 129 + 3 x 23) / 32 = 40.5 (bf16); r 64 (1234 - 120 + 7 x 163 + 3 x 130) / 32
+# = 82.7, (1404 - 129 + 3 x 41 + 3 x 199) / 32 = 62.3. The earlier tile kernel (16 rows per block, one
+# warp of four on the mma at rank 16) took 76, 89, 171 and 174 per element. expand (forward / dX with
+# its mask, separate kernels), per 32-row group of 16
 # elements per thread: the group body, the second group of 8, z's k-steps, S's staging and a quarter of
 # b's (staged once per 128 rows): r 16 753 / 1096 per 16 (fp32 adapters), 576 / 1038 (bf16); r 64
 # 2065 / 2400, 1328 / 1784. Less the mask stream where there is one (18.4; the shrink's static count
@@ -363,12 +374,11 @@ CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (
 # fragment loads. The earlier per-column kernels keep the weight of 1 (their static counts, 185 per
 # element for a 16-rank shrink chunk and 420 for an expand, hold every branch).
 # shrink_exact: fp32 adapters over a 16-bit x without dropout (tile_mma's A_EXACT: two mmas per k step,
-# x not split): 16 instructions fewer per k step (sm_90a, sass_round2_cuda_mufu.json), times the k steps
-# per thread and step (2 at r 16, 8 at r 64, as above) over 8 elements: 4 and 16 per element fewer; its
-# FLOPs are charged as two tf32 products, not three.
+# x not split): r 16 (1093 - 120 + 7 x 45) / 32 = 40.3, r 64 (1206 - 120 + 7 x 135 + 3 x 130) / 32 = 75.7;
+# its FLOPs are charged as two tf32 products, not three.
 CUDA_LORA_TILE_ELEMENT_WEIGHT = {
-    ("shrink", True, False): 2.40, ("shrink", False, False): 2.94, ("shrink", True, True): 6.36,
-    ("shrink", False, True): 6.48, ("shrink_exact", True, False): 2.23, ("shrink_exact", True, True): 5.69,
+    ("shrink", True, False): 1.07, ("shrink", False, False): 0.92, ("shrink", True, True): 2.68,
+    ("shrink", False, True): 1.83, ("shrink_exact", True, False): 0.91, ("shrink_exact", True, True): 2.39,
     ("expand", True, False): 1.96, ("expand", False, False): 1.50, ("expand", True, True): 5.38,
     ("expand", False, True): 3.46,
     ("expand_grad", True, False): 2.09, ("expand_grad", False, False): 1.94, ("expand_grad", True, True): 5.48,
@@ -426,6 +436,10 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         unit, times = _cuda_tc_unit(a.dtype)
         drop = kw.get("down_drop")
         philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
+        gate_up = kw.get("gate_up")
+        if gate_up is not None:  # and the gate/up expands: two more rank-sized products per element
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd_gu", a.dtype == torch.float32, False)]
+            return {unit: times * 2 * (n * r + 2 * n * gate_up.s_g.shape[1])}, round(n * weight), philox
         weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd", a.dtype == torch.float32, r > 32)]
         return {unit: times * 2 * n * r}, round(n * weight), philox
     if wrapper in ("masked_gated_act_fwd", "masked_gated_act_bwd"):
@@ -508,8 +522,14 @@ def _cuda_wrapper(fn, wrapper: str, lib: _CudaLibRecorder, ledger: Ledger):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if wrapper == "lora_expand_":  # read-modify-write of y
             outs = [ins[0]]
+        elif wrapper == "masked_gated_act_fwd" and kwargs.get("gate_up") is not None:
+            gu = kwargs["gate_up"]  # the expands' operands read, g and u written in place
+            ins += [gu.s_g, gu.b_g, gu.s_u, gu.b_u]
+            outs += [ins[0], ins[1]]
         elif kwargs.get("out") is not None:
             outs = list(kwargs["out"])
+        if wrapper == "act_bwd_lora" and kwargs.get("gate_up") is not None:  # (S_g, s_g, S_u, s_u): S_g, S_u read
+            ins += [t for t in kwargs["gate_up"] if isinstance(t, torch.Tensor)]
         read = sum(nbytes(t) for t in ins)
         written = sum(nbytes(t) for t in outs)
         flops, elements, philox = _cuda_cost(wrapper, ins, outs, bound)

@@ -35,7 +35,7 @@
 extern "C" {
 #endif
 
-#define TRANSPEFT_CUDA_ABI_VERSION 5  // 5: act_bwd_lora's gate/up dB partials; 4: transpeft_act_bwd_lora, transpeft_lora_token_reduce; 3: integer mask threshold
+#define TRANSPEFT_CUDA_ABI_VERSION 6  // 6: the forward's gate/up expands, the shrink's K split; 5: act_bwd_lora's gate/up dB partials; 4: transpeft_act_bwd_lora, transpeft_lora_token_reduce; 3: integer mask threshold
 
 int transpeft_cuda_abi_version(void);
 const char* transpeft_cuda_error_string(int error);
@@ -84,6 +84,24 @@ typedef struct TranspeftActFwdArgs {
   void* s_part;
   int64_t col_splits;
   int64_t cols_per_split;
+  // Optional (sg != NULL), for the tensor-core forward only: the gate and up projections' LoRA expands,
+  // added to g and u IN PLACE before the activation reads them (g and u are then the caller's fresh
+  // GEMM outputs, written through these pointers; the same thread reads an element before writing it):
+  //   g = T(g + TA(TA(S_g B_g^T) * scaling_g)),   u = T(u + TA(TA(S_u B_u^T) * scaling_u))
+  // S_g, S_u (M, rank_gu) and B_g, B_u (I, rank_gu) in a_dtype with row strides ldsg, ldsu, ldbg, ldbu
+  // (unit column stride); 1 <= rank_gu <= 32 and rank <= 32 (the block's shared memory).
+  // cudaErrorInvalidValue when the tensor-core forward does not take the call.
+  const void* sg;
+  int64_t ldsg;
+  const void* bg;
+  int64_t ldbg;
+  const void* su;
+  int64_t ldsu;
+  const void* bu;
+  int64_t ldbu;
+  int64_t rank_gu;
+  float scaling_g;
+  float scaling_u;
 } TranspeftActFwdArgs;
 
 int transpeft_masked_gated_act_fwd(const TranspeftActFwdArgs* args, uint64_t stream);
@@ -160,6 +178,10 @@ int transpeft_act_bwd_lora(const TranspeftActBwdLoraArgs* args, uint64_t stream)
 
 // s (M, R, row stride lds, dtype a_dtype) = dropout_q(cast_A(x)) a^T, fp32 accumulation.
 // x (M, K) with strides (sxm, sxk); a (R, K) with strides (sar, sak): pass B^T's strides for t = dY B.
+// Optional (s_part != NULL), for the tensor-core shrink only (R <= 64, unit column stride of x): K split into
+// k_splits ranges of cols_per_split columns (a multiple of 64), each writing its fp32 partial of s to
+// s_part (k_splits, M, R) contiguous; the caller sums them in a fixed order and casts to a_dtype (s is then
+// not written). cudaErrorInvalidValue when the tensor-core shrink does not take the call.
 typedef struct TranspeftLoraShrinkArgs {
   const void* x;
   int64_t sxm;
@@ -175,6 +197,9 @@ typedef struct TranspeftLoraShrinkArgs {
   int32_t x_dtype;
   int32_t a_dtype;
   TranspeftRandomMask drop;
+  void* s_part;
+  int64_t k_splits;
+  int64_t cols_per_split;
 } TranspeftLoraShrinkArgs;
 
 int transpeft_lora_shrink(const TranspeftLoraShrinkArgs* args, uint64_t stream);

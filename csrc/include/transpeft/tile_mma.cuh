@@ -130,6 +130,40 @@ __device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda,
   }
 }
 
+// acc[j] += A B_j for j < NT, B_j at b + j * b_step: tile_mma over NT tiles of one row of tiles, A's
+// fragments loaded (and split) once per k step for all of them. Each acc[j] sums its k steps in the same
+// order as tile_mma, so the results are the same bits.
+template <typename TA, int NT, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
+__device__ __forceinline__ void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a, int lda, const TA* b, int ldb,
+                                             int b_step) {
+  namespace wmma = nvcuda::wmma;
+  using W = detail::WmmaType<TA>;
+  using LayoutA = typename std::conditional<A_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<B_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
+  constexpr int KS = kTileK<TA>;
+  static_assert(K % KS == 0, "K must be a multiple of the mma's k");
+#pragma unroll 1  // as in tile_mma
+  for (int k = 0; k < K; k += KS) {
+    const auto* ap = reinterpret_cast<const typename W::storage*>(a + (A_COL_MAJOR ? k * lda : k));
+    wmma::fragment<wmma::matrix_a, kTile, kTile, KS, typename W::precision, LayoutA> fa, fa_lo;
+    wmma::load_matrix_sync(fa, ap, lda);
+    if constexpr (sizeof(TA) == 4 && !A_EXACT) detail::split_tf32(fa, fa_lo);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const auto* bp = reinterpret_cast<const typename W::storage*>(b + j * b_step + (B_COL_MAJOR ? k : k * ldb));
+      wmma::fragment<wmma::matrix_b, kTile, kTile, KS, typename W::precision, LayoutB> fb;
+      wmma::load_matrix_sync(fb, bp, ldb);
+      if constexpr (sizeof(TA) == 4) {
+        decltype(fb) fb_lo;
+        detail::split_tf32(fb, fb_lo);
+        if constexpr (!A_EXACT) wmma::mma_sync(acc[j].f, fa_lo, fb, acc[j].f);
+        wmma::mma_sync(acc[j].f, fa, fb_lo, acc[j].f);
+      }
+      wmma::mma_sync(acc[j].f, fa, fb, acc[j].f);
+    }
+  }
+}
+
 // acc to shared or global memory, row-major: element (m, n) at p[m * ld + n].
 template <typename TA>
 __device__ __forceinline__ void tile_store(float* p, int ld, const TileAcc<TA>& acc) {
@@ -186,6 +220,11 @@ inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ld
     }
   }
   __syncwarp();
+}
+
+template <typename TA, int NT, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
+inline void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a, int lda, const TA* b, int ldb, int b_step) {
+  for (int j = 0; j < NT; ++j) tile_mma<TA, A_COL_MAJOR, K, B_COL_MAJOR, A_EXACT>(acc[j], a, lda, b + j * b_step, ldb);
 }
 
 template <typename TA>

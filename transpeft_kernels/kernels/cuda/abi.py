@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 5  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
+ABI_VERSION = 6  # TRANSPEFT_CUDA_ABI_VERSION in capi.h
 
 _P, _I64, _I32, _U32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_float
 
@@ -85,9 +85,13 @@ class ActFwdArgs(_Args):
         ("a", _P), ("lda", _I64), ("rank", _I64), ("drop", RandomMask), ("s", _P), ("lds", _I64), ("a_dtype", _I32),
         # the tensor-core forward's column split of S_d (fp32 partials), absent when s_part is NULL
         ("s_part", _P), ("col_splits", _I64), ("cols_per_split", _I64),
+        # the gate/up LoRA expands, added to g and u in place (tensor-core forward), absent when sg is NULL
+        ("sg", _P), ("ldsg", _I64), ("bg", _P), ("ldbg", _I64), ("su", _P), ("ldsu", _I64), ("bu", _P), ("ldbu", _I64),
+        ("rank_gu", _I64), ("scaling_g", _F32), ("scaling_u", _F32),
     ]
     _defaults_ = dict(a=None, lda=0, rank=0, a_dtype=0, drop=RandomMask.off, s=None, lds=0, s_part=None, col_splits=1,
-                      cols_per_split=0)
+                      cols_per_split=0, sg=None, ldsg=0, bg=None, ldbg=0, su=None, ldsu=0, bu=None, ldbu=0, rank_gu=0,
+                      scaling_g=0.0, scaling_u=0.0)
 
 
 class ActBwdArgs(_Args):
@@ -118,8 +122,10 @@ class LoraShrinkArgs(_Args):
     _fields_ = [
         ("x", _P), ("sxm", _I64), ("sxk", _I64), ("a", _P), ("sar", _I64), ("sak", _I64), ("s", _P), ("lds", _I64),
         ("M", _I64), ("K", _I64), ("R", _I64), ("x_dtype", _I32), ("a_dtype", _I32), ("drop", RandomMask),
+        # the tensor-core shrink's split of K (fp32 partials of s), absent when s_part is NULL
+        ("s_part", _P), ("k_splits", _I64), ("cols_per_split", _I64),
     ]
-    _defaults_ = dict(drop=RandomMask.off)
+    _defaults_ = dict(drop=RandomMask.off, s_part=None, k_splits=1, cols_per_split=0)
 
 
 class LoraExpandArgs(_Args):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..launch_args import (ACT_CODES, ActBwdLoraGrads, check_same_device, dtype_code, rounded_to, seed_on,
+from ..launch_args import (ACT_CODES, ActBwdLoraGrads, check_2d, check_same_device, dtype_code, rounded_to, seed_on,
                            unit_column_stride)
 from ...reference.philox import keep_threshold
 from .abi import ActBwdArgs, ActBwdLoraArgs, ActFwdArgs, LoraTokenReduceArgs, LoraDropoutCastArgs, LoraExpandArgs, LoraShrinkArgs, RandomMask
@@ -88,10 +88,34 @@ def _knowledge_mask_args(p: float, rescale: bool, seed, dtype: torch.dtype, devi
     return _mask_args(p, kept, seed, device, "masking")
 
 
+MAX_GATE_UP_RANK = 32  # the forward's gate/up expands: their staging fits the block's 48 KB up to rank 32
+
+
+@dataclass(frozen=True)
+class GateUpLora:
+    """The gate and up projections' LoRA expands for masked_gated_act_fwd to add to g and u in place:
+    S_g (M, r) = dropout(cast_A(x)) A_g^T, B_g (I, r), scaling s_g; likewise S_u, B_u, s_u (S_u may be S_g,
+    as for one fused gate_up projection whose B is [B_g; B_u])."""
+
+    s_g: torch.Tensor
+    b_g: torch.Tensor
+    scaling_g: float
+    s_u: torch.Tensor
+    b_u: torch.Tensor
+    scaling_u: float
+
+
 def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_seed,
-                         down_a: torch.Tensor | None = None, down_drop: Dropout | None = None):
+                         down_a: torch.Tensor | None = None, down_drop: Dropout | None = None,
+                         gate_up: GateUpLora | None = None):
     """h' = act(g) * u * keep * c, (M, I) in g's dtype; with ``down_a`` = A_d (r, I), r <= 64, also
-    S_d = dropout_qd(cast_A(h')) A_d^T, (M, r) in A_d's dtype, returned as (h', S_d)."""
+    S_d = dropout_qd(cast_A(h')) A_d^T, (M, r) in A_d's dtype, returned as (h', S_d).
+
+    ``gate_up``: first g = T(g + TA(TA(S_g B_g^T) s_g)) and u likewise, written into g and u IN PLACE (fresh
+    GEMM outputs of the caller, with unit column stride; not copied), in the same pass: the tensor-core
+    forward only (``gate_up_supported``), ranks <= MAX_GATE_UP_RANK (the down rank too), S and B in A_d's dtype."""
+    if gate_up is not None:
+        _check_gate_up(g, u, down_a, gate_up)
     g, u = unit_column_stride(g, "g"), unit_column_stride(u, "u")
     if g.shape != u.shape or g.dtype != u.dtype:
         raise ValueError(f"u: expected {tuple(g.shape)} {g.dtype} like g, got {tuple(u.shape)} {u.dtype}")
@@ -113,12 +137,46 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
         if splits > 1:  # the tensor-core forward, its column range split: fp32 partials of S_d
             part = torch.empty((splits, M, r), dtype=torch.float32, device=device)
             fused.update(s_part=part.data_ptr(), col_splits=splits, cols_per_split=per_split)
+    if gate_up is not None:
+        gu = gate_up
+        fused.update(sg=gu.s_g.data_ptr(), ldsg=_ld(gu.s_g), bg=gu.b_g.data_ptr(), ldbg=_ld(gu.b_g),
+                     su=gu.s_u.data_ptr(), ldsu=_ld(gu.s_u), bu=gu.b_u.data_ptr(), ldbu=_ld(gu.b_u),
+                     rank_gu=gu.s_g.shape[1], scaling_g=float(gu.scaling_g), scaling_u=float(gu.scaling_u))
     args = ActFwdArgs(g=g.data_ptr(), ldg=_ld(g), u=u.data_ptr(), ldu=_ld(u), h=h.data_ptr(), ldh=_ld(h), M=M, I=I,
                       dtype=dtype_code(g, "g"), activation=ACT_CODES[activation], mask=mask, **fused)
     _call("transpeft_masked_gated_act_fwd", args, device)
     if part is not None:
         s = part.sum(0).to(down_a.dtype)  # fixed order over the splits, then one rounding, as unsplit
     return h if down_a is None else (h, s)
+
+
+def gate_up_supported(g: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether masked_gated_act_fwd can add gate/up expands to these g, u in place: the tensor-core forward's
+    operands, as they are (act_bwd_lora_supported: unit column stride, I % 8 == 0, aligned rows)."""
+    return act_bwd_lora_supported(g, u)
+
+
+def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
+    if down_a is None:
+        raise ValueError("gate_up: needs down_a (the tensor-core forward adds the expands)")
+    check_2d(g, "g")
+    check_2d(u, "u")
+    if not gate_up_supported(g, u):
+        raise ValueError("gate_up: g and u must have unit column stride, a column count divisible by 8 and "
+                         "16-byte aligned rows (they are written in place)")
+    M, I = g.shape
+    r_d = down_a.shape[0] if down_a.dim() == 2 else -1
+    if r_d > MAX_GATE_UP_RANK:
+        raise ValueError(f"gate_up: needs the down rank <= {MAX_GATE_UP_RANK}, got {r_d}")
+    r = gu.s_g.shape[1] if gu.s_g.dim() == 2 else -1
+    for name, t, rows in (("S_g", gu.s_g, M), ("B_g", gu.b_g, I), ("S_u", gu.s_u, M), ("B_u", gu.b_u, I)):
+        if (t.dim() != 2 or tuple(t.shape) != (rows, r) or not 1 <= r <= MAX_GATE_UP_RANK or t.dtype != down_a.dtype
+                or (r > 1 and t.stride(1) != 1)):
+            raise ValueError(f"gate_up {name}: expected ({rows}, r <= {MAX_GATE_UP_RANK}) with unit column stride "
+                             f"in down_a's dtype {down_a.dtype} (r like S_g's), got {tuple(t.shape)} {t.dtype} "
+                             f"strides {t.stride()}")
+        if t.device != g.device:
+            raise ValueError(f"gate_up {name}: expected device {g.device}, got {t.device}")
 
 
 def _col_splits(M: int, I: int, device: torch.device) -> tuple[int, int]:
@@ -335,9 +393,12 @@ def act_bwd_lora_supported(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None,
+                splits: int | None = None) -> torch.Tensor:
     """S = dropout_q(cast_A(x)) a^T: x (M, K), a (R, K), any strides -> S (M, R) in a's dtype.
-    Pass ``a = B.t()`` (and no dropout) for t = cast_A(dY) B."""
+    Pass ``a = B.t()`` (and no dropout) for t = cast_A(dY) B. The tensor-core shrink (R <= 64, x with unit
+    column stride) may split K (``splits``: None to choose, see ``shrink_splits``) into fp32 partials,
+    summed here in a fixed order: any split count gives the same result up to fp32 summation order."""
     for name, t in (("x", x), ("a", a)):
         if t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
@@ -348,11 +409,44 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None) -
     R = a.shape[0]
     s = torch.empty((M, R), dtype=a.dtype, device=device)
     d, _keep = _dropout_args(drop, a.dtype, device)
+    tile = 1 <= R <= MAX_FUSED_RANK and (K <= 1 or x.stride(1) == 1)  # what the tensor-core shrink takes
+    n, per_split = _k_splits(M, K, device, splits) if tile and M > 0 else (1, K)
+    part, split = None, {}
+    if n > 1:
+        part = torch.empty((n, M, R), dtype=torch.float32, device=device)
+        split = dict(s_part=part.data_ptr(), k_splits=n, cols_per_split=per_split)
     args = LoraShrinkArgs(x=x.data_ptr(), sxm=x.stride(0), sxk=x.stride(1), a=a.data_ptr(), sar=a.stride(0),
                           sak=a.stride(1), s=s.data_ptr(), lds=max(R, 1), M=M, K=K, R=R, x_dtype=dtype_code(x, "x"),
-                          a_dtype=dtype_code(a, "a"), drop=d)
+                          a_dtype=dtype_code(a, "a"), drop=d, **split)
     _call("transpeft_lora_shrink", args, device)
-    return s
+    return s if part is None else part.sum(0).to(a.dtype)  # fixed order over the splits, then one rounding
+
+
+SHRINK_ROWS = 64  # the tensor-core shrink's rows per block
+
+
+def shrink_splits(M: int, K: int, device: torch.device) -> int:
+    """K splits of the tensor-core shrink: enough (64-row blocks x splits) to fill the GPU three times over
+    (three blocks fit on an SM), each split at least 8 steps of 64 columns; on the CPU (the emulation) 2
+    when K has at least 4 steps, so tests cover the split sum."""
+    steps = -(-K // 64)
+    if device.type != "cuda":
+        return 2 if steps >= 4 else 1
+    blocks = -(-M // SHRINK_ROWS)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-3 * sms // blocks), steps // 8, 64))
+
+
+def _k_splits(M: int, K: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(splits, columns per split, a multiple of 64) for K columns, no split empty."""
+    steps = -(-K // 64)
+    n = shrink_splits(M, K, device) if splits is None else splits
+    if n < 1:
+        raise ValueError(f"splits: expected a positive count, got {splits}")
+    if steps == 0:
+        return 1, K
+    per_split = -(-steps // min(n, steps)) * 64
+    return -(-K // per_split), per_split
 
 
 def lora_expand_(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: float, grad: bool = False,
