@@ -111,10 +111,11 @@ def test_masked_act_at_extreme_inputs(activation):
     (torch.bfloat16, torch.bfloat16, 64, 0.1, True, False),   # rank 64: dA on a masked copy (lora_dropout_cast)
     (torch.float32, torch.float32, 8, 0.0, True, False),      # fp32 stays on the tf32x3 kernel
     (torch.bfloat16, torch.float32, 8, 0.0, True, True),      # the fp32 cast fused; tensor-core token sums
+    (torch.bfloat16, torch.float32, 64, 0.1, True, True),     # so at rank 64 too, mask and cast fused
 ])
 def test_lora_linear_routes_by_what_there_is_to_fuse(backend, calls, x_dtype, a_dtype, rank, q, shrink, reduce):
     """CudaBackend's choices (the model's): lora_shrink only where it fuses a cast or a mask,
-    lora_token_reduce for dA/dB at rank <= 32 where it saves a cast or masked copy."""
+    lora_token_reduce for dA/dB where it saves a cast (rank <= 64) or a masked 16-bit copy (rank <= 32)."""
     lin = test_ops.make_linear(16, 24, x_dtype, adapter_dtype=a_dtype, rank=rank, dropout=q)
     x = torch.randn(7, 16, dtype=x_dtype, requires_grad=True)
     ops.lora_linear(x, lin, torch.tensor(5), backend).sum().backward()

@@ -55,8 +55,6 @@ namespace {
 
 using LoraBwdArgs = TranspeftActBwdLoraArgs;
 
-static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "z: two tiles per warp");
-
 // The forward's shared memory. Plain: A_d's columns, xd and the S_d tile at the end. With the gate/up
 // expands (GU, RT <= 32) also S_g's, S_u's rows of the block, B_g's, B_u's rows of the step and z_g, z_u,
 // in 48 KB at rank 32 with fp32 adapters because xd takes z_g's place there (each element is read by the
@@ -127,26 +125,10 @@ __device__ __forceinline__ void stage_b_rows(TA* dst, const TA* src, int64_t ld,
   }
 }
 
-// z (BM x BN, fp32, row-major in shared memory) = s (BM x RT) b^T (b: BN x RT), two 16 x 16 tiles per
-// warp, with lora_expand.cu's mma.
-template <typename TA, int RT>
-__device__ __forceinline__ void expand_step(float* z, const TA* s, const TA* b) {
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int tile = warp * 2 + j, mt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-    TileAcc<TA> acc;
-    tile_zero(acc);
-    tile_mma<TA, false, RT, true>(acc, s + mt * kTile * RT, RT, b + nt * kTile * RT, RT);
-    tile_store(z + mt * kTile * kBN + nt * kTile, kBN, acc);
-  }
-}
-
 template <typename T, typename TA, Activation ACT, int RT, bool GU>
 __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_kernel(TranspeftActFwdArgs p) {
   constexpr int TILES = (kBM / kTile) * (RT / kTile);  // S_d tiles of the block, over 4 warps
   constexpr int NTW = (TILES + kLoraWarps - 1) / kLoraWarps;
-  static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "z_g, z_u: two tiles per warp");
   FwdBuffers<TA> sm;
   if constexpr (GU) {
     sm = fwd_gate_up_buffers<TA, RT>();
@@ -189,8 +171,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
       stage_b_rows<TA, RT, kBN>(sm.bg, static_cast<const TA*>(p.bg), p.ldbg, col0, p.I, p.rank_gu, b_vec);
       stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu, b_vec);
       __syncthreads();  // S_g, S_u (first step), B_g, B_u complete
-      expand_step<TA, RT>(sm.zg, sm.sg, sm.bg);
-      expand_step<TA, RT>(sm.zu, sm.su, sm.bu);
+      z_step<TA, RT, true>(sm.zg, sm.sg, sm.bg, RT, kTile * RT);  // S_g B_g^T, as lora_expand.cu
+      z_step<TA, RT, true>(sm.zu, sm.su, sm.bu, RT, kTile * RT);
       __syncthreads();  // z_g, z_u complete
     }
 #pragma unroll 1  // as in the backward: one group's values live at a time
@@ -228,10 +210,14 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
     }
     __syncthreads();  // s_a and s_x complete
 
-#pragma unroll
-    for (int j = 0; j < NTW; ++j) {
-      const int tile = warp * NTW + j, mt = tile / (RT / kTile), nt = tile % (RT / kTile);
-      if (tile < TILES) tile_mma<TA, false, kBN, true>(acc[j], s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN);
+    if constexpr (NTW == 1) {
+      const int tile = warp, mt = tile / (RT / kTile), nt = tile % (RT / kTile);
+      if (tile < TILES) tile_mma<TA, false, kBN, true>(acc[0], s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN);
+    } else {  // rank 64: a warp's two tiles share their row, xd's fragments load once
+      static_assert(TILES == NTW * kLoraWarps && (RT / kTile) % NTW == 0, "whole rows of tiles per warp");
+      const int tile = warp * NTW, mt = tile / (RT / kTile), nt = tile % (RT / kTile);
+      tile_mma_row<TA, NTW, false, kBN, true>(acc, s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN,
+                                              kTile * kBN);
     }
     __syncthreads();  // the next step may overwrite s_a and s_x
   }
@@ -307,7 +293,6 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
   const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
   const int tid = threadIdx.x;
-  const int warp = tid >> 5;
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
   const int64_t split = blockIdx.y;
   const int64_t row_begin = split * q.rows_per_split;
@@ -336,14 +321,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
     }
     __syncthreads();  // s_t (and, on the first step, s_a) complete
 
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int tile = warp * 2 + j, mt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-      TileAcc<TA> z;
-      tile_zero(z);
-      tile_mma<TA, false, RT>(z, s_t + mt * kTile * RT, RT, s_a + nt * kTile, kBN);
-      tile_store(s_z + mt * kTile * kBN + nt * kTile, kBN, z);
-    }
+    z_step<TA, RT, false>(s_z, s_t, s_a, kBN, kTile);  // t_d A_d
     __syncthreads();  // s_z complete
 
 #pragma unroll 1  // one group's 5 x 8 values live at a time: registers for 4 blocks per SM

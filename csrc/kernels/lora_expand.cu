@@ -28,7 +28,6 @@ constexpr int kExpandRowGroups = 4;  // 32-row groups per block: b's tile is sta
 // GRAD: p.grad_mode as a template parameter, so each kernel holds only its own branch.
 template <typename TY, typename TL, int RT, bool GRAD>
 __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) expand_tile_kernel(TranspeftLoraExpandArgs p) {
-  static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "two z tiles per warp");
   alignas(32) __shared__ TL s_s[kBM * RT];      // S's rows, zero past R and M
   alignas(32) __shared__ TL s_b[kBN * RT];      // b's rows (column-major B of S b^T), zero past R and N
   alignas(32) __shared__ float s_z[kBM * kBN];  // z
@@ -38,7 +37,6 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) expand_tile_kern
   const TL* b = static_cast<const TL*>(p.b);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
   const int tid = threadIdx.x;
-  const int warp = tid >> 5;
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
 
   for (int i = tid; i < kBN * RT; i += kLoraThreads) {
@@ -52,14 +50,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) expand_tile_kern
     stage_rank_rows<TL, RT>(s_s, s, p.ssm, p.ssr, row0, p.M, p.R);
     __syncthreads();  // s_s (and, the first time, s_b) complete
 
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int tile = warp * 2 + j, mt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-      TileAcc<TL> z;
-      tile_zero(z);
-      tile_mma<TL, false, RT, true>(z, s_s + mt * kTile * RT, RT, s_b + nt * kTile * RT, RT);
-      tile_store(s_z + mt * kTile * kBN + nt * kTile, kBN, z);
-    }
+    z_step<TL, RT, true>(s_z, s_s, s_b, RT, kTile * RT);
     __syncthreads();  // s_z complete
 
 #pragma unroll 1

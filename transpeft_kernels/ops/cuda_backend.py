@@ -76,7 +76,9 @@ def _rows_contiguous(bt: torch.Tensor) -> torch.Tensor:
     return bt.contiguous()
 
 
-REDUCE_MAX_RANK = 32  # lora_token_reduce takes up to 64; above 32 the model prefers ATen on the copy
+# lora_token_reduce takes ranks up to 64; the model prefers it up to 64 for fp32 adapters (the cast copy
+# is 6 bytes per element) and up to 32 for a 16-bit adapter's masked dA (a 4-byte copy)
+REDUCE_MAX_RANK = {torch.float32: 64, torch.float16: 32, torch.bfloat16: 32}
 ONE_PASS_ENV = "TRANSPEFT_CUDA_ONE_PASS_BWD"
 
 
@@ -177,12 +179,13 @@ class CudaBackend(TorchBackend):
     def _reducible(self, lora, dtype: torch.dtype, drop=None) -> bool:
         """Whether a LoRA token sum (dB = s cast_A(dy)^T S, or dA = s t^T dropout(cast_A(x)) with
         ``drop`` its dropout) takes lora_token_reduce (the tensor-core token sums that cast and mask while
-        staging) instead of ATen on a cast or masked copy: at rank <= 32, for fp32 adapters on 16-bit
-        activations, and for dA under dropout. Chosen by the model (perf/ledger.py, the kernels' SASS):
-        there the copy (6 bytes per element for the fp32 cast, 4 for a masked 16-bit one, read again)
-        costs more than the kernel's instructions; at rank 64 its steps cost more than the copy, and a
-        16-bit adapter on its own dtype without a mask needs no copy (cuBLAS is better)."""
-        if lora.A.shape[0] > REDUCE_MAX_RANK or dtype not in (torch.float16, torch.bfloat16):
+        staging) instead of ATen on a cast or masked copy: for fp32 adapters on 16-bit activations (rank
+        <= 64), and for a 16-bit adapter's dA under dropout (rank <= 32). Chosen by the model (perf/ledger.py,
+        the kernels' SASS): there the copy (6 bytes per element for the fp32 cast, 4 for a masked 16-bit
+        one, read again) costs more than the kernel's instructions; a masked 16-bit copy at rank 64 costs
+        less than its steps, and a 16-bit adapter on its own dtype without a mask needs no copy (cuBLAS is
+        better)."""
+        if lora.A.shape[0] > REDUCE_MAX_RANK[lora.A.dtype] or dtype not in (torch.float16, torch.bfloat16):
             return False
         return lora.A.dtype == torch.float32 or (drop is not None and lora.A.dtype == dtype)
 

@@ -328,9 +328,25 @@ class _KernelRecorder:
 # before the MUFU sigmoid, which takes about 20 per element off them too; not re-derived (they are
 # fallbacks), so these weights now overcharge. Their rank sums are
 # FFMA chains, charged again as fp32 FLOPs (the time takes the larger of issue and compute).
+# Since the warps' tiles of one row share A's fragments (tile_mma_row; z_step, reduce_step), the weights of
+# every tensor-core kernel here carry the change of its static count, per step: the body's change plus the
+# changed k loop's further trips (trips - 1) x (its new body - the old per-tile bodies), over the
+# elements per thread, over 24. sm_90a, bf16 / silu, fp32 / bf16 adapters:
+#   act backward r 16  1013 -> 998 and z 2 x 64 -> 95 (1 more trip): -0.12;  bf16 944 -> 950: +0.02
+#                r 64  1216 -> 1113, z 2 x 64 -> 96 (7 more), dA 247 -> 163 (3 more): -1.51;
+#                      bf16 1121 -> 1029, z 64 -> 38 (3 more), dA 127 -> 61 (1 more): -0.61
+#                with dB 1590 -> 1570 and z (1 more): -0.14;  bf16 1566 -> 1595: +0.08
+#   act forward  r 64  1035 -> 970, S_d 2 x 65 -> 98 (7 more): -0.75;  bf16 1135 -> 1084, 54 -> 32 (3 more): -0.30
+#                with the expands 1852 -> 1782, z_g and z_u 4 x 64 -> 2 x 98 (1 more): -0.34;
+#                bf16 1879 -> 1862: -0.04 (r 16 and 32 without them: the same code)
+#   token_reduce r 64  669 -> 579, 247 -> 163 (3 more): -0.89;  bf16 621 -> 553, 127 -> 61 (1 more): -0.35
+#   expand       r 16  491 -> 484, z 2 x 64 -> 98 (1 more): -0.10, dX 661 -> 644: -0.12;
+#                      bf16 400 -> 392: -0.02, dX 635 -> 645: +0.03
+#                r 64  493 -> 482 and 7 more trips: -0.58, dX 659 -> 643: -0.59;
+#                      bf16 457 -> 440, 52 -> 32 (3 more): -0.20, dX 684 -> 661: -0.22
 CUDA_ACT_LORA_ELEMENT_WEIGHT = {
-    ("fwd", True, False): 2.19, ("fwd", False, False): 2.15, ("fwd", True, True): 5.39, ("fwd", False, True): 4.32,
-    ("bwd", True, False): 3.32, ("bwd", False, False): 2.66, ("bwd", True, True): 8.14, ("bwd", False, True): 4.70,
+    ("fwd", True, False): 2.19, ("fwd", False, False): 2.15, ("fwd", True, True): 4.64, ("fwd", False, True): 4.02,
+    ("bwd", True, False): 3.20, ("bwd", False, False): 2.68, ("bwd", True, True): 6.63, ("bwd", False, True): 4.09,
     ("fwd_ffma", True, False): 2.44, ("fwd_ffma", False, False): 2.81, ("fwd_ffma", True, True): 11.24,
     ("fwd_ffma", False, True): 14.41,
     ("bwd_ffma", True, False): 4.41, ("bwd_ffma", False, False): 6.13, ("bwd_ffma", True, True): 17.94,
@@ -339,13 +355,13 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
     # to its row-step loop body in the static sm_90a SASS (bf16 / silu; fp32 adapters 1013 -> 1590
     # instructions, bf16 944 -> 1566; over 16 elements, over 24): the two S^T cast(dg) products and the
     # cast stores. The S_g / S_u staging loops (4-8 trips) are counted once, a slight undercharge.
-    ("bwd_db", True, False): 3.32 + 1.50, ("bwd_db", False, False): 2.66 + 1.62,
+    ("bwd_db", True, False): 3.32 + 1.50 - 0.14, ("bwd_db", False, False): 2.66 + 1.62 + 0.08,
     # the forward with the gate/up expands (ranks <= 32): the rank-16 forward's weight plus what they add
     # per 64-column step in the static sm_90a SASS (bf16 / silu): the step loop body (fp32 adapters
     # 936 -> 1852, bf16 1070 -> 1879: B_g, B_u staged, z_g, z_u on the tensor cores, the sums and the g, u
     # stores) plus the element loop's second trip (396 -> 488, 426 -> 605), less the two scalar B-staging
     # loops not taken at ranks divisible by 8 (100 each); over 16 elements, over 24.
-    ("fwd_gu", True, False): 2.19 + 2.10, ("fwd_gu", False, False): 2.15 + 2.05,
+    ("fwd_gu", True, False): 2.19 + 2.10 - 0.34, ("fwd_gu", False, False): 2.15 + 2.05 - 0.04,
 }
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
@@ -354,7 +370,7 @@ CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd":
 # second group 150, three more tf32x3 k-steps of 62), 736 with bf16; r 64: 1838 (four output tiles of
 # four k-steps, the staging of l's 64 columns), 1250 with bf16; over 16, less one mask stream (the
 # static count holds the dropout path), over 24.
-CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (True, True): 4.02, (False, True): 2.49}
+CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (True, True): 3.13, (False, True): 2.14}
 
 # The tensor-core shrink and expand (lora_shrink.cu, lora_expand.cu), the same way, keyed by (kind, an
 # fp32 adapter, rank > 32), bf16 x / y. shrink (64 rows per block, every warp on the tensor cores), per
@@ -379,10 +395,10 @@ CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (
 CUDA_LORA_TILE_ELEMENT_WEIGHT = {
     ("shrink", True, False): 1.07, ("shrink", False, False): 0.92, ("shrink", True, True): 2.68,
     ("shrink", False, True): 1.83, ("shrink_exact", True, False): 0.91, ("shrink_exact", True, True): 2.39,
-    ("expand", True, False): 1.96, ("expand", False, False): 1.50, ("expand", True, True): 5.38,
-    ("expand", False, True): 3.46,
-    ("expand_grad", True, False): 2.09, ("expand_grad", False, False): 1.94, ("expand_grad", True, True): 5.48,
-    ("expand_grad", False, True): 3.88,
+    ("expand", True, False): 1.86, ("expand", False, False): 1.48, ("expand", True, True): 4.80,
+    ("expand", False, True): 3.26,
+    ("expand_grad", True, False): 1.97, ("expand_grad", False, False): 1.97, ("expand_grad", True, True): 4.89,
+    ("expand_grad", False, True): 3.66,
 }
 
 

@@ -124,14 +124,30 @@ __device__ __forceinline__ void lora_input_group(const TX* xp, bool valid, int64
 
 // The token reductions' accumulation and output (act_lora.cu's dA_d, lora_reduce.cu): warp w owns the
 // NTW (16 x 16) tiles w NTW.. of the (RT, kBN) result, tile t at rows 16 (t / 4), columns 16 (t % 4).
+// A warp's NTW tiles share their row of tiles (NTW divides 4), so l's fragments load once per k step.
 template <typename TA, int RT, int NTW>
 __device__ __forceinline__ void reduce_step(TileAcc<TA> (&acc)[NTW], const TA* s_l, const TA* s_x) {
+  static_assert((kBN / kTile) % NTW == 0, "a warp's tiles in one row of tiles");
   const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int j = 0; j < NTW; ++j) {
-    const int tile = warp * NTW + j, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-    tile_mma<TA, true, kBM>(acc[j], s_l + rt * kTile, RT, s_x + nt * kTile, kBN);  // += l^T x, l (kBM, RT)
-  }
+  const int tile = warp * NTW, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
+  tile_mma_row<TA, NTW, true, kBM>(acc, s_l + rt * kTile, RT, s_x + nt * kTile, kBN, kTile);  // += l^T x, l (kBM, RT)
+}
+
+// z (kBM x kBN fp32, row-major in shared memory) = s (kBM x RT, row-major) times B (RT x kBN): warp w
+// computes the two 16 x 16 tiles of row w / 2, columns 2 (w % 2) and 2 (w % 2) + 1, s's fragments loaded
+// once for both. B's tile n is at b + n * b_step with leading dimension ldb (B_COL_MAJOR: b holds B^T's
+// rows, as lora_expand.cu and the forward's gate/up expands stage B; else A_d's (RT, kBN) columns).
+template <typename TA, int RT, bool B_COL_MAJOR>
+__device__ __forceinline__ void z_step(float* z, const TA* s, const TA* b, int ldb, int b_step) {
+  static_assert((kBM / kTile) * (kBN / kTile) == 2 * kLoraWarps, "two z tiles per warp");
+  const int warp = threadIdx.x >> 5;
+  const int mt = (2 * warp) / (kBN / kTile), nt = (2 * warp) % (kBN / kTile);
+  TileAcc<TA> acc[2];
+  tile_zero(acc[0]);
+  tile_zero(acc[1]);
+  tile_mma_row<TA, 2, false, RT, B_COL_MAJOR>(acc, s + mt * kTile * RT, RT, b + nt * b_step, ldb, b_step);
+  tile_store(z + mt * kTile * kBN + nt * kTile, kBN, acc[0]);
+  tile_store(z + mt * kTile * kBN + (nt + 1) * kTile, kBN, acc[1]);
 }
 
 // part[k * N + col0 + c] = scaling * result (k < R, col0 + c < N), through `stage` (RT x kBN floats of
