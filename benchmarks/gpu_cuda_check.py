@@ -98,6 +98,19 @@ def bandwidth(report: Report) -> None:
         "act_bwd_lora_r16+gate_up_db": (5 * elt, lambda: K.act_bwd_lora(
             dh, g, u, "silu", 0.1, False, seed, t, A, 2.0, K.Dropout(0.05, seed), gate_up=(t, 2.0, t, 2.0))),
     }
+    # the gate/up expands inside the forward (in place on copies of g, u: fresh GEMM outputs in the MLP)
+    # against the two lora_expand_ passes they replace plus the forward above; the model expects the
+    # fused pass 0.465 ms against 2 x 0.168 + 0.317 at this shape (fp32 adapters, r 16)
+    g2, u2 = g.clone(), u.clone()
+    S_gu, B_gu = torch.randn(M, r, device=dev), torch.randn(I, r, device=dev) * 1e-3
+    gate_up = K.GateUpLora(S_gu, B_gu, 2.0, S_gu, B_gu, 2.0)
+    cases["act_fwd+down_shrink_r16+gate_up_expands"] = (5 * elt, lambda: K.masked_gated_act_fwd(
+        g2, u2, "silu", 0.1, False, seed, down_a=A, down_drop=K.Dropout(0.05, seed), gate_up=gate_up))
+    cases["lora_expand_r16 (one of the two replaced)"] = (2 * elt, lambda: K.lora_expand_(g2, S_gu, B_gu, 2.0))
+    # t_g = dg B_g over I (the backward's largest shrink): K split in fp32 partials (the default) and unsplit
+    Bt = B_gu.t().contiguous()
+    cases["lora_shrink_r16 over I"] = (elt, lambda: K.lora_shrink(g, Bt))
+    cases["lora_shrink_r16 over I, unsplit"] = (elt, lambda: K.lora_shrink(g, Bt, splits=1))
     # the gate/up dB (fp32 adapters): lora_token_reduce against ATen on an fp32 copy of dg, side by side;
     # the backend's choice between them (cuda_backend._reducible) is the model's until this measures
     S = torch.randn(M, r, device=dev)
