@@ -190,8 +190,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
             gv[v] = lora_forward_sum<T, TA>(gv[v], sm.zg[m * kBN + c + v], p.scaling_g);
             uv[v] = lora_forward_sum<T, TA>(uv[v], sm.zu[m * kBN + c + v], p.scaling_u);
           }
-          store_group<T>(g_out + row * p.ldg + col, gv);
-          store_group<T>(u_out + row * p.ldu + col, uv);
+          store_group_global<T>(g_out + row * p.ldg + col, gv);
+          store_group_global<T>(u_out + row * p.ldu + col, uv);
         }
         const uint32_t mbits = keep_bits(p.mask.on, mseed, row, col, p.I, p.mask.threshold);
         const uint32_t dbits = keep_bits(p.drop.on, dseed, row, col, p.I, p.drop.threshold);
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
           hv[v] = masked_gated_act_value<T>(ACT, gv[v], uv[v], lane_factor(p.mask.on, mbits, v, p.mask.kept));
           xd[v] = lora_input<TA>(hv[v], lane_factor(p.drop.on, dbits, v, p.drop.kept));
         }
-        store_group<T>(h + row * p.ldh + col, hv);
+        store_group_global<T>(h + row * p.ldh + col, hv);
       } else {
 #pragma unroll
         for (int v = 0; v < kGroup; ++v) xd[v] = 0.0f;
@@ -350,8 +350,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
             dua[v] = lora_input<TA>(round_as<T>(gr.du), 1.0f);
           }
         }
-        store_group<T>(dg + row * p.lddg + col, dgv);
-        store_group<T>(du + row * p.lddu + col, duv);
+        store_group_global<T>(dg + row * p.lddg + col, dgv);
+        store_group_global<T>(du + row * p.lddu + col, duv);
       } else {
 #pragma unroll
         for (int v = 0; v < kGroup; ++v) {

@@ -48,6 +48,26 @@ __device__ __forceinline__ void store_group(T* p, const float (&in)[kGroup]) {
   }
 }
 
+// store_group to global memory as one 16-byte store. For 16-bit T the compiler otherwise splits the
+// pack into four 4-byte stores in the register-bound passes of act_lora.cu (its alignment is not
+// carried through the pack's assembly), four store instructions per group instead of one.
+template <typename T>
+__device__ __forceinline__ void store_group_global(T* p, const float (&in)[kGroup]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 2) {
+    uint32_t w[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      w[q] = uint32_t{from_float<T>(in[2 * q]).bits} | (uint32_t{from_float<T>(in[2 * q + 1]).bits} << 16);
+    }
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+    return;
+  }
+#endif
+  store_group<T>(p, in);
+}
+
 // This thread's i-th group of 8 columns in a (kBM x kBN) step: its row m and first column c. Consecutive
 // threads take consecutive groups of a row (16-byte accesses, coalesced).
 struct Group {
