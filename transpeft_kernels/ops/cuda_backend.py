@@ -8,8 +8,8 @@ lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropo
               16-bit adapter in x's dtype (``_shrink``)
               dW = dy^T x, db = sum_rows dy (ATen)
               dB = s cast_A(dy)^T S, dA = s t^T dropout_q(cast_A(x)): lora_token_reduce (tensor cores, the
-              cast and the mask applied while staging) at rank <= 32 for fp32 adapters on 16-bit
-              activations and for a 16-bit adapter's dA under dropout; otherwise ATen on cast copies,
+              cast and the mask applied while staging) for fp32 adapters on 16-bit activations (rank
+              <= 64) and for a 16-bit adapter's dA under dropout (rank <= 32); otherwise ATen on cast copies,
               lora_dropout_cast for the mask (``_reducible``)
 masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
     forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers,
