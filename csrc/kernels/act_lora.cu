@@ -228,19 +228,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
     if (tile < TILES) tile_store(s_o + mt * kTile * RT + nt * kTile, RT, acc[j]);
   }
   __syncthreads();
-  if (split) {
-    float* part = static_cast<float*>(p.s_part) + int64_t{blockIdx.y} * p.M * p.rank;
-    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
-      const int m = i / RT, k = i % RT;
-      if (row0 + m < p.M && k < p.rank) part[(row0 + m) * p.rank + k] = s_o[i];
-    }
-  } else {
-    TA* s_d = static_cast<TA*>(p.s);
-    for (int i = tid; i < kBM * RT; i += kLoraThreads) {
-      const int m = i / RT, k = i % RT;
-      if (row0 + m < p.M && k < p.rank) s_d[(row0 + m) * p.lds + k] = from_float<TA>(s_o[i]);
-    }
-  }
+  float* const part = split ? static_cast<float*>(p.s_part) + int64_t{blockIdx.y} * p.M * p.rank : nullptr;
+  store_rank_rows<TA, kBM, RT>(s_o, row0, p.M, p.rank, part, static_cast<TA*>(p.s), p.lds);
 }
 
 // The dB staging of act_bwd_lora_kernel: S_g's and S_u's rows of a step and cast_A(dg), cast_A(du) of

@@ -49,6 +49,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
   const bool split = p.s_part != nullptr;
   const int64_t k_begin = split ? int64_t{blockIdx.y} * p.cols_per_split : 0;
   const int64_t k_end = split && k_begin + p.cols_per_split < p.K ? k_begin + p.cols_per_split : p.K;
+  float* const part = split ? static_cast<float*>(p.s_part) + int64_t{blockIdx.y} * p.M * p.R : nullptr;
 
   for (int64_t row0 = int64_t{blockIdx.x} * kShrinkBM; row0 < p.M; row0 += int64_t{gridDim.x} * kShrinkBM) {
     TileAcc<TA> acc[NT];
@@ -74,19 +75,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
 #pragma unroll
     for (int j = 0; j < NT; ++j) tile_store(s_o + warp * kTile * RT + j * kTile, RT, acc[j]);
     __syncthreads();
-    if (split) {
-      float* part = static_cast<float*>(p.s_part) + int64_t{blockIdx.y} * p.M * p.R;
-      for (int i = tid; i < kShrinkBM * RT; i += kLoraThreads) {
-        const int mm = i / RT, k = i % RT;
-        if (row0 + mm < p.M && k < p.R) part[(row0 + mm) * p.R + k] = s_o[i];
-      }
-    } else {
-      TA* s = static_cast<TA*>(p.s);
-      for (int i = tid; i < kShrinkBM * RT; i += kLoraThreads) {
-        const int mm = i / RT, k = i % RT;
-        if (row0 + mm < p.M && k < p.R) s[(row0 + mm) * p.lds + k] = from_float<TA>(s_o[i]);
-      }
-    }
+    store_rank_rows<TA, kShrinkBM, RT>(s_o, row0, p.M, p.R, split ? part : nullptr, static_cast<TA*>(p.s), p.lds);
     __syncthreads();  // s_o is rewritten by the next row group
   }
 }

@@ -94,45 +94,9 @@ __device__ __forceinline__ void tile_zero(TileAcc<TA>& acc) {
   nvcuda::wmma::fill_fragment(acc.f, 0.0f);
 }
 
-// acc += A B (see the file comment). A_COL_MAJOR, B_COL_MAJOR: the operand is stored column-major.
-template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
-__device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
-  namespace wmma = nvcuda::wmma;
-  using W = detail::WmmaType<TA>;
-  using LayoutA = typename std::conditional<A_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
-  using LayoutB = typename std::conditional<B_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
-  constexpr int KS = kTileK<TA>;
-  static_assert(K % KS == 0, "K must be a multiple of the mma's k");
-  // the k steps chain through one accumulator anyway; unrolled (8 steps at rank 64 in tf32), ptxas
-  // held every step's fragments at once and act_bwd_lora spilled at rank 64 (2 of 90 variants even
-  // at an unroll of 2)
-#pragma unroll 1
-  for (int k = 0; k < K; k += KS) {
-    const auto* ap = reinterpret_cast<const typename W::storage*>(a + (A_COL_MAJOR ? k * lda : k));
-    const auto* bp = reinterpret_cast<const typename W::storage*>(b + (B_COL_MAJOR ? k : k * ldb));
-    wmma::fragment<wmma::matrix_a, kTile, kTile, KS, typename W::precision, LayoutA> fa;
-    wmma::fragment<wmma::matrix_b, kTile, kTile, KS, typename W::precision, LayoutB> fb;
-    wmma::load_matrix_sync(fa, ap, lda);
-    wmma::load_matrix_sync(fb, bp, ldb);
-    if constexpr (sizeof(TA) == 4) {
-      decltype(fb) fb_lo;
-      if constexpr (!A_EXACT) {
-        decltype(fa) fa_lo;
-        detail::split_tf32(fa, fa_lo);
-        detail::split_tf32(fb, fb_lo);
-        wmma::mma_sync(acc.f, fa_lo, fb, acc.f);
-      } else {
-        detail::split_tf32(fb, fb_lo);
-      }
-      wmma::mma_sync(acc.f, fa, fb_lo, acc.f);
-    }
-    wmma::mma_sync(acc.f, fa, fb, acc.f);
-  }
-}
-
-// acc[j] += A B_j for j < NT, B_j at b + j * b_step: tile_mma over NT tiles of one row of tiles, A's
-// fragments loaded (and split) once per k step for all of them. Each acc[j] sums its k steps in the same
-// order as tile_mma, so the results are the same bits.
+// acc[j] += A B_j for j < NT, B_j at b + j * b_step (see the file comment): NT tiles of one row of tiles,
+// A's fragments loaded (and split) once per k step for all of them. Each acc[j] sums its k steps in the
+// same order as NT separate products, so the results are the same bits.
 template <typename TA, int NT, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
 __device__ __forceinline__ void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a, int lda, const TA* b, int ldb,
                                              int b_step) {
@@ -142,7 +106,10 @@ __device__ __forceinline__ void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a
   using LayoutB = typename std::conditional<B_COL_MAJOR, wmma::col_major, wmma::row_major>::type;
   constexpr int KS = kTileK<TA>;
   static_assert(K % KS == 0, "K must be a multiple of the mma's k");
-#pragma unroll 1  // as in tile_mma
+  // the k steps chain through the accumulators anyway; unrolled (8 steps at rank 64 in tf32), ptxas
+  // held every step's fragments at once and act_bwd_lora spilled at rank 64 (2 of 90 variants even
+  // at an unroll of 2)
+#pragma unroll 1
   for (int k = 0; k < K; k += KS) {
     const auto* ap = reinterpret_cast<const typename W::storage*>(a + (A_COL_MAJOR ? k * lda : k));
     wmma::fragment<wmma::matrix_a, kTile, kTile, KS, typename W::precision, LayoutA> fa, fa_lo;
@@ -162,6 +129,13 @@ __device__ __forceinline__ void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a
       wmma::mma_sync(acc[j].f, fa, fb, acc[j].f);
     }
   }
+}
+
+// acc += A B (see the file comment). A_COL_MAJOR, B_COL_MAJOR: the operand is stored column-major.
+template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
+__device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
+  tile_mma_row<TA, 1, A_COL_MAJOR, K, B_COL_MAJOR, A_EXACT>(*reinterpret_cast<TileAcc<TA>(*)[1]>(&acc), a, lda, b, ldb,
+                                                             0);
 }
 
 // acc to shared or global memory, row-major: element (m, n) at p[m * ld + n].

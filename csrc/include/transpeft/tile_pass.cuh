@@ -188,6 +188,23 @@ __device__ __forceinline__ void store_reduction(const TileAcc<TA> (&acc)[NTW], f
   }
 }
 
+// Rows [row0, row0 + ROWS) of an (M, R) rank-sized result (S_d, a shrink's S) from its (ROWS, RT) fp32
+// tile in shared memory: into `part`, an fp32 partial with row stride R, when given; else into `out`, in
+// TA with row stride ld. Rows past M and columns past R are not written.
+template <typename TA, int ROWS, int RT>
+__device__ __forceinline__ void store_rank_rows(const float* tile, int64_t row0, int64_t M, int64_t R, float* part,
+                                                TA* out, int64_t ld) {
+  for (int i = threadIdx.x; i < ROWS * RT; i += kLoraThreads) {
+    const int m = i / RT, k = i % RT;
+    if (row0 + m >= M || k >= R) continue;
+    if (part != nullptr) {
+      part[(row0 + m) * R + k] = tile[i];
+    } else {
+      out[(row0 + m) * ld + k] = from_float<TA>(tile[i]);
+    }
+  }
+}
+
 // Rows the group helpers can read: 16-byte aligned, row stride a whole number of groups.
 template <typename T>
 __host__ __device__ inline bool aligned_rows(const void* ptr, int64_t ld) {
