@@ -476,8 +476,9 @@ def test_mlp_forward_takes_the_gate_up_expands_into_the_activation_pass(backend,
                                                                        rank):
     """The MLP's forward adds the gate/up expands inside the activation pass (one lora_expand_ left: the
     down projection's) where every projection has LoRA of one dtype and rank <= 32; output and every
-    gradient bit for bit those of the separate expands. Rank 40 keeps the separate expands."""
-    w = test_ops.make_mlp(16, 48, layout, torch.bfloat16, adapter_dtype=a_dtype, rank=rank, dropout=0.1)
+    gradient bit for bit those of the separate expands. Rank 40 keeps the separate expands. I = 264: the
+    forward splits its columns and the shrinks over I their K range (both in two on the CPU)."""
+    w = test_ops.make_mlp(16, 264, layout, torch.bfloat16, adapter_dtype=a_dtype, rank=rank, dropout=0.1)
 
     def forward_and_grads():
         torch.manual_seed(0)
