@@ -419,12 +419,16 @@ def _gate_up_case(M, inter, r, r_gu, dtype, a_dtype, layout="split"):
                                            (torch.float32, torch.float32)])
 @pytest.mark.parametrize("M,inter,r,r_gu,layout", [(45, 72, 5, 16, "split"), (70, 264, 16, 3, "split"),
                                                    (33, 64, 2, 32, "fused"), (40, 136, 32, 17, "split"),
-                                                   (3, 16, 1, 1, "fused")])
+                                                   (3, 16, 1, 1, "fused"), (50, 200, 40, 64, "split"),
+                                                   (35, 136, 64, 33, "fused")])
 def test_forward_gate_up_expands_give_the_bits_of_the_separate_expands(dtype, a_dtype, M, inter, r, r_gu, layout, calls):
     """The gate/up expands inside the tensor-core forward: g and u written in place with the same bits as
     two lora_expand_ passes (the same mma; ranks in different tiles pad with zeros that add nothing), and
     h', S_d the same bits as the forward over those; g within its rounding budget against float64. Ragged:
-    partial 32-row blocks and 64-column steps; I = 264 splits the columns in two."""
+    partial 32-row blocks and 64-column steps; I = 264 splits the columns in two. Rank tile 64 (16-bit
+    adapters only: B_g and B_u take turns in one buffer; fp32 adapters are refused there)."""
+    if a_dtype == torch.float32 and max(r, r_gu) > K.MAX_GATE_UP_RANK[torch.float32]:
+        pytest.skip("fp32 adapters: gate/up expands up to rank 32 (refusal tested below)")
     torch.manual_seed(6)
     g0, u0, A, gu = _gate_up_case(M, inter, r, r_gu, dtype, a_dtype, layout)
     seed_m, drop = torch.tensor(21), K.Dropout(0.1, torch.tensor(8))
@@ -453,11 +457,15 @@ def test_forward_gate_up_expands_refuse_what_they_do_not_take():
     args = ("silu", 0.0, False, None)
     with pytest.raises(ValueError, match="needs down_a"):
         K.masked_gated_act_fwd(g, u, *args, gate_up=gu)
-    with pytest.raises(ValueError, match="down rank <= 32"):
+    with pytest.raises(ValueError, match="down rank <= 32 with torch.float32 adapters"):
         K.masked_gated_act_fwd(g, u, *args, down_a=torch.randn(40, inter), gate_up=gu)
     wide = K.GateUpLora(torch.randn(M, 33), torch.randn(inter, 33), 1.0, torch.randn(M, 33), torch.randn(inter, 33), 1.0)
     with pytest.raises(ValueError, match="gate_up S_g"):
         K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=wide)
+    wider = K.GateUpLora(*(t.bfloat16() if isinstance(t, torch.Tensor) else t for t in (
+        torch.randn(M, 65), torch.randn(inter, 65), 1.0, torch.randn(M, 65), torch.randn(inter, 65), 1.0)))
+    with pytest.raises(ValueError, match="gate_up S_g: expected .* r <= 64"):
+        K.masked_gated_act_fwd(g, u, *args, down_a=A.bfloat16(), gate_up=wider)
     with pytest.raises(ValueError, match="gate_up B_u"):  # not A_d's dtype
         K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=K.GateUpLora(gu.s_g, gu.b_g, 1.0, gu.s_u, gu.b_u.bfloat16(), 1.0))
     with pytest.raises(ValueError, match="gate_up B_g"):  # strided columns: the kernel reads unit-stride rows
@@ -471,12 +479,14 @@ def test_forward_gate_up_expands_refuse_what_they_do_not_take():
 
 
 @pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
-@pytest.mark.parametrize("a_dtype,rank", [(torch.float32, 8), (torch.bfloat16, 8), (torch.float32, 40)])
+@pytest.mark.parametrize("a_dtype,rank", [(torch.float32, 8), (torch.bfloat16, 8), (torch.float32, 40),
+                                          (torch.bfloat16, 40)])
 def test_mlp_forward_takes_the_gate_up_expands_into_the_activation_pass(backend, calls, monkeypatch, layout, a_dtype,
                                                                        rank):
     """The MLP's forward adds the gate/up expands inside the activation pass (one lora_expand_ left: the
     down projection's) where every projection has LoRA of one dtype and rank <= 32; output and every
-    gradient bit for bit those of the separate expands. Rank 40 keeps the separate expands. I = 264: the
+    gradient bit for bit those of the separate expands. Rank 40 keeps the separate expands with fp32 adapters
+    and takes the fused ones with bf16 adapters (rank tile 64). I = 264: the
     forward splits its columns and the shrinks over I their K range (both in two on the CPU)."""
     w = test_ops.make_mlp(16, 264, layout, torch.bfloat16, adapter_dtype=a_dtype, rank=rank, dropout=0.1)
 
@@ -492,7 +502,7 @@ def test_mlp_forward_takes_the_gate_up_expands_into_the_activation_pass(backend,
     calls.clear()
     n_separate, separate = forward_and_grads()
     assert n_separate == 1 + len(w.inputs)
-    assert n_fused == (1 if rank <= K.MAX_GATE_UP_RANK else n_separate)
+    assert n_fused == (1 if rank <= K.MAX_GATE_UP_RANK[a_dtype] else n_separate)
     for i, (a, b) in enumerate(zip(fused, separate, strict=True)):
         assert torch.equal(a, b), f"output {i}"
 

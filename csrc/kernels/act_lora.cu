@@ -2,7 +2,7 @@
 // (transpeft/tile_mma.cuh). Rounding follows transpeft/fused_math.h; contracts: transpeft/capi.h.
 //
 // forward (transpeft_masked_gated_act_fwd with A_d, when rows are aligned and I % 8 == 0):
-//   optionally (ranks <= 32) the gate/up LoRA expands first, in place:
+//   optionally (ranks <= 32, or 64 with 16-bit adapters) the gate/up LoRA expands first, in place:
 //   g    = T(g + TA(TA(S_g B_g^T) s_g)),  u likewise      (BM x BN per step, mma; written back in T)
 //   h'   = act(g) u m                                      written in T
 //   S_d  = dropout_qd(cast_A(h')) A_d^T                    (BM x RT per block, mma over I)
@@ -56,9 +56,13 @@ namespace {
 using LoraBwdArgs = TranspeftActBwdLoraArgs;
 
 // The forward's shared memory. Plain: A_d's columns, xd and the S_d tile at the end. With the gate/up
-// expands (GU, RT <= 32) also S_g's, S_u's rows of the block, B_g's, B_u's rows of the step and z_g, z_u,
-// in 48 KB at rank 32 with fp32 adapters because xd takes z_g's place there (each element is read by the
-// thread that then overwrites it) and the S_d tile z_u's (after the last step).
+// expands (GU) also S_g's, S_u's rows of the block, B_g's, B_u's rows of the step and z_g, z_u, in 48 KB
+// at rank 32 with fp32 adapters because xd takes z_g's place there (each element is read by the thread
+// that then overwrites it) and the S_d tile z_u's (after the last step). At rank 64 (16-bit adapters
+// only) B_g and B_u take turns in one buffer (kOneBBuffer: 44 KB).
+template <int RT>
+constexpr bool kOneBBuffer = RT > 32;
+
 template <typename TA>
 struct FwdBuffers {
   TA* a;
@@ -82,19 +86,21 @@ __device__ __forceinline__ FwdBuffers<TA> fwd_buffers() {
 
 template <typename TA, int RT>
 __device__ __forceinline__ FwdBuffers<TA> fwd_gate_up_buffers() {
-  static_assert(RT <= 32, "the gate/up expands' buffers fit 48 KB up to rank 32");
+  static_assert(RT <= 32 || sizeof(TA) == 2, "the gate/up expands at rank 64 need 16-bit adapters (48 KB)");
+  constexpr bool ONE_B = kOneBBuffer<RT>;
   alignas(32) __shared__ TA s_a[RT * kBN];
   alignas(32) __shared__ TA sg[kBM * RT];       // S_g's rows of the block, zero past rank_gu and M
   alignas(32) __shared__ TA su[kBM * RT];
   alignas(32) __shared__ TA bg[kBN * RT];       // B_g's rows of the step (column-major B of S_g B_g^T)
-  alignas(32) __shared__ TA bu[kBN * RT];
+  alignas(32) __shared__ TA bu[ONE_B ? 1 : kBN * RT];
   alignas(32) __shared__ float zg[kBM * kBN];   // z_g of the step
   alignas(32) __shared__ float zu[kBM * kBN];
+  static_assert(kBM * RT <= kBM * kBN, "the S_d tile fits in z_u");
   if constexpr (std::is_same<TA, float>::value) {
     return FwdBuffers<TA>{s_a, zg, zu, sg, su, bg, bu, zg, zu};
   } else {
     alignas(32) __shared__ TA s_x[kBM * kBN];
-    return FwdBuffers<TA>{s_a, s_x, zu, sg, su, bg, bu, zg, zu};
+    return FwdBuffers<TA>{s_a, s_x, zu, sg, su, bg, ONE_B ? bg : bu, zg, zu};
   }
 }
 
@@ -168,10 +174,16 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
   for (int64_t col0 = col_begin; col0 < col_end; col0 += kBN) {
     stage_columns<TA, TA, RT>(s_a, a, p.lda, 1, p.rank, col0, p.I, a_vec);
     if constexpr (GU) {
+      constexpr bool ONE_B = kOneBBuffer<RT>;
       stage_b_rows<TA, RT, kBN>(sm.bg, static_cast<const TA*>(p.bg), p.ldbg, col0, p.I, p.rank_gu, b_vec);
-      stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu, b_vec);
-      __syncthreads();  // S_g, S_u (first step), B_g, B_u complete
+      if constexpr (!ONE_B) stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu, b_vec);
+      __syncthreads();  // S_g, S_u (first step), B_g (and B_u) complete
       z_step<TA, RT, true>(sm.zg, sm.sg, sm.bg, RT, kTile * RT);  // S_g B_g^T, as lora_expand.cu
+      if constexpr (ONE_B) {
+        __syncthreads();  // every warp is done with B_g
+        stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu, b_vec);
+        __syncthreads();  // B_u complete
+      }
       z_step<TA, RT, true>(sm.zu, sm.su, sm.bu, RT, kTile * RT);
       __syncthreads();  // z_g, z_u complete
     }
@@ -396,7 +408,7 @@ struct FwdKernel {
   static cudaError_t run(const TranspeftActFwdArgs& args, cudaStream_t stream) {
     const unsigned splits = args.s_part != nullptr ? static_cast<unsigned>(args.col_splits) : 1u;
     const dim3 grid(static_cast<unsigned>((args.M + kBM - 1) / kBM), splits);
-    if constexpr (RT <= 32) {
+    if constexpr (RT <= 32 || sizeof(TA) == 2) {  // at rank 64 the staging fits 48 KB with 16-bit adapters only
       if (args.sg != nullptr) return launch_kernel(act_fwd_lora_kernel<T, TA, ACT, RT, true>, grid, kLoraThreads, stream, args);
     }
     if (args.sg != nullptr) return cudaErrorInvalidValue;
@@ -467,8 +479,9 @@ namespace cuda {
 
 bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
   if (p.a == nullptr || p.rank < 1 || p.rank > 64 || p.I % kGroup != 0 || (p.M + kBM - 1) / kBM > 0x7FFFFFFF) return false;
-  if (p.sg != nullptr && (p.su == nullptr || p.bg == nullptr || p.bu == nullptr || p.rank_gu < 1 || p.rank_gu > 32 ||
-                          p.rank > 32 || p.ldsg < p.rank_gu || p.ldsu < p.rank_gu || p.ldbg < p.rank_gu ||
+  const int64_t max_gu = p.a_dtype == 0 ? 32 : 64;  // fp32 adapters: the staging fits 48 KB up to rank 32
+  if (p.sg != nullptr && (p.su == nullptr || p.bg == nullptr || p.bu == nullptr || p.rank_gu < 1 || p.rank_gu > max_gu ||
+                          p.rank > max_gu || p.ldsg < p.rank_gu || p.ldsu < p.rank_gu || p.ldbg < p.rank_gu ||
                           p.ldbu < p.rank_gu)) {
     return false;
   }

@@ -14,9 +14,9 @@ lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropo
 masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
     forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers,
               S_d's products on the tensor cores when I % 8 == 0 and rows are 16-byte aligned)
-              with LoRA on every projection in one adapter dtype and ranks <= 32: g, u = the base GEMMs and
-              the shrinks only, their expands added in place by the same activation pass
-              (``_fuses_gate_up_expands``)
+              with LoRA on every projection in one adapter dtype and ranks <= 32 (64 for 16-bit adapters):
+              g, u = the base GEMMs and the shrinks only, their expands added in place by the same
+              activation pass (``_fuses_gate_up_expands``)
               y = h' W_d^T + b_d (ATen) += s_d S_d B_d^T (lora_expand_)
     backward  dh_base = dY W_d (ATen), t_d = cast_A(dY) B_d (lora_shrink, or ATen as t above)
               dg, du, dA_d = act_bwd_lora: one pass, dh' = dh_base + s_d D(t_d A_d) and
@@ -301,14 +301,16 @@ class CudaBackend(TorchBackend):
         """Whether the forward adds the gate/up LoRA expands inside the activation pass (masked_gated_act_fwd's
         ``gate_up``) instead of two lora_expand_ passes over g and u: the down projection with LoRA (the
         pass is its tensor-core forward), every input projection with LoRA in the down adapter's dtype, one
-        rank for them, it and the down rank <= MAX_GATE_UP_RANK. Chosen by the model (perf/ledger.py): the
-        separate expands read and write g and u once more each."""
+        rank for them, it and the down rank <= MAX_GATE_UP_RANK (32 for fp32 adapters, 64 for 16-bit ones).
+        Chosen by the model (perf/ledger.py): the separate expands read and write g and u once more each."""
         down = w.down.lora
-        if down is None or down.A.shape[0] > self._k.MAX_GATE_UP_RANK:
+        if down is None:
             return False
+        max_r = self._k.MAX_GATE_UP_RANK.get(down.A.dtype, 0)
         loras = [lin.lora for lin in w.inputs]
-        return all(lora is not None and lora.A.dtype == down.A.dtype and lora.A.shape[0] == loras[0].A.shape[0]
-                   and lora.A.shape[0] <= self._k.MAX_GATE_UP_RANK for lora in loras)
+        return down.A.shape[0] <= max_r and all(
+            lora is not None and lora.A.dtype == down.A.dtype and lora.A.shape[0] == loras[0].A.shape[0]
+            and lora.A.shape[0] <= max_r for lora in loras)
 
     def _gate_up_lora(self, w: GatedMLPWeights, shrinks):
         """The GateUpLora of the input projections; the fused layout's one B (2I, r) gives both halves."""

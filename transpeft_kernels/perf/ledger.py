@@ -362,6 +362,11 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
     # stores) plus the element loop's second trip (396 -> 488, 426 -> 605), less the two scalar B-staging
     # loops not taken at ranks divisible by 8 (100 each); over 16 elements, over 24.
     ("fwd_gu", True, False): 2.19 + 2.10 - 0.34, ("fwd_gu", False, False): 2.15 + 2.05 - 0.04,
+    # rank 64, 16-bit adapters only (B_g and B_u take turns in one buffer, two more barriers per step):
+    # over the rank-64 forward, step body 1072 -> 1888, element loop 422 -> 590 (its second trip), less the
+    # two scalar B-staging loops (100 each), plus z_g's and z_u's k loops (32 each, 3 more trips) and the
+    # vectorised B staging (50 each, 3 more trips): 1276 per 16 elements, over 24
+    ("fwd_gu", False, True): 4.02 + 3.32,
 }
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
@@ -454,7 +459,8 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
         gate_up = kw.get("gate_up")
         if gate_up is not None:  # and the gate/up expands: two more rank-sized products per element
-            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd_gu", a.dtype == torch.float32, False)]
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd_gu", a.dtype == torch.float32,
+                                                   max(r, gate_up.s_g.shape[1]) > 32)]
             return {unit: times * 2 * (n * r + 2 * n * gate_up.s_g.shape[1])}, round(n * weight), philox
         weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd", a.dtype == torch.float32, r > 32)]
         return {unit: times * 2 * n * r}, round(n * weight), philox

@@ -89,7 +89,8 @@ typedef struct TranspeftActFwdArgs {
   // GEMM outputs, written through these pointers; the same thread reads an element before writing it):
   //   g = T(g + TA(TA(S_g B_g^T) * scaling_g)),   u = T(u + TA(TA(S_u B_u^T) * scaling_u))
   // S_g, S_u (M, rank_gu) and B_g, B_u (I, rank_gu) in a_dtype with row strides ldsg, ldsu, ldbg, ldbu
-  // (unit column stride); 1 <= rank_gu <= 32 and rank <= 32 (the block's shared memory).
+  // (unit column stride); 1 <= rank_gu <= 32 and rank <= 32 (the block's shared memory), up to 64 for a
+  // 16-bit a_dtype.
   // cudaErrorInvalidValue when the tensor-core forward does not take the call.
   const void* sg;
   int64_t ldsg;

@@ -88,7 +88,9 @@ def _knowledge_mask_args(p: float, rescale: bool, seed, dtype: torch.dtype, devi
     return _mask_args(p, kept, seed, device, "masking")
 
 
-MAX_GATE_UP_RANK = 32  # the forward's gate/up expands: their staging fits the block's 48 KB up to rank 32
+# the forward's gate/up expands, by adapter dtype: their staging fits the block's 48 KB up to rank 32 with
+# fp32 adapters, up to 64 with 16-bit ones
+MAX_GATE_UP_RANK = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
 
     ``gate_up``: first g = T(g + TA(TA(S_g B_g^T) s_g)) and u likewise, written into g and u IN PLACE (fresh
     GEMM outputs of the caller, with unit column stride; not copied), in the same pass: the tensor-core
-    forward only (``gate_up_supported``), ranks <= MAX_GATE_UP_RANK (the down rank too), S and B in A_d's dtype."""
+    forward only (``gate_up_supported``), ranks <= MAX_GATE_UP_RANK[A_d's dtype] (the down rank too), S and B in
+    A_d's dtype."""
     if gate_up is not None:
         _check_gate_up(g, u, down_a, gate_up)
     g, u = unit_column_stride(g, "g"), unit_column_stride(u, "u")
@@ -166,13 +169,14 @@ def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
                          "16-byte aligned rows (they are written in place)")
     M, I = g.shape
     r_d = down_a.shape[0] if down_a.dim() == 2 else -1
-    if r_d > MAX_GATE_UP_RANK:
-        raise ValueError(f"gate_up: needs the down rank <= {MAX_GATE_UP_RANK}, got {r_d}")
+    max_r = MAX_GATE_UP_RANK.get(down_a.dtype, 0)
+    if r_d > max_r:
+        raise ValueError(f"gate_up: needs the down rank <= {max_r} with {down_a.dtype} adapters, got {r_d}")
     r = gu.s_g.shape[1] if gu.s_g.dim() == 2 else -1
     for name, t, rows in (("S_g", gu.s_g, M), ("B_g", gu.b_g, I), ("S_u", gu.s_u, M), ("B_u", gu.b_u, I)):
-        if (t.dim() != 2 or tuple(t.shape) != (rows, r) or not 1 <= r <= MAX_GATE_UP_RANK or t.dtype != down_a.dtype
+        if (t.dim() != 2 or tuple(t.shape) != (rows, r) or not 1 <= r <= max_r or t.dtype != down_a.dtype
                 or (r > 1 and t.stride(1) != 1)):
-            raise ValueError(f"gate_up {name}: expected ({rows}, r <= {MAX_GATE_UP_RANK}) with unit column stride "
+            raise ValueError(f"gate_up {name}: expected ({rows}, r <= {max_r}) with unit column stride "
                              f"in down_a's dtype {down_a.dtype} (r like S_g's), got {tuple(t.shape)} {t.dtype} "
                              f"strides {t.stride()}")
         if t.device != g.device:
