@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from budget import assert_within_budget
+from budget import assert_close_to_exact, assert_within_budget
 from helpers import ACT_BWD_CALLS, FUSED_MLP_CALLS, spy_cuda_calls
 from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels.cuda import build, library
@@ -186,3 +186,53 @@ def test_gated_mlp_captures_in_a_cuda_graph(calls):
         assert torch.equal(a, b), f"{name}: two replays differ"
         for label, ours in (("eager", e), ("graph", a)):
             assert_within_budget(ours.cpu(), theirs.cpu(), ex, ours.dtype, depth, f"{label} {name}", tf32x3_depth=depth)
+
+
+@pytest.mark.parametrize("a_dtype,r,r_gu", [(torch.float32, 16, 16), (torch.float32, 32, 24), (torch.bfloat16, 64, 64),
+                                            (torch.bfloat16, 16, 40)], ids=["fp32-r16", "fp32-r32", "bf16-r64", "bf16-r40"])
+def test_forward_gate_up_expands_give_the_bits_of_the_separate_expands_here(cuda_library, calls, a_dtype, r, r_gu):
+    """On the GPU, where the warps really run concurrently: the forward with the gate/up expands writes g,
+    u, h' and S_d with the same bits as two lora_expand_ passes and the plain forward (the same mma; the
+    host emulation's lockstep schedule cannot show a missing barrier, e.g. between z_g and the restaging
+    of B_u at rank 64). Ragged rows, columns split (8192-wide I), rank tiles 16 to 64, repeated runs equal."""
+    from transpeft_kernels.kernels import cuda as K
+
+    gen = torch.Generator().manual_seed(11)
+    M, inter = 1000, 8192 + 64
+
+    def rnd(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=CUDA, dtype=dtype)
+
+    g0, u0 = rnd(M, inter), rnd(M, inter)
+    A = rnd(r, inter, scale=inter**-0.5, dtype=a_dtype)
+    gu = K.GateUpLora(rnd(M, r_gu, dtype=a_dtype), rnd(inter, r_gu, scale=0.5, dtype=a_dtype), 0.5,
+                      rnd(M, r_gu, dtype=a_dtype), rnd(inter, r_gu, scale=0.5, dtype=a_dtype), 2.0)
+    seed_m, drop = torch.tensor(21, device=CUDA), K.Dropout(0.1, torch.tensor(8, device=CUDA))
+    g1, u1 = g0.clone(), u0.clone()
+    K.lora_expand_(g1, gu.s_g, gu.b_g, gu.scaling_g)
+    K.lora_expand_(u1, gu.s_u, gu.b_u, gu.scaling_u)
+    want = (g1, u1, *K.masked_gated_act_fwd(g1, u1, "silu", 0.1, True, seed_m, down_a=A, down_drop=drop))
+    for run in range(3):
+        g2, u2 = g0.clone(), u0.clone()
+        calls.clear()
+        got = (g2, u2, *K.masked_gated_act_fwd(g2, u2, "silu", 0.1, True, seed_m, down_a=A, down_drop=drop, gate_up=gu))
+        assert calls == ["transpeft_masked_gated_act_fwd"]
+        for name, a, b in zip(("g", "u", "h", "S_d"), got, want, strict=True):
+            assert torch.equal(a, b), f"run {run}: {name}"
+
+
+def test_shrink_splits_agree_here(cuda_library):
+    """The shrink's K split on the GPU (fp32 partials summed in a fixed order): every split count within the
+    rounding of the K-long sum against float64 (tf32x3 products), the default split the same bits on a
+    repeated run."""
+    from transpeft_kernels.kernels import cuda as K
+
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3000, 14336, generator=gen).bfloat16().to(CUDA)
+    a = (torch.randn(16, 14336, generator=gen) / 120).to(CUDA)
+    exact = (x.double() @ a.double().t()).cpu()
+    first = K.lora_shrink(x, a)
+    assert torch.equal(first, K.lora_shrink(x, a))
+    for splits in (1, 3, 64, None):
+        assert_close_to_exact(K.lora_shrink(x, a, splits=splits).cpu(), exact, torch.float32, x.shape[1],
+                              f"S, {splits} splits", tf32x3_depth=x.shape[1])
