@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from ..kernels.cuda.library import emulating
 from ..reference.activations import Activation
-from ..reference.mlp import INPUT_SUB_SEEDS
 from ..specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec, SubSeed, split_gate_up, sub_seed
 from .coverage import covered, linear_covered, knowledge_mask_args
 from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend
@@ -185,7 +184,7 @@ class CudaBackend(TorchBackend):
         one, read again) costs more than the kernel's instructions; a masked 16-bit copy at rank 64 costs
         less than its steps, and a 16-bit adapter on its own dtype without a mask needs no copy (cuBLAS is
         better)."""
-        if lora.A.shape[0] > REDUCE_MAX_RANK[lora.A.dtype] or dtype not in (torch.float16, torch.bfloat16):
+        if lora.A.shape[0] > REDUCE_MAX_RANK.get(lora.A.dtype, 0) or dtype not in (torch.float16, torch.bfloat16):
             return False
         return lora.A.dtype == torch.float32 or (drop is not None and lora.A.dtype == dtype)
 
@@ -221,9 +220,7 @@ class CudaBackend(TorchBackend):
         act = Activation(activation).value
         gate_up = None
         if self._fuses_gate_up_expands(w):
-            pairs = [self._base_and_shrink(x2d, lin, sub_seed(seed, stream))
-                     for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout])]
-            outs, shrinks = tuple(y for y, _ in pairs), tuple(s for _, s in pairs)
+            outs, shrinks = self.inputs_fwd(x2d, w, seed, self._base_and_shrink)
             gate_up = self._gate_up_lora(w, shrinks)
             if not K.gate_up_supported(*split_gate_up(outs, w.layout)):  # unaligned: the expands on their own
                 for y, s, lin in zip(outs, shrinks, w.inputs):

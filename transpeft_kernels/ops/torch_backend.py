@@ -136,10 +136,11 @@ class TorchBackend:
         return dg.to(g.dtype), du.to(u.dtype)
 
     # ---- masked gated MLP ----------------------------------------------------------------------
-    def inputs_fwd(self, x2d, w: GatedMLPWeights, seed):
-        """The gate/up projections one lora_linear each: x2d (M, d) -> (outs, shrinks) as MLPSaved holds them."""
-        pairs = [self.lora_linear_fwd(x2d, lin, sub_seed(seed, stream))
-                 for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout])]
+    def inputs_fwd(self, x2d, w: GatedMLPWeights, seed, linear_fwd=None):
+        """The gate/up projections one lora_linear each: x2d (M, d) -> (outs, shrinks) as MLPSaved holds them.
+        ``linear_fwd``: what runs each projection, (x2d, lin, seed) -> (y, S); lora_linear_fwd by default."""
+        linear_fwd = self.lora_linear_fwd if linear_fwd is None else linear_fwd
+        pairs = [linear_fwd(x2d, lin, sub_seed(seed, stream)) for lin, stream in zip(w.inputs, INPUT_SUB_SEEDS[w.layout])]
         return tuple(y for y, _ in pairs), tuple(s for _, s in pairs)
 
     def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...],
