@@ -21,7 +21,7 @@ from transpeft_kernels import ops, reference as R
 from transpeft_kernels.kernels import cuda as K
 from transpeft_kernels.ops import backends, cuda_backend
 from transpeft_kernels.reference.lora import dropout_multiplier
-from transpeft_kernels.specs import Layout, MaskSpec
+from transpeft_kernels.specs import GatedMLPWeights, Layout, MaskSpec
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found: cannot build the emulation")
 
@@ -505,6 +505,23 @@ def test_mlp_forward_takes_the_gate_up_expands_into_the_activation_pass(backend,
     assert n_fused == (1 if rank <= K.MAX_GATE_UP_RANK[a_dtype] else n_separate)
     for i, (a, b) in enumerate(zip(fused, separate, strict=True)):
         assert torch.equal(a, b), f"output {i}"
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+def test_mlp_forward_gate_up_expands_take_a_strided_b(backend, calls, monkeypatch, layout):
+    """A LoRA B with strided columns (a transposed view; lora_expand_ takes any strides) still takes the fused
+    forward (the kernel reads B's rows with unit stride: the backend passes a copy), the same bits as the
+    separate expands."""
+    w = test_ops.make_mlp(16, 64, layout, torch.bfloat16, adapter_dtype=torch.float32, rank=8, dropout=0.1)
+    inputs = tuple(lin.with_tensors(lin.weight, lin.bias, lin.lora.A, lin.lora.B.t().contiguous().t())
+                   for lin in w.inputs)
+    assert all(lin.lora.B.stride(1) != 1 for lin in inputs)
+    w = GatedMLPWeights(inputs, w.down)
+    x = torch.randn(40, 16, dtype=torch.bfloat16)
+    fused = ops.masked_gated_mlp(x, w, R.Activation.SILU, MaskSpec(0.2), torch.tensor(3), backend)
+    assert calls.count("transpeft_lora_expand") == 1
+    monkeypatch.setattr(cuda_backend.CudaBackend, "_fuses_gate_up_expands", lambda self, w: False)
+    assert torch.equal(fused, ops.masked_gated_mlp(x, w, R.Activation.SILU, MaskSpec(0.2), torch.tensor(3), backend))
 
 
 @pytest.mark.parametrize("x_dtype,l_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),

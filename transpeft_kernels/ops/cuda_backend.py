@@ -310,12 +310,14 @@ class CudaBackend(TorchBackend):
             and lora.A.shape[0] <= max_r for lora in loras)
 
     def _gate_up_lora(self, w: GatedMLPWeights, shrinks):
-        """The GateUpLora of the input projections; the fused layout's one B (2I, r) gives both halves."""
+        """The GateUpLora of the input projections; the fused layout's one B (2I, r) gives both halves. The
+        kernel reads B's rows with unit stride, so a B with other strides (a transposed view) is copied
+        (I x r, small); lora_expand_ took any strides."""
         if w.layout is Layout.SPLIT:
             (lg, lu), (sg, su) = (lin.lora for lin in w.inputs), shrinks
-            return self._k.GateUpLora(sg, lg.B, lg.scaling, su, lu.B, lu.scaling)
+            return self._k.GateUpLora(sg, lg.B.contiguous(), lg.scaling, su, lu.B.contiguous(), lu.scaling)
         lora, s = w.inputs[0].lora, shrinks[0]
-        b_g, b_u = lora.B.chunk(2, dim=0)
+        b_g, b_u = lora.B.contiguous().chunk(2, dim=0)
         return self._k.GateUpLora(s, b_g, lora.scaling, s, b_u, lora.scaling)
 
     def _gate_up_db(self, w: GatedMLPWeights, saved: MLPSaved, needs: tuple[LinearNeeds, ...]):
