@@ -188,25 +188,35 @@ def test_gated_mlp_captures_in_a_cuda_graph(calls):
             assert_within_budget(ours.cpu(), theirs.cpu(), ex, ours.dtype, depth, f"{label} {name}", tf32x3_depth=depth)
 
 
-@pytest.mark.parametrize("a_dtype,r,r_gu", [(torch.float32, 16, 16), (torch.float32, 32, 24), (torch.bfloat16, 64, 64),
-                                            (torch.bfloat16, 16, 40)], ids=["fp32-r16", "fp32-r32", "bf16-r64", "bf16-r40"])
-def test_forward_gate_up_expands_give_the_bits_of_the_separate_expands_here(cuda_library, calls, a_dtype, r, r_gu):
+@pytest.mark.parametrize("dtype,a_dtype,r,r_gu,layout", [
+    (torch.bfloat16, torch.float32, 16, 16, "split"), (torch.bfloat16, torch.float32, 32, 24, "fused"),
+    (torch.bfloat16, torch.bfloat16, 64, 64, "split"), (torch.bfloat16, torch.bfloat16, 16, 40, "fused"),
+    (torch.float16, torch.float16, 64, 48, "split"), (torch.float32, torch.float32, 8, 32, "split"),
+], ids=["bf16-fp32-r16", "bf16-fp32-r32-fused", "bf16-r64", "bf16-r40-fused", "fp16-r64", "fp32-r32"])
+def test_forward_gate_up_expands_give_the_bits_of_the_separate_expands_here(cuda_library, calls, dtype, a_dtype, r,
+                                                                            r_gu, layout):
     """On the GPU, where the warps really run concurrently: the forward with the gate/up expands writes g,
     u, h' and S_d with the same bits as two lora_expand_ passes and the plain forward (the same mma; the
     host emulation's lockstep schedule cannot show a missing barrier, e.g. between z_g and the restaging
-    of B_u at rank 64). Ragged rows, columns split (8192-wide I), rank tiles 16 to 64, repeated runs equal."""
+    of B_u at rank 64). Ragged rows, columns split (8192-wide I), rank tiles 16 to 64, every activation
+    dtype, the fused layout (one S, B's halves), repeated runs equal."""
     from transpeft_kernels.kernels import cuda as K
 
     gen = torch.Generator().manual_seed(11)
     M, inter = 1000, 8192 + 64
 
-    def rnd(*shape, scale=1.0, dtype=torch.bfloat16):
+    def rnd(*shape, scale=1.0, dtype=dtype):
         return (torch.randn(*shape, generator=gen) * scale).to(device=CUDA, dtype=dtype)
 
     g0, u0 = rnd(M, inter), rnd(M, inter)
     A = rnd(r, inter, scale=inter**-0.5, dtype=a_dtype)
-    gu = K.GateUpLora(rnd(M, r_gu, dtype=a_dtype), rnd(inter, r_gu, scale=0.5, dtype=a_dtype), 0.5,
-                      rnd(M, r_gu, dtype=a_dtype), rnd(inter, r_gu, scale=0.5, dtype=a_dtype), 2.0)
+    if layout == "fused":
+        s = rnd(M, r_gu, dtype=a_dtype)
+        b_g, b_u = rnd(2 * inter, r_gu, scale=0.5, dtype=a_dtype).chunk(2)
+        gu = K.GateUpLora(s, b_g, 0.5, s, b_u, 0.5)
+    else:
+        gu = K.GateUpLora(rnd(M, r_gu, dtype=a_dtype), rnd(inter, r_gu, scale=0.5, dtype=a_dtype), 0.5,
+                          rnd(M, r_gu, dtype=a_dtype), rnd(inter, r_gu, scale=0.5, dtype=a_dtype), 2.0)
     seed_m, drop = torch.tensor(21, device=CUDA), K.Dropout(0.1, torch.tensor(8, device=CUDA))
     g1, u1 = g0.clone(), u0.clone()
     K.lora_expand_(g1, gu.s_g, gu.b_g, gu.scaling_g)

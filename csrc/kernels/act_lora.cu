@@ -485,7 +485,7 @@ bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
                           p.ldbu < p.rank_gu)) {
     return false;
   }
-  if (p.s_part != nullptr && (p.cols_per_split < kBN || p.cols_per_split % kBN != 0 || p.col_splits > 65535 ||
+  if (p.s_part != nullptr && (p.cols_per_split < kBN || p.cols_per_split % kBN != 0 || p.col_splits < 1 || p.col_splits > 65535 ||
                               p.col_splits != (p.I + p.cols_per_split - 1) / p.cols_per_split)) {
     return false;
   }

@@ -101,8 +101,8 @@ cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t
 
 bool shrink_tile_takes(const TranspeftLoraShrinkArgs& p) {
   if (p.R < 1 || p.R > 64 || (p.sxk != 1 && p.K > 1)) return false;
-  return p.s_part == nullptr || (p.cols_per_split >= kBN && p.cols_per_split % kBN == 0 && p.k_splits <= 65535 &&
-                                 p.k_splits == (p.K + p.cols_per_split - 1) / p.cols_per_split);
+  return p.s_part == nullptr || (p.cols_per_split >= kBN && p.cols_per_split % kBN == 0 && p.k_splits >= 1 &&
+                                 p.k_splits <= 65535 && p.k_splits == (p.K + p.cols_per_split - 1) / p.cols_per_split);
 }
 
 cudaError_t launch_shrink_tile(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
