@@ -6,7 +6,8 @@
    the GPU, the kernels' masks at realistic shapes and past 2**31 elements, lora_linear and the gated
    MLP at realistic shapes against "torch" and float64 with their Triton launches counted).
 2. Timing, informational: median ms of a LoRA linear 4096->4096, r=16, 8192 tokens, bf16, forward +
-   backward, "triton" vs "torch".
+   backward, "triton" vs "torch"; the gated MLP in each base-GEMM and backward mode; and a cuBLAS
+   product with and without a C operand, beside the two ways of adding a LoRA term to it.
 3. Unless --skip-pytest, while the budget lasts: the kernel, op and custom-op tests (test_triton_kernels,
    test_triton_gate_up_act, test_ops, test_triton_ops, test_custom_ops) compiled on the GPU with their
    tensors there; stopped (SIGINT, so its JUnit XML keeps what ran) when the budget is spent.
@@ -293,6 +294,39 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
         torch.cuda.empty_cache()
 
 
+def c_operand_timings(report: Report, tokens: int = 8192, r: int = 16, device: str = "cuda") -> None:
+    """The model's assumption behind lora_expand_into: cuBLAS reads a C operand (addmm_, beta 1) in its
+    epilogue at no cost while compute-bound. Side by side at the Llama-3-8B MLP's product shapes, bf16,
+    fp32 adapters, lora_dropout 0.05 (the dX case): mm alone, addmm_ into a C alone, and the two ways of
+    adding a LoRA term, mm + lora_expand_add (read-modify-write) and lora_expand_into + addmm_."""
+    import torch
+
+    from transpeft_kernels.kernels import triton as K
+
+    dev = torch.device(device)
+    key = f"c_operand_{tokens}_tokens_r{r}_bf16_ms"
+    report.data.setdefault("timings", {})[key] = {}
+    seed = torch.tensor(11)
+    for k, n in ((4096, 14336), (14336, 4096), (4096, 4096)):
+        x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        s = torch.randn(tokens, r, device=dev)
+        a = torch.randn(r, n, device=dev) / r**0.5
+        c = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16)
+        term = K.LoraTerm(s, a.t(), 2.0, 0.05, seed)
+        cases = {
+            "mm": lambda: torch.mm(x, w.t()),
+            "addmm_": lambda: c.addmm_(x, w.t()),
+            "mm+lora_expand_add": lambda: K.lora_expand_add(torch.mm(x, w.t()), s, a.t(), 2.0, 0.05, seed),
+            "lora_expand_into+addmm_": lambda: K.lora_expand_into(torch.empty_like(c), (term,)).addmm_(x, w.t()),
+        }
+        name = f"{tokens}x{k}->{n}"
+        report.data["timings"][key][name] = {label: round(_median_ms(fn, reps=20), 4) for label, fn in cases.items()}
+        report.info(f"C operand {name}", json.dumps(report.data["timings"][key][name]))
+        del x, w, s, a, c
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, default=600.0, help="start no part after this many seconds")
@@ -319,6 +353,7 @@ def main() -> int:
             try:
                 timings(report)
                 mlp_mode_timings(report)
+                c_operand_timings(report)
             except Exception as e:  # noqa: BLE001 - a crash is reported; the next part still runs
                 report.fail("timing", f"{type(e).__name__}: {e}"[:2000])
             finally:

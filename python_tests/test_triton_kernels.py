@@ -434,6 +434,81 @@ def test_lora_expand_add(dtype, adt, rank, q):
         assert torch.equal(y[dropped], y0[dropped])
 
 
+@pytest.mark.parametrize("dtype,adt,ranks,drops,bias", [
+    (torch.float32, torch.float32, (16,), (0.0,), True),
+    (torch.bfloat16, torch.float32, (16, 16), (0.1, 0.3), False),
+    (torch.bfloat16, torch.bfloat16, (70, 3), (0.2, 0.0), False),
+    (torch.float16, torch.float16, (33,), (0.1,), False),
+    (torch.float16, torch.float32, (5, 64), (0.0, 0.2), False),
+    (torch.bfloat16, torch.bfloat16, (0,), (0.0,), True),
+])
+def test_lora_expand_into(dtype, adt, ranks, drops, bias):
+    """out = b + s1 D1(S1 B1^T) [+ s2 D2(S2 B2^T)], out's old values never read (NaN before), each term
+    with its own rank, scaling and mask (B read through A^T views as for dX), against float64 of the
+    rounded operands; only out's own rows and columns are written; where every mask drops, out is the
+    bias exactly (0 without one)."""
+    M, N = 45, 70
+    out, buf = padded((M, N), dtype)
+    out.fill_(float("nan"))
+    b = torch.randn(N, device=DEV).to(dtype) if bias else None
+    terms, exact, kept_any = [], torch.zeros(M, N, dtype=torch.float64), torch.zeros(M, N, dtype=torch.bool)
+    for i, (r, q) in enumerate(zip(ranks, drops)):
+        s = torch.randn(M, r, device=DEV).to(adt)
+        a = (torch.randn(r, N, device=DEV) / max(r, 1)**0.5).to(adt)
+        key = seed(40 + i) if q else None
+        scaling = (0.5, 1.75)[i]
+        term = s.double().cpu() @ a.double().cpu()
+        keep = P.keep_mask(key, M, N, q) if q else torch.ones(M, N, dtype=torch.bool)
+        if q:
+            term = term * keep.double() * K.lora_expand_add.__globals__["rounded_to"](1 / (1 - q), adt)
+        kept_any |= keep & (r > 0)
+        exact += scaling * term
+        terms.append(K.LoraTerm(s, a.t(), scaling, q, key))
+    if b is not None:
+        exact += b.double().cpu()
+    assert K.lora_expand_into(out, tuple(terms), b) is out
+    assert_border_intact(buf)
+    assert_close64(out, exact, dtype, depth=sum(ranks), tf32x3_depth=tf32x3_steps(adt, sum(ranks)))
+    dropped = ~kept_any.to(DEV)
+    assert torch.equal(out[dropped], b.expand(M, N)[dropped] if b is not None else torch.zeros_like(out[dropped]))
+
+
+def test_lora_expand_into_is_the_c_operand_of_addmm():
+    """out.addmm_(x, W^T) after lora_expand_into: y = x W^T + b + s S B^T within one rounding of the
+    LoRA term and one of y against float64 (the reference rounds the base product instead)."""
+    M, d, N, r = 40, 48, 56, 8
+    x = torch.randn(M, d, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(N, d, device=DEV) / d**0.5).to(torch.bfloat16)
+    b = torch.randn(N, device=DEV).to(torch.bfloat16)
+    s = torch.randn(M, r, device=DEV)
+    lb = torch.randn(N, r, device=DEV) / r**0.5
+    y = K.lora_expand_into(torch.empty(M, N, dtype=torch.bfloat16, device=DEV), (K.LoraTerm(s, lb, 0.5),), b)
+    y.addmm_(x, w.t())
+    exact = x.double().cpu() @ w.double().cpu().t() + b.double().cpu() + 0.5 * s.double().cpu() @ lb.double().cpu().t()
+    assert_close64(y, exact, torch.bfloat16, depth=d + r, tf32x3_depth=r)
+
+
+def test_lora_expand_into_rejects_bad_arguments():
+    out = torch.empty(4, 8, device=DEV)
+    term = K.LoraTerm(torch.randn(4, 2), torch.randn(8, 2), 1.0)
+    with pytest.raises(ValueError, match="terms"):
+        K.lora_expand_into(out, ())
+    with pytest.raises(ValueError, match="terms"):
+        K.lora_expand_into(out, (term,) * 3)
+    with pytest.raises(TypeError, match="terms: expected one adapter dtype"):
+        K.lora_expand_into(out, (term, K.LoraTerm(torch.randn(4, 2).half(), torch.randn(8, 2).half(), 1.0)))
+    with pytest.raises(ValueError, match="terms\\[1\\].seed"):
+        K.lora_expand_into(out, (term, K.LoraTerm(torch.randn(4, 2), torch.randn(8, 2), 1.0, 0.1)))
+    with pytest.raises(ValueError, match="terms\\[1\\].s, terms\\[1\\].b"):
+        K.lora_expand_into(out, (term, K.LoraTerm(torch.randn(4, 2), torch.randn(9, 2), 1.0)))
+    with pytest.raises(ValueError, match="bias"):
+        K.lora_expand_into(out, (term,), torch.randn(7))
+    with pytest.raises(ValueError, match="bias"):
+        K.lora_expand_into(out, (term,), torch.randn(8).half())
+    with pytest.raises(ValueError, match="unit column stride"):
+        K.lora_expand_into(torch.empty(8, 4).t(), (term,))
+
+
 @pytest.mark.parametrize("dtype,adt,activation,mask,sides", [
     (torch.float32, torch.float32, Activation.SILU, (0.3, True), (3, 3)),
     (torch.bfloat16, torch.float32, Activation.GELU_TANH, (0.1, False), (16, 0)),

@@ -203,6 +203,36 @@ def test_both_base_gemm_modes_match_reference(base_gemm, layout, monkeypatch):
                    x, lin, torch.float32)
 
 
+@pytest.mark.usefixtures("one_pass")
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
+def test_cublas_mode_writes_lora_terms_as_the_gemm_c_operand(layout, monkeypatch):
+    """cuBLAS mode: every LoRA term reaches y, dh' and dX as the C operand of an addmm_ (lora_expand_into),
+    never as a read-modify-write pass (lora_expand_add); the gate and up dX terms of the split layout in
+    one launch with two terms; the bias in the forward's C; results against the reference and float64."""
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV
+
+    monkeypatch.setenv(BASE_GEMM_ENV, "cublas")
+    calls = []
+    real_into = BACKEND._k.lora_expand_into
+    monkeypatch.setattr(BACKEND._k, "lora_expand_into", lambda out, terms, bias=None: calls.append(
+        (len(terms), bias is not None)) or real_into(out, terms, bias))
+    monkeypatch.setattr(BACKEND._k, "lora_expand_add", lambda *a, **kw: pytest.fail("a read-modify-write expand"))
+    w = make_mlp(20, 36, layout, torch.bfloat16, adapter_dtype=torch.float32, rank=4, dropout=0.1, bias=True)
+    x = torch.randn(2, 7, 20, dtype=torch.bfloat16, requires_grad=True)
+    seed, mask = torch.tensor(3), MaskSpec(0.2)
+    assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+                   lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.bfloat16)
+    # per fwd+bwd: the down forward (bias), dh', and dX (gate + up as two terms, or the fused projection)
+    n_in = 2 if layout is Layout.SPLIT else 1
+    assert calls and calls[:3] == [(1, True), (1, False), (n_in, False)], calls
+    calls.clear()
+    lin = make_linear(24, 29, torch.float32, rank=6, dropout=0.2, bias=True)
+    xl = torch.randn(11, 24, requires_grad=True)
+    assert_matches(lambda x, w: ops.lora_linear(x, w, seed, BACKEND), lambda x, w: R.lora_linear(x, w, seed),
+                   xl, lin, torch.float32)
+    assert calls[:2] == [(1, True), (1, False)], calls
+
+
 def test_base_gemm_setting_is_checked(monkeypatch):
     from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, base_gemm
 

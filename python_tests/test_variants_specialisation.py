@@ -36,7 +36,7 @@ FLAGS = {
     "gate_up_act_kernel": ("LORA_G", "LORA_U"),
     "token_reduce_kernel": ("HAS_COLSUM", "Q_DROPOUT"),
     "act_bwd_lora_kernel": (),
-    "lora_expand_add_kernel": (),
+    "lora_expand_add_kernel": ("SECOND",),
     "gate_up_lora_act_kernel": ("LORA_G", "LORA_U"),
 }
 MODULES = {

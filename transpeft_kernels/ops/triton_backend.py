@@ -27,10 +27,11 @@ masked gated MLP backward in one pass over (M, I) (mlp_bwd; one_pass_bwd_enabled
                                                  read back for dB
     t_g = cast_A(dg) B_g, t_u                    lora_shrink (cheaper than t in the pass: act_bwd_lora.py)
     dx = sum_p dg_p W_p + s D(t_p A_p), dA_p     the dX products, token_reduce (as lora_linear)
-Base products (``base_gemm``): "cublas" (default) runs x W^T, dY W on ATen's GEMM and the LoRA terms as
-passes over their outputs: lora_expand_add for y and dX (dX of gate and up summed with addmm_), and
-gate_up_lora_act for the gate/up expands with the masked activation; "triton" runs gemm_lora_expand and
-gate_up_act as above.
+Base products (``base_gemm``): "cublas" (default) runs x W^T, dY W on ATen's GEMM. The LoRA terms of y,
+dh' and dX (and y's bias) are written first by lora_expand_into as the C operand of an ``addmm_`` that
+accumulates the base product into it (dX of gate and up: both terms in one launch, then one addmm_ per
+projection), so no pass reads a GEMM output back; the gate/up expands ride in gate_up_lora_act with the
+masked activation (that pass reads g and u anyway). "triton" runs gemm_lora_expand and gate_up_act as above.
 All gradients are deterministic (token reductions use fixed-order split partials, no atomics), and
 nothing is written into saved tensors or incoming gradients: every output is a fresh tensor.
 
@@ -47,6 +48,7 @@ Falls back to TorchBackend (same results, unfused) for cases the kernels do not 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -117,13 +119,36 @@ class TritonBackend(TorchBackend):
         lora = lin.lora
         s = None if lora is None else K.lora_shrink(x2d, lora.A, lora.dropout, seed)
         if base_gemm() == "cublas":
-            y = F.linear(x2d, lin.weight, lin.bias)
-            if lora is not None:
-                K.lora_expand_add(y, s, lora.B, lora.scaling)
-            return y, s
+            if lora is None:
+                return F.linear(x2d, lin.weight, lin.bias), None
+            # the LoRA term and the bias as the C operand of cuBLAS's product (lora_expand_into)
+            y = x2d.new_empty((x2d.shape[0], lin.weight.shape[0]))
+            K.lora_expand_into(y, (K.LoraTerm(s, lora.B, lora.scaling),), lin.bias)
+            return y.addmm_(x2d, lin.weight.t()), s
         if lora is None:
             return K.gemm_lora_expand(x2d, lin.weight, lin.bias), None
         return K.gemm_lora_expand(x2d, lin.weight, lin.bias, s, lora.B, lora.scaling), s
+
+    def _dx_term(self, lin: LinearWeights, t, seed):
+        """The LoRA term s D(t A) of a projection's dx, as the expand takes it."""
+        lora = lin.lora
+        return self._k.LoraTerm(t, lora.A.t(), lora.scaling, lora.dropout, seed if lora.dropout > 0 else None)
+
+    def _dx_sum(self, dys, lins, ts, seeds):
+        """dx = sum over the projections of dy_p W_p + s_p D_p(t_p A_p) (M, d_in), in cuBLAS mode: the
+        LoRA terms (two at most, one adapter dtype) written by one expand as the C operand, then one
+        addmm_ per projection accumulating into it. Otherwise projection by projection (``_dx``)."""
+        terms = [self._dx_term(lin, t, seed) for lin, t, seed in zip(lins, ts, seeds) if lin.lora is not None]
+        if base_gemm() != "cublas" or not terms or len(terms) > 2 or len({t.s.dtype for t in terms}) > 1:
+            dx = None
+            for dy, lin, t, seed in zip(dys, lins, ts, seeds):
+                dx = self._dx(dy, lin, t, seed, dx)
+            return dx
+        dx = dys[0].new_empty((dys[0].shape[0], lins[0].weight.shape[1]))
+        self._k.lora_expand_into(dx, tuple(terms))
+        for dy, lin in zip(dys, lins):
+            dx.addmm_(dy, lin.weight)
+        return dx
 
     def _dx(self, dy, lin: LinearWeights, t, seed, into=None):
         """dx = dy W + s D(t A) (M, d_in), or ``into`` + that, accumulated into ``into`` (the sum over
@@ -131,6 +156,9 @@ class TritonBackend(TorchBackend):
         K = self._k
         lora = lin.lora
         if base_gemm() == "cublas":
+            if lora is not None and into is None:  # the LoRA term as the C operand of cuBLAS's product
+                dx = K.lora_expand_into(dy.new_empty((dy.shape[0], lin.weight.shape[1])), (self._dx_term(lin, t, seed),))
+                return dx.addmm_(dy, lin.weight)
             dx = torch.mm(dy, lin.weight) if into is None else into.addmm_(dy, lin.weight)
             if lora is not None:
                 K.lora_expand_add(dx, t, lora.A.t(), lora.scaling, lora.dropout, seed)
@@ -147,17 +175,16 @@ class TritonBackend(TorchBackend):
         return self._linear_bwd(dy, x2d, s, lin, seed, needs)
 
     def _linear_bwd(self, dy, x2d, s, lin: LinearWeights, seed, needs: LinearNeeds, dB=None,
-                    dx_into=None) -> LinearGrads:
-        """lora_linear_bwd on covered operands; ``dB`` when already computed (by the one-pass
-        activation backward), else computed here; dx accumulated into ``dx_into`` when given (and
-        returned as the gradient's x)."""
+                    t=None) -> LinearGrads:
+        """lora_linear_bwd on covered operands; ``dB`` and ``t`` when already computed (dB by the one-pass
+        activation backward, t by the caller of ``_dx_sum``), else computed here."""
         K = self._k
         lora = lin.lora
-        dx = dW = db = dA = t = None
-        if lora is not None and (needs.A or needs.x):
+        dx = dW = db = dA = None
+        if lora is not None and (needs.A or needs.x) and t is None:
             t = K.lora_shrink(dy, lora.B.t())  # t = cast_A(dy) B, (M, r) in the adapter dtype
         if needs.x:
-            dx = self._dx(dy, lin, t, seed, dx_into)
+            dx = self._dx(dy, lin, t, seed)
         if needs.weight:
             dW, db = K.token_reduce(dy, x2d, lin.weight.dtype, x2d.dtype,
                                     colsum_dtype=lin.bias.dtype if needs.bias else None, lora=False)
@@ -172,6 +199,25 @@ class TritonBackend(TorchBackend):
             if needs.A:
                 dA, _ = K.token_reduce(t, x2d, adt, adt, scale=lora.scaling, dropout=lora.dropout, seed=seed)
         return LinearGrads(dx, dW, db, dA, dB)
+
+    def inputs_bwd(self, d_outs, x2d, saved: MLPSaved, w: GatedMLPWeights, seed, needs: tuple[LinearNeeds, ...],
+                   dBs: tuple | None = None):
+        """The gate/up projections' backward (TorchBackend.inputs_bwd): their t = cast_A(dout) B first, then
+        dx of all of them at once (``_dx_sum``: one expand writes both LoRA terms, cuBLAS adds the
+        products into it), then each projection's weight gradients."""
+        n = len(w.inputs)
+        dBs = (None,) * n if dBs is None else dBs
+        if not all(d.dtype == x2d.dtype and self._linear_ok(x2d, lin) and self._runnable(d, x2d, sh)
+                   for d, lin, sh in zip(d_outs, w.inputs, saved.shrinks)):
+            return super().inputs_bwd(d_outs, x2d, saved, w, seed, needs, dBs)
+        K = self._k
+        seeds = [sub_seed(seed, stream) for stream in INPUT_SUB_SEEDS[w.layout]]
+        ts = [K.lora_shrink(d, lin.lora.B.t()) if lin.lora is not None and (nd.A or nd.x) else None
+              for d, lin, nd in zip(d_outs, w.inputs, needs)]
+        dx = self._dx_sum(d_outs, w.inputs, ts, seeds) if needs[0].x else None
+        grads = [self._linear_bwd(d, x2d, sh, lin, sd, dataclasses.replace(nd, x=False), dB=dB, t=t)
+                 for d, sh, lin, sd, nd, dB, t in zip(d_outs, saved.shrinks, w.inputs, seeds, needs, dBs, ts)]
+        return dx, grads
 
     # ---- masked gated activation ---------------------------------------------------------------
     def masked_act_fwd(self, g, u, activation: Activation, mask: MaskSpec | None, seed) -> torch.Tensor:
@@ -275,12 +321,6 @@ class TritonBackend(TorchBackend):
             dBs = [None if r.dB_g is None else torch.cat([r.dB_g, r.dB_u])]
         else:
             d_outs, dBs = [r.dg, r.du], [r.dB_g, r.dB_u]
-        dx, grads = None, []
-        for i, (lin, stream) in enumerate(zip(w.inputs, INPUT_SUB_SEEDS[w.layout])):
-            gi = self._linear_bwd(d_outs[i], x2d, saved.shrinks[i], lin, sub_seed(seed, stream), needs[i],
-                                  dB=dBs[i], dx_into=dx)
-            if gi.x is not None:
-                dx = gi.x
-            grads.append(gi)
+        dx, grads = self.inputs_bwd(d_outs, x2d, saved, w, seed, needs, dBs)
         grads.append(LinearGrads(None, None, None, r.dA_d, dB_d))
         return dx, tuple(grads)

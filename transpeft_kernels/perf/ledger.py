@@ -181,8 +181,12 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.33, (False, 16): 0.76, (True, 32): 
 # lora_expand_add 578 instructions with fp32 adapters (18 per element; 1158 with the dX mask, whose
 # Philox work the model charges separately), gate_up_lora_act with fp32 adapters on both sides and the
 # mask 1823 (57.0 per element, 18.4 of them the mask's; 2128 before the MUFU sigmoid), over
-# ELEMENTWISE_INSTR = 24.
-EPILOGUE_ELEMENT_WEIGHT = {"lora_expand_add_kernel": 0.75, "gate_up_lora_act_kernel": 1.61}
+# ELEMENTWISE_INSTR = 24. Keyed by (kernel, two terms) for the expand: one term 0.75 (its C-operand
+# form without reading y, 503 with fp32 adapters, is charged the same); two terms, each with its dX
+# mask (the gate + up dX of one MLP input), 2051 with fp32 adapters (64.1 per element, 2 x 18.4 of them
+# the masks'; 1659 with bf16 adapters), sass_round2_triton_c_operand.json.
+EPILOGUE_ELEMENT_WEIGHT = {("lora_expand_add_kernel", False): 0.75, ("lora_expand_add_kernel", True): 1.14,
+                           "gate_up_lora_act_kernel": 1.61}
 
 # masked_gated_act's issue work per element, keyed by (kernel, mask on), so that with the mask charge
 # (18.4, roofline.py) the total is the static sm_90 SASS count of the default config, bf16, silu (the
@@ -226,10 +230,17 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         tile = 16 if rank <= 16 else 32 if rank <= 32 else 64
         lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]
         return reads, writes, flops, round(n * (ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, tile)] if lora else 1.0)), philox
-    if kernel == "lora_expand_add_kernel":  # y <- y + s D(S B^T) over a cuBLAS output
-        M, N, R = a["M"], a["N"], a["R"]
-        return ["y_ptr", "s_ptr", "b_ptr"], ["y_ptr"], _lora_flops(a["LORA_DTYPE"], 2 * M * N * R), \
-            round(M * N * EPILOGUE_ELEMENT_WEIGHT["lora_expand_add_kernel"]), M * N if a["LORA_DROPOUT"] else 0
+    if kernel == "lora_expand_add_kernel":  # y <- y + s D(S B^T) over a cuBLAS output, or C for addmm_
+        M, N = a["M"], a["N"]
+        second = bool(a["SECOND"])
+        reads = (["y_ptr"] if a["ACCUMULATE"] else []) + (["bias_ptr"] if a["HAS_BIAS"] else []) + ["s_ptr", "b_ptr"]
+        flops = _lora_flops(a["LORA_DTYPE"], 2 * M * N * a["R"])
+        if second:
+            reads += ["s2_ptr", "b2_ptr"]
+            _add(flops, _lora_flops(a["LORA_DTYPE"], 2 * M * N * a["R2"]))
+        weight = EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", second)]
+        philox = M * N * (bool(a["LORA_DROPOUT"]) + (second and bool(a["LORA_DROPOUT2"])))
+        return reads, ["y_ptr"], flops, round(M * N * weight), philox
     if kernel == "gate_up_lora_act_kernel":  # g, u <- + LoRA expands (in place), h' written
         M, I = a["M"], a["I"]
         reads, writes, flops = ["g_ptr", "u_ptr"], ["h_ptr"], {}

@@ -8,6 +8,7 @@
     act_bwd_lora       the activation backward in one pass over (M, I),    act_bwd_lora.py
                        with the LoRA partials dB (gate/up), dA (down), t optional
     lora_expand_add    y += s D(S B^T) in place over a cuBLAS output       lora_epilogue.py
+    lora_expand_into   C = b + LoRA terms, for a cuBLAS addmm_ into C      lora_epilogue.py
     gate_up_lora_act   g, u += LoRA expands in place, and h'               lora_epilogue.py
 
 Import this package only after choosing TRITON_INTERPRET (it is read when the kernels are defined).
@@ -15,9 +16,9 @@ Import this package only after choosing TRITON_INTERPRET (it is read when the ke
 from .act_bwd_lora import MAX_RANK as ACT_BWD_LORA_MAX_RANK, ActBwdLoraGrads, DownLora, LoraSide, act_bwd_lora
 from .gate_up_act import GateUpOperand, gate_up_act
 from .gemm_lora_expand import gemm_lora_expand
-from .lora_epilogue import ExpandSide, gate_up_lora_act, lora_expand_add
+from .lora_epilogue import ExpandSide, LoraTerm, gate_up_lora_act, lora_expand_add, lora_expand_into
 from .lora_shrink import lora_shrink
 from .masked_gated_act import masked_gated_act_bwd, masked_gated_act_fwd
 from .token_reduce import token_reduce
 
-__all__ = ["ACT_BWD_LORA_MAX_RANK", "ActBwdLoraGrads", "DownLora", "LoraSide", "act_bwd_lora", "GateUpOperand", "gate_up_act", "ExpandSide", "gate_up_lora_act", "lora_expand_add", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]
+__all__ = ["ACT_BWD_LORA_MAX_RANK", "ActBwdLoraGrads", "DownLora", "LoraSide", "act_bwd_lora", "GateUpOperand", "gate_up_act", "ExpandSide", "gate_up_lora_act", "lora_expand_add", "LoraTerm", "lora_expand_into", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]

@@ -7,13 +7,19 @@ work reads and rewrites its output once.
                                                              S (M, r) and B (N, r) in the adapter dtype,
                                                              D_q the keep mask of width N and 1/(1-q)
                                                              (the LoRA dropout of dX), or none
+    lora_expand_into   C <- round_y(b + s D_q(S B^T)         C not read: the operand of a cuBLAS
+                                + s2 D2(S2 B2^T))            C.addmm_(x, W^T), which adds the base
+                                                             product in its epilogue (one or two terms:
+                                                             the gate and up dX of one MLP input)
     gate_up_lora_act   g <- round_x(g + s_g S_g B_g^T), u alike (in place, sides with LoRA), and
                        h' = act(g) * u * keep * c            written to h; bit-identical to
                                                              masked_gated_act_fwd(g, u)
 
 Rounding: the reference adds the LoRA branch to the rounded base output (``(x W^T + b) + s S B^T``, then
-the cast), which is what these passes do, with the LoRA product accumulated in fp32 on the tensor cores
-(``_common.lora_dot``: tf32x3 for fp32 adapters).
+the cast), which is what lora_expand_add and gate_up_lora_act do, with the LoRA product accumulated in fp32
+on the tensor cores (``_common.lora_dot``: tf32x3 for fp32 adapters). lora_expand_into rounds the LoRA
+term (with the bias) to y's dtype instead and cuBLAS adds it to the unrounded base product: one rounding
+of the LoRA term's size in place of one of the base product's, within the same error budget.
 """
 from __future__ import annotations
 
@@ -42,25 +48,34 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return rows, rows.to(tl.int64), rows < M, cols.to(tl.int64), cols < N
 
 
-@triton.jit(do_not_specialize=["drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold", "drop_threshold2"])
 def lora_expand_add_kernel(
-    y_ptr, s_ptr, b_ptr, seed_ptr,
-    M, N, R,
-    stride_ym, stride_sm, stride_sr, stride_bn, stride_br,
-    scaling, drop_threshold, drop_scale,
-    LORA_DROPOUT: tl.constexpr, LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    y_ptr, s_ptr, b_ptr, seed_ptr, s2_ptr, b2_ptr, seed2_ptr, bias_ptr,
+    M, N, R, R2,
+    stride_ym, stride_sm, stride_sr, stride_bn, stride_br, stride_s2m, stride_s2r, stride_b2n, stride_b2r,
+    scaling, scaling2, drop_threshold, drop_scale, drop_threshold2, drop_scale2,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, SECOND: tl.constexpr,
+    LORA_DROPOUT: tl.constexpr, LORA_DROPOUT2: tl.constexpr, LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """y[tile] <- round(y[tile] + scaling * D(S B^T)[tile]); y has a unit column stride."""
+    """y[tile] <- round(base + s D(S B^T) [+ s2 D2(S2 B2^T)]), base = y[tile] (ACCUMULATE) or the bias
+    row (HAS_BIAS) or 0; y has a unit column stride. The terms are summed in fp32 in that order."""
     pid_n = tl.program_id(1)
     rows, rows64, row_ok, cols64, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
     acc = lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr,
                     stride_bn, stride_br, rows, rows64, cols64, row_ok, col_ok, pid_n, scaling, drop_threshold,
                     drop_scale, LORA_DROPOUT, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
+    if SECOND:
+        acc += lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s2_ptr, b2_ptr, seed2_ptr, R2, N, stride_s2m,
+                         stride_s2r, stride_b2n, stride_b2r, rows, rows64, cols64, row_ok, col_ok, pid_n, scaling2,
+                         drop_threshold2, drop_scale2, LORA_DROPOUT2, LORA_DTYPE, UPCAST, BLOCK_N, BLOCK_R)
     ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :]
     inb = row_ok[:, None] & col_ok[None, :]
-    y = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
-    tl.store(ptrs, cast_like(y + acc, y_ptr), mask=inb)
+    if ACCUMULATE:
+        acc = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32) + acc
+    if HAS_BIAS:
+        acc = tl.load(bias_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :] + acc
+    tl.store(ptrs, cast_like(acc, y_ptr), mask=inb)
 
 
 @triton.jit(do_not_specialize=["threshold"])
@@ -131,6 +146,18 @@ def _grid(M, N, config):
     return (cdiv(M, config["BLOCK_M"]), cdiv(N, config["BLOCK_N"]))
 
 
+class LoraTerm(NamedTuple):
+    """One LoRA term ``scaling * D_q(S B^T)`` of an expand over an (M, N) output: s (M, r), b (N, r) in
+    the adapter dtype (b may be a strided view, e.g. A^T for dX); ``dropout`` q > 0 with ``seed``: the
+    keep mask of width N and 1/(1-q) rounded to the adapter dtype (the LoRA dropout of dX)."""
+
+    s: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    dropout: float = 0.0
+    seed: torch.Tensor | None = None
+
+
 _EXPAND_PLANS = plans.plan_cache("lora_expand_add")
 
 
@@ -139,47 +166,100 @@ def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: 
     """y <- y + scaling * D(s b^T), in place, rounded to y's dtype; returns y. y (M, N) with a unit
     column stride; s (M, r), b (N, r) in one adapter dtype (b may be a strided view, e.g. A^T for dX).
     dropout > 0: the keep mask of ``seed`` over (M, N) and 1/(1-dropout) rounded to the adapter dtype."""
-    key = (plans.signature(y), plans.signature(s), plans.signature(b), dropout, seed is None, plans.tuning_state())
-    plan = _EXPAND_PLANS.get(key, lambda: _expand_plan(y, s, b, scaling, dropout, seed))
+    return _expand_call(y, (LoraTerm(s, b, scaling, dropout, seed),), None, True)
+
+
+def lora_expand_into(out: torch.Tensor, terms: tuple[LoraTerm, ...], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out <- round(bias + term_1 [+ term_2]) (fp32 sums in that order, one rounding to out's dtype),
+    overwriting ``out`` (M, N), unit column stride; returns it. One or two ``LoraTerm``s in one adapter
+    dtype; ``bias`` (N,) in out's dtype or None.
+
+    It writes the C operand of a cuBLAS product that accumulates into it, ``out.addmm_(x, W^T)``: the
+    LoRA terms (and the bias) then reach y = x W^T + b + s S B^T through the GEMM's epilogue, which
+    reads C while the GEMM is compute-bound, instead of a pass that reads y back and writes it again.
+    Rounding: round(x W^T + round(b + LoRA)); the reference rounds the base product first,
+    round(round(x W^T + b) + LoRA). Both are one rounding of the LoRA term's size and one of y's."""
+    if not 1 <= len(terms) <= 2:
+        raise ValueError(f"terms: expected one or two LoraTerm, got {len(terms)}")
+    return _expand_call(out, tuple(terms), bias, False)
+
+
+def _expand_call(y, terms, bias, accumulate: bool) -> torch.Tensor:
+    sig = plans.signature
+    key = (sig(y), tuple((sig(t.s), sig(t.b), t.dropout, t.seed is None) for t in terms), sig(bias), accumulate,
+           plans.tuning_state())
+    plan = _EXPAND_PLANS.get(key, lambda: _expand_plan(y, terms, bias, accumulate))
     if not plan.empty:
-        _expand(plan, y, s, b, scaling, seed_on(seed, y.device) if dropout > 0 else y)
+        _expand(plan, y, terms, bias)
     return y
 
 
-def _expand(plan: plans.LaunchPlan, target, s, b, scaling, seed_t) -> None:
-    """One launch; ``plan.head``: the arguments between the four pointers and the scaling."""
-    direct_launch.launch(lora_expand_add_kernel, plan, (target, s, b, seed_t), (float(scaling),))
+def _expand(plan: plans.LaunchPlan, target, terms, bias) -> None:
+    """One launch; ``plan.head``: the shape and stride arguments, ``plan.tail``: the two dropout
+    thresholds and scales. A missing second term or bias passes stand-in pointers the kernel never reads."""
+    first = terms[0]
+    second = terms[1] if len(terms) > 1 else LoraTerm(first.s, first.b, 1.0)
+
+    def seed_t(t):
+        return seed_on(t.seed, target.device) if t.dropout > 0 else target
+
+    direct_launch.launch(lora_expand_add_kernel, plan,
+                         (target, first.s, first.b, seed_t(first), second.s, second.b, seed_t(second),
+                          target if bias is None else bias),
+                         (float(first.scaling), float(second.scaling)))
 
 
-def _expand_plan(y, s, b, scaling, dropout, seed) -> plans.LaunchPlan:
-    _check_output(y, "y")
+def _expand_plan(y, terms, bias, accumulate: bool) -> plans.LaunchPlan:
+    _check_output(y, "y" if accumulate else "out")
     M, N = y.shape
-    code = _check_lora(s, b, "", M, N)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
-    drop = dropout > 0
-    if drop and seed is None:
-        raise ValueError("seed: required when dropout > 0")
-    device = check_same_device(y=y, s=s, b=b)
-    R = s.shape[1]
-    if M == 0 or N == 0 or R == 0:
+    names = ("", "terms[1].") if len(terms) > 1 else ("",)
+    codes = [_check_lora(t.s, t.b, name, M, N) for t, name in zip(terms, names)]
+    if len(set(codes)) > 1:
+        raise TypeError(f"terms: expected one adapter dtype, got {terms[0].s.dtype} and {terms[1].s.dtype}")
+    tail = []
+    for t, name in zip(terms, names):
+        if not 0.0 <= t.dropout < 1.0:
+            raise ValueError(f"{name}dropout: expected a probability in [0, 1), got {t.dropout}")
+        if t.dropout > 0 and t.seed is None:
+            raise ValueError(f"{name}seed: required when dropout > 0")
+        tail += [keep_threshold(t.dropout), rounded_to(1.0 / (1.0 - t.dropout), t.s.dtype)] if t.dropout > 0 else [0, 1.0]
+    if len(terms) == 1:
+        tail += [0, 1.0]
+    if bias is not None:
+        if accumulate:
+            raise ValueError("bias: only when the expand writes its output (lora_expand_into)")
+        if bias.dim() != 1 or bias.shape[0] != N or bias.dtype != y.dtype:
+            raise ValueError(f"bias: expected shape ({N},) and dtype {y.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        if N > 1 and bias.stride(0) != 1:
+            raise ValueError(f"bias: expected a unit stride, got {bias.stride(0)}")
+    device = check_same_device(y=y, bias=bias, **{f"{n}s": t.s for t, n in zip(terms, names)},
+                               **{f"{n}b": t.b for t, n in zip(terms, names)})
+    ranks = [t.s.shape[1] for t in terms]
+    if M == 0 or N == 0 or (accumulate and max(ranks) == 0):
         return plans.NOTHING
-    scale = rounded_to(1.0 / (1.0 - dropout), s.dtype) if drop else 1.0
+
+    def strides(t):  # a missing second term: 0 strides (never read)
+        return (0, 0, 0, 0) if t is None else (t.s.stride(0), t.s.stride(1), t.b.stride(0), t.b.stride(1))
 
     def plan_for(config) -> plans.LaunchPlan:
         return plans.LaunchPlan(
-            _grid(M, N, config), (M, N, R, y.stride(0), s.stride(0), s.stride(1), b.stride(0), b.stride(1)),
-            (keep_threshold(dropout) if drop else 0, scale),
-            dict(LORA_DROPOUT=drop, LORA_DTYPE=code, UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(R)),
+            _grid(M, N, config), (M, N, ranks[0], ranks[-1] if len(terms) > 1 else 0, y.stride(0),
+                                  *strides(terms[0]), *strides(terms[1] if len(terms) > 1 else None)),
+            tuple(tail),
+            dict(ACCUMULATE=accumulate, HAS_BIAS=bias is not None, SECOND=len(terms) > 1,
+                 LORA_DROPOUT=terms[0].dropout > 0, LORA_DROPOUT2=len(terms) > 1 and terms[1].dropout > 0,
+                 LORA_DTYPE=codes[0], UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(max(ranks))),
                  num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
 
-    key = ("expand_add", configs.bucket(M), N, R, y.dtype, s.dtype, drop, configs.layout_key(y, s, b))
+    drops = tuple(t.dropout > 0 for t in terms)
+    key = ("expand_add", configs.bucket(M), N, tuple(ranks), y.dtype, terms[0].s.dtype, drops, accumulate,
+           bias is not None, configs.layout_key(y, *(t.s for t in terms)))
     scratch = []  # the tuner times launches on a copy: each launch adds the term to its target again
 
     def timed(config):
         if not scratch:  # with y's strides: the plan's arguments carry them
             scratch.append(torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(y))
-        _expand(plan_for(config), scratch[0], s, b, scaling, seed_on(seed, device) if drop else y)
+        _expand(plan_for(config), scratch[0], terms, bias)
 
     return plan_for(configs.choose(configs.EPILOGUE, device, key, y.element_size(), timed))
 

@@ -52,13 +52,13 @@ FLOAT_ARGS = {
     "gate_up_act.gate_up_act_kernel": ("scaling_g", "scaling_u", "c"),
     "token_reduce.token_reduce_kernel": ("scale", "drop_scale"),
     "act_bwd_lora.act_bwd_lora_kernel": ("c", "scaling_g", "scaling_u", "scaling_d", "drop_scale"),
-    "lora_epilogue.lora_expand_add_kernel": ("scaling", "drop_scale"),
+    "lora_epilogue.lora_expand_add_kernel": ("scaling", "scaling2", "drop_scale", "drop_scale2"),
     "lora_epilogue.gate_up_lora_act_kernel": ("scaling_g", "scaling_u", "c"),
 }
 # The integer mask thresholds (reference.philox.keep_threshold, in [0, 65536]): plain i32 values,
 # declared ``do_not_specialize`` by their kernels, so compiled without the divisibility-by-16 hint of
 # the shape and stride arguments (and never as the constant 1).
-THRESHOLD_ARGS = ("threshold", "drop_threshold")
+THRESHOLD_ARGS = ("threshold", "drop_threshold", "drop_threshold2")
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
     gate_up_act: x, Wg, Wu, g, u, h' (split halves of the fused layout keep a unit column stride),
         plus S and B of each side that has LoRA (0 strides otherwise).
     lora_expand_add: S (M, R) and B (N, R): stride_sr and stride_br forward (y += s S B^T), stride_sr
-        and stride_bn backward (dX += s D(t A), B the view A^T).
+        and stride_bn backward (dX += s D(t A), B the view A^T); the second term's alike.
     gate_up_lora_act: the S and B of each side with LoRA (stride_sgr, stride_lbgr, stride_sur, stride_lbur).
     token_reduce (dW, dA, dB): P (T, A), Q (T, B), out (splits, A, B): stride_pa, stride_qb,
         stride_ob, plus stride_ca of the (splits, A) column sum when HAS_COLSUM (0 strides otherwise).
@@ -129,7 +129,8 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
             units += ("stride_sur", "stride_lbur")
         return units
     if fn == "lora_expand_add_kernel":
-        return ("stride_sr", "stride_br" if fwd else "stride_bn")
+        units = ("stride_sr", "stride_br" if fwd else "stride_bn")
+        return units + (("stride_s2r", "stride_b2r" if fwd else "stride_b2n") if c["SECOND"] else ())
     if fn == "gate_up_lora_act_kernel":
         return (("stride_sgr", "stride_lbgr") if c["LORA_G"] else ()) + (("stride_sur", "stride_lbur") if c["LORA_U"] else ())
     if fn == "token_reduce_kernel":
@@ -421,12 +422,16 @@ class ActBwdLora(_Case):
 
 @dataclass(frozen=True, kw_only=True)
 class ExpandAdd(_Case):
-    """y += s D(S B^T) in place over a cuBLAS output: the forward (no mask) and dX (the dropout mask)."""
+    """y += s D(S B^T) in place over a cuBLAS output: the forward (no mask) and dX (the dropout mask);
+    with ``accumulate=False`` the C operand of a cuBLAS addmm_ (bias + one or two terms, y not read)."""
 
     x: int
     lora: int
     dropout: bool
     block_r: int = 16  # the launcher's BLOCK_R: the rank rounded up to a power of two, 16 to 64
+    accumulate: bool = True
+    bias: bool = False
+    terms: int = 1  # two: the gate and up dX terms of one MLP input, each with its own mask
     family = "epilogue"
     kernel = "lora_epilogue.lora_expand_add_kernel"
 
@@ -436,7 +441,9 @@ class ExpandAdd(_Case):
 
     @property
     def label(self) -> str:
-        return (f"expand_add x={CODE_NAMES[self.x]} lora={CODE_NAMES[self.lora]} mask={self.dropout}"
+        head = "expand_add" if self.accumulate else "expand_into"
+        return (f"{head} x={CODE_NAMES[self.x]} lora={CODE_NAMES[self.lora]} mask={self.dropout}"
+                + (f" terms={self.terms}" if self.terms != 1 else "") + (" bias" if self.bias else "")
                 + (f" r={self.block_r}" if self.block_r != 16 else ""))
 
     @property
@@ -444,10 +451,14 @@ class ExpandAdd(_Case):
         return TORCH_DTYPES[self.x].itemsize
 
     def pointers(self) -> dict:
-        return {"y_ptr": _PTR[self.x], "s_ptr": _PTR[self.lora], "b_ptr": _PTR[self.lora], "seed_ptr": "*i64"}
+        lora = _PTR[self.lora]
+        return {"y_ptr": _PTR[self.x], "s_ptr": lora, "b_ptr": lora, "seed_ptr": "*i64", "s2_ptr": lora,
+                "b2_ptr": lora, "seed2_ptr": "*i64", "bias_ptr": _PTR[self.x]}
 
     def constexprs(self) -> dict:
-        return dict(LORA_DROPOUT=self.dropout, LORA_DTYPE=self.lora, UPCAST=False)
+        second = self.terms == 2
+        return dict(ACCUMULATE=self.accumulate, HAS_BIAS=self.bias, SECOND=second, LORA_DROPOUT=self.dropout,
+                    LORA_DROPOUT2=second and self.dropout, LORA_DTYPE=self.lora, UPCAST=False)
 
     def meta(self) -> dict:
         return dict(BLOCK_R=self.block_r)
@@ -604,6 +615,12 @@ EPILOGUE_CASES = (
     ExpandAdd(x=BF16, lora=BF16, dropout=True),
     ExpandAdd(x=FP32, lora=FP32, dropout=True),
     ExpandAdd(x=FP16, lora=FP16, dropout=False),
+    # the C operand of cuBLAS's addmm_: forward (with a bias), dX of one projection and of gate + up
+    ExpandAdd(x=BF16, lora=FP32, dropout=False, accumulate=False, tuned=True),
+    ExpandAdd(x=BF16, lora=FP32, dropout=True, accumulate=False, terms=2, tuned=True),
+    ExpandAdd(x=BF16, lora=BF16, dropout=True, accumulate=False, terms=2),
+    ExpandAdd(x=BF16, lora=BF16, dropout=False, accumulate=False, bias=True),
+    ExpandAdd(x=FP32, lora=FP32, dropout=True, accumulate=False),
     GateUpLoraAct(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, mask=True, tuned=True),
     GateUpLoraAct(x=BF16, act=GELU_TANH, gate_lora=BF16, up_lora=BF16, mask=True),
     GateUpLoraAct(x=FP32, act=SILU, gate_lora=FP32, up_lora=None, mask=True),
@@ -612,6 +629,7 @@ EPILOGUE_CASES = (
     # ranks 32 and 64 (BLOCK_R 32 / 64) of the Llama cases: the launchers' rank tiles past 16
     # (16-bit adapters only: fp32 ones step 16 ranks whatever BLOCK_R, the same code as at rank 16)
     *(ExpandAdd(x=BF16, lora=BF16, dropout=drop, block_r=br) for br in (32, 64) for drop in (False, True)),
+    *(ExpandAdd(x=BF16, lora=BF16, dropout=True, accumulate=False, terms=2, block_r=br) for br in (32, 64)),
     *(GateUpLoraAct(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, mask=True, block_r=br) for br in (32, 64)),
 )
 
