@@ -131,14 +131,14 @@ def test_masked_gated_act_mask_past_2_pow_31_elements():
 
 
 # ---- the autograd ops at realistic shapes -----------------------------------------------------------
-KERNELS = ("lora_shrink", "token_reduce", "gemm_lora_expand", "gate_up_act", "lora_expand_add", "gate_up_lora_act",
-           "act_bwd_lora", "masked_gated_act_fwd", "masked_gated_act_bwd")
+KERNELS = ("lora_shrink", "token_reduce", "gemm_lora_expand", "gate_up_act", "lora_expand_add", "lora_expand_into",
+           "gate_up_lora_act", "act_bwd_lora", "masked_gated_act_fwd", "masked_gated_act_bwd")
 # What each op launches, per base-GEMM mode (ops/triton_backend.base_gemm); the MLP's backward is the
 # one pass (act_bwd_lora) in both
 EXPECTED = {
-    ("lora_linear", "cublas"): {"lora_shrink", "lora_expand_add", "token_reduce"},
+    ("lora_linear", "cublas"): {"lora_shrink", "lora_expand_into", "token_reduce"},
     ("lora_linear", "triton"): {"lora_shrink", "gemm_lora_expand", "token_reduce"},
-    ("gated_mlp", "cublas"): {"lora_shrink", "lora_expand_add", "token_reduce", "gate_up_lora_act", "act_bwd_lora"},
+    ("gated_mlp", "cublas"): {"lora_shrink", "lora_expand_into", "token_reduce", "gate_up_lora_act", "act_bwd_lora"},
     ("gated_mlp", "triton"): {"lora_shrink", "gemm_lora_expand", "token_reduce", "gate_up_act", "act_bwd_lora"},
 }
 
