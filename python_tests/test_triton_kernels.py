@@ -437,6 +437,7 @@ def test_lora_expand_add(dtype, adt, rank, q):
 @pytest.mark.parametrize("dtype,adt,ranks,drops,bias", [
     (torch.float32, torch.float32, (16,), (0.0,), True),
     (torch.bfloat16, torch.float32, (16, 16), (0.1, 0.3), False),
+    (torch.float32, torch.float32, (12, 7), (0.5, 0.4), True),  # where both masks drop: the bias exactly
     (torch.bfloat16, torch.bfloat16, (70, 3), (0.2, 0.0), False),
     (torch.float16, torch.float16, (33,), (0.1,), False),
     (torch.float16, torch.float32, (5, 64), (0.0, 0.2), False),
@@ -466,6 +467,7 @@ def test_lora_expand_into(dtype, adt, ranks, drops, bias):
         terms.append(K.LoraTerm(s, a.t(), scaling, q, key))
     if b is not None:
         exact += b.double().cpu()
+        b = torch.stack([b, torch.zeros_like(b)], 1)[:, 0]  # a strided bias (copied by the launcher)
     assert K.lora_expand_into(out, tuple(terms), b) is out
     assert_border_intact(buf)
     assert_close64(out, exact, dtype, depth=sum(ranks), tf32x3_depth=tf32x3_steps(adt, sum(ranks)))
@@ -505,6 +507,8 @@ def test_lora_expand_into_rejects_bad_arguments():
         K.lora_expand_into(out, (term,), torch.randn(7))
     with pytest.raises(ValueError, match="bias"):
         K.lora_expand_into(out, (term,), torch.randn(8).half())
+    with pytest.raises(ValueError, match="bias"):
+        K.lora_expand_into(out, (term,), torch.randn(2, 8))
     with pytest.raises(ValueError, match="unit column stride"):
         K.lora_expand_into(torch.empty(8, 4).t(), (term,))
 

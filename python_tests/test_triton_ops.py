@@ -9,7 +9,7 @@ from budget import assert_within_budget  # noqa: E402
 from test_ops import CASES as OPS_CASES, assert_matches, leaves, make_linear, make_mlp, to64  # noqa: E402
 from transpeft_kernels import ops, reference as R  # noqa: E402
 from transpeft_kernels.ops.triton_backend import TritonBackend  # noqa: E402
-from transpeft_kernels.specs import Layout, MaskSpec  # noqa: E402
+from transpeft_kernels.specs import Layout, LinearWeights, MaskSpec  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKEND = ops.resolve("triton", DEV)
@@ -231,6 +231,35 @@ def test_cublas_mode_writes_lora_terms_as_the_gemm_c_operand(layout, monkeypatch
     assert_matches(lambda x, w: ops.lora_linear(x, w, seed, BACKEND), lambda x, w: R.lora_linear(x, w, seed),
                    xl, lin, torch.float32)
     assert calls[:2] == [(1, True), (1, False)], calls
+
+
+@pytest.mark.usefixtures("one_pass")
+def test_cublas_mode_mixed_adapter_dtypes_and_a_strided_bias(monkeypatch):
+    """The gate/up dX terms in two adapter dtypes (they cannot share one expand launch: the chain of
+    addmm_ and lora_expand_add instead), and a LoRA linear whose bias is a strided view: against the
+    reference and float64."""
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV
+    from transpeft_kernels.specs import GatedMLPWeights
+
+    monkeypatch.setenv(BASE_GEMM_ENV, "cublas")
+    w = make_mlp(20, 36, Layout.SPLIT, torch.bfloat16, adapter_dtype=torch.float32, rank=4, dropout=0.1)
+    up = w.inputs[1]
+    up = up.with_tensors(up.weight, up.bias, *(t.detach().to(torch.bfloat16).requires_grad_() for t in (up.lora.A, up.lora.B)))
+    w = GatedMLPWeights((w.inputs[0], up), w.down)
+    x = torch.randn(2, 7, 20, dtype=torch.bfloat16, requires_grad=True)
+    seed, mask = torch.tensor(4), MaskSpec(0.2)
+    calls = []
+    real = BACKEND._k.lora_expand_add
+    monkeypatch.setattr(BACKEND._k, "lora_expand_add", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
+                   lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.bfloat16)
+    assert calls  # the second dtype's term, added after the first's C-operand product
+    lin = make_linear(24, 29, torch.float32, rank=6, dropout=0.2)
+    bias = torch.randn(29, 2)[:, 0]  # stride 2
+    lin = LinearWeights(lin.weight, bias, lin.lora)
+    xl = torch.randn(11, 24, requires_grad=True)
+    assert_matches(lambda x, w: ops.lora_linear(x, w, seed, BACKEND), lambda x, w: R.lora_linear(x, w, seed),
+                   xl, lin, torch.float32)
 
 
 def test_base_gemm_setting_is_checked(monkeypatch):

@@ -58,8 +58,8 @@ def lora_expand_add_kernel(
     LORA_DROPOUT: tl.constexpr, LORA_DROPOUT2: tl.constexpr, LORA_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """y[tile] <- round(base + s D(S B^T) [+ s2 D2(S2 B2^T)]), base = y[tile] (ACCUMULATE) or the bias
-    row (HAS_BIAS) or 0; y has a unit column stride. The terms are summed in fp32 in that order."""
+    """y[tile] <- round(base + (s D(S B^T) [+ s2 D2(S2 B2^T)])), base = y[tile] (ACCUMULATE) or the bias
+    row (HAS_BIAS) or 0; y has a unit column stride. fp32 sums: the terms first, then the base."""
     pid_n = tl.program_id(1)
     rows, rows64, row_ok, cols64, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
     acc = lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_ptr, b_ptr, seed_ptr, R, N, stride_sm, stride_sr,
@@ -170,9 +170,9 @@ def lora_expand_add(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scaling: 
 
 
 def lora_expand_into(out: torch.Tensor, terms: tuple[LoraTerm, ...], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """out <- round(bias + term_1 [+ term_2]) (fp32 sums in that order, one rounding to out's dtype),
+    """out <- round(bias + (term_1 [+ term_2])) (fp32 sums, the terms first; one rounding to out's dtype),
     overwriting ``out`` (M, N), unit column stride; returns it. One or two ``LoraTerm``s in one adapter
-    dtype; ``bias`` (N,) in out's dtype or None.
+    dtype; ``bias`` (N,) in out's dtype or None (a strided bias is copied: N elements).
 
     It writes the C operand of a cuBLAS product that accumulates into it, ``out.addmm_(x, W^T)``: the
     LoRA terms (and the bias) then reach y = x W^T + b + s S B^T through the GEMM's epilogue, which
@@ -181,6 +181,8 @@ def lora_expand_into(out: torch.Tensor, terms: tuple[LoraTerm, ...], bias: torch
     round(round(x W^T + b) + LoRA). Both are one rounding of the LoRA term's size and one of y's."""
     if not 1 <= len(terms) <= 2:
         raise ValueError(f"terms: expected one or two LoraTerm, got {len(terms)}")
+    if bias is not None and bias.dim() == 1 and bias.shape[0] > 1 and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads the bias row with a unit stride
     return _expand_call(out, tuple(terms), bias, False)
 
 
@@ -230,8 +232,6 @@ def _expand_plan(y, terms, bias, accumulate: bool) -> plans.LaunchPlan:
             raise ValueError("bias: only when the expand writes its output (lora_expand_into)")
         if bias.dim() != 1 or bias.shape[0] != N or bias.dtype != y.dtype:
             raise ValueError(f"bias: expected shape ({N},) and dtype {y.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-        if N > 1 and bias.stride(0) != 1:
-            raise ValueError(f"bias: expected a unit stride, got {bias.stride(0)}")
     device = check_same_device(y=y, bias=bias, **{f"{n}s": t.s for t, n in zip(terms, names)},
                                **{f"{n}b": t.b for t, n in zip(terms, names)})
     ranks = [t.s.shape[1] for t in terms]
@@ -253,7 +253,7 @@ def _expand_plan(y, terms, bias, accumulate: bool) -> plans.LaunchPlan:
 
     drops = tuple(t.dropout > 0 for t in terms)
     key = ("expand_add", configs.bucket(M), N, tuple(ranks), y.dtype, terms[0].s.dtype, drops, accumulate,
-           bias is not None, configs.layout_key(y, *(t.s for t in terms)))
+           bias is not None, configs.layout_key(y, bias, *(t.s for t in terms), *(t.b for t in terms)))
     scratch = []  # the tuner times launches on a copy: each launch adds the term to its target again
 
     def timed(config):

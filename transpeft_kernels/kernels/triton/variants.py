@@ -615,7 +615,7 @@ EPILOGUE_CASES = (
     ExpandAdd(x=BF16, lora=BF16, dropout=True),
     ExpandAdd(x=FP32, lora=FP32, dropout=True),
     ExpandAdd(x=FP16, lora=FP16, dropout=False),
-    # the C operand of cuBLAS's addmm_: forward (with a bias), dX of one projection and of gate + up
+    # the C operand of cuBLAS's addmm_: forward (with a bias below), dX of one projection and of gate + up
     ExpandAdd(x=BF16, lora=FP32, dropout=False, accumulate=False, tuned=True),
     ExpandAdd(x=BF16, lora=FP32, dropout=True, accumulate=False, terms=2, tuned=True),
     ExpandAdd(x=BF16, lora=BF16, dropout=True, accumulate=False, terms=2),
