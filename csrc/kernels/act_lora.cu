@@ -315,10 +315,12 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
   }
 
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kBM) {
-    stage_rank_rows<TA, RT>(s_t, t, p.ldt, 1, row0, row_end, p.rank);
+    // The dB variants stage element by element: with the 16-byte staging their gelu instantiations
+    // spilled 8-24 B at the 168-register bound (sm_90a)
+    stage_rank_rows<TA, RT, !DB>(s_t, t, p.ldt, 1, row0, row_end, p.rank);
     if constexpr (DB) {
-      stage_rank_rows<TA, RT>(db.sg, static_cast<const TA*>(q.sg), q.ldsg, 1, row0, row_end, q.rank_gu);
-      stage_rank_rows<TA, RT>(db.su, static_cast<const TA*>(q.su), q.ldsu, 1, row0, row_end, q.rank_gu);
+      stage_rank_rows<TA, RT, false>(db.sg, static_cast<const TA*>(q.sg), q.ldsg, 1, row0, row_end, q.rank_gu);
+      stage_rank_rows<TA, RT, false>(db.su, static_cast<const TA*>(q.su), q.ldsu, 1, row0, row_end, q.rank_gu);
     }
     __syncthreads();  // s_t (and, on the first step, s_a) complete
 

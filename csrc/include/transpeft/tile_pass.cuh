@@ -79,11 +79,43 @@ __device__ __forceinline__ Group group_of(int i) {
   return Group{group / (kBN / kGroup), (group % (kBN / kGroup)) * kGroup};
 }
 
+// Rows the group helpers can read: 16-byte aligned, row stride a whole number of groups.
+template <typename T>
+__host__ __device__ inline bool aligned_rows(const void* ptr, int64_t ld) {
+  return ptr != nullptr && aligned16(ptr) && ld % (16 / static_cast<int64_t>(sizeof(T))) == 0 && ld % kGroup == 0;
+}
+
 // dst (kBM x RT, row-major) = src[(row0 + m) * ld + k * step] for row0 + m < row_end and k < R, else 0:
-// a rank-sized operand's rows of one step (t_d, S, l), staged in shared memory.
-template <typename TA, int RT>
+// a rank-sized operand's rows of one step (t_d, S, l), staged in shared memory. Where src's rows allow
+// it (unit step, R a multiple of 8, 16-byte aligned rows: uniform over the block, and the case of every
+// operand the wrappers allocate) whole groups of 8 ranks move with 16-byte loads and stores, one or two
+// groups per thread; element by element each of the RT / 4 elements a thread stages took its own index
+// math, bounds checks and 2-byte load (about 25 instructions each).
+// VEC false: element by element only (where the vectorised path's registers made a kernel spill).
+template <typename TA, int RT, bool VEC = true>
 __device__ __forceinline__ void stage_rank_rows(TA* dst, const TA* src, int64_t ld, int64_t step, int64_t row0,
                                                 int64_t row_end, int64_t R) {
+  if (VEC && step == 1 && R % kGroup == 0 && aligned_rows<TA>(src, ld)) {
+    static_assert(RT % kGroup == 0, "whole groups of ranks");
+    constexpr int kGroupsPerRow = RT / kGroup;
+    constexpr int V = 16 / sizeof(TA);  // elements per 16-byte pack, moved as they are
+    for (int i = threadIdx.x; i < kBM * kGroupsPerRow; i += kLoraThreads) {
+      const int m = i / kGroupsPerRow, k = (i % kGroupsPerRow) * kGroup;
+      const bool in = row0 + m < row_end && k < R;
+#pragma unroll
+      for (int q = 0; q < kGroup; q += V) {
+        Pack<TA, V> pk;
+        if (in) {
+          pk = load_pack<TA, V>(src + (row0 + m) * ld + k + q);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) pk.v[j] = from_float<TA>(0.0f);
+        }
+        store_pack<TA, V>(dst + m * RT + k + q, pk);
+      }
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < kBM * RT; i += kLoraThreads) {
     const int m = i / RT, k = i % RT;
     dst[i] = (row0 + m < row_end && k < R) ? src[(row0 + m) * ld + k * step] : from_float<TA>(0.0f);
@@ -205,11 +237,6 @@ __device__ __forceinline__ void store_rank_rows(const float* tile, int64_t row0,
   }
 }
 
-// Rows the group helpers can read: 16-byte aligned, row stride a whole number of groups.
-template <typename T>
-__host__ __device__ inline bool aligned_rows(const void* ptr, int64_t ld) {
-  return ptr != nullptr && aligned16(ptr) && ld % (16 / static_cast<int64_t>(sizeof(T))) == 0 && ld % kGroup == 0;
-}
 
 }  // namespace cuda
 }  // namespace transpeft
