@@ -18,10 +18,11 @@ import pytest
 from transpeft_kernels.kernels import sass
 from transpeft_kernels.perf import ledger as L
 from transpeft_kernels.perf.roofline import ELEMENTWISE_INSTR, MASK_LANE_INSTR, PHILOX_INSTR
+from transpeft_kernels.reference.philox import MASK_ELEMENTS_PER_CALL
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MASK_CHARGE = PHILOX_INSTR / 8 + MASK_LANE_INSTR  # 18.4: what the model charges a mask stream per element
+MASK_CHARGE = PHILOX_INSTR / MASK_ELEMENTS_PER_CALL + MASK_LANE_INSTR  # 18.4: what the model charges a mask stream per element
 TOLERANCE = 0.12
 
 #       weight in the ledger, the defining variant's label, the SASS count it was read off, mask streams

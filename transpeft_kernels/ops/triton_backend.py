@@ -157,8 +157,7 @@ class TritonBackend(TorchBackend):
         lora = lin.lora
         if base_gemm() == "cublas":
             if lora is not None and into is None:  # the LoRA term as the C operand of cuBLAS's product
-                dx = K.lora_expand_into(dy.new_empty((dy.shape[0], lin.weight.shape[1])), (self._dx_term(lin, t, seed),))
-                return dx.addmm_(dy, lin.weight)
+                return self._dx_sum((dy,), (lin,), (t,), (seed,))
             dx = torch.mm(dy, lin.weight) if into is None else into.addmm_(dy, lin.weight)
             if lora is not None:
                 K.lora_expand_add(dx, t, lora.A.t(), lora.scaling, lora.dropout, seed)

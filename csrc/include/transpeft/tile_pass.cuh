@@ -237,6 +237,5 @@ __device__ __forceinline__ void store_rank_rows(const float* tile, int64_t row0,
   }
 }
 
-
 }  // namespace cuda
 }  // namespace transpeft

@@ -225,7 +225,8 @@ def _expand_plan(y, terms, bias, accumulate: bool) -> plans.LaunchPlan:
         if t.dropout > 0 and t.seed is None:
             raise ValueError(f"{name}seed: required when dropout > 0")
         tail += [keep_threshold(t.dropout), rounded_to(1.0 / (1.0 - t.dropout), t.s.dtype)] if t.dropout > 0 else [0, 1.0]
-    if len(terms) == 1:
+    second = terms[1] if len(terms) > 1 else None
+    if second is None:
         tail += [0, 1.0]
     if bias is not None:
         if accumulate:
@@ -243,18 +244,18 @@ def _expand_plan(y, terms, bias, accumulate: bool) -> plans.LaunchPlan:
 
     def plan_for(config) -> plans.LaunchPlan:
         return plans.LaunchPlan(
-            _grid(M, N, config), (M, N, ranks[0], ranks[-1] if len(terms) > 1 else 0, y.stride(0),
-                                  *strides(terms[0]), *strides(terms[1] if len(terms) > 1 else None)),
+            _grid(M, N, config), (M, N, ranks[0], 0 if second is None else ranks[1], y.stride(0),
+                                  *strides(terms[0]), *strides(second)),
             tuple(tail),
-            dict(ACCUMULATE=accumulate, HAS_BIAS=bias is not None, SECOND=len(terms) > 1,
-                 LORA_DROPOUT=terms[0].dropout > 0, LORA_DROPOUT2=len(terms) > 1 and terms[1].dropout > 0,
+            dict(ACCUMULATE=accumulate, HAS_BIAS=bias is not None, SECOND=second is not None,
+                 LORA_DROPOUT=terms[0].dropout > 0, LORA_DROPOUT2=second is not None and second.dropout > 0,
                  LORA_DTYPE=codes[0], UPCAST=upcast_dots(), BLOCK_R=min(64, pow2_at_least(max(ranks))),
                  num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
 
     drops = tuple(t.dropout > 0 for t in terms)
     key = ("expand_add", configs.bucket(M), N, tuple(ranks), y.dtype, terms[0].s.dtype, drops, accumulate,
            bias is not None, configs.layout_key(y, bias, *(t.s for t in terms), *(t.b for t in terms)))
-    scratch = []  # the tuner times launches on a copy: each launch adds the term to its target again
+    scratch = []  # the tuner times launches on a copy (an accumulating launch adds the term to its target again)
 
     def timed(config):
         if not scratch:  # with y's strides: the plan's arguments carry them
