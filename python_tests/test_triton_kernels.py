@@ -148,6 +148,7 @@ SHRINK_CASES = [
     (torch.bfloat16, torch.float32, 8, 0.1), (torch.bfloat16, torch.bfloat16, 64, 0.1),
     (torch.float16, torch.float32, 80, 0.05), (torch.float16, torch.float16, 3, 0.3),
     (torch.bfloat16, torch.float32, 256, 0.1),  # the largest supported rank
+    (torch.bfloat16, torch.float32, 16, 0.0),  # 16-bit x under fp32 adapters: x exact in tf32, two MMAs
 ]
 
 
@@ -239,15 +240,23 @@ def test_gemm_lora_expand_rejects_bad_arguments():
 
 
 # ---- token reductions (dW, db, dA, dB) -----------------------------------------------------------
-@pytest.mark.parametrize("dtype,dot_dtype,q,splits,transpose", [
-    (torch.float32, torch.float32, 0.0, 1, False), (torch.float32, torch.float32, 0.2, 3, True),
-    (torch.bfloat16, torch.float32, 0.1, 1, False), (torch.bfloat16, torch.bfloat16, 0.0, 2, False),
-    (torch.float16, torch.float16, 0.3, 1, True), (torch.float16, torch.float32, 0.0, 4, False),
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+# (p's dtype, q's dtype, dot dtype, ...): with fp32 dots, a 16-bit operand is exact in tf32 and skips its
+# small-part product: p and q both (one MMA), q only (dA = t^T D(x) over a 16-bit base, its dropout
+# scale applied to the sum), p only (dB = dY^T S)
+@pytest.mark.parametrize("dtype,q_dtype,dot_dtype,q,splits,transpose", [
+    (FP32, FP32, FP32, 0.0, 1, False), (FP32, FP32, FP32, 0.2, 3, True),
+    (BF16, BF16, FP32, 0.1, 1, False), (BF16, BF16, BF16, 0.0, 2, False),
+    (FP16, FP16, FP16, 0.3, 1, True), (FP16, FP16, FP32, 0.0, 4, False),
+    (FP32, BF16, FP32, 0.1, 2, False), (FP32, FP16, FP32, 0.3, 1, True), (FP32, BF16, FP32, 0.0, 1, False),
+    (BF16, FP32, FP32, 0.0, 3, False), (FP16, FP32, FP32, 0.0, 1, True),
 ])
-def test_token_reduce(dtype, dot_dtype, q, splits, transpose):
+def test_token_reduce(dtype, q_dtype, dot_dtype, q, splits, transpose):
     T, A, B = 75, 5, 53
     p = strided(torch.randn(T, A, device=DEV).to(dtype))
-    qm = torch.randn(B, T, device=DEV).to(dtype).t()
+    qm = torch.randn(B, T, device=DEV).to(q_dtype).t()
     key = seed(12)
     shape = (B, A) if transpose else (A, B)
     out, buf = padded(shape, dot_dtype)

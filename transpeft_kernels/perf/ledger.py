@@ -144,17 +144,23 @@ def _dot_unit(code: int) -> str:
     return ("fp32", "tc_fp16", "tc_bf16")[code]
 
 
-def _lora_flops(code: int, flops: int) -> dict:
+def _lora_flops(code: int, flops: int, exact: int = 0) -> dict:
     """{unit: FLOPs} of one LoRA dot of our Triton kernels with adapter dtype code ``code``, in the
-    precision the kernels use (``_common.lora_dot``): tf32x3 is three tf32 tensor-core products."""
+    precision the kernels use (``_common.lora_dot_split``): tf32x3 is three tf32 tensor-core products,
+    one fewer for each of the ``exact`` operands the kernel knows to hold 16-bit values."""
     from ..kernels.triton._common import LORA_DOT_PRECISION  # triton is loaded whenever its kernels are recorded
 
     precision = LORA_DOT_PRECISION[code]
     if precision == "tf32x3":
-        return {"tc_tf32": 3 * flops}
+        return {"tc_tf32": (3 - exact) * flops}
     if precision == "ieee":
         return {"fp32": flops}
     return {f"tc_{precision}": flops}
+
+
+def _is16(t) -> int:
+    """1 when tensor ``t`` holds a 16-bit float dtype (exact in tf32), else 0."""
+    return int(t.dtype in (torch.float16, torch.bfloat16))
 
 
 def _add(into: dict, more: dict) -> dict:
@@ -213,16 +219,17 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         M, I = a["M"], a["I"]
         n = M * I
         reads, writes, flops = ["dh_ptr", "g_ptr", "u_ptr"], ["dg_ptr", "du_ptr"], {}
+        x16 = _is16(a["dg_ptr"])  # dg, du and h' exact in tf32: dB and dA_d take two MMAs (lora_dot_exact)
         for side, rank, dt in (("g", "RG", "G_DTYPE"), ("u", "RU", "U_DTYPE")):
             if a[f"LORA_{side.upper()}"]:
                 reads.append(f"s{side}_ptr")
                 writes.append(f"db{side}_ptr")
-                _add(flops, _lora_flops(a[dt], 2 * n * a[rank]))
+                _add(flops, _lora_flops(a[dt], 2 * n * a[rank], exact=x16))
         philox = n if a["HAS_MASK"] else 0
         if a["LORA_D"]:
             reads.append("td_ptr")
             writes.append("dad_ptr")
-            _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"]))
+            _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"], exact=x16))
             philox += n if a["D_DROPOUT"] else 0
         present = [x for x in ("G", "U", "D") if a[f"LORA_{x}"]]
         fp32 = bool(present) and all(a[f"{x}_DTYPE"] == 0 for x in present)  # as act_bwd_lora.block_n_for_rank decides
@@ -253,7 +260,7 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             M * I if a["HAS_MASK"] else 0
     if kernel == "lora_shrink_kernel":
         M, K, R = a["M"], a["K"], a["R"]
-        return ["x_ptr", "a_ptr"], ["s_ptr"], _lora_flops(a["DOT_DTYPE"], 2 * M * K * R), 0, \
+        return ["x_ptr", "a_ptr"], ["s_ptr"], _lora_flops(a["DOT_DTYPE"], 2 * M * K * R, exact=_is16(a["x_ptr"])), 0, \
             M * K if a["HAS_DROPOUT"] else 0
     if kernel == "gemm_lora_expand_kernel":
         M, N, K, R = a["M"], a["N"], a["K"], a["R"]
@@ -275,7 +282,8 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
     if kernel == "token_reduce_kernel":
         T, A, B = a["T"], a["A"], a["B"]
         n = 2 * T * A * B  # dA, dB: a LoRA dot; dW: the base weight's (IEEE for fp32)
-        flops = _lora_flops(a["DOT_DTYPE"], n) if a["LORA_DOT"] else {_dot_unit(a["DOT_DTYPE"]): n}
+        flops = _lora_flops(a["DOT_DTYPE"], n, exact=_is16(a["p_ptr"]) + _is16(a["q_ptr"])) if a["LORA_DOT"] \
+            else {_dot_unit(a["DOT_DTYPE"]): n}
         return ["p_ptr", "q_ptr"], ["out_ptr"] + (["colsum_ptr"] if a["HAS_COLSUM"] else []), flops, 0, \
             T * B if a["Q_DROPOUT"] else 0
     raise KeyError(f"no cost rule for Triton kernel {kernel!r}: add one to perf/ledger.py")

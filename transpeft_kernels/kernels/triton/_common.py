@@ -103,7 +103,8 @@ def dot_operand(x, CODE: tl.constexpr, UPCAST: tl.constexpr):
 #       products first). Non-finite inputs give NaN where Triton's select would keep +-inf.
 # The interpreter ignores input_precision (always IEEE fp32), so interpreted runs (UPCAST) emulate
 # the split and the MMA's truncation with bit operations: the CPU tests see the error the GPU makes.
-# The precision lora_dot compiles a LoRA dot in, per adapter dtype code (perf/ledger.py charges by it).
+# The precision lora_dot compiles a LoRA dot in, per adapter dtype code (perf/ledger.py charges by it,
+# one tf32 product fewer per operand that lora_dot_split knows to hold 16-bit values).
 LORA_DOT_PRECISION = {FP32: "tf32x3", FP16: "fp16", BF16: "bf16"}
 
 
@@ -134,14 +135,28 @@ def _tf32_dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def lora_dot(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b on the tensor cores for operands prepared by ``dot_operand(.., CODE, UPCAST)``:
-    tf32x3 for fp32 adapters (CODE 0), the native 16-bit dot otherwise; fp32 accumulation."""
+def lora_dot_split(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr, A_EXACT: tl.constexpr,
+                   B_EXACT: tl.constexpr):
+    """acc + a @ b on the tensor cores for operands prepared by ``dot_operand(.., CODE, UPCAST)``, fp32
+    accumulation. bf16/fp16 adapters (CODE 1, 2): the native 16-bit dot. fp32 adapters (CODE 0): tf32x3,
+    small products first: a_small b_big + a_big b_small + a_big b_big. An operand flagged EXACT holds
+    values of a 16-bit dtype (fp16 or bf16: a gradient, an activation or an input stored in the base's
+    dtype, at most 10 mantissa bits), which tf32 represents exactly: its small part is zero, so its
+    product is not issued and it is not split. One exact operand: two MMAs, within 2^-21 |a b| (the other
+    operand's small part read truncated), inside TF32X3_ROUNDOFF; both exact: one MMA, exact products."""
     if CODE == 0:
-        a_big = _tf32_rna(a, UPCAST)
-        b_big = _tf32_rna(b, UPCAST)
-        acc = _tf32_dot(a - a_big, b_big, acc, UPCAST)
-        acc = _tf32_dot(a_big, b - b_big, acc, UPCAST)
+        if A_EXACT:
+            a_big = a
+        else:
+            a_big = _tf32_rna(a, UPCAST)
+        if B_EXACT:
+            b_big = b
+        else:
+            b_big = _tf32_rna(b, UPCAST)
+        if not A_EXACT:
+            acc = _tf32_dot(a - a_big, b_big, acc, UPCAST)
+        if not B_EXACT:
+            acc = _tf32_dot(a_big, b - b_big, acc, UPCAST)
         acc = _tf32_dot(a_big, b_big, acc, UPCAST)
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")  # 16-bit operands (fp32 only when UPCAST)
@@ -149,18 +164,15 @@ def lora_dot(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def lora_dot(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
+    """``lora_dot_split`` with neither operand known exact: tf32x3 (three MMAs) for fp32 adapters."""
+    return lora_dot_split(a, b, acc, CODE, UPCAST, False, False)
+
+
+@triton.jit
 def lora_dot_exact(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
-    """``lora_dot`` where ``b`` holds values of a 16-bit dtype (fp16 or bf16, e.g. a gradient stored in
-    the base's dtype), which tf32 represents exactly: its small part is zero, so for fp32 adapters the
-    tf32x3 product needs two MMAs (a's small and big parts times b), with no split of b held in
-    registers. The error is a's small part's truncation alone (<= 2^-21 |a b|, within TF32X3_ROUNDOFF)."""
-    if CODE == 0:
-        a_big = _tf32_rna(a, UPCAST)
-        acc = _tf32_dot(a - a_big, b, acc, UPCAST)
-        acc = _tf32_dot(a_big, b, acc, UPCAST)
-    else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
+    """``lora_dot_split`` where ``b`` holds 16-bit values: two MMAs for fp32 adapters."""
+    return lora_dot_split(a, b, acc, CODE, UPCAST, False, True)
 
 
 @triton.jit

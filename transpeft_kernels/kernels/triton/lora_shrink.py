@@ -8,10 +8,15 @@ cast() rounds X to the adapter dtype first (PEFT casts x to the LoRA dtype), sca
 to that dtype, so the dropped input is bit-identical to ``reference.lora_dropout``. The mask is
 regenerated from (seed, row, column), never stored.
 
-The product runs on the tensor cores (``_common.lora_dot``): the native 16-bit dot for bf16/fp16
+The product runs on the tensor cores (``_common.lora_dot_split``): the native 16-bit dot for bf16/fp16
 adapters, tf32x3 for fp32 adapters (near fp32: each product within 2.5 * 2^-21 |x a|; bf16 operands
 would lose 2^-8 against the reference's fp32 math). Until then the shrink with fp32 A ran as "ieee"
 FFMA (1024 per thread per K step, 255 registers and spills with dropout on sm_90).
+X_EXACT, fp32 adapters over a 16-bit X (every shrink of the gated MLP: x, h', dY, dg, du): X's values
+are exact in tf32, so the product takes two MMAs, not three, and X is not split. With dropout the
+mask selects X's values and the scale multiplies the sum instead of each element (X * scale would not
+be exact): S = scale * sum_k keep X A^T, one fp32 rounding of the sum where the reference rounds each
+X * scale (<= 2^-24 relative; the tests' budget is the tf32x3 one, 2^-21 per product).
 
 One program owns BLOCK_M rows and one BLOCK_R-wide slice of the rank and loops over K.
 """
@@ -23,7 +28,7 @@ import triton.language as tl
 
 from . import configs, direct_launch, plans
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot_split,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
 
 
@@ -44,6 +49,7 @@ def lora_shrink_kernel(
     # fp32 adapters (tf32x3) keep the big and small tf32 parts of each x tile in registers, twice a
     # 16-bit tile's footprint: they step at most 64 columns of K at a time (BLOCK_K 128 spilled on sm_90)
     STEP_K: tl.constexpr = 64 if (DOT_DTYPE == 0 and BLOCK_K > 64) else BLOCK_K
+    X_EXACT: tl.constexpr = DOT_DTYPE == 0 and x_ptr.dtype.element_ty != tl.float32  # module docstring
     k_idx = tl.arange(0, STEP_K)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -57,11 +63,17 @@ def lora_shrink_kernel(
         x = dot_operand(x, DOT_DTYPE, False)  # round to the adapter dtype first, as PEFT's cast does
         if HAS_DROPOUT:
             keep = philox_keep(seed, rows, k0, K, drop_threshold, STEP_K)
-            x = dot_operand(tl.where(keep, x.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
+            if X_EXACT:  # the scale after the sum, so that x stays exact in tf32
+                x = tl.where(keep, x, 0.0)
+            else:
+                x = dot_operand(tl.where(keep, x.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
         # A^T tile (BLOCK_K, BLOCK_R), read straight from A's strides
         a = tl.load(a_ptr + ranks.to(tl.int64)[None, :] * stride_ar + k64[:, None] * stride_ak,
                     mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = lora_dot(dot_operand(x, DOT_DTYPE, UPCAST), dot_operand(a, DOT_DTYPE, UPCAST), acc, DOT_DTYPE, UPCAST)
+        acc = lora_dot_split(dot_operand(x, DOT_DTYPE, UPCAST), dot_operand(a, DOT_DTYPE, UPCAST), acc, DOT_DTYPE,
+                             UPCAST, X_EXACT, False)
+    if X_EXACT and HAS_DROPOUT:
+        acc = acc * drop_scale
     tl.store(s_ptr + r64[:, None] * stride_sm + ranks.to(tl.int64)[None, :] * stride_sr,
              cast_like(acc, s_ptr), mask=row_ok[:, None] & rank_ok[None, :])
 

@@ -9,8 +9,11 @@ to write a transposed result); colsum (A,). T is the token count (the long dimen
     colsum[a]  = sum_t P[t, a]                         (the bias gradient, fused into the dW pass)
 cast() rounds to the dtype the reference multiplies in (DOT_DTYPE); accumulation is fp32. The
 LoRA reductions (dA, dB: LORA_DOT) run on the tensor cores in the adapter's precision
-(``_common.lora_dot``: tf32x3 for fp32 adapters, near fp32; the native 16-bit dot otherwise); the base
-weight's dW keeps IEEE fp32 for an fp32 base, like torch's default matmul.
+(``_common.lora_dot_split``: tf32x3 for fp32 adapters, near fp32; the native 16-bit dot otherwise); the
+base weight's dW keeps IEEE fp32 for an fp32 base, like torch's default matmul. With fp32 adapters an
+operand stored in a 16-bit dtype (dY of dB, x of dA over a 16-bit base) is exact in tf32: two MMAs, not
+three. Under dropout its mask then selects Q's values and drop_scale multiplies the sum (Q * drop_scale
+would not be exact): one fp32 rounding of the sum where the reference rounds each product's operand.
 
 Gradients of a LoRA linear (t = dY B, S = dropout_q(x) A^T):
     dW = dY^T x            P = dY, Q = x                     (+ db = colsum(dY))
@@ -28,7 +31,7 @@ import triton.language as tl
 
 from . import configs, direct_launch, plans
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot_split,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
 
 
@@ -55,6 +58,9 @@ def token_reduce_kernel(
     t_stop = tl.minimum(T, t_start + tokens_per_split)
     if Q_DROPOUT:
         seed = tl.load(seed_ptr)
+    # fp32 LoRA dots with an operand stored in a 16-bit dtype: exact in tf32 (module docstring)
+    P_EXACT: tl.constexpr = LORA_DOT and DOT_DTYPE == 0 and p_ptr.dtype.element_ty != tl.float32
+    Q_EXACT: tl.constexpr = LORA_DOT and DOT_DTYPE == 0 and q_ptr.dtype.element_ty != tl.float32
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     csum = tl.zeros((BLOCK_A,), dtype=tl.float32)
     for t0 in range(t_start, t_stop, BLOCK_T):
@@ -68,15 +74,21 @@ def token_reduce_kernel(
         q = dot_operand(q, DOT_DTYPE, False)
         if Q_DROPOUT:
             keep = philox_keep(seed, ts, pid_b * BLOCK_B, B, drop_threshold, BLOCK_B)
-            q = dot_operand(tl.where(keep, q.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
+            if Q_EXACT:  # drop_scale after the sum
+                q = tl.where(keep, q, 0.0)
+            else:
+                q = dot_operand(tl.where(keep, q.to(tl.float32) * drop_scale, 0.0), DOT_DTYPE, False)
         if HAS_COLSUM:
             if pid_b == 0:
                 csum += tl.sum(pt.to(tl.float32), axis=1)
         if LORA_DOT:
-            acc = lora_dot(dot_operand(pt, DOT_DTYPE, UPCAST), dot_operand(q, DOT_DTYPE, UPCAST), acc, DOT_DTYPE, UPCAST)
+            acc = lora_dot_split(dot_operand(pt, DOT_DTYPE, UPCAST), dot_operand(q, DOT_DTYPE, UPCAST), acc, DOT_DTYPE,
+                                 UPCAST, P_EXACT, Q_EXACT)
         else:
             acc += tl.dot(dot_operand(pt, DOT_DTYPE, UPCAST), dot_operand(q, DOT_DTYPE, UPCAST),
                           input_precision="ieee")
+    if Q_EXACT and Q_DROPOUT:
+        acc = acc * drop_scale
     out = out_ptr + split.to(tl.int64) * stride_os + a64[:, None] * stride_oa + b64[None, :] * stride_ob
     tl.store(out, cast_like(acc * scale, out_ptr), mask=a_ok[:, None] & b_ok[None, :])
     if HAS_COLSUM:

@@ -589,6 +589,9 @@ TOKEN_REDUCE_CASES = (
     *(TokenReduce(what="dA", p=x, q=x, dot=x, q_dropout=True, colsum=False, block_a=ba) for ba in (32, 64)
       for x in (FP32, BF16)),
     *(TokenReduce(what="dB", p=BF16, q=FP32, dot=FP32, q_dropout=False, colsum=False, block_b=bb) for bb in (32, 64)),
+    # dA of fp32 adapters over a 16-bit base: x exact in tf32 (two MMAs), the dropout scale after the sum
+    *(TokenReduce(what="dA", p=FP32, q=BF16, dot=FP32, q_dropout=True, colsum=False, block_a=ba) for ba in (16, 32, 64)),
+    TokenReduce(what="dA", p=FP32, q=FP16, dot=FP32, q_dropout=False, colsum=False, block_a=16),
 )
 
 # one-pass activation backward: the Llama shapes' cases (bf16 base, fp32 or bf16 adapters, r 16 and 64),
