@@ -35,12 +35,31 @@ ROWS = [
      "instructions", 1),
     (L.MASKED_ACT_ELEMENT_WEIGHT[("masked_gated_act_bwd_kernel", False)], "act_bwd bf16 act=0 mask=False",
      "instructions", 0),
-    (L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", False)], "expand_add x=bf16 lora=fp32 mask=False",
+    (L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", False, True, 16)], "expand_add x=bf16 lora=fp32 mask=False",
      "instructions", 0),
-    (L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", True)], "expand_into x=bf16 lora=fp32 mask=True terms=2",
+    *((L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", False, False, r)], "expand_add x=bf16 lora=bf16 mask=False" + sfx,
+       "instructions", 0) for r, sfx in ((16, ""), (32, " r=32"), (64, " r=64"))),
+    (L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", True, True, 16)], "expand_into x=bf16 lora=fp32 mask=True terms=2",
      "instructions", 2),
-    (L.EPILOGUE_ELEMENT_WEIGHT["gate_up_lora_act_kernel"], "gate_up_lora_act x=bf16 act=0 lora=(fp32,fp32) mask=True",
+    *((L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", True, False, r)], "expand_into x=bf16 lora=bf16 mask=True terms=2" + sfx,
+       "instructions", 2) for r, sfx in ((16, ""), (32, " r=32"), (64, " r=64"))),
+    (L.EPILOGUE_ELEMENT_WEIGHT[("gate_up_lora_act_kernel", True, True, 16)], "gate_up_lora_act x=bf16 act=0 lora=(fp32,fp32) mask=True",
      "instructions", 1),
+    *((L.EPILOGUE_ELEMENT_WEIGHT[("gate_up_lora_act_kernel", True, False, r)], "gate_up_lora_act x=bf16 act=0 lora=(bf16,bf16) mask=True" + sfx,
+       "instructions", 1) for r, sfx in ((16, ""), (32, " r=32"), (64, " r=64"))),
+    (L.GATE_UP_NO_LORA_WEIGHT, "gate_up_lora_act x=bf16 act=0 lora=(-,-) mask=True", "instructions", 1),
+    # one further trip of a rank loop: its body
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("lora_expand_add_kernel", False, True)], "expand_add x=bf16 lora=fp32 mask=False", "loop_body_instructions", 0),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("lora_expand_add_kernel", True, True)], "expand_into x=bf16 lora=fp32 mask=True terms=2",
+     "loop_body_instructions", 0),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("gate_up_lora_act_kernel", True, True)], "gate_up_lora_act x=bf16 act=0 lora=(fp32,fp32) mask=True",
+     "loop_body_instructions", 0),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("lora_expand_add_kernel", False, False)], "expand_add x=bf16 lora=bf16 mask=False r=64",
+     "loop_body_instructions", 0),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("lora_expand_add_kernel", True, False)], "expand_into x=bf16 lora=bf16 mask=True terms=2 r=64",
+     "loop_body_instructions", 0),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("gate_up_lora_act_kernel", True, False)], "gate_up_lora_act x=bf16 act=0 lora=(bf16,bf16) mask=True r=64",
+     "loop_body_instructions", 0),
     (L.ACT_BWD_LORA_ELEMENT_WEIGHT[(True, 16)], "act_bwd_lora x=bf16 act=0 lora=(fp32,fp32,fp32) r=16 mask=True",
      "loop_body_instructions", 2),
     (L.ACT_BWD_LORA_ELEMENT_WEIGHT[(False, 16)], "act_bwd_lora x=bf16 act=0 lora=(bf16,bf16,bf16) r=16 mask=True",
@@ -86,7 +105,7 @@ def compiled():
     return {r["label"]: r for r in rows}
 
 
-@pytest.mark.parametrize("weight,label,metric,masks", ROWS, ids=[r[1] for r in ROWS])
+@pytest.mark.parametrize("weight,label,metric,masks", ROWS, ids=[f"{r[1]} ({r[2]})" for r in ROWS])
 def test_ledger_weight_matches_the_kernels_sass(compiled, weight, label, metric, masks):
     assert label in compiled, f"no compile-check case labelled {label!r} (variants.py changed?)"
     row = compiled[label]

@@ -183,16 +183,54 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.33, (False, 16): 0.76, (True, 32): 
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
-# sm_90 SASS in the default config (32 elements per thread; benchmarks/results/sass_round2_triton_mufu.json):
-# lora_expand_add 578 instructions with fp32 adapters (18 per element; 1158 with the dX mask, whose
-# Philox work the model charges separately), gate_up_lora_act with fp32 adapters on both sides and the
-# mask 1823 (57.0 per element, 18.4 of them the mask's; 2128 before the MUFU sigmoid), over
-# ELEMENTWISE_INSTR = 24. Keyed by (kernel, two terms) for the expand: one term 0.75 (its C-operand
-# form without reading y, 503 with fp32 adapters, is charged the same); two terms, each with its dX
-# mask (the gate + up dX of one MLP input), 2051 with fp32 adapters (64.1 per element, 2 x 18.4 of them
-# the masks'; 1659 with bf16 adapters), sass_round2_triton_c_operand.json.
-EPILOGUE_ELEMENT_WEIGHT = {("lora_expand_add_kernel", False): 0.75, ("lora_expand_add_kernel", True): 1.14,
-                           "gate_up_lora_act_kernel": 1.61}
+# sm_90 SASS in the default config (32 elements per thread; python_tests/test_ledger_weights.py
+# recompiles each), less 18.4 per mask stream the model charges as Philox work, over ELEMENTWISE_INSTR =
+# 24. Keyed by (kernel, two terms, an fp32 adapter, rank tile). Each term's rank loop steps 16 ranks with
+# fp32 adapters (tf32x3 holds both parts of both operand tiles) and BLOCK_R ranks with 16-bit ones, so a
+# static count holds one trip; EPILOGUE_RANK_TRIP_WEIGHT charges each further trip its loop body.
+#   lora_expand_add, one term (the forward's y, dh', one dX; its C-operand form without reading y is charged
+#     the same; the dX mask is charged as Philox work): fp32 adapters 579 instructions (18.1 per element;
+#     1159 with the mask); bf16 at rank tiles 16 / 32 / 64: 367 / 388 / 515.
+#   two terms, each with its dX mask (the gate + up dX of one MLP input, sass_round2_triton_c_operand.json):
+#     fp32 2051 (64.1 per element, 2 x 18.4 of them the masks'); bf16 1659 / 1762 / 2010.
+#   gate_up_lora_act, both sides, silu, the mask: fp32 1823 (57.0 per element, 18.4 of them the mask's;
+#     2128 before the MUFU sigmoid); bf16 1381 / 1437 / 1688.
+# Until stop 26 every case was charged the fp32 rank-16 count: the fp32 rank-64 passes (three more trips
+# of each rank loop) were undercharged and the bf16 ones overcharged.
+EPILOGUE_ELEMENT_WEIGHT = {
+    ("lora_expand_add_kernel", False, True, 16): 0.75,
+    ("lora_expand_add_kernel", False, False, 16): 0.48, ("lora_expand_add_kernel", False, False, 32): 0.51,
+    ("lora_expand_add_kernel", False, False, 64): 0.67,
+    ("lora_expand_add_kernel", True, True, 16): 1.14,
+    ("lora_expand_add_kernel", True, False, 16): 0.63, ("lora_expand_add_kernel", True, False, 32): 0.76,
+    ("lora_expand_add_kernel", True, False, 64): 1.08,
+    ("gate_up_lora_act_kernel", True, True, 16): 1.61,
+    ("gate_up_lora_act_kernel", True, False, 16): 1.03, ("gate_up_lora_act_kernel", True, False, 32): 1.10,
+    ("gate_up_lora_act_kernel", True, False, 64): 1.43,
+}
+# One further trip of one term's rank loop (ranks past 16 with fp32 adapters, past 64 with 16-bit ones),
+# keyed by (kernel, two terms, an fp32 adapter): the loop body over 32 elements, over 24. fp32: 258 (one
+# term), 292 (two terms: the longer of the two loops), 259 (the gate/up pass); 16-bit at rank tile 64:
+# 122, 172, 121.
+EPILOGUE_RANK_TRIP_WEIGHT = {
+    ("lora_expand_add_kernel", False, True): 0.34, ("lora_expand_add_kernel", True, True): 0.38,
+    ("gate_up_lora_act_kernel", True, True): 0.34,
+    ("lora_expand_add_kernel", False, False): 0.16, ("lora_expand_add_kernel", True, False): 0.22,
+    ("gate_up_lora_act_kernel", True, False): 0.16,
+}
+
+
+# the gate/up pass without a LoRA side (LoRA on the down projection only): 748 instructions, with the mask
+GATE_UP_NO_LORA_WEIGHT = 0.21
+
+
+def _epilogue_weight(kernel: str, second: bool, fp32: bool, block_r: int, ranks: list[int]) -> float:
+    """Issue weight per element of one lora_epilogue launch whose terms have ``ranks``."""
+    step = 16 if fp32 else block_r
+    tile = 16 if fp32 else block_r
+    trips = sum(-(-r // step) - 1 for r in ranks if r > 0)
+    return EPILOGUE_ELEMENT_WEIGHT[(kernel, second, fp32, tile)] + trips * EPILOGUE_RANK_TRIP_WEIGHT[(kernel, second, fp32)]
+
 
 # masked_gated_act's issue work per element, keyed by (kernel, mask on), so that with the mask charge
 # (18.4, roofline.py) the total is the static sm_90 SASS count of the default config, bf16, silu (the
@@ -245,7 +283,8 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         if second:
             reads += ["s2_ptr", "b2_ptr"]
             _add(flops, _lora_flops(a["LORA_DTYPE"], 2 * M * N * a["R2"]))
-        weight = EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", second)]
+        weight = _epilogue_weight(kernel, second, a["LORA_DTYPE"] == 0, a["BLOCK_R"],
+                                  [a["R"]] + ([a["R2"]] if second else []))
         philox = M * N * (bool(a["LORA_DROPOUT"]) + (second and bool(a["LORA_DROPOUT2"])))
         return reads, ["y_ptr"], flops, round(M * N * weight), philox
     if kernel == "gate_up_lora_act_kernel":  # g, u <- + LoRA expands (in place), h' written
@@ -256,7 +295,11 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
                 reads += [f"s{side}_ptr", f"lb{side}_ptr"]
                 writes.append(f"{side}_ptr")
                 _add(flops, _lora_flops(a[dt], 2 * M * I * a[rank]))
-        return reads, writes, flops, round(M * I * EPILOGUE_ELEMENT_WEIGHT["gate_up_lora_act_kernel"]), \
+        sides = [x for x in ("G", "U") if a[f"LORA_{x}"]]
+        fp32 = any(a[f"LORA_{x}_DTYPE"] == 0 for x in sides)  # a mixed pair: charged as fp32 (the larger)
+        weight = _epilogue_weight(kernel, True, fp32, a["BLOCK_R"], [a[f"R{x}"] for x in sides]) if sides \
+            else GATE_UP_NO_LORA_WEIGHT
+        return reads, writes, flops, round(M * I * weight), \
             M * I if a["HAS_MASK"] else 0
     if kernel == "lora_shrink_kernel":
         M, K, R = a["M"], a["K"], a["R"]
