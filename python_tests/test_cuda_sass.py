@@ -13,11 +13,11 @@ from transpeft_kernels.kernels.cuda import build
 # 3 activations forward and backward (the forward also with the gate/up expands at rank tiles 16 and 32
 # for all 5 pairs and 64 for the 2 with 16-bit adapters, the backward with the gate/up dB for the 4 pairs with 16-bit activations), or x 2 load
 # paths (packed, unpacked); the shrink and expand: any (x or y, adapter) dtype pair of 3 x 3, the shrink
-# x 2 load paths, plus its EXACT variants (a 16-bit x under fp32 adapters), the expand forward and dX
+# x 2 load paths (a 16-bit x under fp32 adapters in its EXACT form only), the expand forward and dX
 SOURCES = {
     "act_lora.cu": (("act_fwd_lora_kernel", "act_bwd_lora_kernel"), 2 * 5 * 3 * 3 + (5 * 2 + 2) * 3 + 4 * 2 * 3),
     "lora_reduce.cu": (("token_reduce_kernel",), 5 * 3 * 2),
-    "lora_shrink.cu": (("shrink_tile_kernel",), 9 * 3 * 2 + 2 * 3 * 2),
+    "lora_shrink.cu": (("shrink_tile_kernel",), 9 * 3 * 2),
     "lora_expand.cu": (("expand_tile_kernel",), 9 * 3 * 2),
 }
 

@@ -151,8 +151,10 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
   T* const u_out = static_cast<T*>(const_cast<void*>(p.u));
   T* h = static_cast<T*>(p.h);
   const TA* a = static_cast<const TA*>(p.a);
+  constexpr bool X_EXACT = kExactOperand<T, TA>;  // xd exact in tf32: two mmas per k step (keep_only)
   const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
+  const float drop_kept = X_EXACT ? 1.0f : p.drop.kept;
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int64_t row0 = int64_t{blockIdx.x} * kBM;
@@ -210,7 +212,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
 #pragma unroll
         for (int v = 0; v < kGroup; ++v) {
           hv[v] = masked_gated_act_value<T>(ACT, gv[v], uv[v], lane_factor(p.mask.on, mbits, v, p.mask.kept));
-          xd[v] = lora_input<TA>(hv[v], lane_factor(p.drop.on, dbits, v, p.drop.kept));
+          xd[v] = lora_input<TA>(hv[v], lane_factor(p.drop.on, dbits, v, drop_kept));
         }
         store_group_global<T>(h + row * p.ldh + col, hv);
       } else {
@@ -224,12 +226,14 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
 
     if constexpr (NTW == 1) {
       const int tile = warp, mt = tile / (RT / kTile), nt = tile % (RT / kTile);
-      if (tile < TILES) tile_mma<TA, false, kBN, true>(acc[0], s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN);
+      if (tile < TILES) {
+        tile_mma<TA, false, kBN, true, X_EXACT>(acc[0], s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN);
+      }
     } else {  // rank 64: a warp's two tiles share their row, xd's fragments load once
       static_assert(TILES == NTW * kLoraWarps && (RT / kTile) % NTW == 0, "whole rows of tiles per warp");
       const int tile = warp * NTW, mt = tile / (RT / kTile), nt = tile % (RT / kTile);
-      tile_mma_row<TA, NTW, false, kBN, true>(acc, s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN,
-                                              kTile * kBN);
+      tile_mma_row<TA, NTW, false, kBN, true, X_EXACT>(acc, s_x + mt * kTile * kBN, kBN, s_a + nt * kTile * kBN, kBN,
+                                                       kTile * kBN);
     }
     __syncthreads();  // the next step may overwrite s_a and s_x
   }
@@ -241,7 +245,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
   }
   __syncthreads();
   float* const part = split ? static_cast<float*>(p.s_part) + int64_t{blockIdx.y} * p.M * p.rank : nullptr;
-  store_rank_rows<TA, kBM, RT>(s_o, row0, p.M, p.rank, part, static_cast<TA*>(p.s), p.lds);
+  store_rank_rows<TA, kBM, RT>(s_o, row0, p.M, p.rank, part, static_cast<TA*>(p.s), p.lds,
+                               X_EXACT && p.drop.on ? p.drop.kept : 1.0f);
 }
 
 // The dB staging of act_bwd_lora_kernel: S_g's and S_u's rows of a step and cast_A(dg), cast_A(du) of
@@ -291,6 +296,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
   T* du = static_cast<T*>(p.du);
   const TA* t = static_cast<const TA*>(p.t);
   const TA* a = static_cast<const TA*>(p.a);
+  constexpr bool X_EXACT = kExactOperand<T, TA>;  // xd, cast_A(dg), cast_A(du) exact in tf32 (keep_only)
   const uint64_t mseed = load_seed(p.mask.seed, p.mask.on);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
   const int tid = threadIdx.x;
@@ -347,7 +353,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
           const GatedGrads gr = masked_gated_act_grads(ACT, dhl, gv[v], uv[v], mk);
           dgv[v] = gr.dg;
           duv[v] = gr.du;
-          xd[v] = lora_input<TA>(masked_gated_act_value<T>(ACT, gv[v], uv[v], mk), d);
+          const float dx = X_EXACT ? lane_factor(p.drop.on, dbits, v, 1.0f) : d;  // the scale after the sum
+          xd[v] = lora_input<TA>(masked_gated_act_value<T>(ACT, gv[v], uv[v], mk), dx);
           if constexpr (DB) {  // cast_A of the dg and du written, as the dB token sums read them
             dga[v] = lora_input<TA>(round_as<T>(gr.dg), 1.0f);
             dua[v] = lora_input<TA>(round_as<T>(gr.du), 1.0f);
@@ -373,15 +380,16 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_bwd_lora_ker
     }
     __syncthreads();  // s_x (and db.dg, db.du) complete
 
-    reduce_step<TA, RT, NTW>(acc, s_t, s_x);
+    reduce_step<TA, RT, NTW, X_EXACT>(acc, s_t, s_x);
     if constexpr (DB) {
-      reduce_step<TA, RT, NTW>(acc_g, db.sg, db.dg);  // += S_g^T cast_A(dg): dB_g^T
-      reduce_step<TA, RT, NTW>(acc_u, db.su, db.du);
+      reduce_step<TA, RT, NTW, X_EXACT>(acc_g, db.sg, db.dg);  // += S_g^T cast_A(dg): dB_g^T
+      reduce_step<TA, RT, NTW, X_EXACT>(acc_u, db.su, db.du);
     }
     __syncthreads();  // the next step may overwrite s_t, s_x and s_z
   }
   const int64_t part = split * p.I;
-  store_reduction<TA, RT, NTW>(acc, s_z, static_cast<float*>(q.da_part) + part * p.rank, p.rank, p.I, col0, p.scaling);
+  store_reduction<TA, RT, NTW>(acc, s_z, static_cast<float*>(q.da_part) + part * p.rank, p.rank, p.I, col0,
+                               X_EXACT && p.drop.on ? p.scaling * p.drop.kept : p.scaling);
   if constexpr (DB) {
     __syncthreads();  // s_z is the stage of each store
     store_reduction<TA, RT, NTW>(acc_g, s_z, static_cast<float*>(q.dbg_part) + part * q.rank_gu, q.rank_gu, p.I, col0,

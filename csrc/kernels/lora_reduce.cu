@@ -10,6 +10,9 @@
 // Layout as the activation backward's dA (act_lora.cu): a block of 4 warps owns 64 columns of one row
 // split and walks its rows 32 at a time, staging L's rows (32, RT) and the cast tile (32, 64), and
 // adds L^T X into (RT, 64) accumulators; at the end they go, times `scaling`, to the split's partial.
+// fp32 adapters over a 16-bit X (dA over a bf16 base, dB^T from dY): X's values are exact in tf32, so
+// each k step takes two mmas, not three (reduce_step's X_EXACT); under dropout the mask selects and
+// the dropout's scale multiplies the sum with `scaling` (keep_only).
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -36,9 +39,12 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) token_reduce_ker
   alignas(32) __shared__ TA s_x[kBM * kBN];    // D_q(cast_A(X)) of the step, zero outside (M, N)
   alignas(32) __shared__ float s_o[RT * kBN];  // the result tile at the end
 
+  constexpr bool X_EXACT = kExactOperand<TX, TA>;
   const TX* x = static_cast<const TX*>(p.x);
   const TA* l = static_cast<const TA*>(p.l);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
+  const TranspeftRandomMask drop = X_EXACT ? keep_only(p.drop) : p.drop;
+  const float scaling = X_EXACT && p.drop.on ? p.scaling * p.drop.kept : p.scaling;
   const int64_t col0 = int64_t{blockIdx.x} * kBN;
   const int64_t split = blockIdx.y;
   const int64_t row_begin = split * p.rows_per_split;
@@ -55,17 +61,16 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) token_reduce_ker
       const auto [m, c] = group_of(i);
       const int64_t row = row0 + m, col = col0 + c;
       float xv[kGroup];
-      lora_input_group<TX, TA, PACKED>(x + row * p.ldx + col, row < row_end && col < p.N, row, col, p.N, p.drop, dseed,
-                                       xv);
+      lora_input_group<TX, TA, PACKED>(x + row * p.ldx + col, row < row_end && col < p.N, row, col, p.N, drop, dseed, xv);
 #pragma unroll
       for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
     }
     __syncthreads();  // s_l and s_x complete
 
-    reduce_step<TA, RT, NTW>(acc, s_l, s_x);
+    reduce_step<TA, RT, NTW, X_EXACT>(acc, s_l, s_x);
     __syncthreads();  // the next step may overwrite s_l and s_x
   }
-  store_reduction<TA, RT, NTW>(acc, s_o, static_cast<float*>(p.part) + split * p.R * p.N, p.R, p.N, col0, p.scaling);
+  store_reduction<TA, RT, NTW>(acc, s_o, static_cast<float*>(p.part) + split * p.R * p.N, p.R, p.N, col0, scaling);
 }
 
 template <typename TX, typename TA, bool PACKED>

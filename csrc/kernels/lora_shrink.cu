@@ -13,8 +13,10 @@
 // alone are 128 at 8192 tokens). The earlier tile kernel owned 16 rows per block, so a's staging, the
 // barriers and the step's bookkeeping were shared by 8 elements per thread instead of 32, and at rank 16
 // one warp of four did the mma.
-// EXACT (fp32 a, 16-bit x, no dropout: the backward's t = dy B, and forward shrinks without dropout):
-// the staged x is exact in tf32, so each k step is two mmas instead of three (tile_mma's A_EXACT).
+// EXACT (fp32 a, 16-bit x: the backward's t = dy B and every forward shrink over a 16-bit base): the
+// staged x is exact in tf32, so each k step is two mmas instead of three (tile_mma's A_EXACT); under
+// dropout the mask selects and its scale multiplies the finished sum (keep_only; since stop 26, before
+// which the dropout case took three).
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -43,6 +45,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
   const TX* x = static_cast<const TX*>(p.x);
   const TA* a = static_cast<const TA*>(p.a);
   const uint64_t dseed = load_seed(p.drop.seed, p.drop.on);
+  const TranspeftRandomMask drop = EXACT ? keep_only(p.drop) : p.drop;
+  const float scale = EXACT && p.drop.on ? p.drop.kept : 1.0f;
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const bool a_vec = p.sak == 1 && p.K % kGroup == 0 && aligned_rows<TA>(p.a, p.sar);
@@ -63,8 +67,7 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
         const int m = group / (kBN / kGroup), c = (group % (kBN / kGroup)) * kGroup;
         const int64_t row = row0 + m, col = col0 + c;
         float xv[kGroup];  // x has unit column stride here
-        lora_input_group<TX, TA, PACKED>(x + row * p.sxm + col, row < p.M && col < p.K, row, col, p.K, p.drop, dseed,
-                                         xv);
+        lora_input_group<TX, TA, PACKED>(x + row * p.sxm + col, row < p.M && col < p.K, row, col, p.K, drop, dseed, xv);
 #pragma unroll
         for (int v = 0; v < kGroup; ++v) s_x[m * kBN + c + v] = from_float<TA>(xv[v]);
       }
@@ -75,7 +78,8 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) shrink_tile_kern
 #pragma unroll
     for (int j = 0; j < NT; ++j) tile_store(s_o + warp * kTile * RT + j * kTile, RT, acc[j]);
     __syncthreads();
-    store_rank_rows<TA, kShrinkBM, RT>(s_o, row0, p.M, p.R, split ? part : nullptr, static_cast<TA*>(p.s), p.lds);
+    store_rank_rows<TA, kShrinkBM, RT>(s_o, row0, p.M, p.R, split ? part : nullptr, static_cast<TA*>(p.s), p.lds,
+                                       scale);
     __syncthreads();  // s_o is rewritten by the next row group
   }
 }
@@ -91,10 +95,7 @@ cudaError_t launch_shrink_rank_tile(const TranspeftLoraShrinkArgs& p, cudaStream
 
 template <typename TX, typename TA, bool PACKED>
 cudaError_t launch_shrink_tile_as(const TranspeftLoraShrinkArgs& p, cudaStream_t stream) {
-  if constexpr (sizeof(TX) == 2 && sizeof(TA) == 4) {
-    if (!p.drop.on) return launch_shrink_rank_tile<TX, TA, PACKED, true>(p, stream);
-  }
-  return launch_shrink_rank_tile<TX, TA, PACKED, false>(p, stream);
+  return launch_shrink_rank_tile<TX, TA, PACKED, kExactOperand<TX, TA>>(p, stream);
 }
 
 }  // namespace

@@ -482,9 +482,37 @@ CUDA_DROPOUT_CAST_ELEMENT_WEIGHT = {("group", True): 0.05, ("group", False): 0.3
                                     ("element", True): 9.61, ("element", False): 11.36}
 
 
+# Since stop 26 the CUDA tensor-core passes multiply an operand that holds 16-bit values (x, dY, h', dg, du
+# under fp32 adapters over a 16-bit base) unsplit: tile_mma's A_EXACT / B_EXACT, two mmas per k step
+# instead of three (the dropout's scale after the sum, tile_pass.cuh keep_only). The change of each
+# weight above, for fp32 adapters over 16-bit activations, keyed by (kernel, rank > 32): the change of
+# the static row-step loop body (sm_90a, bf16 / silu; compile-check --cuda before and after) plus the k
+# loops' further trips charged the change of one k step, which token_reduce (the same reduce_step alone
+# in its loop) shows as -17 per step at rank 16 (one tile per warp: the split of x's fragment and one
+# mma) and -78 at rank 64 (four tiles); over the 16 elements per thread per step, over 24:
+#   token_reduce r 16  686 -> 669, 4 k steps: -68 -> -0.18;  r 64  787 -> 709, 4 steps: -312 -> -0.81
+#   act backward r 16  1200 -> 1199 (the dx select grew the rest) and dA's 3 further steps of -17: -0.14;
+#                r 64  1329 -> 1283, 3 x -78 more: -0.73;  with the dB (r 16) 1563 -> 1542 and three
+#                reductions' 3 further steps: -0.45
+#   act forward (S_d: 8 k steps over the 64 columns, on the warps that own a tile: 2 of 4 at rank 16)
+#                r 16  925 -> 905: 8 x -20 x 2 / 4 -> -0.21;  r 64  960 -> 937: 8 x -23 -> -0.48;
+#                with the gate/up expands 1764 -> 1745 -> -0.20
+# The shrink already had this without dropout (shrink_exact); it now takes it with dropout too.
+CUDA_EXACT_OPERAND_DELTA = {
+    ("token_reduce", False): -0.18, ("token_reduce", True): -0.81,
+    ("bwd", False): -0.14, ("bwd", True): -0.73, ("bwd_db", False): -0.45,
+    ("fwd", False): -0.21, ("fwd", True): -0.48, ("fwd_gu", False): -0.20, ("fwd_gu", True): 0.0,
+}
+
+
 def _cuda_tc_unit(dtype) -> tuple[str, int]:
     """(unit, products per FLOP) of the tensor-core LoRA products of act_lora.cu in an adapter dtype."""
     return {torch.float32: ("tc_tf32", 3), torch.float16: ("tc_fp16", 1), torch.bfloat16: ("tc_bf16", 1)}[dtype]
+
+
+def _exact(adapter: torch.Tensor, operand: torch.Tensor) -> bool:
+    """fp32 adapters over a 16-bit operand: the CUDA tile kernels multiply it unsplit (two tf32 mmas)."""
+    return adapter.dtype == torch.float32 and operand.element_size() == 2
 
 
 def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> tuple[dict, int, int]:
@@ -494,7 +522,7 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         drop = kw.get("drop")
         dropout = drop is not None and drop.q > 0
         unit, times = _cuda_tc_unit(a.dtype)
-        exact = a.dtype == torch.float32 and x.element_size() == 2 and not dropout
+        exact = _exact(a, x)
         weight = CUDA_LORA_TILE_ELEMENT_WEIGHT[("shrink_exact" if exact else "shrink", a.dtype == torch.float32,
                                                 a.shape[0] > 32)]
         return {unit: (2 if exact else times) * 2 * x.numel() * a.shape[0]}, round(x.numel() * weight), \
@@ -524,12 +552,16 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         drop = kw.get("down_drop")
         philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
         gate_up = kw.get("gate_up")
+        exact = _exact(a, g)  # S_d's h' operand unsplit
+        s_d = (times - exact) * 2 * n * r
         if gate_up is not None:  # and the gate/up expands: two more rank-sized products per element
-            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd_gu", a.dtype == torch.float32,
-                                                   max(r, gate_up.s_g.shape[1]) > 32)]
-            return {unit: times * 2 * (n * r + 2 * n * gate_up.s_g.shape[1])}, round(n * weight), philox
-        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd", a.dtype == torch.float32, r > 32)]
-        return {unit: times * 2 * n * r}, round(n * weight), philox
+            key = ("fwd_gu", max(r, gate_up.s_g.shape[1]) > 32)
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[(key[0], a.dtype == torch.float32, key[1])] + \
+                (CUDA_EXACT_OPERAND_DELTA[key] if exact else 0.0)
+            return {unit: s_d + times * 2 * 2 * n * gate_up.s_g.shape[1]}, round(n * weight), philox
+        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd", a.dtype == torch.float32, r > 32)] + \
+            (CUDA_EXACT_OPERAND_DELTA[("fwd", r > 32)] if exact else 0.0)
+        return {unit: s_d}, round(n * weight), philox
     if wrapper in ("masked_gated_act_fwd", "masked_gated_act_bwd"):
         g = tensors_in[1] if wrapper.endswith("bwd") else tensors_in[0]
         n = g.numel()
@@ -551,18 +583,24 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         drop = kw.get("down_drop")
         philox = n * ((kw.get("p", 0) > 0) + (drop is not None and drop.q > 0))
         gate_up = kw.get("gate_up")
+        exact = _exact(a, g)  # dA_d's h' (and dB's dg, du) unsplit; z = t_d A_d is not
+        flops = times * 2 * n * r + (times - exact) * 2 * n * r
         if gate_up is not None:  # and the gate/up dB: two more rank-sized token sums over the same tiles
             r_gu = gate_up[0].shape[1]
-            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd_db", a.dtype == torch.float32, False)]
-            return {unit: times * 2 * (2 * n * r + 2 * n * r_gu)}, round(n * weight), philox
-        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd", a.dtype == torch.float32, r > 32)]
-        return {unit: times * 2 * (2 * n * r)}, round(n * weight), philox
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd_db", a.dtype == torch.float32, False)] + \
+                (CUDA_EXACT_OPERAND_DELTA[("bwd_db", False)] if exact else 0.0)
+            return {unit: flops + (times - exact) * 2 * 2 * n * r_gu}, round(n * weight), philox
+        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd", a.dtype == torch.float32, r > 32)] + \
+            (CUDA_EXACT_OPERAND_DELTA[("bwd", r > 32)] if exact else 0.0)
+        return {unit: flops}, round(n * weight), philox
     if wrapper == "lora_token_reduce":  # s l^T D(cast_A(x)): x staged once, the products on the tensor cores
         l, x = tensors_in[0], tensors_in[1]
         unit, times = _cuda_tc_unit(l.dtype)
         drop = kw.get("drop")
-        weight = CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT[(l.dtype == torch.float32, l.shape[1] > 32)]
-        return {unit: times * 2 * x.numel() * l.shape[1]}, round(x.numel() * weight), \
+        exact = _exact(l, x)
+        weight = CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT[(l.dtype == torch.float32, l.shape[1] > 32)] + \
+            (CUDA_EXACT_OPERAND_DELTA[("token_reduce", l.shape[1] > 32)] if exact else 0.0)
+        return {unit: (times - exact) * 2 * x.numel() * l.shape[1]}, round(x.numel() * weight), \
             x.numel() if drop is not None and drop.q > 0 else 0
     if wrapper == "lora_dropout_cast":
         x, out = tensors_in[0], tensors_out[0]

@@ -16,6 +16,7 @@
 //     fp16 have at most 10 mantissa bits), so lo_a = 0: A is not split and the k step is two mmas,
 //     acc += hi_a lo_b + hi_a hi_b, with the same error bound. The emulation reads A as the mma does
 //     (truncated to tf32), so a caller that passes an inexact A shows a 2^-11 error in the tests.
+//     B_EXACT: the same for B (acc += lo_a hi_b + hi_a hi_b); both exact: one mma, exact products.
 // Accumulation order within an mma is the hardware's (fp32), so sums differ from a sequential fp32 loop
 // in the last bits only.
 //
@@ -97,7 +98,8 @@ __device__ __forceinline__ void tile_zero(TileAcc<TA>& acc) {
 // acc[j] += A B_j for j < NT, B_j at b + j * b_step (see the file comment): NT tiles of one row of tiles,
 // A's fragments loaded (and split) once per k step for all of them. Each acc[j] sums its k steps in the
 // same order as NT separate products, so the results are the same bits.
-template <typename TA, int NT, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
+template <typename TA, int NT, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false,
+          bool B_EXACT = false>
 __device__ __forceinline__ void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a, int lda, const TA* b, int ldb,
                                              int b_step) {
   namespace wmma = nvcuda::wmma;
@@ -121,10 +123,14 @@ __device__ __forceinline__ void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a
       wmma::fragment<wmma::matrix_b, kTile, kTile, KS, typename W::precision, LayoutB> fb;
       wmma::load_matrix_sync(fb, bp, ldb);
       if constexpr (sizeof(TA) == 4) {
-        decltype(fb) fb_lo;
-        detail::split_tf32(fb, fb_lo);
-        if constexpr (!A_EXACT) wmma::mma_sync(acc[j].f, fa_lo, fb, acc[j].f);
-        wmma::mma_sync(acc[j].f, fa, fb_lo, acc[j].f);
+        if constexpr (B_EXACT) {
+          if constexpr (!A_EXACT) wmma::mma_sync(acc[j].f, fa_lo, fb, acc[j].f);
+        } else {
+          decltype(fb) fb_lo;
+          detail::split_tf32(fb, fb_lo);
+          if constexpr (!A_EXACT) wmma::mma_sync(acc[j].f, fa_lo, fb, acc[j].f);
+          wmma::mma_sync(acc[j].f, fa, fb_lo, acc[j].f);
+        }
       }
       wmma::mma_sync(acc[j].f, fa, fb, acc[j].f);
     }
@@ -132,10 +138,10 @@ __device__ __forceinline__ void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a
 }
 
 // acc += A B (see the file comment). A_COL_MAJOR, B_COL_MAJOR: the operand is stored column-major.
-template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
+template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false, bool B_EXACT = false>
 __device__ __forceinline__ void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
-  tile_mma_row<TA, 1, A_COL_MAJOR, K, B_COL_MAJOR, A_EXACT>(*reinterpret_cast<TileAcc<TA>(*)[1]>(&acc), a, lda, b, ldb,
-                                                             0);
+  tile_mma_row<TA, 1, A_COL_MAJOR, K, B_COL_MAJOR, A_EXACT, B_EXACT>(*reinterpret_cast<TileAcc<TA>(*)[1]>(&acc), a, lda,
+                                                                      b, ldb, 0);
 }
 
 // acc to shared or global memory, row-major: element (m, n) at p[m * ld + n].
@@ -162,7 +168,7 @@ inline float tf32_hi(float v) { return transpeft::detail::bits_f32((transpeft::d
 inline float tf32_read(float v) { return transpeft::detail::bits_f32(transpeft::detail::f32_bits(v) & 0xFFFFE000u); }
 }  // namespace detail
 
-template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
+template <typename TA, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false, bool B_EXACT = false>
 inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ldb) {
   constexpr int KS = kTileK<TA>;
   static_assert(K % KS == 0, "K must be a multiple of the mma's k");
@@ -174,10 +180,17 @@ inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ld
         for (int k = k0; k < k0 + KS; ++k) {
           const float av = to_float(A_COL_MAJOR ? a[k * lda + m] : a[m * lda + k]);
           const float bv = to_float(B_COL_MAJOR ? b[n * ldb + k] : b[k * ldb + n]);
-          if constexpr (sizeof(TA) == 4 && A_EXACT) {
+          if constexpr (sizeof(TA) == 4 && A_EXACT && B_EXACT) {
+            c += detail::tf32_read(av) * detail::tf32_read(bv);
+          } else if constexpr (sizeof(TA) == 4 && A_EXACT) {
             const float ah = detail::tf32_read(av), bh = detail::tf32_hi(bv);
             const float bl = detail::tf32_read(bv - bh);
             c += ah * bl;
+            c += ah * bh;
+          } else if constexpr (sizeof(TA) == 4 && B_EXACT) {
+            const float ah = detail::tf32_hi(av), bh = detail::tf32_read(bv);
+            const float al = detail::tf32_read(av - ah);
+            c += al * bh;
             c += ah * bh;
           } else if constexpr (sizeof(TA) == 4) {
             const float ah = detail::tf32_hi(av), bh = detail::tf32_hi(bv);
@@ -196,9 +209,12 @@ inline void tile_mma(TileAcc<TA>& acc, const TA* a, int lda, const TA* b, int ld
   __syncwarp();
 }
 
-template <typename TA, int NT, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false>
+template <typename TA, int NT, bool A_COL_MAJOR, int K, bool B_COL_MAJOR = false, bool A_EXACT = false,
+          bool B_EXACT = false>
 inline void tile_mma_row(TileAcc<TA> (&acc)[NT], const TA* a, int lda, const TA* b, int ldb, int b_step) {
-  for (int j = 0; j < NT; ++j) tile_mma<TA, A_COL_MAJOR, K, B_COL_MAJOR, A_EXACT>(acc[j], a, lda, b + j * b_step, ldb);
+  for (int j = 0; j < NT; ++j) {
+    tile_mma<TA, A_COL_MAJOR, K, B_COL_MAJOR, A_EXACT, B_EXACT>(acc[j], a, lda, b + j * b_step, ldb);
+  }
 }
 
 template <typename TA>

@@ -177,12 +177,26 @@ __device__ __forceinline__ void lora_input_group(const TX* xp, bool valid, int64
 // The token reductions' accumulation and output (act_lora.cu's dA_d, lora_reduce.cu): warp w owns the
 // NTW (16 x 16) tiles w NTW.. of the (RT, kBN) result, tile t at rows 16 (t / 4), columns 16 (t % 4).
 // A warp's NTW tiles share their row of tiles (NTW divides 4), so l's fragments load once per k step.
-template <typename TA, int RT, int NTW>
+// X_EXACT: s_x holds values of a 16-bit dtype staged as fp32 (tile_mma's B_EXACT: two mmas per k step).
+template <typename TA, int RT, int NTW, bool X_EXACT = false>
 __device__ __forceinline__ void reduce_step(TileAcc<TA> (&acc)[NTW], const TA* s_l, const TA* s_x) {
   static_assert((kBN / kTile) % NTW == 0, "a warp's tiles in one row of tiles");
   const int warp = threadIdx.x >> 5;
   const int tile = warp * NTW, rt = tile / (kBN / kTile), nt = tile % (kBN / kTile);
-  tile_mma_row<TA, NTW, true, kBM>(acc, s_l + rt * kTile, RT, s_x + nt * kTile, kBN, kTile);  // += l^T x, l (kBM, RT)
+  tile_mma_row<TA, NTW, true, kBM, false, false, X_EXACT>(acc, s_l + rt * kTile, RT, s_x + nt * kTile, kBN,
+                                                          kTile);  // += l^T x, l (kBM, RT)
+}
+
+// fp32 adapters over a 16-bit operand: its values, staged as fp32, are exact in tf32
+template <typename T, typename TA>
+constexpr bool kExactOperand = sizeof(T) == 2 && sizeof(TA) == 4;
+
+// The dropout mask as staged for an exact operand (X_EXACT): keep selects (a factor 1 or 0, still exact in
+// tf32), and the caller multiplies the finished sum by `kept` instead of each element (x * kept would not be
+// exact); one fp32 rounding of the sum where the reference rounds each element.
+__host__ __device__ inline TranspeftRandomMask keep_only(TranspeftRandomMask m) {
+  m.kept = 1.0f;
+  return m;
 }
 
 // z (kBM x kBN fp32, row-major in shared memory) = s (kBM x RT, row-major) times B (RT x kBN): warp w
@@ -221,18 +235,19 @@ __device__ __forceinline__ void store_reduction(const TileAcc<TA> (&acc)[NTW], f
 }
 
 // Rows [row0, row0 + ROWS) of an (M, R) rank-sized result (S_d, a shrink's S) from its (ROWS, RT) fp32
-// tile in shared memory: into `part`, an fp32 partial with row stride R, when given; else into `out`, in
-// TA with row stride ld. Rows past M and columns past R are not written.
+// tile in shared memory, times `scale` (the dropout's, after an exact operand's sum: keep_only): into
+// `part`, an fp32 partial with row stride R, when given; else into `out`, in TA with row stride ld. Rows
+// past M and columns past R are not written.
 template <typename TA, int ROWS, int RT>
 __device__ __forceinline__ void store_rank_rows(const float* tile, int64_t row0, int64_t M, int64_t R, float* part,
-                                                TA* out, int64_t ld) {
+                                                TA* out, int64_t ld, float scale) {
   for (int i = threadIdx.x; i < ROWS * RT; i += kLoraThreads) {
     const int m = i / RT, k = i % RT;
     if (row0 + m >= M || k >= R) continue;
     if (part != nullptr) {
-      part[(row0 + m) * R + k] = tile[i];
+      part[(row0 + m) * R + k] = tile[i] * scale;
     } else {
-      out[(row0 + m) * ld + k] = from_float<TA>(tile[i]);
+      out[(row0 + m) * ld + k] = from_float<TA>(tile[i] * scale);
     }
   }
 }
