@@ -171,15 +171,16 @@ def _add(into: dict, more: dict) -> dict:
 
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
 # ELEMENTWISE_INSTR = 24 instructions each), keyed by (every adapter fp32, rank tile 16 / 32 / 64): the loop
-# body of its static sm_90 SASS in the default config (loop_body_instructions in
-# benchmarks/results/sass_round2_triton_mufu.json: 1098 / 881 per iteration of 16 elements per thread for
-# fp32 / bf16 adapters at r 16 (1250 / 1036 before the MUFU sigmoid of kernels/triton/activations.py);
-# r 32: 1302 per 16 (fp32, 128 columns), 545 per 8 (bf16, 64 columns: 128 spilled); r 64: 753 / 541 per 8
-# (831 / 606 before)), less the two mask streams the model charges as Philox work (2 x 18.4), over 24.
+# body of its static sm_90 SASS in the default config (loop_body_instructions; python_tests/
+# test_ledger_weights.py recompiles them): 1049 / 881 per iteration of 16 elements per thread for fp32 /
+# bf16 adapters at r 16 (fp32 1098 before stop 26's integer tf32 rounding, 1250 / 1036 before the MUFU
+# sigmoid of kernels/triton/activations.py); r 32: 1190 per 16 (fp32, 128 columns; 1302 before), 545 per 8
+# (bf16, 64 columns: 128 spilled); r 64: 705 / 541 per 8 (753 / 541 before; 831 / 606 before the
+# sigmoid)), less the two mask streams the model charges as Philox work (2 x 18.4), over 24.
 # Every warp gathers each dot's rank-sized operand and stages its share of the (BLOCK_M, BLOCK_N) tile
 # through shared memory per dot: 0.8-2.4x an elementwise kernel's work per element.
-ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.33, (False, 16): 0.76, (True, 32): 1.86, (False, 32): 1.31,
-                               (True, 64): 2.39, (False, 64): 1.28}
+ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.20, (False, 16): 0.76, (True, 32): 1.57, (False, 32): 1.31,
+                               (True, 64): 2.14, (False, 64): 1.28}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
@@ -189,32 +190,33 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.33, (False, 16): 0.76, (True, 32): 
 # fp32 adapters (tf32x3 holds both parts of both operand tiles) and BLOCK_R ranks with 16-bit ones, so a
 # static count holds one trip; EPILOGUE_RANK_TRIP_WEIGHT charges each further trip its loop body.
 #   lora_expand_add, one term (the forward's y, dh', one dX; its C-operand form without reading y is charged
-#     the same; the dX mask is charged as Philox work): fp32 adapters 579 instructions (18.1 per element;
-#     1159 with the mask); bf16 at rank tiles 16 / 32 / 64: 367 / 388 / 515.
-#   two terms, each with its dX mask (the gate + up dX of one MLP input, sass_round2_triton_c_operand.json):
-#     fp32 2051 (64.1 per element, 2 x 18.4 of them the masks'); bf16 1659 / 1762 / 2010.
-#   gate_up_lora_act, both sides, silu, the mask: fp32 1823 (57.0 per element, 18.4 of them the mask's;
-#     2128 before the MUFU sigmoid); bf16 1381 / 1437 / 1688.
+#     the same; the dX mask is charged as Philox work): fp32 adapters 515 instructions (16.1 per element;
+#     579 before stop 26's integer tf32 rounding, _common._tf32_rna); bf16 at rank tiles 16 / 32 / 64:
+#     367 / 388 / 515.
+#   two terms, each with its dX mask (the gate + up dX of one MLP input): fp32 1924 (60.1 per element,
+#     2 x 18.4 of them the masks'; 2051 before); bf16 1659 / 1762 / 2010.
+#   gate_up_lora_act, both sides, silu, the mask: fp32 1694 (52.9 per element, 18.4 of them the mask's;
+#     1823 before, 2128 before the MUFU sigmoid); bf16 1381 / 1437 / 1688.
 # Until stop 26 every case was charged the fp32 rank-16 count: the fp32 rank-64 passes (three more trips
 # of each rank loop) were undercharged and the bf16 ones overcharged.
 EPILOGUE_ELEMENT_WEIGHT = {
-    ("lora_expand_add_kernel", False, True, 16): 0.75,
+    ("lora_expand_add_kernel", False, True, 16): 0.67,
     ("lora_expand_add_kernel", False, False, 16): 0.48, ("lora_expand_add_kernel", False, False, 32): 0.51,
     ("lora_expand_add_kernel", False, False, 64): 0.67,
-    ("lora_expand_add_kernel", True, True, 16): 1.14,
+    ("lora_expand_add_kernel", True, True, 16): 0.97,
     ("lora_expand_add_kernel", True, False, 16): 0.63, ("lora_expand_add_kernel", True, False, 32): 0.76,
     ("lora_expand_add_kernel", True, False, 64): 1.08,
-    ("gate_up_lora_act_kernel", True, True, 16): 1.61,
+    ("gate_up_lora_act_kernel", True, True, 16): 1.44,
     ("gate_up_lora_act_kernel", True, False, 16): 1.03, ("gate_up_lora_act_kernel", True, False, 32): 1.10,
     ("gate_up_lora_act_kernel", True, False, 64): 1.43,
 }
 # One further trip of one term's rank loop (ranks past 16 with fp32 adapters, past 64 with 16-bit ones),
-# keyed by (kernel, two terms, an fp32 adapter): the loop body over 32 elements, over 24. fp32: 258 (one
-# term), 292 (two terms: the longer of the two loops), 259 (the gate/up pass); 16-bit at rank tile 64:
-# 122, 172, 121.
+# keyed by (kernel, two terms, an fp32 adapter): the loop body over 32 elements, over 24. fp32: 194 (one
+# term), 228 (two terms: the longer of the two loops), 194 (the gate/up pass), of which 48 HMMA (258, 292
+# and 259 before the integer tf32 rounding); 16-bit at rank tile 64: 122, 172, 121.
 EPILOGUE_RANK_TRIP_WEIGHT = {
-    ("lora_expand_add_kernel", False, True): 0.34, ("lora_expand_add_kernel", True, True): 0.38,
-    ("gate_up_lora_act_kernel", True, True): 0.34,
+    ("lora_expand_add_kernel", False, True): 0.25, ("lora_expand_add_kernel", True, True): 0.30,
+    ("gate_up_lora_act_kernel", True, True): 0.25,
     ("lora_expand_add_kernel", False, False): 0.16, ("lora_expand_add_kernel", True, False): 0.22,
     ("gate_up_lora_act_kernel", True, False): 0.16,
 }

@@ -87,7 +87,7 @@ def dot_operand(x, CODE: tl.constexpr, UPCAST: tl.constexpr):
 #   bf16 / fp16 adapters: the native 16-bit tensor-core dot with fp32 accumulation (operands are
 #       already in the adapter dtype, as the reference multiplies them).
 #   fp32 adapters (PEFT's default): tf32x3 (3xTF32, as CUTLASS and Triton's "tf32x3"):
-#       a = a_big + a_small with a_big = cvt.rna.tf32(a) (|a - a_big| <= 2^-11 |a|), and
+#       a = a_big + a_small with a_big = a rounded to tf32 (|a - a_big| <= 2^-11 |a|; _tf32_rna), and
 #       a b ~ a_small b_big + a_big b_small + a_big b_big, three tf32 MMAs (HMMA on sm_80, HGMMA
 #       on sm_90). The MMA reads the small part with 10 mantissa bits (the low 13 bits ignored:
 #       error <= 2^-10 |a_small| <= 2^-21 |a|) and a_small b_small (<= 2^-22 |a b|) is dropped, so
@@ -109,16 +109,16 @@ LORA_DOT_PRECISION = {FP32: "tf32x3", FP16: "fp16", BF16: "bf16"}
 
 
 @triton.jit
-def _tf32_rna(x, UPCAST: tl.constexpr):
-    """x rounded to tf32 (10 mantissa bits), to nearest with ties away from zero: cvt.rna.tf32.f32
-    (emulated with integer operations in the interpreter)."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        y = (((bits + 0x1000) >> 13) << 13).to(tl.float32, bitcast=True)
-    else:
-        y = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    return y
+def _tf32_rna(x):
+    """x rounded to tf32 (10 mantissa bits), to nearest with ties away from zero: half a tf32 ulp added to
+    the bit pattern, the 13 low bits cleared (two integer instructions, compiled and interpreted alike).
+    cvt.rna.tf32.f32, which this replaced, costs four on sm_90 (ptxas adds a compare and a select that
+    keep inf and NaN): in the fp32-adapter expand's rank loop that was 75 of its 258 instructions per 16
+    ranks. Here inf stays inf, a NaN may become inf, and a finite |x| within half a tf32 ulp of the fp32
+    maximum rounds to inf; the tf32x3 sum then meets inf - inf or inf x 0 and is NaN, as the product of
+    a non-finite operand is anyway (lora_dot_split)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -148,11 +148,11 @@ def lora_dot_split(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr, A_EXACT:
         if A_EXACT:
             a_big = a
         else:
-            a_big = _tf32_rna(a, UPCAST)
+            a_big = _tf32_rna(a)
         if B_EXACT:
             b_big = b
         else:
-            b_big = _tf32_rna(b, UPCAST)
+            b_big = _tf32_rna(b)
         if not A_EXACT:
             acc = _tf32_dot(a - a_big, b_big, acc, UPCAST)
         if not B_EXACT:
