@@ -219,3 +219,24 @@ def test_a_cuda_call_outside_the_recorded_wrappers_is_an_error():
     with recording(H200):
         with pytest.raises(KeyError, match="not in _CUDA_WRAPPERS"):
             launch.load().call("transpeft_some_new_kernel", None, 0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_case_records_the_same_launches_first_or_later(monkeypatch, impl):
+    """A process's first recorded step must not carry the one-off set-up a steady-state step skips (the
+    per-device sub-seed offsets, specs.stream_offsets): the same case, recorded first and then again,
+    gives the same launches."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    from transpeft_kernels import specs
+
+    monkeypatch.setattr(specs, "_OFFSETS", {})  # as in a fresh process
+    case = C.ModelCase("gated_mlp", 16, 32, None, 48, 4, 0.25, 0.1)
+    names = []
+    for _ in range(2):
+        with dry_running(H200):
+            step = C.prepare(case, impl)
+        with recording(H200) as led:
+            step()
+        names.append([x.name for x in led.launches])
+    assert names[0] == names[1]

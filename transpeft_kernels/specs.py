@@ -115,7 +115,7 @@ def sub_seed(seed: torch.Tensor | None, which: SubSeed) -> torch.Tensor | None:
         return seed + int(which)
     cached = getattr(seed, "_tpk_sub_seeds", None)
     if cached is None or cached[0] != seed._version:
-        keys = seed.reshape(1) + _stream_offsets(seed.device)
+        keys = seed.reshape(1) + stream_offsets(seed.device)
         cached = (seed._version, tuple(keys[i].reshape(seed.shape) for i in range(len(SubSeed))))
         seed._tpk_sub_seeds = cached
     return cached[1][which]
@@ -124,8 +124,9 @@ def sub_seed(seed: torch.Tensor | None, which: SubSeed) -> torch.Tensor | None:
 _OFFSETS: dict[torch.device, torch.Tensor] = {}
 
 
-def _stream_offsets(device: torch.device) -> torch.Tensor:
-    """[0, 1, ..., len(SubSeed) - 1] as int64 on ``device``, made once per device."""
+def stream_offsets(device: torch.device) -> torch.Tensor:
+    """[0, 1, ..., len(SubSeed) - 1] as int64 on ``device``, made once per device (by the first step that
+    draws sub-seeds there; perf/cases.py makes it before recording, as a steady-state step finds it)."""
     offsets = _OFFSETS.get(device)
     if offsets is None:
         offsets = _OFFSETS[device] = torch.arange(len(SubSeed), dtype=torch.int64, device=device)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..specs import SEED_BOUND
+from ..specs import SEED_BOUND, stream_offsets
 
 IMPLS = ("vanilla", "floor", "torch", "triton", "cuda")
 OPS = ("lora_linear", "gated_mlp", "train_step")
@@ -185,6 +185,9 @@ def prepare(case: ModelCase, impl: str):
     (to run inside perf.ledger.recording, so that only the step lands in the ledger)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    # what a step makes once per device and then reuses, made here: otherwise the first case recorded in a
+    # process would carry one more launch than the same case recorded later
+    stream_offsets(torch.device("meta"))
     if case.op == "train_step":
         return _prepare_train_step(case, impl)
     if case.op in ("lora_linear", "gated_mlp"):
