@@ -622,15 +622,20 @@ def test_shrink_against_float64(x_dtype, a_dtype, M, width, r, q, layout, calls)
     assert_close_to_exact(got, xd.double() @ a.double().t(), a_dtype, width, "S", tf32x3_depth=_tf32x3(a_dtype, width))
 
 
-def test_shrink_splits_change_only_the_summation_order(calls):
+@pytest.mark.parametrize("q", [0.0, 0.2])
+def test_shrink_splits_change_only_the_summation_order(calls, q):
     """Any split of K (fp32 partials summed by the wrapper in a fixed order) within the rounding of the
-    K-long sum; x with strided columns takes the earlier kernel, unsplit whatever the count; a count below
-    1 is refused. 150 rows: two blocks of 64 and a partial third."""
+    K-long sum, with dropout too (a bf16 x under fp32 adapters: the mask selects and every partial takes
+    the dropout's scale); x with strided columns takes the earlier kernel, unsplit whatever the count; a
+    count below 1 is refused. 150 rows: two blocks of 64 and a partial third."""
     M, width, r = 150, 520, 24
     x, a = torch.randn(M, width).bfloat16(), torch.randn(r, width)
-    exact = x.double() @ a.double().t()
+    seed = torch.tensor(45)
+    drop = K.Dropout(q, seed) if q > 0 else None
+    xd = x.float() * (dropout_multiplier(seed, x.float(), q) if q > 0 else 1)
+    exact = xd.double() @ a.double().t()
     for splits in (1, 2, 3, 9, 100):
-        got = K.lora_shrink(x, a, splits=splits)
+        got = K.lora_shrink(x, a, drop, splits=splits)
         assert_close_to_exact(got, exact, torch.float32, width, f"S, {splits} splits", tf32x3_depth=width)
     assert calls == ["transpeft_lora_shrink"] * 5
     strided = torch.randn(M, 2 * width).bfloat16()[:, ::2]

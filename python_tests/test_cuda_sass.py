@@ -41,3 +41,16 @@ def test_tensor_core_passes_use_mma_and_do_not_spill(tmp_path, arch, source):
     for name, m in kernels.items():
         assert m["tensor_core_instructions"] > 0, name
         assert m["spill_bytes"] == 0 and m["local_loads"] == 0 and m["local_stores"] == 0, (name, m)
+    # fp32 adapters over a 16-bit x: x exact in tf32, two mmas per k step where an fp32 x takes three
+    # (tile_mma's A_EXACT / B_EXACT; the error budgets cannot tell them apart)
+    exact_pairs = {"lora_reduce.cu": ("token_reduce_kernel<{x}, float, {rt}, true>", "bf16_t", "float"),
+                   "lora_shrink.cu": ("shrink_tile_kernel<{x}, float, {rt}, true, {e}>", "bf16_t", "float")}
+    if source in exact_pairs:
+        pattern, x16, x32 = exact_pairs[source]
+        # "void transpeft::cuda::(anonymous namespace)::token_reduce_kernel<transpeft::bf16_t, float, 16, true>(...)"
+        by_signature = {n.split("(anonymous namespace)::")[-1].split("(")[0].replace("transpeft::", ""): m
+                        for n, m in kernels.items()}
+        for rt in (16, 32, 64):
+            exact = by_signature[pattern.format(x=x16, rt=rt, e="true")]["tensor_core_instructions"]
+            full = by_signature[pattern.format(x=x32, rt=rt, e="false")]["tensor_core_instructions"]
+            assert 3 * exact == 2 * full, (source, rt, exact, full)

@@ -112,21 +112,24 @@ def test_gated_mlp_gemm_work_hand_count(impl):
         assert len(led.launches) > 200
 
 
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
 @pytest.mark.parametrize("adapter_dtype,lora_unit,factor", [("float32", "tc_tf32", 7), ("bfloat16", "tc_bf16", 3)])
-def test_triton_lora_dots_are_charged_to_the_tensor_cores(adapter_dtype, lora_unit, factor):
-    """The triton backend runs every LoRA dot on the tensor cores in the precision its kernels compile
-    (kernels/triton/_common.lora_dot_split): bf16 adapters as bf16; fp32 adapters as tf32x3, three tf32
-    products per multiply-add, two where one operand is stored in the 16-bit base dtype. Per
+def test_lora_dots_are_charged_to_the_tensor_cores(adapter_dtype, lora_unit, factor, impl):
+    """Both kernel backends run every LoRA dot on the tensor cores in the precision their kernels compile
+    (kernels/triton/_common.lora_dot_split; CUDA: transpeft/tile_mma.cuh): bf16 adapters as bf16; fp32
+    adapters as tf32x3, three tf32 products per multiply-add, two where one operand is stored in the
+    16-bit base dtype. Per
     projection (K in, N out) the six products of test_gated_mlp_gemm_work_hand_count, 3 (2 M K r + 2 M N r):
     only the expands S B^T (forward, N) and t A (dx, K) have two fp32 operands; the shrink of x and dA
     (K), t = dy B and dB (N) each read a 16-bit one (x, dy, or dg, du, h' in the one-pass backward),
     so each side weighs 3 + 2 + 2 = 7 tf32 products; over gate, up and down 7 (2 M d r + 2 M I r).
     Nothing is charged to the CUDA cores."""
-    pytest.importorskip("triton")
+    if impl == "triton":
+        pytest.importorskip("triton")
     M, d, I, r = 16, 32, 48, 4
     case = C.ModelCase("gated_mlp", M, d, None, I, r, 0.25, 0.1, adapter_dtype=adapter_dtype)
     with dry_running(H200):
-        step = C.prepare(case, "triton")
+        step = C.prepare(case, impl)
     with recording(H200) as led:
         step()
     want = {"tc_bf16": 12 * M * d * I, "tc_fp16": 0, "tc_tf32": 0, "fp32": 0}

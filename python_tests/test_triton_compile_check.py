@@ -96,3 +96,47 @@ def test_fp32_lora_dots_run_on_tensor_cores_without_spills():
         assert m["tensor_core_instructions"] > 0, what
         assert m["ffma"] < r["lora_ffma_if_on_cuda_cores"], what
         assert m["spill_bytes"] == 0, what
+
+
+# Compiled in a child process: pairs of variants in one config (the exact one's default), the one with an
+# operand stored in a 16-bit dtype and the same one with that operand in fp32, with their SASS metrics.
+_EXACT_PAIRS_SASS = r"""
+import json
+from transpeft_kernels.kernels.triton import configs, variants as V
+from transpeft_kernels.kernels.triton._common import BF16, FP16, FP32
+
+PAIRS = [
+    ("shrink, x bf16", V.Shrink(x=BF16, adapter=FP32, dropout=True), V.Shrink(x=FP32, adapter=FP32, dropout=True)),
+    ("shrink, x fp16", V.Shrink(x=FP16, adapter=FP32, dropout=False), V.Shrink(x=FP32, adapter=FP32, dropout=False)),
+    ("dA, x bf16", V.TokenReduce(what="dA", p=FP32, q=BF16, dot=FP32, q_dropout=True, colsum=False, block_a=16),
+     V.TokenReduce(what="dA", p=FP32, q=FP32, dot=FP32, q_dropout=True, colsum=False, block_a=16)),
+    ("dB, dY bf16", V.TokenReduce(what="dB", p=BF16, q=FP32, dot=FP32, q_dropout=False, colsum=False, block_b=16),
+     V.TokenReduce(what="dB", p=FP32, q=FP32, dot=FP32, q_dropout=False, colsum=False, block_b=16)),
+]
+for arch in (80, 90):
+    for what, exact, full in PAIRS:
+        config = configs.CONFIG_SETS[exact.family].default_for(f"sm_{arch}", exact.elem_bytes)
+        rows = [V.compile_variant(c.variants(config, [])[0], arch, sass=True) for c in (exact, full)]
+        print(json.dumps(dict(arch=arch, what=what, rows=rows)), flush=True)
+"""
+
+
+def test_fp32_dots_with_a_16_bit_operand_issue_two_tf32_products_of_three():
+    """fp32 adapters over an operand stored in bf16 or fp16 (exact in tf32): the shrink and the dA / dB
+    reductions issue two tf32 MMAs where the same kernel with that operand in fp32 issues three
+    (_common.lora_dot_split). The error budgets cannot tell the two apart (both are within tf32x3's), so
+    this is the test that the exact path is taken."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _EXACT_PAIRS_SASS], env=env, capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+
+    pairs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(pairs) == 8
+    for p in pairs:
+        exact, full = (r["sass"]["tensor_core_instructions"] for r in p["rows"])
+        assert all(r["ok"] for r in p["rows"]), p
+        assert full > 0 and 3 * exact == 2 * full, (p["arch"], p["what"], exact, full)

@@ -458,9 +458,9 @@ CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (
 # operand element (tile_mma.cuh); a k-step of 3 x 4 HMMA.1684 is about 62 instructions with its
 # fragment loads. The earlier per-column kernels keep the weight of 1 (their static counts, 185 per
 # element for a 16-rank shrink chunk and 420 for an expand, hold every branch).
-# shrink_exact: fp32 adapters over a 16-bit x without dropout (tile_mma's A_EXACT: two mmas per k step,
-# x not split): r 16 (1093 - 120 + 7 x 45) / 32 = 40.3, r 64 (1206 - 120 + 7 x 135 + 3 x 130) / 32 = 75.7;
-# its FLOPs are charged as two tf32 products, not three.
+# shrink_exact: fp32 adapters over a 16-bit x (tile_mma's A_EXACT: two mmas per k step, x not split; since
+# stop 26 under dropout too, whose path the static count held already): r 16 (1093 - 120 + 7 x 45) / 32 =
+# 40.3, r 64 (1206 - 120 + 7 x 135 + 3 x 130) / 32 = 75.7; its FLOPs are charged as two tf32 products.
 # Since stop 25 stage_rank_rows (tile_pass.cuh) moves rank-sized rows with 16-byte packs where it can; the
 # weights above and below still charge the element-wise staging they were read with (up to about 6
 # instructions per element at rank 16 in the expand, token_reduce and the activation passes): an
@@ -499,7 +499,9 @@ CUDA_DROPOUT_CAST_ELEMENT_WEIGHT = {("group", True): 0.05, ("group", False): 0.3
 #   act forward (S_d: 8 k steps over the 64 columns, on the warps that own a tile: 2 of 4 at rank 16)
 #                r 16  925 -> 905: 8 x -20 x 2 / 4 -> -0.21;  r 64  960 -> 937: 8 x -23 -> -0.48;
 #                with the gate/up expands 1764 -> 1745 -> -0.20
-# The shrink already had this without dropout (shrink_exact); it now takes it with dropout too.
+# The shrink already had this without dropout (shrink_exact); it now takes it with dropout too. Keyed by
+# rank > 32 like the weights they change: rank tile 32 takes the rank-16 figure, an undercount there (at
+# tile 32 every warp of the forward owns a tile, and the reductions hold two per warp).
 CUDA_EXACT_OPERAND_DELTA = {
     ("token_reduce", False): -0.18, ("token_reduce", True): -0.81,
     ("bwd", False): -0.14, ("bwd", True): -0.73, ("bwd_db", False): -0.45,

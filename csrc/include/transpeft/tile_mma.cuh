@@ -11,7 +11,8 @@
 //     acc += lo_a hi_b + hi_a lo_b + hi_a hi_b (small terms first). With the dropped lo_a lo_b
 //     (<= 2^-22) each product carries at most 2.25 x 2^-21 of |a b| before the fp32 accumulation
 //     (python_tests/budget.py: TF32X3_ROUNDOFF), within a few fp32 ulps of an fp32 dot, at three
-//     tensor-core mmas per k step instead of a CUDA-core FMA chain. An inf operand gives NaN.
+//     tensor-core mmas per k step instead of a CUDA-core FMA chain. A non-finite operand gives a
+//     non-finite result, inf or NaN depending on the partial products' signs (not specified further).
 //     A_EXACT: A holds values that tf32 represents exactly (a 16-bit input staged as fp32: bf16 and
 //     fp16 have at most 10 mantissa bits), so lo_a = 0: A is not split and the k step is two mmas,
 //     acc += hi_a lo_b + hi_a hi_b, with the same error bound. The emulation reads A as the mma does
@@ -49,8 +50,8 @@ namespace detail {
 namespace wmma = nvcuda::wmma;
 
 // x rounded to tf32 (nearest, ties away: add half a tf32 ulp, clear the 13 low bits), as a float. Two
-// integer instructions; __float_to_tf32 spends four, the extra two keeping inf and NaN, which this
-// turns into inf: harmless here, as lo = x - hi is then NaN and the product is NaN either way.
+// integer instructions; __float_to_tf32 spends four, the extra two keeping inf and NaN, which this may
+// turn into inf or zero: harmless here, as the product of a non-finite operand is non-finite either way.
 __device__ __forceinline__ float tf32_hi(float x) {
   return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xFFFFE000u);
 }

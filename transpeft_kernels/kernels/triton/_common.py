@@ -100,7 +100,9 @@ def dot_operand(x, CODE: tl.constexpr, UPCAST: tl.constexpr):
 #       F32DotTC pass sums the three products in a fresh zero tile and adds it to the accumulator
 #       afterwards (plus a NaN select), i.e. a second (BLOCK_M, BLOCK_N) fp32 tile, the one thing
 #       the expand-as-rank-steps design removes. Here all three MMAs chain into ``acc`` (small
-#       products first). Non-finite inputs give NaN where Triton's select would keep +-inf.
+#       products first). A non-finite operand gives a non-finite result, inf or NaN depending on
+#       the signs of the partial products (with an exact operand that is inf, inf b_small + inf b_big),
+#       where the reference gives +-inf or NaN: which of the two is not specified.
 # The interpreter ignores input_precision (always IEEE fp32), so interpreted runs (UPCAST) emulate
 # the split and the MMA's truncation with bit operations: the CPU tests see the error the GPU makes.
 # The precision lora_dot compiles a LoRA dot in, per adapter dtype code (perf/ledger.py charges by it,
@@ -114,9 +116,9 @@ def _tf32_rna(x):
     the bit pattern, the 13 low bits cleared (two integer instructions, compiled and interpreted alike).
     cvt.rna.tf32.f32, which this replaced, costs four on sm_90 (ptxas adds a compare and a select that
     keep inf and NaN): in the fp32-adapter expand's rank loop that was 75 of its 258 instructions per 16
-    ranks. Here inf stays inf, a NaN may become inf, and a finite |x| within half a tf32 ulp of the fp32
-    maximum rounds to inf; the tf32x3 sum then meets inf - inf or inf x 0 and is NaN, as the product of
-    a non-finite operand is anyway (lora_dot_split)."""
+    ranks. Here inf stays inf, a NaN may become inf or a zero (its small part x - big stays NaN), and a
+    finite |x| within half a tf32 ulp of the fp32 maximum rounds to inf: the product is then non-finite,
+    as it is for a non-finite operand anyway (lora_dot_split)."""
     bits = x.to(tl.uint32, bitcast=True)
     return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
