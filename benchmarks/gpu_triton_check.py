@@ -9,7 +9,9 @@
    backward, "triton" vs "torch"; the gated MLP in each base-GEMM and backward mode; and a cuBLAS
    product with and without a C operand, beside the two ways of adding a LoRA term to it.
 3. Unless --skip-pytest, while the budget lasts: the kernel, op and custom-op tests (test_triton_kernels,
-   test_triton_gate_up_act, test_ops, test_triton_ops, test_custom_ops) compiled on the GPU with their
+   test_triton_tf32 (whether the MMA reads fp32 operands truncated to tf32, as the interpreter does: the
+   same bits for truncated and raw operands), test_triton_gate_up_act, test_ops, test_triton_ops,
+   test_custom_ops) compiled on the GPU with their
    tensors there; stopped (SIGINT, so its JUnit XML keeps what ran) when the budget is spent.
 Prints one PASS/FAIL/SKIP line per test of part 1 (FAIL lines only for part 3) and INFO lines for
 timings. Writes under $OUT: triton_check.json (GPU, versions, commit, each pytest run and test, the
@@ -36,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SUITE = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_gate_up_act.py", "python_tests/test_ops.py",
-         "python_tests/test_triton_ops.py", "python_tests/test_custom_ops.py"]
+SUITE = ["python_tests/test_triton_kernels.py", "python_tests/test_triton_tf32.py", "python_tests/test_triton_gate_up_act.py",
+         "python_tests/test_ops.py", "python_tests/test_triton_ops.py", "python_tests/test_custom_ops.py"]
 
 
 def commit() -> str:

@@ -41,3 +41,24 @@ def on_accelerator():
         yield
     finally:
         torch.set_default_device(previous)
+
+
+NEW_FP32_PRECISION_API = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9
+
+
+def reset_fp32_matmul_precision(saved=("none", "none")) -> None:
+    """torch's fp32 matmul precision back to ``saved`` (the newer API's generic and CUDA-matmul values),
+    or to the default where only the older API exists."""
+    if NEW_FP32_PRECISION_API:
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+    else:
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.fixture
+def fp32_matmul():
+    """A setter of torch's fp32 matmul precision ("highest": full fp32, "high": TF32 allowed) for the
+    test, through the older API (the newer one reflects it); the setting is restored afterwards."""
+    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision) if NEW_FP32_PRECISION_API else None
+    yield torch.set_float32_matmul_precision
+    reset_fp32_matmul_precision(saved) if NEW_FP32_PRECISION_API else reset_fp32_matmul_precision()

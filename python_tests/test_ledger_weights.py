@@ -72,6 +72,21 @@ ROWS = [
      "loop_body_instructions", 2),
     (L.ACT_BWD_LORA_ELEMENT_WEIGHT[(False, 64)], "act_bwd_lora x=bf16 act=0 lora=(bf16,bf16,bf16) r=64 mask=True",
      "loop_body_instructions", 2),
+    # fp32 adapters as single tf32 products (torch's "high" fp32 matmul precision)
+    (L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", False, "tf32", 16)], "expand_add x=bf16 lora=tf32 mask=False",
+     "instructions", 0),
+    (L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", True, "tf32", 16)], "expand_into x=bf16 lora=tf32 mask=True terms=2",
+     "instructions", 2),
+    (L.EPILOGUE_ELEMENT_WEIGHT[("gate_up_lora_act_kernel", True, "tf32", 16)], "gate_up_lora_act x=bf16 act=0 lora=(tf32,tf32) mask=True",
+     "instructions", 1),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("lora_expand_add_kernel", False, "tf32")], "expand_add x=bf16 lora=tf32 mask=False",
+     "loop_body_instructions", 0),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("lora_expand_add_kernel", True, "tf32")], "expand_into x=bf16 lora=tf32 mask=True terms=2",
+     "loop_body_instructions", 0),
+    (L.EPILOGUE_RANK_TRIP_WEIGHT[("gate_up_lora_act_kernel", True, "tf32")], "gate_up_lora_act x=bf16 act=0 lora=(tf32,tf32) mask=True",
+     "loop_body_instructions", 0),
+    *((L.ACT_BWD_LORA_ELEMENT_WEIGHT[("tf32", r)], f"act_bwd_lora x=bf16 act=0 lora=(tf32,tf32,tf32) r={r} mask=True",
+       "loop_body_instructions", 2) for r in (16, 32, 64)),
 ]
 
 

@@ -137,6 +137,35 @@ def test_lora_dots_are_charged_to_the_tensor_cores(adapter_dtype, lora_unit, fac
     assert led.flops_by_unit() == want
 
 
+@pytest.mark.parametrize("impl,factor", [("triton", 3), ("cuda", 7), ("vanilla", None)])
+def test_lora_dots_where_torch_allows_tf32(impl, factor, fp32_matmul):
+    """With TF32 allowed for torch's fp32 matmuls ("high"): the Triton backend's fp32-adapter dots are
+    single tf32 products (one per multiply-add, the 3 of the hand count above); the CUDA kernels stay
+    tf32x3 (7); vanilla PEFT's fp32 LoRA matmuls (ATen) move from the CUDA cores to the tf32 tensor
+    cores. At the default precision vanilla's are on the CUDA cores."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    M, d, I, r = 16, 32, 48, 4
+    case = C.ModelCase("gated_mlp", M, d, None, I, r, 0.25, 0.1, adapter_dtype="float32")
+
+    def units():
+        with dry_running(H200):
+            step = C.prepare(case, impl)
+        with recording(H200) as led:
+            step()
+        return led.flops_by_unit()
+
+    default = units()
+    fp32_matmul("high")
+    got = units()
+    if impl == "vanilla":
+        assert default["fp32"] > 0 and default["tc_tf32"] == 0
+        assert got["fp32"] == 0 and got["tc_tf32"] == default["fp32"]
+    else:
+        assert got == {"tc_bf16": 12 * M * d * I, "tc_fp16": 0, "fp32": 0,
+                       "tc_tf32": factor * 3 * (2 * M * d * r + 2 * M * I * r)}
+
+
 def test_triton_gemm_is_charged_the_efficiency_factor():
     """A Triton GEMM that replaces a cuBLAS one runs at TRITON_GEMM_VS_CUBLAS (0.85) of cuBLAS."""
     from transpeft_kernels.perf.ledger import Launch
@@ -188,6 +217,28 @@ def test_model_command_writes_records(tmp_path):
     for (impl, rank, q, adt, dev), ms in by.items():
         if dev == "H200 SXM":
             assert ms <= by[(impl, rank, q, adt, "H100 SXM")]
+
+
+def test_model_command_tf32(tmp_path):
+    """--tf32 records the cases with TF32 allowed: said in the header and the JSON, and the fp32-adapter
+    cases of the triton backend and of vanilla come out faster at rank 64 than at torch's default."""
+    pytest.importorskip("triton")
+    times = {}
+    for flag in ([], ["--tf32"]):
+        out = tmp_path / f"model{len(flag)}.json"
+        done = subprocess.run([sys.executable, "-m", "transpeft_kernels", "model", "--ops", "lora_linear",
+                               "--impls", "vanilla,triton", "--json", str(out), *flag],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        fp32_matmul = "tf32" if flag else "ieee"
+        assert f"fp32 matmuls {fp32_matmul}" in done.stdout
+        doc = json.loads(out.read_text())
+        assert doc["settings"]["fp32_matmul"] == fp32_matmul
+        times[fp32_matmul] = {(r["impl"], r["adapter_dtype"]): r["predicted_ms"] for r in doc["records"]
+                              if r["r"] == 64 and r["lora_dropout"] == 0.05}
+    for impl in ("vanilla", "triton"):
+        assert times["tf32"][(impl, "float32")] < times["ieee"][(impl, "float32")]
+        assert times["tf32"][(impl, "bfloat16")] == times["ieee"][(impl, "bfloat16")]
 
 
 def test_model_command_rejects_bad_names():

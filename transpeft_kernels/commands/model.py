@@ -23,9 +23,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", default="vanilla,floor,torch,triton,cuda",
                    help="comma-separated implementations (default all; torch is the slowest to record)")
     p.add_argument("--ledger", action="store_true", help="also print every launch of every case (long)")
+    p.add_argument("--tf32", action="store_true",
+                   help="record with torch's fp32 matmuls on CUDA allowed to use TF32 (as after "
+                        "torch.set_float32_matmul_precision('high') or transformers' tf32=True): vanilla's fp32 LoRA "
+                        "matmuls on the tf32 tensor cores, ours as single tf32 products instead of tf32x3")
     p.add_argument("--compare", metavar="RESULTS_JSONL",
                    help="instead of the default cases: the model beside every op-level fwd+bwd time of this "
                         "benchmark run on a GPU (model error = measured / predicted); --json writes the pairs")
+
+
+def _allow_tf32() -> None:
+    """torch's fp32 matmuls on CUDA may use TF32 from here on (this process only)."""
+    import torch
+
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision("high")
 
 
 def _names(text: str, allowed, what: str) -> list[str]:
@@ -137,6 +151,11 @@ def run(args: argparse.Namespace) -> int:
     devices = [device(n) for n in _names(args.device, DEVICES, "device")]
     ops = _names(args.ops, OPS, "ops")
     impls = _names(args.impls, IMPLS, "impls")
+    if args.tf32:
+        _allow_tf32()
+    from ..kernels.env import cuda_fp32_matmul_is_tf32
+
+    fp32_matmul = "tf32" if cuda_fp32_matmul_is_tf32() else "ieee"
     t0 = time.time()
     records = []
     for case in [c for c in default_cases() if c.op in ops]:
@@ -144,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  recorded {case.label} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     for dev in devices:
         print(f"\n{dev.name}: predicted fwd+bwd time, a roofline MODEL (not measured); "
-              f"M 8192, d 4096, I 14336 / n 4096, bf16 base, masking 0.1 (MLP)")
+              f"M 8192, d 4096, I 14336 / n 4096, bf16 base, masking 0.1 (MLP); fp32 matmuls {fp32_matmul}")
         print(format_table([r for r in records if r["device"] == dev.name]))
     if args.json:
         import torch
@@ -154,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
                "commit": env["commit"], "torch": env["torch"], "triton": env["triton"],
                "transformers": env["transformers"], "peft": env["peft"], "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                # the switches that change which kernels the triton backend launches
-               "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRANSPEFT_")},
+               "settings": {**{k: v for k, v in sorted(os.environ.items()) if k.startswith("TRANSPEFT_")},
+                            "fp32_matmul": fp32_matmul},
                "records": records}
         from ..atomic_io import atomic_write_text
 

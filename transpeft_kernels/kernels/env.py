@@ -6,6 +6,21 @@ import os
 from dataclasses import dataclass
 
 
+def cuda_fp32_matmul_is_tf32() -> bool:
+    """Whether torch lets its fp32 matmuls on CUDA run in TF32 (one tensor-core product of operands with
+    10 mantissa bits) rather than full fp32 (its default). Set by ``torch.set_float32_matmul_precision``
+    ("high" or "medium"), ``torch.backends.cuda.matmul.allow_tf32 = True`` and, since torch 2.9,
+    ``torch.backends.fp32_precision = "tf32"`` (what transformers' ``tf32=True`` sets there) or
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``. Read through the newer attribute where it
+    exists: it reflects all of these, where the older getter raises once the newer API has been used."""
+    import torch
+
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9: "ieee", "tf32", "none"
+    if matmul is None:
+        return torch.get_float32_matmul_precision() != "highest"
+    return matmul == "tf32"
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

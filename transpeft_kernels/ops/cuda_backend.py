@@ -28,6 +28,8 @@ masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, 
                dg, du [, h', dropout_qd(h')] = masked_gated_act_bwd, dW_d = dY^T h',
                dA_d = s_d t_d^T dropout_qd(h') (ATen))
               dB_d = s_d cast_A(dY)^T S_d (lora_token_reduce or ATen, as dB above)
+The kernels multiply fp32 adapters as tf32x3 whatever torch's fp32 matmul precision (the triton backend
+follows it: single tf32 products where torch allows TF32); the ATen products here follow it as torch does.
               gate/up backward as lora_linear above (the fused layout's dg, du land in one (M, 2I) buffer;
               the split layout's two dX products accumulate into one output, addmm_)
     saved     what MLPSaved holds: x, the gate/up outputs, the rank-sized shrinks; h' is recomputed.

@@ -78,9 +78,12 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def _unit(dtype: torch.dtype) -> str:
-    """The unit an ATen dot of these operands runs on (fp32: CUDA cores; PyTorch's default fp32
-    matmul precision is "highest")."""
-    return {torch.bfloat16: "tc_bf16", torch.float16: "tc_fp16"}.get(dtype, "fp32")
+    """The unit an ATen dot of these operands runs on (fp32: the CUDA cores at torch's default fp32
+    matmul precision, the tf32 tensor cores where torch allows TF32: ``env.cuda_fp32_matmul_is_tf32``)."""
+    from ..kernels.env import cuda_fp32_matmul_is_tf32
+
+    fp32 = "tc_tf32" if cuda_fp32_matmul_is_tf32() else "fp32"
+    return {torch.bfloat16: "tc_bf16", torch.float16: "tc_fp16"}.get(dtype, fp32)
 
 
 # ---- ATen ops ------------------------------------------------------------------------------------
@@ -158,6 +161,15 @@ def _lora_flops(code: int, flops: int, exact: int = 0) -> dict:
     return {f"tc_{precision}": flops}
 
 
+def _fp32_key(codes) -> bool | str:
+    """The adapter part of an issue-weight key from the LoRA dot codes of a launch: True for fp32 adapters
+    as tf32x3 (code 0; also when codes mix it with 16-bit ones: the larger), "tf32" for fp32 adapters as
+    single tf32 products (code 3, torch's "high" fp32 matmul precision), False for 16-bit adapters. Both
+    fp32 forms step 16 ranks at a time in the epilogues (truthy)."""
+    codes = set(codes)
+    return True if 0 in codes else "tf32" if 3 in codes else False
+
+
 def _is16(t) -> int:
     """1 when tensor ``t`` holds a 16-bit float dtype (exact in tf32), else 0."""
     return int(t.dtype in (torch.float16, torch.bfloat16))
@@ -176,11 +188,13 @@ def _add(into: dict, more: dict) -> dict:
 # bf16 adapters at r 16 (fp32 1098 before stop 26's integer tf32 rounding, 1250 / 1036 before the MUFU
 # sigmoid of kernels/triton/activations.py); r 32: 1190 per 16 (fp32, 128 columns; 1302 before), 545 per 8
 # (bf16, 64 columns: 128 spilled); r 64: 705 / 541 per 8 (753 / 541 before; 831 / 606 before the
-# sigmoid)), less the two mask streams the model charges as Philox work (2 x 18.4), over 24.
+# sigmoid)), less the two mask streams the model charges as Philox work (2 x 18.4), over 24. fp32 adapters
+# as single tf32 products (key "tf32", _fp32_key): 968 per 16 at r 16, 597 per 8 at r 32 (64 columns: 128 spilled 16 B), 662 per 8 at r 64.
 # Every warp gathers each dot's rank-sized operand and stages its share of the (BLOCK_M, BLOCK_N) tile
 # through shared memory per dot: 0.8-2.4x an elementwise kernel's work per element.
 ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.20, (False, 16): 0.76, (True, 32): 1.57, (False, 32): 1.31,
-                               (True, 64): 2.14, (False, 64): 1.28}
+                               (True, 64): 2.14, (False, 64): 1.28,
+                               ("tf32", 16): 0.99, ("tf32", 32): 1.58, ("tf32", 64): 1.91}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
@@ -197,6 +211,8 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.20, (False, 16): 0.76, (True, 32): 
 #     2 x 18.4 of them the masks'; 2051 before); bf16 1659 / 1762 / 2010.
 #   gate_up_lora_act, both sides, silu, the mask: fp32 1694 (52.9 per element, 18.4 of them the mask's;
 #     1823 before, 2128 before the MUFU sigmoid); bf16 1381 / 1437 / 1688.
+#   fp32 adapters as single tf32 products (key "tf32": torch's "high" fp32 matmul precision, _fp32_key):
+#     one term 389, two terms 1782, the gate/up pass 1438.
 # Until stop 26 every case was charged the fp32 rank-16 count: the fp32 rank-64 passes (three more trips
 # of each rank loop) were undercharged and the bf16 ones overcharged.
 EPILOGUE_ELEMENT_WEIGHT = {
@@ -209,16 +225,20 @@ EPILOGUE_ELEMENT_WEIGHT = {
     ("gate_up_lora_act_kernel", True, True, 16): 1.44,
     ("gate_up_lora_act_kernel", True, False, 16): 1.03, ("gate_up_lora_act_kernel", True, False, 32): 1.10,
     ("gate_up_lora_act_kernel", True, False, 64): 1.43,
+    ("lora_expand_add_kernel", False, "tf32", 16): 0.51, ("lora_expand_add_kernel", True, "tf32", 16): 0.79,
+    ("gate_up_lora_act_kernel", True, "tf32", 16): 1.11,
 }
 # One further trip of one term's rank loop (ranks past 16 with fp32 adapters, past 64 with 16-bit ones),
 # keyed by (kernel, two terms, an fp32 adapter): the loop body over 32 elements, over 24. fp32: 194 (one
 # term), 228 (two terms: the longer of the two loops), 194 (the gate/up pass), of which 48 HMMA (258, 292
-# and 259 before the integer tf32 rounding); 16-bit at rank tile 64: 122, 172, 121.
+# and 259 before the integer tf32 rounding); 16-bit at rank tile 64: 122, 172, 121; single tf32 65, 101, 66.
 EPILOGUE_RANK_TRIP_WEIGHT = {
     ("lora_expand_add_kernel", False, True): 0.25, ("lora_expand_add_kernel", True, True): 0.30,
     ("gate_up_lora_act_kernel", True, True): 0.25,
     ("lora_expand_add_kernel", False, False): 0.16, ("lora_expand_add_kernel", True, False): 0.22,
     ("gate_up_lora_act_kernel", True, False): 0.16,
+    ("lora_expand_add_kernel", False, "tf32"): 0.085, ("lora_expand_add_kernel", True, "tf32"): 0.13,
+    ("gate_up_lora_act_kernel", True, "tf32"): 0.086,
 }
 
 
@@ -226,8 +246,9 @@ EPILOGUE_RANK_TRIP_WEIGHT = {
 GATE_UP_NO_LORA_WEIGHT = 0.21
 
 
-def _epilogue_weight(kernel: str, second: bool, fp32: bool, block_r: int, ranks: list[int]) -> float:
-    """Issue weight per element of one lora_epilogue launch whose terms have ``ranks``."""
+def _epilogue_weight(kernel: str, second: bool, fp32: bool | str, block_r: int, ranks: list[int]) -> float:
+    """Issue weight per element of one lora_epilogue launch whose terms have ``ranks``; ``fp32`` as
+    ``_fp32_key`` gives it."""
     step = 16 if fp32 else block_r
     tile = 16 if fp32 else block_r
     trips = sum(-(-r // step) - 1 for r in ranks if r > 0)
@@ -272,7 +293,8 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"], exact=x16))
             philox += n if a["D_DROPOUT"] else 0
         present = [x for x in ("G", "U", "D") if a[f"LORA_{x}"]]
-        fp32 = bool(present) and all(a[f"{x}_DTYPE"] == 0 for x in present)  # as act_bwd_lora.block_n_for_rank decides
+        codes = {a[f"{x}_DTYPE"] for x in present}  # every adapter fp32, as act_bwd_lora.block_n_for_rank decides
+        fp32 = True if codes == {0} else "tf32" if codes == {3} else False
         rank = max(a["RG"], a["RU"], a["RD"])
         tile = 16 if rank <= 16 else 32 if rank <= 32 else 64
         lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]
@@ -285,7 +307,7 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
         if second:
             reads += ["s2_ptr", "b2_ptr"]
             _add(flops, _lora_flops(a["LORA_DTYPE"], 2 * M * N * a["R2"]))
-        weight = _epilogue_weight(kernel, second, a["LORA_DTYPE"] == 0, a["BLOCK_R"],
+        weight = _epilogue_weight(kernel, second, _fp32_key([a["LORA_DTYPE"]]), a["BLOCK_R"],
                                   [a["R"]] + ([a["R2"]] if second else []))
         philox = M * N * (bool(a["LORA_DROPOUT"]) + (second and bool(a["LORA_DROPOUT2"])))
         return reads, ["y_ptr"], flops, round(M * N * weight), philox
@@ -298,7 +320,7 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
                 writes.append(f"{side}_ptr")
                 _add(flops, _lora_flops(a[dt], 2 * M * I * a[rank]))
         sides = [x for x in ("G", "U") if a[f"LORA_{x}"]]
-        fp32 = any(a[f"LORA_{x}_DTYPE"] == 0 for x in sides)  # a mixed pair: charged as fp32 (the larger)
+        fp32 = _fp32_key(a[f"LORA_{x}_DTYPE"] for x in sides)  # a mixed pair: charged as fp32 (the larger)
         weight = _epilogue_weight(kernel, True, fp32, a["BLOCK_R"], [a[f"R{x}"] for x in sides]) if sides \
             else GATE_UP_NO_LORA_WEIGHT
         return reads, writes, flops, round(M * I * weight), \

@@ -7,17 +7,41 @@ supported Triton versions (3.6 on the GPU machine, 3.9 here).
 """
 from __future__ import annotations
 
-from ..env import interpreting
+from ..env import cuda_fp32_matmul_is_tf32, interpreting
 from ..launch_args import (  # noqa: F401  (re-exported for the kernel modules)
     DTYPE_CODES, cdiv, check_2d, check_out, check_same_device, dtype_code, next_pow2, rounded_to, seed_on,
 )
 import triton
 import triton.language as tl
 
-# dtype codes used as constexprs: 0 float32, 1 float16, 2 bfloat16 (launch_args.DTYPE_CODES)
-FP32, FP16, BF16 = 0, 1, 2
-CODE_NAMES = {FP32: "fp32", FP16: "fp16", BF16: "bf16"}
+# dtype codes used as constexprs: 0 float32, 1 float16, 2 bfloat16 (launch_args.DTYPE_CODES), and for
+# the LoRA dots of fp32 adapters a fourth, 3: fp32 values multiplied as single tf32 products, the code
+# ``lora_code`` gives fp32 adapters when torch's fp32 matmul precision is not "highest". Everywhere but
+# ``lora_dot_split`` TF32 is FP32 (``to_code`` and ``dot_operand`` keep fp32).
+FP32, FP16, BF16, TF32 = 0, 1, 2, 3
+CODE_NAMES = {FP32: "fp32", FP16: "fp16", BF16: "bf16", TF32: "tf32"}
 TORCH_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+TORCH_DTYPES[TF32] = TORCH_DTYPES[FP32]
+
+
+def fp32_lora_precision() -> str:
+    """How the LoRA dots of fp32 adapters are multiplied, following the precision torch gives its own
+    fp32 matmuls on CUDA (``env.cuda_fp32_matmul_is_tf32``; read for every launch plan's key, so a change
+    takes effect on the next call): full fp32 (torch's default) gives "tf32x3", near-fp32 accuracy; TF32
+    allowed gives "tf32", one tensor-core product, the precision vanilla PEFT's fp32 LoRA matmuls then
+    run in."""
+    return "tf32" if cuda_fp32_matmul_is_tf32() else "tf32x3"
+
+
+def lora_dot_code(code: int) -> int:
+    """The code the LoRA dots of adapter dtype code ``code`` compile with: TF32 for fp32 adapters when
+    ``fp32_lora_precision()`` is "tf32", else ``code``."""
+    return TF32 if code == FP32 and fp32_lora_precision() == "tf32" else code
+
+
+def lora_code(t, name: str) -> int:
+    """``lora_dot_code`` of a LoRA operand's dtype code (``dtype_code``: checks it)."""
+    return lora_dot_code(dtype_code(t, name))
 
 
 def upcast_dots() -> bool:
@@ -61,7 +85,7 @@ def cast_like(x, ptr):
 
 @triton.jit
 def to_code(x, CODE: tl.constexpr):
-    """Cast a block to the dtype with code CODE (0 fp32, 1 fp16, 2 bf16)."""
+    """Cast a block to the dtype with code CODE (0 fp32, 1 fp16, 2 bf16, 3 fp32)."""
     if CODE == 1:
         y = x.to(tl.float16)
     elif CODE == 2:
@@ -107,7 +131,7 @@ def dot_operand(x, CODE: tl.constexpr, UPCAST: tl.constexpr):
 # the split and the MMA's truncation with bit operations: the CPU tests see the error the GPU makes.
 # The precision lora_dot compiles a LoRA dot in, per adapter dtype code (perf/ledger.py charges by it,
 # one tf32 product fewer per operand that lora_dot_split knows to hold 16-bit values).
-LORA_DOT_PRECISION = {FP32: "tf32x3", FP16: "fp16", BF16: "bf16"}
+LORA_DOT_PRECISION = {FP32: "tf32x3", FP16: "fp16", BF16: "bf16", TF32: "tf32"}
 
 
 @triton.jit
@@ -145,8 +169,13 @@ def lora_dot_split(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr, A_EXACT:
     values of a 16-bit dtype (fp16 or bf16: a gradient, an activation or an input stored in the base's
     dtype, at most 10 mantissa bits), which tf32 represents exactly: its small part is zero, so its
     product is not issued and it is not split. One exact operand: two MMAs, within 2^-21 |a b| (the other
-    operand's small part read truncated), inside TF32X3_ROUNDOFF; both exact: one MMA, exact products."""
-    if CODE == 0:
+    operand's small part read truncated), inside TF32X3_ROUNDOFF; both exact: one MMA, exact products.
+    fp32 adapters under torch's "high" / "medium" fp32 matmul precision (CODE 3, ``lora_code``): one tf32
+    MMA of the operands as they are, each read truncated to 10 mantissa bits (within 2^-10 of each operand;
+    an EXACT operand is not truncated), the precision of torch's own TF32 matmuls; budget TF32_ROUNDOFF."""
+    if CODE == 3:
+        acc = _tf32_dot(a, b, acc, UPCAST)
+    elif CODE == 0:
         if A_EXACT:
             a_big = a
         else:

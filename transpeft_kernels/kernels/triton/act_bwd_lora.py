@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES, ActBwdLoraGrads, unit_column_stride, unit_columns
 from . import configs, direct_launch, plans
-from ._common import (cast_like, cdiv, check_2d, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (FP32, cast_like, cdiv, check_2d, check_same_device, dot_operand, dtype_code, lora_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
 from .activations import act_fwd_and_grad
 from .masked_gated_act import _mask_scalars, grad_outputs
@@ -191,9 +191,10 @@ class DownLora(NamedTuple):
 
 def block_n_for_rank(block_n: int, rank: int, all_fp32: bool) -> int:
     """BLOCK_N for LoRA rank ``rank``: at most 64 above rank 32, and above rank 16 unless every adapter
-    is fp32 (the rank x BLOCK_N fp32 accumulators; static sm_80 / sm_90 SASS: at rank 64 and 128 columns
-    both spilled; at rank 32 the 16-bit adapters spilled 8 bytes on sm_90 while fp32 ones fit in 254
-    registers, and 64 columns cost 105 instructions per element against 81)."""
+    is fp32 with tf32x3 dots (the rank x BLOCK_N fp32 accumulators; static sm_80 / sm_90 SASS: at rank 64
+    and 128 columns both spilled; at rank 32 the 16-bit adapters spilled 8 bytes on sm_90, and fp32 ones
+    as single tf32 products 16, while tf32x3 ones fit in 254 registers, and 64 columns cost 105
+    instructions per element against 81)."""
     return min(block_n, 64) if rank > 32 or (rank > 16 and not all_fp32) else block_n
 
 
@@ -301,9 +302,10 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
         return plans.NOTHING
     rank = max(rg, ru)
     block_r, block_rd = pow2_at_least(rank), pow2_at_least(rd)
-    all_fp32 = all(t.dtype == torch.float32 for t in (gate and gate.s, up and up.s, down and down.t) if t is not None)
-    codes = dict(G_DTYPE=dtype_code(gate.s if gate else dh, "gate.s"), U_DTYPE=dtype_code(up.s if up else dh, "up.s"),
-                 D_DTYPE=dtype_code(down.t if down else dh, "down.t"))
+    codes = dict(G_DTYPE=lora_code(gate.s if gate else dh, "gate.s"), U_DTYPE=lora_code(up.s if up else dh, "up.s"),
+                 D_DTYPE=lora_code(down.t if down else dh, "down.t"))
+    # tf32x3 only: single tf32 dots (TF32) spilled 16 B at rank 32 with 128 columns (sm_90)
+    all_fp32 = all(codes[k] == FP32 for k, t in (("G_DTYPE", gate), ("U_DTYPE", up), ("D_DTYPE", down)) if t is not None)
 
     def plan_for(config, n_splits) -> plans.LaunchPlan:
         meta = config.kwargs()

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES
 from . import configs
-from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, philox_keep,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_code, philox_keep,
                       pow2_at_least, seed_on, to_code, upcast_dots)
 from .activations import act_fwd
 from .gemm_lora_expand import grouped_tile, lora_expand_tile
@@ -220,7 +220,7 @@ def gate_up_act(x: torch.Tensor, gate: GateUpOperand, up: GateUpOperand | None, 
         if not on:
             return (x, x), (0, 0, 0, 0), xcode, 1.0
         s, b = proj.s, proj.b
-        return (s, b), (s.stride(0), s.stride(1), b.stride(0), b.stride(1)), dtype_code(s, "s"), float(proj.scaling)
+        return (s, b), (s.stride(0), s.stride(1), b.stride(0), b.stride(1)), lora_code(s, "s"), float(proj.scaling)
 
     (sg, lbg), sg_strides, gcode, scale_g = lora_args(g_proj, lora_g)
     (su, lbu), su_strides, ucode, scale_u = lora_args(u_proj, lora_u)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import configs
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_code, lora_dot,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
 
 
@@ -55,7 +55,7 @@ def lora_expand_tile(acc, s_ptr, b_ptr, R, stride_sm, stride_sr, stride_bn, stri
     BLOCK_N) accumulator ``acc``, BLOCK_R ranks at a time, on the tensor cores (``lora_dot``).
     fp32 adapters step 16 ranks at a time: tf32x3 holds the big and small parts of both operand
     tiles, and a 64-rank step spilled on sm_80."""
-    STEP_R: tl.constexpr = 16 if LORA_DTYPE == 0 else BLOCK_R
+    STEP_R: tl.constexpr = 16 if (LORA_DTYPE == 0 or LORA_DTYPE == 3) else BLOCK_R  # fp32 operand tiles
     for r0 in range(0, R, STEP_R):
         rs = r0 + tl.arange(0, STEP_R)
         r_ok = rs < R
@@ -160,7 +160,7 @@ def gemm_lora_expand(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
             raise ValueError("b: required with s")
         check_2d(s, "s")
         check_2d(b, "b")
-        lcode = dtype_code(s, "s")
+        lcode = lora_code(s, "s")
         if b.dtype != s.dtype:
             raise TypeError(f"b: expected dtype {s.dtype} like s, got {b.dtype}")
         if s.shape[0] != M or b.shape[0] != N or b.shape[1] != s.shape[1]:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES
 from . import configs, direct_launch, plans
-from ._common import (cast_like, cdiv, check_2d, check_same_device, dtype_code, philox_keep, pow2_at_least, rounded_to,
+from ._common import (cast_like, cdiv, check_2d, check_same_device, dtype_code, lora_code, philox_keep, pow2_at_least, rounded_to,
                       seed_on, upcast_dots)
 from .activations import act_fwd
 from .gemm_lora_expand import lora_expand_tile, lora_term
@@ -127,7 +127,7 @@ class ExpandSide(NamedTuple):
 def _check_lora(s, b, name: str, M: int, N: int) -> int:
     check_2d(s, f"{name}s")
     check_2d(b, f"{name}b")
-    code = dtype_code(s, f"{name}s")
+    code = lora_code(s, f"{name}s")
     if b.dtype != s.dtype:
         raise TypeError(f"{name}b: expected dtype {s.dtype} like {name}s, got {b.dtype}")
     if s.shape[0] != M or b.shape[0] != N or b.shape[1] != s.shape[1]:

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import configs, direct_launch, plans
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot_split,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_code, lora_dot_split,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots)
 
 
@@ -48,7 +48,7 @@ def lora_shrink_kernel(
     r64 = rows.to(tl.int64)
     # fp32 adapters (tf32x3) keep the big and small tf32 parts of each x tile in registers, twice a
     # 16-bit tile's footprint: they step at most 64 columns of K at a time (BLOCK_K 128 spilled on sm_90)
-    STEP_K: tl.constexpr = 64 if (DOT_DTYPE == 0 and BLOCK_K > 64) else BLOCK_K
+    STEP_K: tl.constexpr = 64 if ((DOT_DTYPE == 0 or DOT_DTYPE == 3) and BLOCK_K > 64) else BLOCK_K
     X_EXACT: tl.constexpr = DOT_DTYPE == 0 and x_ptr.dtype.element_ty != tl.float32  # module docstring
     k_idx = tl.arange(0, STEP_K)
     if HAS_DROPOUT:
@@ -109,7 +109,7 @@ def _plan(x, a, dropout, seed, out_dtype, out) -> plans.LaunchPlan:
     check_2d(x, "x")
     check_2d(a, "a")
     dtype_code(x, "x")
-    code = dtype_code(a, "a")
+    code = lora_code(a, "a")
     if a.shape[1] != x.shape[1]:
         raise ValueError(f"a: expected {x.shape[1]} columns to match x (M, K), got shape {tuple(a.shape)}")
     if not 0.0 <= dropout < 1.0:

@@ -19,8 +19,8 @@ masked_gated_act_fwd/bwd (everything the default cuBLAS-based paths launch). The
 Launchers launch through ``direct_launch.launch(kernel, plan, pointers, scalars)``: the plan also keeps
 the compiled kernels its launches used, so that later launches skip Triton's own per-call dispatch.
 
-The signature includes the tuning state (``TRANSPEFT_TRITON_AUTOTUNE`` and a dry run in progress), so
-switching either takes effect on the next call, as before. A checked argument that is not part of
+The signature includes the tuning state (``TRANSPEFT_TRITON_AUTOTUNE``, a dry run in progress and torch's
+fp32 matmul precision), so switching any of them takes effect on the next call. A checked argument that is not part of
 the signature would be checked only once per signature: every launcher keys on everything its checks read.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..env import dry_run
+from ._common import fp32_lora_precision
 from .configs import autotune_enabled
 
 MAX_PLANS = 512  # per launcher; a long run of new shapes (e.g. every sequence length) clears and refills
@@ -69,8 +70,9 @@ def signature(t: torch.Tensor | None) -> tuple | None:
 
 
 def tuning_state() -> tuple:
-    """The process-wide settings a launch config depends on: autotuning on or off, and the dry-run target."""
-    return autotune_enabled(), dry_run()
+    """The process-wide settings a launch plan depends on: autotuning on or off, the dry-run target, and
+    the precision of fp32 adapters' LoRA dots (torch's fp32 matmul precision, ``_common.lora_code``)."""
+    return autotune_enabled(), dry_run(), fp32_lora_precision()
 
 
 class PlanCache:

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import configs, direct_launch, plans
 from ...reference.philox import keep_threshold
-from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot_split,
+from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot_code, lora_dot_split,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
 
 
@@ -109,8 +109,9 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
     ``colsum_dtype``: also return sum over tokens of p, in that dtype. ``splits``: token splits
     (None: chosen from the device; any value gives the same result up to fp32 summation order).
     ``out``: optional tensor of the result's shape and dtype to write into (must not alias p or q).
-    ``lora``: a LoRA gradient (dA, dB), whose fp32 product runs as tf32x3 on the tensor cores; False
-    for the base weight's dW, which keeps IEEE fp32 for fp32 operands."""
+    ``lora``: a LoRA gradient (dA, dB), whose fp32 product runs on the tensor cores as tf32x3 (or one
+    tf32 product under torch's "high" fp32 matmul precision, ``_common.lora_code``); False for the base
+    weight's dW, which keeps IEEE fp32 for fp32 operands."""
     key = (plans.signature(p), plans.signature(q), out_dtype, dot_dtype, dropout, seed is None, colsum_dtype,
            transpose_out, splits, plans.signature(out), bool(lora), plans.tuning_state())
     plan = _PLANS.get(key, lambda: _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype,
@@ -192,7 +193,7 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
         return plans.LaunchPlan(
             (tiles, n_splits), (T, A, B, per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1)),
             (keep_threshold(dropout) if has_drop else 0, drop_scale),
-            dict(Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=DTYPE_CODES[dot_dtype],
+            dict(Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=lora_dot_code(DTYPE_CODES[dot_dtype]) if lora else DTYPE_CODES[dot_dtype],
                  UPCAST=upcast_dots(), LORA_DOT=bool(lora), num_warps=config.num_warps,
                  num_stages=config.num_stages, **m),
             n_splits)

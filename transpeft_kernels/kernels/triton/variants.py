@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 from ..launch_args import ACT_CODES
 from . import configs
-from ._common import BF16, CODE_NAMES, FP16, FP32, TORCH_DTYPES
+from ._common import BF16, CODE_NAMES, FP16, FP32, TF32, TORCH_DTYPES
 from .act_bwd_lora import block_n_for_rank
 
-_PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16"}
+_PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16", TF32: "*fp32"}  # TF32: fp32 adapters, single tf32 dots
 SILU, GELU, GELU_TANH = ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_tanh"]
 
 # The fp32 scalar arguments of each kernel. Every other argument that is neither a pointer nor a
@@ -532,6 +532,8 @@ SHRINK_CASES = (
     Shrink(x=BF16, adapter=BF16, dropout=True, block_r=32),
     Shrink(x=BF16, adapter=FP32, dropout=False, block_r=64),
     Shrink(x=BF16, adapter=FP32, dropout=True, block_r=64),
+    # fp32 adapters under torch's "high" fp32 matmul precision: one tf32 MMA per product (_common.TF32)
+    Shrink(x=BF16, adapter=TF32, dropout=True),
 )
 
 # base GEMM + LoRA expand: the forward (bias, no epilogue mask), dX (epilogue mask), no LoRA
@@ -545,6 +547,7 @@ EXPAND_CASES = (
     Expand(x=BF16, lora=BF16, bias=False, dropout_mask=True),
     Expand(x=FP16, lora=FP16, bias=False, dropout_mask=True),
     Expand(x=BF16, lora=None, bias=False, dropout_mask=False),
+    Expand(x=BF16, lora=TF32, bias=True, dropout_mask=False),  # single tf32 rank steps
 )
 
 # gate/up GEMM + masked activation epilogue: every I/O dtype x layout x activation; LoRA on both, one
@@ -592,6 +595,9 @@ TOKEN_REDUCE_CASES = (
     # dA of fp32 adapters over a 16-bit base: x exact in tf32 (two MMAs), the dropout scale after the sum
     *(TokenReduce(what="dA", p=FP32, q=BF16, dot=FP32, q_dropout=True, colsum=False, block_a=ba) for ba in (16, 32, 64)),
     TokenReduce(what="dA", p=FP32, q=FP16, dot=FP32, q_dropout=False, colsum=False, block_a=16),
+    # fp32 adapters with single tf32 dots (torch's "high" fp32 matmul precision)
+    TokenReduce(what="dA", p=TF32, q=BF16, dot=TF32, q_dropout=True, colsum=False, block_a=16),
+    TokenReduce(what="dB", p=BF16, q=TF32, dot=TF32, q_dropout=False, colsum=False, block_b=16),
 )
 
 # one-pass activation backward: the Llama shapes' cases (bf16 base, fp32 or bf16 adapters, r 16 and 64),
@@ -608,6 +614,8 @@ ACT_BWD_LORA_CASES = (
     ActBwdLora(x=BF16, act=SILU, gate_lora=None, up_lora=None, down_lora=None),
     ActBwdLora(x=BF16, act=SILU, gate_lora=FP32, up_lora=FP32, down_lora=FP32, rank=32),
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32),
+    # fp32 adapters with single tf32 dots (torch's "high" fp32 matmul precision), ranks 16, 32 and 64
+    *(ActBwdLora(x=BF16, act=SILU, gate_lora=TF32, up_lora=TF32, down_lora=TF32, rank=r) for r in (16, 32, 64)),
 )
 
 # LoRA passes over cuBLAS outputs: forward expand, dX expand with the mask, the gate/up pass per dtype
@@ -635,6 +643,10 @@ EPILOGUE_CASES = (
     *(ExpandAdd(x=BF16, lora=BF16, dropout=drop, block_r=br) for br in (32, 64) for drop in (False, True)),
     *(ExpandAdd(x=BF16, lora=BF16, dropout=True, accumulate=False, terms=2, block_r=br) for br in (32, 64)),
     *(GateUpLoraAct(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, mask=True, block_r=br) for br in (16, 32, 64)),
+    # fp32 adapters with single tf32 dots (torch's "high" fp32 matmul precision): the Llama cases' passes
+    ExpandAdd(x=BF16, lora=TF32, dropout=False),
+    ExpandAdd(x=BF16, lora=TF32, dropout=True, accumulate=False, terms=2),
+    GateUpLoraAct(x=BF16, act=SILU, gate_lora=TF32, up_lora=TF32, mask=True),
 )
 
 CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES, *ACT_BWD_LORA_CASES,
