@@ -48,6 +48,11 @@ def test_smoke_run_writes_sane_records_and_a_chart(tmp_path):
         assert {"vanilla", "torch"} <= ok, (op, ok)
     # Backends that cannot run here are listed as skipped, with the reason.
     assert all(r["status"] == "skipped" for r in recs if r["impl"] == "cuda")
+    # the TF32 case: its own records and table rows (torch's fp32 matmul setting during the case)
+    tf32 = [r for r in recs if r.get("fp32_matmul") == "tf32"]
+    assert tf32 and {r["op"] for r in tf32} == {"gated_mlp"} and all(r["case_key"].endswith(" tf32") for r in tf32)
+    assert {r["fp32_matmul"] for r in recs if r["op"] != "train_step"} == {"ieee", "tf32"}
+    assert " tf32 " in (tmp_path / "table.txt").read_text()
     png = tmp_path / "speedup.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "vanilla ms" in (tmp_path / "table.txt").read_text()

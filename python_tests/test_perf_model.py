@@ -261,8 +261,13 @@ def test_model_beside_measured_joins_gpu_records():
     pairs = model_beside_measured(bench, _predict_case)
     assert sorted(p["impl"] for p in pairs) == ["floor", "triton", "vanilla"]
     for p in pairs:
-        assert p["device_model"] == "H200 SXM" and p["predicted_ms"] > 0
+        assert p["device_model"] == "H200 SXM" and p["predicted_ms"] > 0 and p["fp32_matmul"] == "ieee"
         assert p["model_error"] == pytest.approx(p["measured_ms"] / p["predicted_ms"], rel=1e-3)
+    # a TF32 case of the benchmark is modelled under TF32: vanilla's fp32 LoRA matmuls on the tensor cores
+    big = [dict(r, M=8192, d=4096, n=4096, r=64) for r in bench[:6]]  # where vanilla's LoRA matmuls are not launch-bound
+    both = model_beside_measured(big + [dict(r, fp32_matmul="tf32") for r in big], _predict_case)
+    by = {(p["impl"], p["fp32_matmul"]): p["predicted_ms"] for p in both}
+    assert by[("vanilla", "tf32")] < by[("vanilla", "ieee")] and by[("floor", "tf32")] == by[("floor", "ieee")]
 
 
 def test_a_cuda_call_outside_the_recorded_wrappers_is_an_error():

@@ -73,11 +73,15 @@ class OpCase:
     bias: bool = False
     dtype: str = "bfloat16"
     passes: tuple[str, ...] = PASSES
+    # torch's fp32 matmuls on CUDA during the case (kernels.env.cuda_fp32_matmul): "ieee" (torch's default)
+    # or "tf32" (TF32 allowed: vanilla's fp32 LoRA matmuls in TF32, the triton backend's single tf32 products)
+    fp32_matmul: str = "ieee"
 
     @property
     def key(self) -> str:
         shape = f"{self.label} d={self.d} n={self.n}" if self.op == "lora_linear" else self.label
-        return f"{self.op} {self.model} {shape} M={self.M} r={self.r} q={self.lora_dropout}"
+        tf32 = " tf32" if self.fp32_matmul == "tf32" else ""
+        return f"{self.op} {self.model} {shape} M={self.M} r={self.r} q={self.lora_dropout}{tf32}"
 
     def fields(self) -> dict:
         f = asdict(self)
@@ -135,16 +139,17 @@ class Preset:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _lora_cases(shapes, tokens, ranks, dropouts, dtype, passes=PASSES):
+def _lora_cases(shapes, tokens, ranks, dropouts, dtype, passes=PASSES, fp32_matmul="ieee"):
     return [
-        OpCase("lora_linear", s.model, s.label, M, s.d, s.n, None, r, q, 0.0, s.bias, dtype, passes)
+        OpCase("lora_linear", s.model, s.label, M, s.d, s.n, None, r, q, 0.0, s.bias, dtype, passes, fp32_matmul)
         for s, M, r, q in itertools.product(shapes, tokens, ranks, dropouts)
     ]
 
 
-def _mlp_cases(shapes, tokens, ranks, dropouts, dtype, masking=0.1, passes=PASSES):
+def _mlp_cases(shapes, tokens, ranks, dropouts, dtype, masking=0.1, passes=PASSES, fp32_matmul="ieee"):
     return [
-        OpCase("gated_mlp", s.model, f"d={s.d},I={s.I}", M, s.d, None, s.I, r, q, masking, False, dtype, passes)
+        OpCase("gated_mlp", s.model, f"d={s.d},I={s.I}", M, s.d, None, s.I, r, q, masking, False, dtype, passes,
+               fp32_matmul)
         for s, M, r, q in itertools.product(shapes, tokens, ranks, dropouts)
     ]
 
@@ -160,6 +165,7 @@ def smoke() -> Preset:
     ops = _lora_cases(tiny_proj[:1], (128,), (16,), (0.0,), "bfloat16")  # no bias, no dropout
     ops += _lora_cases(tiny_proj[1:], (128,), (16,), (0.05,), "bfloat16")  # bias and Philox dropout
     ops += _mlp_cases(tiny_mlp, (128,), (16,), (0.0, 0.05), "bfloat16")
+    ops += _mlp_cases(tiny_mlp, (128,), (16,), (0.05,), "bfloat16", passes=("fwd+bwd",), fp32_matmul="tf32")
     tiny = dict(model="tiny-llama", layers=2, d=64, I=176, heads=4, kv_heads=2, vocab=256)
     train = tuple(TrainCase(**tiny, batch=2, seq=32, checkpointing=c, steps=3, warmup=1) for c in (False, True))
     return Preset("smoke", (*ops, *train), device="cpu", reps=3, warmup=1, check_tokens=128,
@@ -176,7 +182,8 @@ def gpu() -> Preset:
     2. the training step, Llama-3.2-1B shapes (16 layers), 4 x 2048 tokens, with and without checkpointing;
     3. lora_linear, every distinct q/k/v/o shape of both models, 8192 tokens, r 16, lora_dropout 0.05, fwd+bwd;
     4. gated MLP: the other two shapes and the token sweep 2048 / 16384 at r 16, then r 64 (fwd+bwd);
-    5. lora_linear token and rank sweep on Llama-3-8B q,o (fwd+bwd).
+    5. gated MLP, Llama-3-8B, r 16 and 64, with TF32 allowed for fp32 matmuls (fwd+bwd);
+    6. lora_linear token and rank sweep on Llama-3-8B q,o (fwd+bwd), then r 64 with TF32 allowed.
     vanilla_compiled runs on groups 1 and 3 only: each new shape is a new compilation.
     The runner stops starting cases at its time budget and records the rest as skipped."""
     bf = "bfloat16"
@@ -186,8 +193,10 @@ def gpu() -> Preset:
     later += _mlp_cases((qwen7, llama1), (8192,), (16,), (0.05,), bf, passes=("fwd+bwd",))
     later += _mlp_cases((llama8,), (2048, 16384), (16,), (0.05,), bf, passes=("fwd+bwd",))
     later += _mlp_cases((llama8,), (8192,), (64,), (0.05, 0.0), bf, passes=("fwd+bwd",))
+    later += _mlp_cases((llama8,), (8192,), (16, 64), (0.05,), bf, passes=("fwd+bwd",), fp32_matmul="tf32")
     later += _lora_cases(PROJ_SHAPES[:1], (2048, 16384), (16,), (0.05,), bf, ("fwd+bwd",))
     later += _lora_cases(PROJ_SHAPES[:1], (8192,), (64,), (0.0, 0.05), bf, ("fwd+bwd",))
+    later += _lora_cases(PROJ_SHAPES[:1], (8192,), (64,), (0.05,), bf, ("fwd+bwd",), fp32_matmul="tf32")
     train = tuple(TrainCase(**LLAMA_32_1B, batch=4, seq=2048, checkpointing=c) for c in (False, True))
     first = len(ops) + len(PROJ_SHAPES)  # the main MLP cases and one lora_linear case per shape
     return Preset("gpu", (*ops, *train, *later), device="cuda", reps=30, warmup=5, check_tokens=1024,

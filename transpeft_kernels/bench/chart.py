@@ -19,6 +19,8 @@ BAR_IMPLS = ("vanilla_compiled", "torch", "triton", "cuda")
 
 def _label(r: dict) -> str:
     parts = [r.get("model") or "", r.get("label") or "", f"M={r.get('M')}", f"r={r.get('r')}", f"q={r.get('lora_dropout')}"]
+    if r.get("fp32_matmul") == "tf32":
+        parts.append("tf32")
     if r.get("checkpointing") is not None:
         parts.append("ckpt" if r["checkpointing"] else "no ckpt")
     return " ".join(p for p in parts if p)

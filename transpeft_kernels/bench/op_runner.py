@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.env import cuda_fp32_matmul
 from ..memory import saved_activation_bytes
 from . import numerics
 from .cases import PASSES, OpCase
@@ -74,8 +75,14 @@ def _index(i: int) -> int:
 
 def run_case(case: OpCase, impl_names, device: torch.device, preset, env: dict, log=print,
              skip: dict[str, str] | None = None) -> list[dict]:
-    """All records of one case (every impl x pass), speedups filled in. ``skip``: implementations not
-    to run on this case, with the reason recorded."""
+    """All records of one case (every impl x pass), speedups filled in, with torch's fp32 matmuls as the
+    case says (``case.fp32_matmul``; restored afterwards). ``skip``: implementations not to run on this
+    case, with the reason recorded."""
+    with cuda_fp32_matmul(case.fp32_matmul):
+        return _run_case(case, impl_names, device, preset, env, log, skip)
+
+
+def _run_case(case: OpCase, impl_names, device: torch.device, preset, env: dict, log, skip) -> list[dict]:
     skip = skip or {}
     torch._dynamo.reset()  # per-case modules would otherwise pile up guards until dynamo gives up compiling
     setup = build_setup(case, device)

@@ -12,7 +12,7 @@ _STATUS = {"skipped": "-", "error": "ERR", "numerics_mismatch": "MISMATCH"}
 
 
 def _case_key(r: dict) -> tuple:
-    shape = r.get("label") or ""
+    shape = (r.get("label") or "") + (" tf32" if r.get("fp32_matmul") == "tf32" else "")  # TF32 allowed
     return (r["op"], r.get("model") or "", shape, r.get("M"), r.get("r"), r.get("lora_dropout"),
             r.get("checkpointing"), r["pass"])
 

@@ -32,16 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "benchmark run on a GPU (model error = measured / predicted); --json writes the pairs")
 
 
-def _allow_tf32() -> None:
-    """torch's fp32 matmuls on CUDA may use TF32 from here on (this process only)."""
-    import torch
-
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-    else:
-        torch.set_float32_matmul_precision("high")
-
-
 def _names(text: str, allowed, what: str) -> list[str]:
     from ..errors import UserError
 
@@ -151,16 +141,15 @@ def run(args: argparse.Namespace) -> int:
     devices = [device(n) for n in _names(args.device, DEVICES, "device")]
     ops = _names(args.ops, OPS, "ops")
     impls = _names(args.impls, IMPLS, "impls")
-    if args.tf32:
-        _allow_tf32()
-    from ..kernels.env import cuda_fp32_matmul_is_tf32
+    from ..kernels.env import cuda_fp32_matmul, cuda_fp32_matmul_is_tf32
 
-    fp32_matmul = "tf32" if cuda_fp32_matmul_is_tf32() else "ieee"
+    fp32_matmul = "tf32" if args.tf32 or cuda_fp32_matmul_is_tf32() else "ieee"
     t0 = time.time()
     records = []
-    for case in [c for c in default_cases() if c.op in ops]:
-        records += records_for(case, impls, devices, args.ledger)
-        print(f"  recorded {case.label} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    with cuda_fp32_matmul(fp32_matmul):
+        for case in [c for c in default_cases() if c.op in ops]:
+            records += records_for(case, impls, devices, args.ledger)
+            print(f"  recorded {case.label} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     for dev in devices:
         print(f"\n{dev.name}: predicted fwd+bwd time, a roofline MODEL (not measured); "
               f"M 8192, d 4096, I 14336 / n 4096, bf16 base, masking 0.1 (MLP); fp32 matmuls {fp32_matmul}")

@@ -21,6 +21,35 @@ def cuda_fp32_matmul_is_tf32() -> bool:
     return matmul == "tf32"
 
 
+FP32_MATMUL_MODES = ("ieee", "tf32")
+
+
+@contextlib.contextmanager
+def cuda_fp32_matmul(mode: str):
+    """Within the block torch's fp32 matmuls on CUDA run in ``mode``: "ieee" (full fp32, torch's default)
+    or "tf32" (TF32 allowed); the previous setting is restored afterwards. The benchmark's TF32 cases and
+    the model's use it."""
+    import torch
+
+    if mode not in FP32_MATMUL_MODES:
+        raise ValueError(f"fp32_matmul: expected one of {FP32_MATMUL_MODES}, got {mode!r}")
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        saved = (torch.backends.fp32_precision, matmul.fp32_precision)
+        matmul.fp32_precision = mode
+        try:
+            yield
+        finally:
+            torch.backends.fp32_precision, matmul.fp32_precision = saved
+    else:
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if mode == "tf32" else "highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -2,11 +2,14 @@
 the roofline model's prediction for the same case, implementation and GPU, and the model error
 (measured / predicted). The first GPU run validates or corrects the model with this.
 
-Benchmark records carry PEFT's default adapters (fp32 on a bf16 base), as bench/impls.py builds them.
+Benchmark records carry PEFT's default adapters (fp32 on a bf16 base), as bench/impls.py builds them, and
+the fp32 matmul precision they ran under ("fp32_matmul": "ieee", or "tf32" for the TF32 cases), which the
+prediction takes too.
 Records without a model (vanilla_compiled, train_step, skipped or failed cells, CPU runs) are left out.
 """
 from __future__ import annotations
 
+from ..kernels.env import cuda_fp32_matmul
 from .cases import IMPLS, ModelCase
 from .devices import DEVICES, DeviceSpec
 
@@ -37,14 +40,16 @@ def model_beside_measured(bench_records: list[dict], predict_case) -> list[dict]
         if dev is None:
             continue
         case = _case_of(r)
-        key = (case, dev.name)
+        fp32_matmul = r.get("fp32_matmul", "ieee")  # the benchmark's TF32 cases are modelled under TF32
+        key = (case, fp32_matmul, dev.name)
         if key not in cache:
-            impls = sorted({c["impl"] for c in cells if _case_of(c) == case})
-            cache[key] = predict_case(case, impls, dev)
+            impls = sorted({c["impl"] for c in cells if _case_of(c) == case and c.get("fp32_matmul", "ieee") == fp32_matmul})
+            with cuda_fp32_matmul(fp32_matmul):
+                cache[key] = predict_case(case, impls, dev)
         predicted = cache[key].get(r["impl"])
         if predicted is None:
             continue
-        out.append({**case.fields(), "impl": r["impl"], "gpu": r["gpu"], "device_model": dev.name,
+        out.append({**case.fields(), "fp32_matmul": fp32_matmul, "impl": r["impl"], "gpu": r["gpu"], "device_model": dev.name,
                     "measured_ms": r["median_ms"], "predicted_ms": round(predicted, 4),
                     "model_error": round(r["median_ms"] / predicted, 4), "commit": r.get("commit")})
     return out
