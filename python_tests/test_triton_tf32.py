@@ -60,8 +60,16 @@ if NEW_FP32_PRECISION_API:
     ]
 
 
+@pytest.mark.parametrize("reader", ["fast getter", "attribute"])
 @pytest.mark.parametrize("what,setting,want", SETTINGS, ids=[s[0] for s in SETTINGS])
-def test_precision_follows_torch(fp32_matmul, what, setting, want):
+def test_precision_follows_torch(fp32_matmul, what, setting, want, reader, monkeypatch):
+    from transpeft_kernels.kernels import env
+
+    env.cuda_fp32_matmul_is_tf32()  # finds the fast getter where torch has one
+    if reader == "attribute":
+        monkeypatch.setattr(env, "_FP32_PRECISION_GETTER", None)
+    elif env._FP32_PRECISION_GETTER is None:
+        pytest.skip("this torch has no fast getter")
     reset_fp32_matmul_precision()
     setting()
     x32, x16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bfloat16)
