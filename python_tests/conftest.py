@@ -46,19 +46,20 @@ def on_accelerator():
 NEW_FP32_PRECISION_API = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9
 
 
-def reset_fp32_matmul_precision(saved=("none", "none")) -> None:
-    """torch's fp32 matmul precision back to ``saved`` (the newer API's generic and CUDA-matmul values),
-    or to the default where only the older API exists."""
-    if NEW_FP32_PRECISION_API:
-        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
-    else:
-        torch.set_float32_matmul_precision("highest")
+def reset_fp32_matmul_precision() -> None:
+    """torch's fp32 matmul precision back to torch's defaults, in both its APIs."""
+    from transpeft_kernels.kernels.env import restore_fp32_precision
+
+    restore_fp32_precision()
 
 
 @pytest.fixture
 def fp32_matmul():
     """A setter of torch's fp32 matmul precision ("highest": full fp32, "high": TF32 allowed) for the
-    test, through the older API (the newer one reflects it); the setting is restored afterwards."""
-    saved = (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision) if NEW_FP32_PRECISION_API else None
+    test, through the older API (the newer one reflects it); everything either API holds is restored
+    afterwards (a mixed state would make every later cuBLAS call in the process raise)."""
+    from transpeft_kernels.kernels.env import restore_fp32_precision, save_fp32_precision
+
+    saved = save_fp32_precision()
     yield torch.set_float32_matmul_precision
-    reset_fp32_matmul_precision(saved) if NEW_FP32_PRECISION_API else reset_fp32_matmul_precision()
+    restore_fp32_precision(saved)

@@ -38,23 +38,26 @@ def test_compile_check_rejects_unknown_arch():
 _FP32_LORA_SASS = r"""
 import json, sys
 from transpeft_kernels.kernels.triton import configs, variants as V
-from transpeft_kernels.kernels.triton._common import FP32
+from transpeft_kernels.kernels.triton._common import FP32, TF32
+
+def fp32(*codes):  # fp32 adapters, as tf32x3 or as single tf32 products
+    return any(c in (FP32, TF32) for c in codes)
 
 def fp32_lora_only(c):
     if isinstance(c, V.Shrink):
-        return c.adapter == FP32
+        return fp32(c.adapter)
     if isinstance(c, V.Expand):
-        return c.lora == FP32 and c.x != FP32
+        return fp32(c.lora) and c.x != FP32
     if isinstance(c, V.GateUp):
-        return FP32 in (c.gate_lora, c.up_lora) and c.x != FP32
+        return fp32(c.gate_lora, c.up_lora) and c.x != FP32
     if isinstance(c, V.TokenReduce):
-        return c.dot == FP32 and c.what != "dW"
+        return fp32(c.dot) and c.what != "dW"
     if isinstance(c, V.ActBwdLora):
-        return FP32 in (c.gate_lora, c.up_lora, c.down_lora) and c.x != FP32
+        return fp32(c.gate_lora, c.up_lora, c.down_lora) and c.x != FP32
     if isinstance(c, V.ExpandAdd):
-        return c.lora == FP32 and c.x != FP32
+        return fp32(c.lora) and c.x != FP32
     if isinstance(c, V.GateUpLoraAct):
-        return FP32 in (c.gate_lora, c.up_lora) and c.x != FP32
+        return fp32(c.gate_lora, c.up_lora) and c.x != FP32
     return False
 
 for arch in (80, 90):
@@ -75,7 +78,7 @@ for arch in (80, 90):
 
 def test_fp32_lora_dots_run_on_tensor_cores_without_spills():
     """Every fp32-adapter variant (default config, sm_80 and sm_90) runs its LoRA dots on the tensor
-    cores (tf32x3: HMMA / HGMMA) and does not spill. On the CUDA cores one tile's LoRA dot alone would
+    cores (tf32x3, or single tf32 products under torch's "high" precision: HMMA / HGMMA) and does not spill. On the CUDA cores one tile's LoRA dot alone would
     take a thread (tile products / threads) FFMA per rank or K step; the variants chosen here have no
     fp32 base product, so their FFMA count must stay below that (the epilogue's activation may use a
     few)."""
@@ -140,3 +143,52 @@ def test_fp32_dots_with_a_16_bit_operand_issue_two_tf32_products_of_three():
         exact, full = (r["sass"]["tensor_core_instructions"] for r in p["rows"])
         assert all(r["ok"] for r in p["rows"]), p
         assert full > 0 and 3 * exact == 2 * full, (p["arch"], p["what"], exact, full)
+
+
+# Compiled in a child process: each fp32-adapter kernel as single tf32 products (TF32) and as tf32x3
+# (FP32) in one config, with their SASS metrics, and the ratio of their tensor-core instructions.
+_TF32_PAIRS_SASS = r"""
+import dataclasses, json
+from transpeft_kernels.kernels.triton import configs, variants as V
+from transpeft_kernels.kernels.triton._common import BF16, FP32, TF32
+
+def fp32(case):  # the same case with tf32x3 dots
+    fields = {f.name: (FP32 if getattr(case, f.name) == TF32 else getattr(case, f.name)) for f in dataclasses.fields(case)}
+    return type(case)(**fields)
+
+PAIRS = [  # (what, the TF32 case, tf32x3 MMAs per single one: 2 with a 16-bit operand, 3 without)
+    ("shrink, x bf16", V.Shrink(x=BF16, adapter=TF32, dropout=True), 2),
+    ("t = dY B", V.Shrink(x=BF16, adapter=TF32, dropout=False), 2),
+    ("dA, x bf16", V.TokenReduce(what="dA", p=TF32, q=BF16, dot=TF32, q_dropout=True, colsum=False, block_a=16), 2),
+    ("dB, dY bf16", V.TokenReduce(what="dB", p=BF16, q=TF32, dot=TF32, q_dropout=False, colsum=False, block_b=16), 2),
+    ("expand (C operand)", V.ExpandAdd(x=BF16, lora=TF32, dropout=False, accumulate=False), 3),
+    ("gate/up pass", V.GateUpLoraAct(x=BF16, act=0, gate_lora=TF32, up_lora=TF32, mask=True), 3),
+    ("one-pass backward r 16", V.ActBwdLora(x=BF16, act=0, gate_lora=TF32, up_lora=TF32, down_lora=TF32), 2),
+]
+for arch in (80, 90):
+    for what, single, ratio in PAIRS:
+        config = configs.CONFIG_SETS[single.family].default_for(f"sm_{arch}", single.elem_bytes)
+        rows = [V.compile_variant(c.variants(config, [])[0], arch, sass=True) for c in (single, fp32(single))]
+        print(json.dumps(dict(arch=arch, what=what, ratio=ratio, rows=rows)), flush=True)
+"""
+
+
+def test_single_tf32_dots_issue_one_mma_per_product():
+    """Under torch's "high" fp32 matmul precision (code TF32) each fp32-adapter LoRA product is one tf32
+    MMA: the same kernel in one config issues half the tensor-core instructions of its tf32x3 form where
+    one operand is 16-bit (two MMAs there) and a third where both are fp32 (three). The interpreted tests
+    (test_triton_tf32.py) see the precision; this sees the instructions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _TF32_PAIRS_SASS], env=env, capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+
+    pairs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(pairs) == 14
+    for p in pairs:
+        single, full = (r["sass"]["tensor_core_instructions"] for r in p["rows"])
+        assert all(r["ok"] and r["sass"]["spill_bytes"] == 0 for r in p["rows"]), p
+        assert single > 0 and p["ratio"] * single == full, (p["arch"], p["what"], single, full)

@@ -79,6 +79,24 @@ def test_precision_follows_torch(fp32_matmul, what, setting, want, reader, monke
     assert plans.tuning_state()[-1] == want  # launch plans key on it
 
 
+@pytest.mark.parametrize("what,setting,want", SETTINGS, ids=[s[0] for s in SETTINGS])
+def test_settings_are_restored_whole(fp32_matmul, what, setting, want):
+    """cuda_fp32_matmul (the benchmark's and the model's TF32 cases) inside any user setting, and the test
+    fixture: afterwards the setting is back as it was, and torch's older getters answer (a state where
+    the two APIs disagree makes them raise, and with them every cuBLAS call)."""
+    from transpeft_kernels.kernels.env import cuda_fp32_matmul, cuda_fp32_matmul_is_tf32, save_fp32_precision
+
+    reset_fp32_matmul_precision()
+    setting()
+    before = save_fp32_precision()
+    for mode in ("ieee", "tf32"):
+        with cuda_fp32_matmul(mode):
+            assert cuda_fp32_matmul_is_tf32() == (mode == "tf32")
+            torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32  # noqa: B018 (must not raise)
+        assert save_fp32_precision() == before and fp32_lora_precision() == want
+    fp32_matmul("high")  # what the fixture restores afterwards: checked by the next test's getters
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_lora_shrink(fp32_matmul, x_dtype):
     M, Kd, r = 45, 77, 16
@@ -111,8 +129,9 @@ def test_token_reduce(fp32_matmul, p_dtype, q_dtype):
     assert_close_to_exact(out.cpu(), exact, torch.float32, T, min_scale=1.0, tf32x3_depth=T, product_roundoff=TF32_ROUNDOFF)
 
 
-def test_token_reduce_of_base_weights_stays_ieee(fp32_matmul):
-    """dW of an fp32 base is not a LoRA dot: IEEE fp32 whatever the setting (as the Triton GEMMs' base products)."""
+def test_token_reduce_of_base_weights_is_not_a_tf32_product(fp32_matmul):
+    """dW of an fp32 base is not a LoRA dot: not a single tf32 product under "high" (IEEE fp32 whatever
+    the setting, as the Triton GEMMs' base products; its SASS has no tensor-core fp32 instruction)."""
     fp32_matmul("high")
     p, q = torch.randn(40, 24, device=DEV), torch.randn(40, 16, device=DEV)
     dw, _ = K.token_reduce(p, q, torch.float32, torch.float32, lora=False)
@@ -191,12 +210,16 @@ def _truncated_adapters(weights):
     return type(weights)(tuple(lin(p) for p in weights.inputs), lin(weights.down))
 
 
+@pytest.mark.usefixtures("on_accelerator")  # op tensors on the GPU when there is one (compiled kernels)
 @pytest.mark.parametrize("base_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("op", ["lora_linear", "gated_mlp"])
 def test_ops_follow_the_precision(fp32_matmul, op, base_gemm, monkeypatch):
-    """Under "high", PEFT's fp32 adapters over a bf16 base: outputs and every gradient the same bits for
-    raw and truncated adapters (each LoRA product one tf32 MMA, in the forward, dX, dA and dB), and
-    within the tf32 budget against the float64 reference."""
+    """Under "high", PEFT's fp32 adapters over a bf16 base: the output and every gradient the same bits
+    for raw and truncated adapters, where an adapter matrix is a dot operand (the shrink with A, the
+    expands with B and, in dX, with A: one tf32 MMA each), and within the tf32 budget against the float64
+    reference. dA and dB multiply S, t and gradients, which are the same bits either way: that their dots
+    are single tf32 products too is checked at the kernel level above and, for the ops' launches, by
+    test_perf_model.test_lora_dots_where_torch_allows_tf32 (one tf32 product per multiply-add)."""
     from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV
 
     monkeypatch.setenv(BASE_GEMM_ENV, base_gemm)

@@ -13,7 +13,7 @@ def cuda_fp32_matmul_is_tf32() -> bool:
     ``torch.backends.fp32_precision = "tf32"`` (what transformers' ``tf32=True`` sets there) or
     ``torch.backends.cuda.matmul.fp32_precision = "tf32"``. Read through the newer attribute where it
     exists (or the function behind it, ``_fp32_precision_getter``): it reflects all of these, where the
-    older getter raises once the newer API has been used."""
+    older getter raises once the two APIs' values disagree."""
     import torch
 
     global _FP32_PRECISION_GETTER
@@ -49,30 +49,56 @@ _FP32_PRECISION_GETTER = _UNSET  # found on the first call
 FP32_MATMUL_MODES = ("ieee", "tf32")
 
 
+def save_fp32_precision() -> tuple:
+    """Everything of torch's fp32 matmul precision that its setters write: the older API's flag and,
+    since torch 2.9, the newer API's generic, CUDA-matmul and oneDNN-matmul values (the older setter
+    writes those too). ``restore_fp32_precision`` puts it back."""
+    import torch
+
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the older and newer values disagree already
+        legacy = "highest"
+    return legacy, tuple(node.fp32_precision for node in _precision_nodes(torch))
+
+
+def restore_fp32_precision(saved: tuple = ("highest", ("none", "none", "none"))) -> None:
+    """Back to ``saved`` (``save_fp32_precision``; the default: torch's defaults), the older flag first,
+    which only its own setter resets, then the newer values, generic first."""
+    import torch
+
+    legacy, new = saved
+    torch.set_float32_matmul_precision(legacy)
+    for node, value in zip(_precision_nodes(torch), new):
+        node.fp32_precision = value
+
+
+def _precision_nodes(torch) -> tuple:
+    if not hasattr(torch.backends, "fp32_precision"):  # torch < 2.9: the older API only
+        return ()
+    return torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+
+
+FP32_MATMUL_MODES = ("ieee", "tf32")
+
+
 @contextlib.contextmanager
 def cuda_fp32_matmul(mode: str):
-    """Within the block torch's fp32 matmuls on CUDA run in ``mode``: "ieee" (full fp32, torch's default)
-    or "tf32" (TF32 allowed); the previous setting is restored afterwards. The benchmark's TF32 cases and
-    the model's use it."""
+    """Within the block torch's fp32 matmuls run in ``mode``: "ieee" (full fp32, torch's default) or
+    "tf32" (TF32 allowed), set as ``torch.set_float32_matmul_precision("highest" / "high")`` sets it, so
+    the older and newer APIs agree; everything is restored afterwards. The benchmark's TF32 cases and the
+    model's use it."""
     import torch
 
     if mode not in FP32_MATMUL_MODES:
         raise ValueError(f"fp32_matmul: expected one of {FP32_MATMUL_MODES}, got {mode!r}")
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        saved = (torch.backends.fp32_precision, matmul.fp32_precision)
-        matmul.fp32_precision = mode
-        try:
-            yield
-        finally:
-            torch.backends.fp32_precision, matmul.fp32_precision = saved
-    else:
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if mode == "tf32" else "highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
+    saved = save_fp32_precision()
+    restore_fp32_precision()  # a clean start: the newer API's explicit values would override the setter's
+    torch.set_float32_matmul_precision("high" if mode == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        restore_fp32_precision(saved)
 
 
 def interpreting() -> bool:

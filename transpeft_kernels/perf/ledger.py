@@ -16,7 +16,9 @@ of the view the launch reads or writes), as if every re-read hit in L2. FLOPs ar
 ``tc_bf16``/``tc_fp16``/``tc_tf32`` (tensor cores) or ``fp32`` (CUDA-core FMA: fp32 "ieee" dots and
 fp32 cuBLAS GEMMs). The LoRA dots of our Triton kernels follow the precision the kernels compile them
 in (``kernels/triton/_common.LORA_DOT_PRECISION``): the adapter's 16-bit unit, or for fp32 adapters
-tf32x3, charged as three tf32 tensor-core products (``tc_tf32``, 3x the FLOPs). ``elements`` counts the elementwise work of fused epilogues and elementwise
+tf32x3, charged as three tf32 tensor-core products (``tc_tf32``, 3x the FLOPs; one fewer per operand
+stored in a 16-bit dtype), or one where torch allows TF32 for fp32 matmuls (code TF32, ``model --tf32``);
+ATen's fp32 matmuls go to ``fp32`` or, where TF32 is allowed, ``tc_tf32``. ``elements`` counts the elementwise work of fused epilogues and elementwise
 kernels, and ``philox`` the mask elements regenerated (a measure of RNG work). Host-side work that
 stalls a GPU stream is counted too: syncs (``.item()``, a device-to-host copy) and host-to-device
 copies (each pageable copy also blocks CUDA-graph capture).
@@ -182,7 +184,8 @@ def _add(into: dict, more: dict) -> dict:
 
 
 # act_bwd_lora's issue work per (M, I) element, in elementwise-kernel elements (the roofline's
-# ELEMENTWISE_INSTR = 24 instructions each), keyed by (every adapter fp32, rank tile 16 / 32 / 64): the loop
+# ELEMENTWISE_INSTR = 24 instructions each), keyed by (every adapter fp32: True for tf32x3, "tf32" for single
+# tf32 products (_fp32_key); rank tile 16 / 32 / 64): the loop
 # body of its static sm_90 SASS in the default config (loop_body_instructions; python_tests/
 # test_ledger_weights.py recompiles them): 1049 / 881 per iteration of 16 elements per thread for fp32 /
 # bf16 adapters at r 16 (fp32 1098 before stop 26's integer tf32 rounding, 1250 / 1036 before the MUFU
@@ -200,9 +203,10 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.20, (False, 16): 0.76, (True, 32): 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
 # sm_90 SASS in the default config (32 elements per thread; python_tests/test_ledger_weights.py
 # recompiles each), less 18.4 per mask stream the model charges as Philox work, over ELEMENTWISE_INSTR =
-# 24. Keyed by (kernel, two terms, an fp32 adapter, rank tile). Each term's rank loop steps 16 ranks with
-# fp32 adapters (tf32x3 holds both parts of both operand tiles) and BLOCK_R ranks with 16-bit ones, so a
-# static count holds one trip; EPILOGUE_RANK_TRIP_WEIGHT charges each further trip its loop body.
+# 24. Keyed by (kernel, two terms, an fp32 adapter (_fp32_key: True tf32x3, "tf32" single tf32 products),
+# rank tile). Each term's rank loop steps 16 ranks with fp32 adapters (tf32x3 holds both parts of both
+# operand tiles; the single-tf32 form keeps the same step) and BLOCK_R ranks with 16-bit ones, so a static
+# count holds one trip; EPILOGUE_RANK_TRIP_WEIGHT charges each further trip its loop body.
 #   lora_expand_add, one term (the forward's y, dh', one dX; its C-operand form without reading y is charged
 #     the same; the dX mask is charged as Philox work): fp32 adapters 515 instructions (16.1 per element;
 #     579 before stop 26's integer tf32 rounding, _common._tf32_rna); bf16 at rank tiles 16 / 32 / 64:

@@ -16,8 +16,10 @@ import triton.language as tl
 
 # dtype codes used as constexprs: 0 float32, 1 float16, 2 bfloat16 (launch_args.DTYPE_CODES), and for
 # the LoRA dots of fp32 adapters a fourth, 3: fp32 values multiplied as single tf32 products, the code
-# ``lora_code`` gives fp32 adapters when torch's fp32 matmul precision is not "highest". Everywhere but
-# ``lora_dot_split`` TF32 is FP32 (``to_code`` and ``dot_operand`` keep fp32).
+# ``lora_code`` gives fp32 adapters where torch allows TF32 for its fp32 matmuls. The kernels treat TF32 as
+# fp32 storage (``to_code``, ``dot_operand``, pointer types, the fp32 tile steps); only the dot
+# (``lora_dot_split``) and what depends on the tf32x3 split (the exact-operand paths, act_bwd_lora's
+# block_n_for_rank) tell the two apart.
 FP32, FP16, BF16, TF32 = 0, 1, 2, 3
 CODE_NAMES = {FP32: "fp32", FP16: "fp16", BF16: "bf16", TF32: "tf32"}
 TORCH_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
@@ -196,13 +198,14 @@ def lora_dot_split(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr, A_EXACT:
 
 @triton.jit
 def lora_dot(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
-    """``lora_dot_split`` with neither operand known exact: tf32x3 (three MMAs) for fp32 adapters."""
+    """``lora_dot_split`` with neither operand known exact: tf32x3 (three MMAs) for fp32 adapters (one
+    under code TF32)."""
     return lora_dot_split(a, b, acc, CODE, UPCAST, False, False)
 
 
 @triton.jit
 def lora_dot_exact(a, b, acc, CODE: tl.constexpr, UPCAST: tl.constexpr):
-    """``lora_dot_split`` where ``b`` holds 16-bit values: two MMAs for fp32 adapters."""
+    """``lora_dot_split`` where ``b`` holds 16-bit values: two MMAs for fp32 adapters (one under code TF32)."""
     return lora_dot_split(a, b, acc, CODE, UPCAST, False, True)
 
 

@@ -335,5 +335,5 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
         _run(plan_for(config, splits), (dh, g, u, *tuned), gate, up, down, seed if has_mask else None)
 
     key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, has_drop, None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
-           None if down is None else down.t.dtype, configs.layout_key(dh, g, u, *(out or (None, None))))
+           None if down is None else down.t.dtype, tuple(codes.values()), configs.layout_key(dh, g, u, *(out or (None, None))))
     return plan_for(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch), splits)

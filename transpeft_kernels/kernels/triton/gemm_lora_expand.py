@@ -54,7 +54,8 @@ def lora_expand_tile(acc, s_ptr, b_ptr, R, stride_sm, stride_sr, stride_bn, stri
     """acc + sum_r S[rows, r] B[cols, r]: the expand as extra rank steps of the fp32 (BLOCK_M,
     BLOCK_N) accumulator ``acc``, BLOCK_R ranks at a time, on the tensor cores (``lora_dot``).
     fp32 adapters step 16 ranks at a time: tf32x3 holds the big and small parts of both operand
-    tiles, and a 64-rank step spilled on sm_80."""
+    tiles, and a 64-rank step spilled on sm_80 (single tf32 products, code 3, keep the same step: not
+    compiled wider, so not checked for spills)."""
     STEP_R: tl.constexpr = 16 if (LORA_DTYPE == 0 or LORA_DTYPE == 3) else BLOCK_R  # fp32 operand tiles
     for r0 in range(0, R, STEP_R):
         rs = r0 + tl.arange(0, STEP_R)
@@ -196,7 +197,7 @@ def gemm_lora_expand(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
             X_DTYPE=xcode, LORA_DTYPE=lcode, UPCAST=upcast_dots(), BLOCK_R=br,
             num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs())
 
-    key = ("expand", configs.bucket(M), N, K, R, x.dtype, None if s is None else s.dtype, bias is not None, lora_drop,
+    key = ("expand", configs.bucket(M), N, K, R, x.dtype, None if s is None else s.dtype, lcode, bias is not None, lora_drop,
            configs.layout_key(x, w, s, y))
     launch(configs.choose(configs.GEMM, device, key, x.element_size(), launch))
     return y

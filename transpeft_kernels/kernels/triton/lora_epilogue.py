@@ -253,7 +253,7 @@ def _expand_plan(y, terms, bias, accumulate: bool) -> plans.LaunchPlan:
                  num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs()))
 
     drops = tuple(t.dropout > 0 for t in terms)
-    key = ("expand_add", configs.bucket(M), N, tuple(ranks), y.dtype, terms[0].s.dtype, drops, accumulate,
+    key = ("expand_add", configs.bucket(M), N, tuple(ranks), y.dtype, terms[0].s.dtype, codes[0], drops, accumulate,
            bias is not None, configs.layout_key(y, bias, *(t.s for t in terms), *(t.b for t in terms)))
     scratch = []  # the tuner times launches on a copy (an accumulating launch adds the term to its target again)
 

@@ -47,7 +47,8 @@ def lora_shrink_kernel(
     rank_ok = ranks < R
     r64 = rows.to(tl.int64)
     # fp32 adapters (tf32x3) keep the big and small tf32 parts of each x tile in registers, twice a
-    # 16-bit tile's footprint: they step at most 64 columns of K at a time (BLOCK_K 128 spilled on sm_90)
+    # 16-bit tile's footprint: they step at most 64 columns of K at a time (BLOCK_K 128 spilled on sm_90);
+    # as single tf32 products (code 3) they keep the same step
     STEP_K: tl.constexpr = 64 if ((DOT_DTYPE == 0 or DOT_DTYPE == 3) and BLOCK_K > 64) else BLOCK_K
     X_EXACT: tl.constexpr = DOT_DTYPE == 0 and x_ptr.dtype.element_ty != tl.float32  # module docstring
     k_idx = tl.arange(0, STEP_K)
@@ -139,5 +140,5 @@ def _plan(x, a, dropout, seed, out_dtype, out) -> plans.LaunchPlan:
         pl = plan_for(config)
         lora_shrink_kernel[pl.grid](x, a, s, seed_on(seed, device) if has_drop else x, *pl.head, **pl.meta)
 
-    key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, has_drop, configs.layout_key(x, a))
+    key = ("shrink", configs.bucket(M), K, R, x.dtype, a.dtype, code, has_drop, configs.layout_key(x, a))
     return plan_for(configs.choose(configs.SHRINK, device, key, a.element_size(), launch))

@@ -177,6 +177,8 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
         return plans.NOTHING
     drop_scale = rounded_to(1.0 / (1.0 - dropout), dot_dtype) if has_drop else 1.0
     elem = torch.empty((), dtype=dot_dtype).element_size()
+    # a LoRA gradient's fp32 dot follows torch's fp32 matmul precision (_common.lora_code); dW stays IEEE
+    dot_code = lora_dot_code(DTYPE_CODES[dot_dtype]) if lora else DTYPE_CODES[dot_dtype]
 
     def plan_for(config, n_splits) -> plans.LaunchPlan:
         m = config.kwargs()
@@ -193,7 +195,7 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
         return plans.LaunchPlan(
             (tiles, n_splits), (T, A, B, per_split, p.stride(0), p.stride(1), q.stride(0), q.stride(1)),
             (keep_threshold(dropout) if has_drop else 0, drop_scale),
-            dict(Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=lora_dot_code(DTYPE_CODES[dot_dtype]) if lora else DTYPE_CODES[dot_dtype],
+            dict(Q_DROPOUT=has_drop, HAS_COLSUM=colsum_dtype is not None, DOT_DTYPE=dot_code,
                  UPCAST=upcast_dots(), LORA_DOT=bool(lora), num_warps=config.num_warps,
                  num_stages=config.num_stages, **m),
             n_splits)
@@ -204,5 +206,5 @@ def _plan(p, q, out_dtype, dot_dtype, scale, dropout, seed, colsum_dtype, transp
         _run(pl, p, q, part, cpart, seed_on(seed, device) if has_drop else p, scale, transpose_out)
 
     key = ("token_reduce", configs.bucket(T), A, B, p.dtype, q.dtype, dot_dtype, has_drop, colsum_dtype,
-           transpose_out, configs.layout_key(p, q), bool(lora))
+           transpose_out, configs.layout_key(p, q), bool(lora), dot_code)
     return plan_for(configs.choose(configs.TOKEN_REDUCE, device, key, elem, launch), splits)

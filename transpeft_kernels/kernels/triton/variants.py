@@ -532,8 +532,10 @@ SHRINK_CASES = (
     Shrink(x=BF16, adapter=BF16, dropout=True, block_r=32),
     Shrink(x=BF16, adapter=FP32, dropout=False, block_r=64),
     Shrink(x=BF16, adapter=FP32, dropout=True, block_r=64),
-    # fp32 adapters under torch's "high" fp32 matmul precision: one tf32 MMA per product (_common.TF32)
+    # fp32 adapters under torch's "high" fp32 matmul precision: one tf32 MMA per product (_common.TF32);
+    # the forward's shrink and the backward's t = dY B
     Shrink(x=BF16, adapter=TF32, dropout=True),
+    Shrink(x=BF16, adapter=TF32, dropout=False),
 )
 
 # base GEMM + LoRA expand: the forward (bias, no epilogue mask), dX (epilogue mask), no LoRA
@@ -548,6 +550,7 @@ EXPAND_CASES = (
     Expand(x=FP16, lora=FP16, bias=False, dropout_mask=True),
     Expand(x=BF16, lora=None, bias=False, dropout_mask=False),
     Expand(x=BF16, lora=TF32, bias=True, dropout_mask=False),  # single tf32 rank steps
+    Expand(x=BF16, lora=TF32, bias=False, dropout_mask=True),
 )
 
 # gate/up GEMM + masked activation epilogue: every I/O dtype x layout x activation; LoRA on both, one
@@ -578,6 +581,7 @@ GATE_UP_CASES = (
     GateUp(x=BF16, layout="fused", act=GELU, gate_lora=BF16, up_lora=BF16, gate_bias=True, up_bias=True, mask=True),
     GateUp(x=BF16, layout="fused", act=GELU_TANH, gate_lora=None, up_lora=None, gate_bias=False, up_bias=False,
            mask=False),
+    GateUp(x=BF16, layout="split", act=SILU, gate_lora=TF32, up_lora=TF32, gate_bias=False, up_bias=False, mask=True),
 )
 
 # token reductions: dA (narrow A, dropout on Q), dB (narrow B), dW + db (wide, column sum)
@@ -645,6 +649,8 @@ EPILOGUE_CASES = (
     *(GateUpLoraAct(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, mask=True, block_r=br) for br in (16, 32, 64)),
     # fp32 adapters with single tf32 dots (torch's "high" fp32 matmul precision): the Llama cases' passes
     ExpandAdd(x=BF16, lora=TF32, dropout=False),
+    ExpandAdd(x=BF16, lora=TF32, dropout=False, accumulate=False),  # the forward's C operand
+    ExpandAdd(x=BF16, lora=TF32, dropout=True, accumulate=False),  # a lora_linear's dX
     ExpandAdd(x=BF16, lora=TF32, dropout=True, accumulate=False, terms=2),
     GateUpLoraAct(x=BF16, act=SILU, gate_lora=TF32, up_lora=TF32, mask=True),
 )
