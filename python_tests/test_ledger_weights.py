@@ -87,6 +87,9 @@ ROWS = [
      "loop_body_instructions", 0),
     *((L.ACT_BWD_LORA_ELEMENT_WEIGHT[("tf32", r)], f"act_bwd_lora x=bf16 act=0 lora=(tf32,tf32,tf32) r={r} mask=True",
        "loop_body_instructions", 2) for r in (16, 32, 64)),
+    # the sum of split partials: per element, and per split (its loop body)
+    (L.SPLIT_SUM_ELEMENT_WEIGHT + L.SPLIT_SUM_SPLIT_WEIGHT, "split_sum out=bf16", "instructions", 0),
+    (L.SPLIT_SUM_SPLIT_WEIGHT, "split_sum out=bf16", "loop_body_instructions", 0),
 ]
 
 
@@ -101,7 +104,7 @@ for case in V.CASES:
         (v,) = case.variants(configs.CONFIG_SETS[case.family].default_for("sm_90", case.elem_bytes), [])
         row = V.compile_variant(v, 90, sass=True)
         k = v.constexprs
-        row["elements"] = k["BLOCK_M"] * k["BLOCK_N"] // (32 * v.num_warps)
+        row["elements"] = (k["BLOCK"] if "BLOCK" in k else k["BLOCK_M"] * k["BLOCK_N"]) // (32 * v.num_warps)
         print(json.dumps(row), flush=True)
 """
 

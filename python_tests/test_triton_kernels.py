@@ -566,3 +566,50 @@ def test_lora_epilogue_rejects_bad_arguments():
         K.lora_expand_add(y, torch.randn(4, 2), torch.randn(8, 2).half(), 1.0)
     with pytest.raises(ValueError, match="u"):
         K.gate_up_lora_act(y, torch.randn(4, 9), None, None, "silu")
+
+
+# ---- the sum of split partials ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits,shape", [(1, (7,)), (3, (37, 5)), (9, (1000, 3))])
+def test_split_sum_is_the_sequential_fp32_sum_cast_once(dtype, splits, shape):
+    """The same bits as adding the partials one after another in fp32, then one rounding to the dtype."""
+    from transpeft_kernels.kernels.triton.split_sum import split_sum
+
+    part = torch.randn(splits, *shape, device=DEV) * torch.logspace(-3, 3, splits, device=DEV).view(-1, *[1] * len(shape))
+    want = part[0].clone()
+    for s in range(1, splits):
+        want += part[s]
+    got = split_sum(part, dtype)
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    out = torch.full(shape, SENTINEL, dtype=dtype, device=DEV)
+    assert split_sum(part, dtype, out) is out and torch.equal(out, want.to(dtype))
+
+
+def test_split_sum_rejects_bad_arguments():
+    from transpeft_kernels.kernels.triton.split_sum import split_sum
+
+    with pytest.raises(ValueError, match="part: expected contiguous float32"):
+        split_sum(torch.zeros(2, 3, dtype=torch.float16, device=DEV), torch.float32)
+    with pytest.raises(ValueError, match="part: expected contiguous float32"):
+        split_sum(torch.zeros(3, 2, device=DEV).t(), torch.float32)
+    with pytest.raises(ValueError, match="out: expected a contiguous"):
+        split_sum(torch.zeros(2, 3, device=DEV), torch.float32, torch.zeros(4, device=DEV))
+    assert split_sum(torch.zeros(0, 3, device=DEV), torch.bfloat16).eq(0).all()  # no splits: zeros
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_token_reduce_splits_cost_one_extra_launch(out_dtype, monkeypatch):
+    """With splits, the partials are summed and cast by one split_sum launch (two ATen ops before)."""
+    import importlib
+
+    S = importlib.import_module("transpeft_kernels.kernels.triton.split_sum")
+    TR = importlib.import_module("transpeft_kernels.kernels.triton.token_reduce")  # the module, not its function
+
+    calls = []
+    real = S.split_sum
+    monkeypatch.setattr(TR, "split_sum", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    p, q = torch.randn(200, 24, device=DEV), torch.randn(200, 16, device=DEV)
+    one, _ = K.token_reduce(p, q, out_dtype, torch.float32, splits=1)
+    three, _ = K.token_reduce(p, q, out_dtype, torch.float32, splits=3)
+    assert calls == [out_dtype] and three.dtype == out_dtype
+    assert_close64(three, p.double().cpu().t() @ q.double().cpu(), out_dtype, depth=200, tf32x3_depth=200)

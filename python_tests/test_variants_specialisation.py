@@ -38,12 +38,14 @@ FLAGS = {
     "act_bwd_lora_kernel": (),
     "lora_expand_add_kernel": ("SECOND",),
     "gate_up_lora_act_kernel": ("LORA_G", "LORA_U"),
+    "split_sum_kernel": (),
 }
 MODULES = {
     "masked_gated_act_fwd_kernel": "masked_gated_act", "masked_gated_act_bwd_kernel": "masked_gated_act",
     "lora_shrink_kernel": "lora_shrink", "gemm_lora_expand_kernel": "gemm_lora_expand",
     "gate_up_act_kernel": "gate_up_act", "token_reduce_kernel": "token_reduce", "act_bwd_lora_kernel": "act_bwd_lora",
     "lora_expand_add_kernel": "lora_epilogue", "gate_up_lora_act_kernel": "lora_epilogue",
+    "split_sum_kernel": "split_sum",
 }
 _OPS_DIR = os.sep + os.path.join("transpeft_kernels", "ops") + os.sep
 
@@ -129,6 +131,11 @@ def recorded_launches():
         u = torch.randn(*tokens, inter, device=DEV, requires_grad=True)
         h = ops.masked_gated_act(g, u, Activation.SILU, mask, seed, backend)
         torch.autograd.grad(h, (g, u), torch.randn_like(h))
+        # split reductions (the interpreter's token splits are 1): their partials' sum, split_sum
+        from transpeft_kernels.kernels import triton as K
+
+        K.token_reduce(torch.randn(48, 16, device=DEV), torch.randn(48, 24, device=DEV), torch.bfloat16,
+                       torch.float32, splits=2)
     finally:
         for k, v in env_before.items():
             if v is None:

@@ -249,6 +249,13 @@ EPILOGUE_RANK_TRIP_WEIGHT = {
 # the gate/up pass without a LoRA side (LoRA on the down projection only): 748 instructions, with the mask
 GATE_UP_NO_LORA_WEIGHT = 0.21
 
+# split_sum's issue work per output element (kernels/triton/split_sum.py, static sm_90 SASS of the default
+# config, fp32 -> bf16, 8 elements per thread): 266 instructions, 97 of them the split loop's body, charged
+# once per split: (266 - 97) / 8 / 24 per element plus 97 / 8 / 24 per split. Small either way: the
+# launch is what it saves (a sum and a cast were two).
+SPLIT_SUM_ELEMENT_WEIGHT = 0.88
+SPLIT_SUM_SPLIT_WEIGHT = 0.51
+
 
 def _epilogue_weight(kernel: str, second: bool, fp32: bool | str, block_r: int, ranks: list[int]) -> float:
     """Issue weight per element of one lora_epilogue launch whose terms have ``ranks``; ``fp32`` as
@@ -357,6 +364,9 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             else {_dot_unit(a["DOT_DTYPE"]): n}
         return ["p_ptr", "q_ptr"], ["out_ptr"] + (["colsum_ptr"] if a["HAS_COLSUM"] else []), flops, 0, \
             T * B if a["Q_DROPOUT"] else 0
+    if kernel == "split_sum_kernel":  # out = cast(sum over splits of the fp32 partials): memory-bound
+        n = a["n"]
+        return ["part_ptr"], ["out_ptr"], {}, round(n * (SPLIT_SUM_ELEMENT_WEIGHT + a["n_splits"] * SPLIT_SUM_SPLIT_WEIGHT)), 0
     raise KeyError(f"no cost rule for Triton kernel {kernel!r}: add one to perf/ledger.py")
 
 
@@ -368,6 +378,7 @@ _TRITON_KERNELS = {  # module (under kernels.triton) -> kernel attributes the la
     "token_reduce": ("token_reduce_kernel",),
     "act_bwd_lora": ("act_bwd_lora_kernel",),
     "lora_epilogue": ("lora_expand_add_kernel", "gate_up_lora_act_kernel"),
+    "split_sum": ("split_sum_kernel",),
 }
 
 

@@ -44,6 +44,7 @@ import triton.language as tl
 
 from ..launch_args import ACT_CODES, ActBwdLoraGrads, unit_column_stride, unit_columns
 from . import configs, direct_launch, plans
+from .split_sum import split_sum
 from ._common import (FP32, cast_like, cdiv, check_2d, check_same_device, dot_operand, dtype_code, lora_code, lora_dot,
                       lora_dot_exact, philox_keep, pow2_at_least, rounded_to, seed_on, to_code, upcast_dots)
 from .activations import act_fwd_and_grad
@@ -240,8 +241,10 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
             zeros((down.t.shape[1], I), down.t) if down is not None else None)
     dbg, dbu, dad = _run(plan, (dh, g, u, dg, du), gate, up, down, seed if p > 0 else None)
 
-    def total(part, like):  # fixed-order sum of the fp32 partials, then the adapter dtype
-        return None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0)).to(like.dtype)
+    def total(part, like):  # fixed-order sum of the fp32 partials and the cast to the adapter dtype, one launch
+        if part is None:
+            return None
+        return part[0].to(like.dtype) if part.shape[0] == 1 else split_sum(part, like.dtype)
 
     return ActBwdLoraGrads(dg, du, total(dbg, gate and gate.s), total(dbu, up and up.s), total(dad, down and down.t))
 

@@ -237,7 +237,16 @@ EPILOGUE = ConfigSet(
     },
 )
 
-CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE, ACT_BWD_LORA, EPILOGUE)}
+# The fixed-order sum of split partials (split_sum): a few thousand to a million fp32 elements, a handful
+# of splits; memory-bound and small, so not tuned.
+SPLIT_SUM = ConfigSet(
+    "split_sum",
+    default={"sm_90": cfg(4, 1, BLOCK=1024), "sm_80": cfg(4, 1, BLOCK=1024), "interp": cfg(4, 1, BLOCK=1024)},
+    candidates={},
+)
+
+CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTWISE, ACT_BWD_LORA, EPILOGUE,
+                                   SPLIT_SUM)}
 
 
 def arch_of(device: torch.device) -> str:

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import configs, direct_launch, plans
+from .split_sum import split_sum
 from ...reference.philox import keep_threshold
 from ._common import (cast_like, cdiv, check_2d, check_out, check_same_device, dot_operand, dtype_code, lora_dot_code, lora_dot_split,
                       philox_keep, pow2_at_least, rounded_to, seed_on, upcast_dots, DTYPE_CODES)
@@ -125,10 +126,12 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype, dot_d
     _run(plan, p, q, part, cpart, seed_on(seed, device) if dropout > 0 else p, scale, transpose_out)
     if plan.n_splits == 1:
         return res, cs
-    # fixed-order sum of the fp32 partials: deterministic, no atomics
-    total = part.sum(0)
-    total = total.to(out_dtype) if out is None else out.copy_(total)
-    return total, None if cpart is None else cpart.sum(0).to(colsum_dtype)
+    # fixed-order sum of the fp32 partials and the cast in one launch (split_sum): deterministic, no atomics
+    if out is not None and not out.is_contiguous():  # a strided out: summed, then copied in
+        total = out.copy_(split_sum(part, torch.float32))
+    else:
+        total = split_sum(part, out_dtype, out)
+    return total, None if cpart is None else split_sum(cpart, colsum_dtype)
 
 
 def _buffers(shape, n_splits, A, out_dtype, colsum_dtype, out, device):

@@ -54,6 +54,7 @@ FLOAT_ARGS = {
     "act_bwd_lora.act_bwd_lora_kernel": ("c", "scaling_g", "scaling_u", "scaling_d", "drop_scale"),
     "lora_epilogue.lora_expand_add_kernel": ("scaling", "scaling2", "drop_scale", "drop_scale2"),
     "lora_epilogue.gate_up_lora_act_kernel": ("scaling_g", "scaling_u", "c"),
+    "split_sum.split_sum_kernel": (),
 }
 # The integer mask thresholds (reference.philox.keep_threshold, in [0, 65536]): plain i32 values,
 # declared ``do_not_specialize`` by their kernels, so compiled without the divisibility-by-16 hint of
@@ -94,6 +95,7 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
 
     masked_gated_act fwd/bwd, act_bwd_lora: none (the kernels take row strides only; the column stride
         is 1 by construction, and rank-sized operands are contiguous with their rank as row stride).
+    split_sum: none (contiguous partials and result, no strides).
     lora_shrink: forward S = x A^T with x (M, K), A (R, K): stride_xk, stride_ak, stride_sr;
         backward t = dy B, where "A" is the view B^T (R, N) of B (N, R): stride_xk, stride_ar, stride_sr.
     gemm_lora_expand: forward y = x W^T (+ S B^T): stride_xk, stride_wk, stride_yn (+ stride_sr,
@@ -112,7 +114,7 @@ def unit_strides(kernel: str, phase: str, constexprs: dict) -> tuple[str, ...]:
     fwd = phase == "forward"
     if phase not in ("forward", "backward"):
         raise ValueError(f"phase: expected 'forward' or 'backward', got {phase!r}")
-    if fn in ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel", "act_bwd_lora_kernel"):
+    if fn in ("masked_gated_act_fwd_kernel", "masked_gated_act_bwd_kernel", "act_bwd_lora_kernel", "split_sum_kernel"):
         return ()
     if fn == "lora_shrink_kernel":
         return ("stride_xk", "stride_ak" if fwd else "stride_ar", "stride_sr")
@@ -655,8 +657,31 @@ EPILOGUE_CASES = (
     GateUpLoraAct(x=BF16, act=SILU, gate_lora=TF32, up_lora=TF32, mask=True),
 )
 
+@dataclass(frozen=True, kw_only=True)
+class SplitSum(_Case):
+    """The fixed-order sum of a split reduction's fp32 partials, cast to ``out``'s dtype."""
+
+    out: int
+    family = "split_sum"
+    kernel = "split_sum.split_sum_kernel"
+    phase = "forward"  # no operand is a transposed view (its callers run in the backward)
+
+    @property
+    def label(self) -> str:
+        return f"split_sum out={CODE_NAMES[self.out]}"
+
+    def pointers(self) -> dict:
+        return {"part_ptr": _PTR[FP32], "out_ptr": _PTR[self.out]}
+
+    def constexprs(self) -> dict:
+        return {}
+
+
+# the sum of split partials: the adapters' and the weights' dtypes
+SPLIT_SUM_CASES = tuple(SplitSum(out=c) for c in (FP32, BF16, FP16))
+
 CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE_CASES, *ACT_BWD_LORA_CASES,
-         *EPILOGUE_CASES)
+         *EPILOGUE_CASES, *SPLIT_SUM_CASES)
 
 
 def variants(arch: str) -> list[Variant]:
