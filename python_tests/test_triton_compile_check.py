@@ -76,21 +76,26 @@ for arch in (80, 90):
 """
 
 
-def test_fp32_lora_dots_run_on_tensor_cores_without_spills():
-    """Every fp32-adapter variant (default config, sm_80 and sm_90) runs its LoRA dots on the tensor
-    cores (tf32x3, or single tf32 products under torch's "high" precision: HMMA / HGMMA) and does not spill. On the CUDA cores one tile's LoRA dot alone would
-    take a thread (tile products / threads) FFMA per rank or K step; the variants chosen here have no
-    fp32 base product, so their FFMA count must stay below that (the epilogue's activation may use a
-    few)."""
+def _compiled_rows(script: str) -> list[dict]:
+    """The JSON lines ``script`` prints, run in a child process without TRITON_INTERPRET (compiling for
+    sm_80 / sm_90 needs no GPU)."""
+    import json
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _FP32_LORA_SASS], env=env, capture_output=True, text=True,
-                         timeout=900, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    import json
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+def test_fp32_lora_dots_run_on_tensor_cores_without_spills():
+    """Every fp32-adapter variant (default config, sm_80 and sm_90) runs its LoRA dots on the tensor
+    cores (tf32x3, or single tf32 products under torch's "high" precision: HMMA / HGMMA) and does not
+    spill. On the CUDA cores one tile's LoRA dot alone would take a thread (tile products / threads) FFMA
+    per rank or K step; the variants chosen here have no fp32 base product, so their FFMA count must stay
+    below that (the epilogue's activation may use a few)."""
+    rows = _compiled_rows(_FP32_LORA_SASS)
     assert {r["arch"] for r in rows} == {80, 90} and len(rows) >= 20
     for r in rows:
         m = r["sass"]
@@ -129,15 +134,7 @@ def test_fp32_dots_with_a_16_bit_operand_issue_two_tf32_products_of_three():
     reductions issue two tf32 MMAs where the same kernel with that operand in fp32 issues three
     (_common.lora_dot_split). The error budgets cannot tell the two apart (both are within tf32x3's), so
     this is the test that the exact path is taken."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _EXACT_PAIRS_SASS], env=env, capture_output=True, text=True,
-                         timeout=900, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    import json
-
-    pairs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    pairs = _compiled_rows(_EXACT_PAIRS_SASS)
     assert len(pairs) == 8
     for p in pairs:
         exact, full = (r["sass"]["tensor_core_instructions"] for r in p["rows"])
@@ -178,15 +175,7 @@ def test_single_tf32_dots_issue_one_mma_per_product():
     MMA: the same kernel in one config issues half the tensor-core instructions of its tf32x3 form where
     one operand is 16-bit (two MMAs there) and a third where both are fp32 (three). The interpreted tests
     (test_triton_tf32.py) see the precision; this sees the instructions."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", _TF32_PAIRS_SASS], env=env, capture_output=True, text=True,
-                         timeout=900, cwd=ROOT)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    import json
-
-    pairs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    pairs = _compiled_rows(_TF32_PAIRS_SASS)
     assert len(pairs) == 14
     for p in pairs:
         single, full = (r["sass"]["tensor_core_instructions"] for r in p["rows"])
