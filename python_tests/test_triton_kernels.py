@@ -581,8 +581,11 @@ def test_split_sum_is_the_sequential_fp32_sum_cast_once(dtype, splits, shape):
         want += part[s]
     got = split_sum(part, dtype)
     assert got.dtype == dtype and torch.equal(got, want.to(dtype))
-    out = torch.full(shape, SENTINEL, dtype=dtype, device=DEV)
+    n = want.numel()  # into a contiguous view inside a sentinel-filled buffer: nothing written outside it
+    buf = torch.full((n + 4,), SENTINEL, dtype=dtype, device=DEV)
+    out = buf[2:2 + n].view(shape)
     assert split_sum(part, dtype, out) is out and torch.equal(out, want.to(dtype))
+    assert torch.all(buf[:2] == SENTINEL) and torch.all(buf[2 + n:] == SENTINEL)
 
 
 def test_split_sum_rejects_bad_arguments():
@@ -613,3 +616,7 @@ def test_token_reduce_splits_cost_one_extra_launch(out_dtype, monkeypatch):
     three, _ = K.token_reduce(p, q, out_dtype, torch.float32, splits=3)
     assert calls == [out_dtype] and three.dtype == out_dtype
     assert_close64(three, p.double().cpu().t() @ q.double().cpu(), out_dtype, depth=200, tf32x3_depth=200)
+    # into a given out: contiguous (summed straight into it) and strided (summed, then copied)
+    for out in (torch.empty(24, 16, dtype=out_dtype, device=DEV), torch.empty(16, 24, dtype=out_dtype, device=DEV).t()):
+        res, _ = K.token_reduce(p, q, out_dtype, torch.float32, splits=3, out=out)
+        assert res is out and torch.equal(out, three)

@@ -97,6 +97,21 @@ def test_settings_are_restored_whole(fp32_matmul, what, setting, want):
     fp32_matmul("high")  # what the fixture restores afterwards: checked by the next test's getters
 
 
+@pytest.mark.skipif(not NEW_FP32_PRECISION_API, reason="the newer API's inheritance (torch >= 2.9)")
+def test_restoring_keeps_inherited_values_inherited(fp32_matmul):
+    """After transformers' ``tf32=True`` (the generic value "tf32") a pass through cuda_fp32_matmul must
+    not pin CUDA's matmuls to "tf32": a later generic "ieee" still reaches them."""
+    from transpeft_kernels.kernels.env import cuda_fp32_matmul, cuda_fp32_matmul_is_tf32
+
+    reset_fp32_matmul_precision()
+    torch.backends.fp32_precision = "tf32"
+    with cuda_fp32_matmul("ieee"):
+        assert not cuda_fp32_matmul_is_tf32()
+    assert cuda_fp32_matmul_is_tf32()
+    torch.backends.fp32_precision = "ieee"
+    assert not cuda_fp32_matmul_is_tf32() and fp32_lora_precision() == "tf32x3"
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_lora_shrink(fp32_matmul, x_dtype):
     M, Kd, r = 45, 77, 16

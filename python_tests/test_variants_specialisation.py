@@ -134,8 +134,8 @@ def recorded_launches():
         # split reductions (the interpreter's token splits are 1): their partials' sum, split_sum
         from transpeft_kernels.kernels import triton as K
 
-        K.token_reduce(torch.randn(48, 16, device=DEV), torch.randn(48, 24, device=DEV), torch.bfloat16,
-                       torch.float32, splits=2)
+        K.token_reduce(torch.randn(512, 16, device=DEV), torch.randn(512, 24, device=DEV), torch.bfloat16,
+                       torch.float32, splits=2)  # 512 tokens: two splits with BLOCK_T up to 256
     finally:
         for k, v in env_before.items():
             if v is None:

@@ -1,7 +1,7 @@
 """The numerics check run before any implementation is timed.
 
 Same inputs for the implementation and the reference (``reference.lora_linear`` / ``reference.gated_mlp``
-evaluated in float32 on float32 copies of the same tensors): the output and the gradients with respect
+evaluated in float32 on float32 copies of the same tensors, with full-fp32 matmuls also in the TF32 cases): the output and the gradients with respect
 to x and every LoRA factor are compared by normwise relative error ``||a - ref|| / ||ref||``, which stays
 meaningful at large shapes where elementwise tolerances either explode or must be made absurd.
 Philox implementations are checked with the case's masking and LoRA dropout (same seed, hence the
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.env import cuda_fp32_matmul
 from ..reference import lora as ref_lora
 from ..reference import mlp as ref_mlp
 from ..specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec
@@ -79,7 +80,8 @@ def check(impl: Impl, setup: OpSetup, tokens: int, seed: int = 0) -> CheckResult
     case = setup.case
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, case.d, generator=gen).to(setup.device, setup.dtype).requires_grad_(True)
-    y_ref, ref_leaves = _reference(setup, x, impl.check_random)
+    with cuda_fp32_matmul("ieee"):  # the spec in full fp32, also in the benchmark's TF32 cases
+        y_ref, ref_leaves = _reference(setup, x, impl.check_random)
     dy = torch.randn(y_ref.shape, generator=gen).to(setup.device, setup.dtype)
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.float())
 

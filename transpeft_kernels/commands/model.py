@@ -121,7 +121,7 @@ def _compare(args) -> int:
     if not pairs:
         print(f"{path}: no op-level fwd+bwd GPU records with a modelled device (H100, H200, A100)")
     for p in pairs:
-        print(f"{p['op']:12s} M={p['M']:<6d} r={p['r']:<3d} q={p['lora_dropout']:<5g} {p['impl']:8s} {p['gpu']}: "
+        print(f"{p['op']:12s} M={p['M']:<6d} r={p['r']:<3d} q={p['lora_dropout']:<5g} {p['fp32_matmul']:4s} {p['impl']:8s} {p['gpu']}: "
               f"measured {p['measured_ms']:.3f} ms, model {p['predicted_ms']:.3f} ms, measured/model {p['model_error']:.2f}")
     if args.json:
         from ..atomic_io import atomic_write_text

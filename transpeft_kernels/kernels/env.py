@@ -46,7 +46,6 @@ _UNSET = object()
 _FP32_PRECISION_GETTER = _UNSET  # found on the first call
 
 
-FP32_MATMUL_MODES = ("ieee", "tf32")
 
 
 def save_fp32_precision() -> tuple:
@@ -69,8 +68,11 @@ def restore_fp32_precision(saved: tuple = ("highest", ("none", "none", "none")))
 
     legacy, new = saved
     torch.set_float32_matmul_precision(legacy)
-    for node, value in zip(_precision_nodes(torch), new):
-        node.fp32_precision = value
+    # the newer getters answer a parent's value for a node without its own: a child that read what the
+    # generic value is goes back to "none" (inheriting), not to an explicit copy a later generic setting
+    # would no longer reach
+    for i, (node, value) in enumerate(zip(_precision_nodes(torch), new)):
+        node.fp32_precision = "none" if i and new[0] != "none" and value == new[0] else value
 
 
 def _precision_nodes(torch) -> tuple:
@@ -85,9 +87,9 @@ FP32_MATMUL_MODES = ("ieee", "tf32")
 @contextlib.contextmanager
 def cuda_fp32_matmul(mode: str):
     """Within the block torch's fp32 matmuls run in ``mode``: "ieee" (full fp32, torch's default) or
-    "tf32" (TF32 allowed), set as ``torch.set_float32_matmul_precision("highest" / "high")`` sets it, so
-    the older and newer APIs agree; everything is restored afterwards. The benchmark's TF32 cases and the
-    model's use it."""
+    "tf32" (TF32 allowed), set as ``torch.set_float32_matmul_precision("highest" / "high")`` sets it (which
+    sets CUDA's and, on CPUs whose oneDNN has it, oneDNN's matmuls), so the older and newer APIs agree;
+    everything is restored afterwards. The benchmark's TF32 cases and the model's use it."""
     import torch
 
     if mode not in FP32_MATMUL_MODES:

@@ -250,11 +250,11 @@ EPILOGUE_RANK_TRIP_WEIGHT = {
 GATE_UP_NO_LORA_WEIGHT = 0.21
 
 # split_sum's issue work per output element (kernels/triton/split_sum.py, static sm_90 SASS of the default
-# config, fp32 -> bf16, 8 elements per thread): 266 instructions, 97 of them the split loop's body, charged
-# once per split: (266 - 97) / 8 / 24 per element plus 97 / 8 / 24 per split. Small either way: the
+# config, fp32 -> bf16, 8 elements per thread): 230 instructions, 75 of them the split loop's body, charged
+# once per split: (230 - 75) / 8 / 24 per element plus 75 / 8 / 24 per split. Small either way: the
 # launch is what it saves (a sum and a cast were two).
-SPLIT_SUM_ELEMENT_WEIGHT = 0.88
-SPLIT_SUM_SPLIT_WEIGHT = 0.51
+SPLIT_SUM_ELEMENT_WEIGHT = 0.81
+SPLIT_SUM_SPLIT_WEIGHT = 0.39
 
 
 def _epilogue_weight(kernel: str, second: bool, fp32: bool | str, block_r: int, ranks: list[int]) -> float:

@@ -12,8 +12,8 @@ waiting for the host (not yet proven by a profile). Working the plan out on ever
 per launch on the development CPU with the kernels stubbed (benchmarks/host_overhead.py); a cached plan
 leaves the signature, a dict lookup, the output allocation and the launch itself: 5-12 us.
 
-Launchers with plans: lora_shrink, lora_expand_add (and lora_expand_into), token_reduce, gate_up_lora_act, act_bwd_lora and
-masked_gated_act_fwd/bwd (everything the default cuBLAS-based paths launch). The Triton GEMMs
+Launchers with plans: lora_shrink, lora_expand_add (and lora_expand_into), token_reduce, gate_up_lora_act, act_bwd_lora,
+split_sum and masked_gated_act_fwd/bwd (everything the default cuBLAS-based paths launch). The Triton GEMMs
 (gemm_lora_expand, gate_up_act; only with TRANSPEFT_TRITON_BASE_GEMM=triton) still work it out per call.
 
 Launchers launch through ``direct_launch.launch(kernel, plan, pointers, scalars)``: the plan also keeps

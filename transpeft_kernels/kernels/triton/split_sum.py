@@ -7,7 +7,8 @@ split reduction: six pairs per gated MLP step with bf16 adapters. Here it is one
 
     out[i] = cast(((part[0, i] + part[1, i]) + part[2, i]) + ...)      fp32 sums in split order
 
-which is also the order a sequential fp32 loop adds them in (the tests compare bit for bit).
+which is also the order a sequential fp32 loop adds them in (the tests compare bit for bit; the sum starts
+from +0, so a sum of zeros is +0 where a loop starting from part[0] may keep a -0).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def split_sum_kernel(part_ptr, out_ptr, n_splits, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, n_splits):
-        acc += tl.load(part_ptr + s * n + offs, mask=ok, other=0.0)
+    ptrs = part_ptr + offs
+    for _ in range(0, n_splits):  # the pointers step a split at a time: no 32-bit split x n product
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += n
     tl.store(out_ptr + offs, cast_like(acc, out_ptr), mask=ok)
 
 
