@@ -192,12 +192,13 @@ def _add(into: dict, more: dict) -> dict:
 # sigmoid of kernels/triton/activations.py); r 32: 1190 per 16 (fp32, 128 columns; 1302 before), 545 per 8
 # (bf16, 64 columns: 128 spilled); r 64: 705 / 541 per 8 (753 / 541 before; 831 / 606 before the
 # sigmoid)), less the two mask streams the model charges as Philox work (2 x 18.4), over 24. fp32 adapters
-# as single tf32 products (key "tf32", _fp32_key): 968 per 16 at r 16, 597 per 8 at r 32 (64 columns: 128 spilled 16 B), 662 per 8 at r 64.
+# as single tf32 products (key "tf32", _fp32_key): 952 per 16 at r 16, 589 per 8 at r 32 (64 columns: 128 spilled
+# 16 B), 654 per 8 at r 64 (968, 597, 662 before dA_d's dropout scale moved after the sum).
 # Every warp gathers each dot's rank-sized operand and stages its share of the (BLOCK_M, BLOCK_N) tile
 # through shared memory per dot: 0.8-2.4x an elementwise kernel's work per element.
 ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.20, (False, 16): 0.76, (True, 32): 1.57, (False, 32): 1.31,
                                (True, 64): 2.14, (False, 64): 1.28,
-                               ("tf32", 16): 0.99, ("tf32", 32): 1.58, ("tf32", 64): 1.91}
+                               ("tf32", 16): 0.95, ("tf32", 32): 1.53, ("tf32", 64): 1.87}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static

@@ -99,7 +99,7 @@ def act_bwd_lora_kernel(
     """One (column block, row split) of the pass; see the module docstring. Rank-sized tensors are
     contiguous: S (M, r), t_d (M, r_d); partials dB (splits, I, r), dA (splits, r_d, I), all fp32."""
     X16: tl.constexpr = dg_ptr.dtype.element_ty != tl.float32  # dg, du, h' exact in tf32
-    D_EXACT: tl.constexpr = X16 and D_DTYPE == 0
+    D_EXACT: tl.constexpr = X16 and (D_DTYPE == 0 or D_DTYPE == 3)  # fp32 adapters: 1/(1-q) after the sum
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     col0 = pid_n * BLOCK_N

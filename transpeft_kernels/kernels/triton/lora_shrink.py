@@ -16,7 +16,8 @@ X_EXACT, fp32 adapters over a 16-bit X (every shrink of the gated MLP: x, h', dY
 are exact in tf32, so the product takes two MMAs, not three, and X is not split. With dropout the
 mask selects X's values and the scale multiplies the sum instead of each element (X * scale would not
 be exact): S = scale * sum_k keep X A^T, one fp32 rounding of the sum where the reference rounds each
-X * scale (<= 2^-24 relative; the tests' budget is the tf32x3 one, 2^-21 per product).
+X * scale (<= 2^-24 relative; the tests' budget is the tf32x3 one, 2^-21 per product). The same with
+single tf32 products (torch's "high" precision, code 3): X stays exact, only A is read with 10 bits.
 
 One program owns BLOCK_M rows and one BLOCK_R-wide slice of the rank and loops over K.
 """
@@ -50,7 +51,8 @@ def lora_shrink_kernel(
     # 16-bit tile's footprint: they step at most 64 columns of K at a time (BLOCK_K 128 spilled on sm_90);
     # as single tf32 products (code 3) they keep the same step
     STEP_K: tl.constexpr = 64 if ((DOT_DTYPE == 0 or DOT_DTYPE == 3) and BLOCK_K > 64) else BLOCK_K
-    X_EXACT: tl.constexpr = DOT_DTYPE == 0 and x_ptr.dtype.element_ty != tl.float32  # module docstring
+    # fp32 adapters (tf32x3 or single tf32) over a 16-bit x: module docstring
+    X_EXACT: tl.constexpr = (DOT_DTYPE == 0 or DOT_DTYPE == 3) and x_ptr.dtype.element_ty != tl.float32
     k_idx = tl.arange(0, STEP_K)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)

@@ -60,8 +60,8 @@ def token_reduce_kernel(
     if Q_DROPOUT:
         seed = tl.load(seed_ptr)
     # fp32 LoRA dots with an operand stored in a 16-bit dtype: exact in tf32 (module docstring)
-    P_EXACT: tl.constexpr = LORA_DOT and DOT_DTYPE == 0 and p_ptr.dtype.element_ty != tl.float32
-    Q_EXACT: tl.constexpr = LORA_DOT and DOT_DTYPE == 0 and q_ptr.dtype.element_ty != tl.float32
+    P_EXACT: tl.constexpr = LORA_DOT and (DOT_DTYPE == 0 or DOT_DTYPE == 3) and p_ptr.dtype.element_ty != tl.float32
+    Q_EXACT: tl.constexpr = LORA_DOT and (DOT_DTYPE == 0 or DOT_DTYPE == 3) and q_ptr.dtype.element_ty != tl.float32
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     csum = tl.zeros((BLOCK_A,), dtype=tl.float32)
     for t0 in range(t_start, t_stop, BLOCK_T):
