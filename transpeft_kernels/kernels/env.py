@@ -46,8 +46,6 @@ _UNSET = object()
 _FP32_PRECISION_GETTER = _UNSET  # found on the first call
 
 
-
-
 def save_fp32_precision() -> tuple:
     """Everything of torch's fp32 matmul precision that its setters write: the older API's flag and,
     since torch 2.9, the newer API's generic, CUDA-matmul and oneDNN-matmul values (the older setter
