@@ -78,6 +78,11 @@ class OpCase:
     fp32_matmul: str = "ieee"
 
     @property
+    def random(self) -> bool:
+        """Whether a forward draws a seed: LoRA dropout or masking on (as the patched MLP draws it)."""
+        return self.lora_dropout > 0 or self.masking > 0
+
+    @property
     def key(self) -> str:
         shape = f"{self.label} d={self.d} n={self.n}" if self.op == "lora_linear" else self.label
         tf32 = " tf32" if self.fp32_matmul == "tf32" else ""

@@ -200,7 +200,7 @@ def _fixed_seed(value: int = 1234) -> torch.Tensor:
 def _backend_fns(setup: OpSetup, name: str):
     backend = ops.resolve(name, setup.device)
     case = setup.case
-    random = case.lora_dropout > 0 or case.masking > 0
+    random = case.random
 
     def seed():  # drawn per forward on the input's device, as the patched MLP does
         return torch.randint(SEED_BOUND, (), dtype=torch.int64, device=setup.device) if random else None

@@ -116,8 +116,7 @@ def _prepare_op(case: ModelCase, impl: str):
         fwd = setup.module if case.op == "lora_linear" else (lambda t: vanilla_masked_mlp(setup.module, t, case.masking))
     else:
         backend = by_name(impl)
-        # a seed only where something is random, as the benchmark (bench/impls.py) and the patched MLP draw it
-        random = case.lora_dropout > 0 or (case.op == "gated_mlp" and case.masking > 0)
+        random = setup.case.random  # a seed only where something is random, as the benchmark draws it
         if case.op == "lora_linear":
             def fwd(t):
                 return ops.lora_linear(t, setup.weights, _seed() if random else None, backend)

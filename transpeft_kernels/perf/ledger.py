@@ -557,6 +557,13 @@ def _exact(adapter: torch.Tensor, operand: torch.Tensor) -> bool:
     return adapter.dtype == torch.float32 and operand.element_size() == 2
 
 
+def _cuda_weight(table: dict, kind: str, fp32: bool, big: bool, exact: bool) -> float:
+    """A CUDA tile kernel's issue weight: ``table``'s entry for (``kind``, an fp32 adapter, rank > 32; the
+    token reductions' table has no kind), plus the exact operand's change where there is one."""
+    base = table[(fp32, big)] if table is CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT else table[(kind, fp32, big)]
+    return base + (CUDA_EXACT_OPERAND_DELTA[(kind, big)] if exact else 0.0)
+
+
 def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> tuple[dict, int, int]:
     """(FLOPs by unit, elements, philox) of one CUDA wrapper call (kernels/cuda/launch.py)."""
     if wrapper == "lora_shrink" and tensors_in[1].shape[0] <= 64 and (tensors_in[0].shape[1] <= 1 or tensors_in[0].stride(1) == 1):
@@ -597,12 +604,10 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         exact = _exact(a, g)  # S_d's h' operand unsplit
         s_d = (times - exact) * 2 * n * r
         if gate_up is not None:  # and the gate/up expands: two more rank-sized products per element
-            key = ("fwd_gu", max(r, gate_up.s_g.shape[1]) > 32)
-            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[(key[0], a.dtype == torch.float32, key[1])] + \
-                (CUDA_EXACT_OPERAND_DELTA[key] if exact else 0.0)
+            weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "fwd_gu", a.dtype == torch.float32,
+                                  max(r, gate_up.s_g.shape[1]) > 32, exact)
             return {unit: s_d + times * 2 * 2 * n * gate_up.s_g.shape[1]}, round(n * weight), philox
-        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd", a.dtype == torch.float32, r > 32)] + \
-            (CUDA_EXACT_OPERAND_DELTA[("fwd", r > 32)] if exact else 0.0)
+        weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "fwd", a.dtype == torch.float32, r > 32, exact)
         return {unit: s_d}, round(n * weight), philox
     if wrapper in ("masked_gated_act_fwd", "masked_gated_act_bwd"):
         g = tensors_in[1] if wrapper.endswith("bwd") else tensors_in[0]
@@ -629,19 +634,17 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         flops = times * 2 * n * r + (times - exact) * 2 * n * r
         if gate_up is not None:  # and the gate/up dB: two more rank-sized token sums over the same tiles
             r_gu = gate_up[0].shape[1]
-            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd_db", a.dtype == torch.float32, False)] + \
-                (CUDA_EXACT_OPERAND_DELTA[("bwd_db", False)] if exact else 0.0)
+            weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "bwd_db", a.dtype == torch.float32, False, exact)
             return {unit: flops + (times - exact) * 2 * 2 * n * r_gu}, round(n * weight), philox
-        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd", a.dtype == torch.float32, r > 32)] + \
-            (CUDA_EXACT_OPERAND_DELTA[("bwd", r > 32)] if exact else 0.0)
+        weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "bwd", a.dtype == torch.float32, r > 32, exact)
         return {unit: flops}, round(n * weight), philox
     if wrapper == "lora_token_reduce":  # s l^T D(cast_A(x)): x staged once, the products on the tensor cores
         l, x = tensors_in[0], tensors_in[1]
         unit, times = _cuda_tc_unit(l.dtype)
         drop = kw.get("drop")
         exact = _exact(l, x)
-        weight = CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT[(l.dtype == torch.float32, l.shape[1] > 32)] + \
-            (CUDA_EXACT_OPERAND_DELTA[("token_reduce", l.shape[1] > 32)] if exact else 0.0)
+        weight = _cuda_weight(CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT, "token_reduce", l.dtype == torch.float32,
+                              l.shape[1] > 32, exact)
         return {unit: (times - exact) * 2 * x.numel() * l.shape[1]}, round(x.numel() * weight), \
             x.numel() if drop is not None and drop.q > 0 else 0
     if wrapper == "lora_dropout_cast":

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import configs, direct_launch, plans
-from ._common import cast_like, cdiv, dtype_code
+from ._common import DTYPE_CODES, cast_like, cdiv
 
 
 @triton.jit
@@ -52,7 +52,8 @@ def _plan(part, dtype, out) -> plans.LaunchPlan:
     if part.dtype != torch.float32 or not part.is_contiguous() or part.dim() < 1:
         raise ValueError(f"part: expected contiguous float32 partials (splits, ...), got {part.dtype} "
                          f"{tuple(part.shape)} with strides {part.stride()}")
-    dtype_code(torch.empty((), dtype=dtype), "dtype")
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
     if out is not None and (out.shape != part.shape[1:] or out.dtype != dtype or not out.is_contiguous()
                             or out.device != part.device):
         raise ValueError(f"out: expected a contiguous {dtype} tensor of shape {tuple(part.shape[1:])} on "
