@@ -46,13 +46,6 @@ def on_accelerator():
 NEW_FP32_PRECISION_API = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9
 
 
-def reset_fp32_matmul_precision() -> None:
-    """torch's fp32 matmul precision back to torch's defaults, in both its APIs."""
-    from transpeft_kernels.kernels.env import restore_fp32_precision
-
-    restore_fp32_precision()
-
-
 @pytest.fixture
 def fp32_matmul():
     """A setter of torch's fp32 matmul precision ("highest": full fp32, "high": TF32 allowed) for the

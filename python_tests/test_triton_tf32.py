@@ -14,10 +14,11 @@ import torch
 pytest.importorskip("triton")
 
 from budget import TF32_ROUNDOFF, assert_close_to_exact  # noqa: E402
-from conftest import NEW_FP32_PRECISION_API, reset_fp32_matmul_precision  # noqa: E402
+from conftest import NEW_FP32_PRECISION_API  # noqa: E402
 from test_ops import assert_matches, make_linear, make_mlp, run  # noqa: E402
 from transpeft_kernels import ops, reference as R  # noqa: E402
 from transpeft_kernels.kernels import triton as K  # noqa: E402
+from transpeft_kernels.kernels.env import restore_fp32_precision  # noqa: E402
 from transpeft_kernels.kernels.triton import plans  # noqa: E402
 from transpeft_kernels.kernels.triton._common import FP32, TF32, BF16, fp32_lora_precision, lora_code  # noqa: E402
 from transpeft_kernels.specs import Layout, LinearWeights, LoraWeights, MaskSpec  # noqa: E402
@@ -70,7 +71,7 @@ def test_precision_follows_torch(fp32_matmul, what, setting, want, reader, monke
         monkeypatch.setattr(env, "_FP32_PRECISION_GETTER", None)
     elif env._FP32_PRECISION_GETTER is None:
         pytest.skip("this torch has no fast getter")
-    reset_fp32_matmul_precision()
+    restore_fp32_precision()  # torch's defaults
     setting()
     x32, x16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bfloat16)
     assert fp32_lora_precision() == want
@@ -86,7 +87,7 @@ def test_settings_are_restored_whole(fp32_matmul, what, setting, want):
     the two APIs disagree makes them raise, and with them every cuBLAS call)."""
     from transpeft_kernels.kernels.env import cuda_fp32_matmul, cuda_fp32_matmul_is_tf32, save_fp32_precision
 
-    reset_fp32_matmul_precision()
+    restore_fp32_precision()  # torch's defaults
     setting()
     before = save_fp32_precision()
     for mode in ("ieee", "tf32"):
@@ -103,7 +104,7 @@ def test_restoring_keeps_inherited_values_inherited(fp32_matmul):
     not pin CUDA's matmuls to "tf32": a later generic "ieee" still reaches them."""
     from transpeft_kernels.kernels.env import cuda_fp32_matmul, cuda_fp32_matmul_is_tf32
 
-    reset_fp32_matmul_precision()
+    restore_fp32_precision()  # torch's defaults
     torch.backends.fp32_precision = "tf32"
     with cuda_fp32_matmul("ieee"):
         assert not cuda_fp32_matmul_is_tf32()
