@@ -199,6 +199,12 @@ def _add(into: dict, more: dict) -> dict:
 ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.20, (False, 16): 0.76, (True, 32): 1.57, (False, 32): 1.31,
                                (True, 64): 2.14, (False, 64): 1.28,
                                ("tf32", 16): 0.95, ("tf32", 32): 1.53, ("tf32", 64): 1.87}
+# The same with the dh' fold (FOLD_D: the down LoRA's term s_d D(t_d A_d) added to dY W_d in the pass; 16-bit
+# adapters, ranks <= 32, 64 columns), keyed by rank tile: 672 / 710 per 8 elements at r 16 / 32 (bf16
+# adapters; 879 per 16 without the fold at r 16), the same two mask streams off, over 24. About 29
+# instructions per element more: the (BLOCK_M, BLOCK_N) product leaves the dot in its own register
+# layout and goes through shared memory to the element-wise one.
+ACT_BWD_LORA_FOLD_WEIGHT = {16: 1.97, 32: 2.16}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
@@ -303,14 +309,18 @@ def _triton_cost(kernel: str, a: dict) -> tuple[list, list, dict, int, int]:
             reads.append("td_ptr")
             writes.append("dad_ptr")
             _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"], exact=x16))
-            philox += n if a["D_DROPOUT"] else 0
+            philox += n if a["D_DROPOUT"] else 0  # one keep mask for dA_d and, folded, dh'
+        if a["FOLD_D"]:
+            reads.append("ad_ptr")
+            _add(flops, _lora_flops(a["D_DTYPE"], 2 * n * a["RD"]))
         present = [x for x in ("G", "U", "D") if a[f"LORA_{x}"]]
         codes = {a[f"{x}_DTYPE"] for x in present}  # every adapter fp32, as act_bwd_lora.block_n_for_rank decides
         fp32 = True if codes == {0} else "tf32" if codes == {3} else False
         rank = max(a["RG"], a["RU"], a["RD"])
         tile = 16 if rank <= 16 else 32 if rank <= 32 else 64
         lora = a["LORA_G"] or a["LORA_U"] or a["LORA_D"]
-        return reads, writes, flops, round(n * (ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, tile)] if lora else 1.0)), philox
+        weight = ACT_BWD_LORA_FOLD_WEIGHT[tile] if a["FOLD_D"] else ACT_BWD_LORA_ELEMENT_WEIGHT[(fp32, tile)] if lora else 1.0
+        return reads, writes, flops, round(n * weight), philox
     if kernel == "lora_expand_add_kernel":  # y <- y + s D(S B^T) over a cuBLAS output, or C for addmm_
         M, N = a["M"], a["N"]
         second = bool(a["SECOND"])

@@ -12,6 +12,11 @@ reference (keep, c as in masked_gated_act):
     h'   = round_x(act(g) u keep c)                 bit-identical to the forward's h'
     dA_d = s_d t_d^T D_q(cast_A(h'))    (r_d, I)    D_q: the down LoRA's dropout, keep x 1/(1-q)
 
+With ``down.a`` (the dh' fold; 16-bit adapters, rank <= FOLD_MAX_RANK) dh holds cuBLAS's dY W_d alone and
+the pass first forms dh' = round_x(dh + s_d D_q(t_d A_d)), lora_expand_add's arithmetic, from the t_d tile
+and the keep mask that dA_d uses as well: no (M, I) write of the LoRA term before the GEMM, no separate
+launch, and the down LoRA's dropout mask regenerated once instead of twice.
+
 The fused gate_up layout is two sides sharing S (dB of its B is [dB_g; dB_u]). The LoRA products run on
 the tensor cores in the adapter's precision (``_common.lora_dot``).
 
@@ -25,14 +30,14 @@ and measured: its dots have (BLOCK_M, r) outputs, 16 x 16 at r 16, that keep few
 warp gathers the whole (BLOCK_M, BLOCK_N) operand; in the static sm_90 SASS the loop went from 78 to 118
 instructions per element with fp32 adapters (65 to 77 with bf16), more issue time than the re-read's
 bytes cost, plus 8 r / BLOCK_N bytes of fp32 partials per element, and the fp32 variants spilled
-(96-168 B). Neither is the down LoRA's term of dh' added here (cuBLAS mode): +41 / +36 instructions
-per element at r 16 (fp32 / bf16 adapters), spills at r 64, about what the separate lora_expand_add
-over dh' costs in bytes. Both: benchmarks/results/sass_act_bwd_lora_options.json (counts from before
-the MUFU sigmoid of activations.py, which took the loop to 69 / 55 per element at r 16: with them the
-model finds the dh' fold about 0.09 ms faster with 16-bit adapters and even with fp32 ones; tried again
-and left out: it spilled 16-96 B at ranks 16 and 32 in one loop form or the other).
+(96-168 B): benchmarks/results/sass_act_bwd_lora_options.json. The dh' fold, left out twice for spills
+(16-96 B at ranks 16 and 32 with 128 columns), takes 64 columns: A_d's (r_d, 64) tile is loaded once per
+program and t_d's tile serves both dots; static sm_90 SASS at r 16 with bf16 adapters 672 instructions
+per 8 elements (84 per element, 167 registers) against 879 per 16 (55) without it, no spills on sm_80 or
+sm_90 up to rank 32 (rank 64 spilled 32 B on sm_80; fp32 adapters 120 B at rank 64, and the model gains
+nothing for them). By the model that is 0.06-0.09 ms less per Llama-3-8B MLP step at r 16.
 Ranks up to 64 (register accumulators); BLOCK_N is halved above rank 32, and above rank 16 unless every
-adapter is fp32 (``block_n_for_rank``).
+adapter is fp32, and with the fold (``block_n_for_rank``).
 """
 from __future__ import annotations
 
@@ -87,17 +92,19 @@ def _db_step(acc, d, s_ptr, rows64, row_ok, R, CODE: tl.constexpr, UPCAST: tl.co
 def act_bwd_lora_kernel(
     dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, seed_ptr,
     sg_ptr, dbg_ptr, su_ptr, dbu_ptr,
-    td_ptr, dad_ptr, dseed_ptr,
+    td_ptr, dad_ptr, dseed_ptr, ad_ptr,
     M, I, RG, RU, RD, rows_per_split,
-    stride_dh, stride_g, stride_u, stride_dg, stride_du,
+    stride_dh, stride_g, stride_u, stride_dg, stride_du, stride_ad,
     threshold, c, scaling_g, scaling_u, scaling_d, drop_threshold, drop_scale,
     ACT: tl.constexpr, HAS_MASK: tl.constexpr,
-    LORA_G: tl.constexpr, LORA_U: tl.constexpr, LORA_D: tl.constexpr, D_DROPOUT: tl.constexpr,
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, LORA_D: tl.constexpr, D_DROPOUT: tl.constexpr, FOLD_D: tl.constexpr,
     G_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, D_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RD: tl.constexpr,
 ):
     """One (column block, row split) of the pass; see the module docstring. Rank-sized tensors are
-    contiguous: S (M, r), t_d (M, r_d); partials dB (splits, I, r), dA (splits, r_d, I), all fp32."""
+    contiguous: S (M, r), t_d (M, r_d); partials dB (splits, I, r), dA (splits, r_d, I), all fp32.
+    FOLD_D (with LORA_D): dh_ptr holds dY W_d only and the pass adds the down LoRA's term, A_d (r_d, I)
+    at ad_ptr with row stride stride_ad."""
     X16: tl.constexpr = dg_ptr.dtype.element_ty != tl.float32  # dg, du, h' exact in tf32
     D_EXACT: tl.constexpr = X16 and (D_DTYPE == 0 or D_DTYPE == 3)  # fp32 adapters: 1/(1-q) after the sum
     pid_n = tl.program_id(0)
@@ -118,12 +125,26 @@ def act_bwd_lora_kernel(
         acc_bu = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     if LORA_D:
         acc_ad = tl.zeros((BLOCK_RD, BLOCK_N), dtype=tl.float32)
+    if FOLD_D:  # A_d's columns of this program, loaded once for the whole row walk
+        rd = tl.arange(0, BLOCK_RD)
+        ad = dot_operand(tl.load(ad_ptr + rd.to(tl.int64)[:, None] * stride_ad + c64[None, :],
+                                 mask=(rd < RD)[:, None] & col_ok[None, :], other=0.0), D_DTYPE, UPCAST)
     for r0 in range(row_start, row_stop, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_stop
         r64 = rows.to(tl.int64)
         inb = row_ok[:, None] & col_ok[None, :]
         dh = tl.load(dh_ptr + r64[:, None] * stride_dh + c64[None, :], mask=inb, other=0.0).to(tl.float32)
+        if FOLD_D:
+            # dh' = round_x(dY W_d + s_d D_q(t_d A_d)), lora_expand_add's arithmetic; t_d's tile and the
+            # dropout's keep serve dA_d below as well
+            td = _rank_tile_t(td_ptr, r64, row_ok, RD, BLOCK_RD)
+            z = lora_dot(dot_operand(tl.trans(td), D_DTYPE, UPCAST), ad, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                         D_DTYPE, UPCAST)
+            if D_DROPOUT:
+                keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
+                z = tl.where(keep_d, z * drop_scale, 0.0)
+            dh = cast_like(dh + scaling_d * z, g_ptr).to(tl.float32)
         g = tl.load(g_ptr + r64[:, None] * stride_g + c64[None, :], mask=inb, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + r64[:, None] * stride_u + c64[None, :], mask=inb, other=0.0).to(tl.float32)
         if HAS_MASK:
@@ -147,16 +168,21 @@ def act_bwd_lora_kernel(
             # operations in the same order for every activation; for erf-gelu a factor 0.5 moved is exact)
             h = cast_like(a * u * scale, g_ptr)
             hq = to_code(h, D_DTYPE)
-            tdt = dot_operand(_rank_tile_t(td_ptr, r64, row_ok, RD, BLOCK_RD), D_DTYPE, UPCAST)
+            if not FOLD_D:
+                td = _rank_tile_t(td_ptr, r64, row_ok, RD, BLOCK_RD)
+            tdt = dot_operand(td, D_DTYPE, UPCAST)
             if D_EXACT:
                 # fp32 adapters over a 16-bit base: the dropout's keep here, its scale 1/(1-q) after the sum,
                 # so that the dot's h' operand stays exact in tf32
                 if D_DROPOUT:
-                    hq = tl.where(philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N), hq, 0.0)
+                    if not FOLD_D:
+                        keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
+                    hq = tl.where(keep_d, hq, 0.0)
                 acc_ad = lora_dot_exact(tdt, dot_operand(hq, D_DTYPE, UPCAST), acc_ad, D_DTYPE, UPCAST)
             else:
                 if D_DROPOUT:
-                    keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
+                    if not FOLD_D:
+                        keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
                     hq = to_code(tl.where(keep_d, hq.to(tl.float32) * drop_scale, 0.0), D_DTYPE)
                 acc_ad = lora_dot(tdt, dot_operand(hq, D_DTYPE, UPCAST), acc_ad, D_DTYPE, UPCAST)
     s64 = split.to(tl.int64)
@@ -182,21 +208,30 @@ class LoraSide(NamedTuple):
 
 class DownLora(NamedTuple):
     """The down projection's LoRA for its dA: t (M, r_d) = cast_A(dY) B_d in the adapter dtype, the
-    scaling, and its lora dropout probability with the seed of its stream (None when dropout is 0)."""
+    scaling, and its lora dropout probability with the seed of its stream (None when dropout is 0).
+    ``a``: A_d (r_d, I), to add the LoRA term of dh' in the pass (``dh`` is then dY W_d alone); 16-bit
+    adapters of rank <= FOLD_MAX_RANK only."""
 
     t: torch.Tensor
     scaling: float
     dropout: float = 0.0
     seed: torch.Tensor | None = None
+    a: torch.Tensor | None = None
 
 
-def block_n_for_rank(block_n: int, rank: int, all_fp32: bool) -> int:
+# The dh' fold: 16-bit adapters up to rank 32, 64 columns per program (static SASS, sm_80 / sm_90: at
+# rank 64 it spilled 32 B on sm_80, with 128 columns 16 B at rank 16 on sm_90; fp32 adapters spilled at
+# rank 64 and the model has no gain for them: their expand is compute, not the pass's bytes)
+FOLD_MAX_RANK = 32
+
+
+def block_n_for_rank(block_n: int, rank: int, all_fp32: bool, fold: bool = False) -> int:
     """BLOCK_N for LoRA rank ``rank``: at most 64 above rank 32, and above rank 16 unless every adapter
     is fp32 with tf32x3 dots (the rank x BLOCK_N fp32 accumulators; static sm_80 / sm_90 SASS: at rank 64
     and 128 columns both spilled; at rank 32 the 16-bit adapters spilled 8 bytes on sm_90, and fp32 ones
     as single tf32 products 16, while tf32x3 ones fit in 254 registers, and 64 columns cost 105
-    instructions per element against 81)."""
-    return min(block_n, 64) if rank > 32 or (rank > 16 and not all_fp32) else block_n
+    instructions per element against 81). ``fold``: the dh' fold, 64 columns at every rank (FOLD_MAX_RANK)."""
+    return min(block_n, 64) if fold or rank > 32 or (rank > 16 and not all_fp32) else block_n
 
 
 def _check_side(side: LoraSide | None, name: str, M: int) -> int:
@@ -207,6 +242,18 @@ def _check_side(side: LoraSide | None, name: str, M: int) -> int:
     if side.s.shape[0] != M or not 1 <= side.s.shape[1] <= MAX_RANK:
         raise ValueError(f"{name}.s: expected shape ({M}, r) with r in [1, {MAX_RANK}], got {tuple(side.s.shape)}")
     return side.s.shape[1]
+
+
+def _check_fold(a: torch.Tensor, t: torch.Tensor, I: int) -> None:
+    """down.a for the dh' fold: A_d (r_d, I) in t's 16-bit dtype, unit column stride, r_d <= FOLD_MAX_RANK."""
+    check_2d(a, "down.a")
+    if a.dtype != t.dtype or a.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"down.a: expected down.t's dtype, torch.bfloat16 or torch.float16 (the fold takes 16-bit "
+                        f"adapters), got {a.dtype} with down.t {t.dtype}")
+    if a.shape != (t.shape[1], I) or t.shape[1] > FOLD_MAX_RANK:
+        raise ValueError(f"down.a: expected shape ({t.shape[1]}, {I}) with rank <= {FOLD_MAX_RANK}, got {tuple(a.shape)}")
+    if a.stride(1) != 1 and I > 1:
+        raise ValueError(f"down.a: expected a unit column stride, got strides {a.stride()}")
 
 
 _PLANS = plans.plan_cache("act_bwd_lora")
@@ -224,7 +271,8 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
     sig = plans.signature
     key = (sig(dh), sig(g), sig(u), activation, p, rescale, seed is None,
            None if gate is None else sig(gate.s), None if up is None else sig(up.s),
-           None if down is None else (sig(down.t), down.dropout, down.seed is None), splits,
+           None if down is None else (sig(down.t), down.dropout, down.seed is None, down.a is None or sig(down.a)),
+           splits,
            None if out is None else (sig(out[0]), sig(out[1])), plans.tuning_state())
     plan = _PLANS.get(key, lambda: _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out))
     dh, g, u = unit_columns(dh), unit_columns(g), unit_columns(u)
@@ -251,7 +299,7 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
 
 def _run(plan: plans.LaunchPlan, act: tuple, gate, up, down, mask_seed) -> tuple:
     """One launch of ``plan``: act = (dh, g, u, dg, du); ``mask_seed`` None without the knowledge mask.
-    ``plan.head``: the arguments between the thirteen pointers and the three scalings. Returns the fresh
+    ``plan.head``: the arguments between the fourteen pointers and the three scalings. Returns the fresh
     fp32 partials (dB_g, dB_u, dA_d; None for an absent side)."""
     dh, g = act[0], act[1]
     dbg, dbu, dad = _partials(plan.n_splits, g.shape[1], gate, up, down, g.device)
@@ -259,11 +307,12 @@ def _run(plan: plans.LaunchPlan, act: tuple, gate, up, down, mask_seed) -> tuple
     su = up.s.contiguous() if up is not None else dh
     td = down.t.contiguous() if down is not None else dh
     dseed = seed_on(down.seed, g.device, "down.seed") if down is not None and down.dropout > 0 else dh
+    ad = down.a if down is not None and down.a is not None else dh
     direct_launch.launch(
         act_bwd_lora_kernel, plan,
         (*act, seed_on(mask_seed, g.device) if mask_seed is not None else dh,
          sg, dbg if dbg is not None else dh, su, dbu if dbu is not None else dh,
-         td, dad if dad is not None else dh, dseed),
+         td, dad if dad is not None else dh, dseed, ad),
         (float(gate.scaling) if gate is not None else 1.0, float(up.scaling) if up is not None else 1.0,
          float(down.scaling) if down is not None else 1.0))
     return dbg, dbu, dad
@@ -295,12 +344,15 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
             raise ValueError(f"down.dropout: expected a probability in [0, 1), got {down.dropout}")
         if down.dropout > 0 and down.seed is None:
             raise ValueError("down.seed: required when down.dropout > 0")
+        if down.a is not None:
+            _check_fold(down.a, down.t, I)
     device = check_same_device(dh=dh, g=g, u=u, gate_s=gate and gate.s, up_s=up and up.s, down_t=down and down.t)
     has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
     if out is not None:
         grad_outputs(g, u, out)  # checks out; fresh gradients are contiguous (M, I)
     stride_dg, stride_du = (out[0].stride(0), out[1].stride(0)) if out is not None else (I, I)
     has_drop = down is not None and down.dropout > 0
+    fold = down is not None and down.a is not None
     if M == 0 or I == 0:
         return plans.NOTHING
     rank = max(rg, ru)
@@ -312,7 +364,7 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
 
     def plan_for(config, n_splits) -> plans.LaunchPlan:
         meta = config.kwargs()
-        meta["BLOCK_N"] = block_n_for_rank(meta["BLOCK_N"], max(rank, rd), all_fp32)
+        meta["BLOCK_N"] = block_n_for_rank(meta["BLOCK_N"], max(rank, rd), all_fp32, fold)
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         n_col = cdiv(I, bn)
         if n_splits is None:
@@ -321,11 +373,12 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
         n_splits = cdiv(M, per_split)
         return plans.LaunchPlan(
             (n_col, n_splits),
-            (M, I, rg, ru, rd, per_split, dh.stride(0), g.stride(0), u.stride(0), stride_dg, stride_du, threshold, c),
+            (M, I, rg, ru, rd, per_split, dh.stride(0), g.stride(0), u.stride(0), stride_dg, stride_du,
+             down.a.stride(0) if fold else 0, threshold, c),
             (keep_threshold(down.dropout) if has_drop else 0,
              rounded_to(1.0 / (1.0 - down.dropout), down.t.dtype) if has_drop else 1.0),
             dict(ACT=ACT_CODES[activation], HAS_MASK=has_mask, LORA_G=gate is not None, LORA_U=up is not None,
-                 LORA_D=down is not None, D_DROPOUT=has_drop, **codes, UPCAST=upcast_dots(), BLOCK_M=bm,
+                 LORA_D=down is not None, D_DROPOUT=has_drop, FOLD_D=fold, **codes, UPCAST=upcast_dots(), BLOCK_M=bm,
                  BLOCK_N=bn, BLOCK_R=block_r, BLOCK_RD=block_rd, num_warps=config.num_warps,
                  num_stages=config.num_stages),
             n_splits)
@@ -337,6 +390,8 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
             tuned.extend(grad_outputs(g, u, out))
         _run(plan_for(config, splits), (dh, g, u, *tuned), gate, up, down, seed if has_mask else None)
 
-    key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, has_drop, None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
-           None if down is None else down.t.dtype, tuple(codes.values()), configs.layout_key(dh, g, u, *(out or (None, None))))
+    key = ("act_bwd_lora", configs.bucket(M), I, rg, ru, rd, g.dtype, activation, has_mask, has_drop, fold,
+           None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
+           None if down is None else down.t.dtype, tuple(codes.values()),
+           configs.layout_key(dh, g, u, *(out or (None, None)), down.a if fold else None))
     return plan_for(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch), splits)

@@ -384,6 +384,7 @@ class ActBwdLora(_Case):
     rank: int = 16
     mask: bool = True
     dropout: bool = True  # the down LoRA's dropout
+    fold: bool = False    # the down LoRA's term of dh' added in the pass
     family = "act_bwd_lora"
     kernel = "act_bwd_lora.act_bwd_lora_kernel"
     phase = "backward"
@@ -391,7 +392,7 @@ class ActBwdLora(_Case):
     @property
     def label(self) -> str:
         return (f"act_bwd_lora x={CODE_NAMES[self.x]} act={self.act} lora=({_names(self.gate_lora, self.up_lora, self.down_lora)}) "
-                f"r={self.rank} mask={self.mask}")
+                f"r={self.rank} mask={self.mask}" + (" fold" if self.fold else ""))
 
     @property
     def elem_bytes(self) -> int:
@@ -405,19 +406,19 @@ class ActBwdLora(_Case):
         f32 = _PTR[FP32]
         return {"dh_ptr": x, "g_ptr": x, "u_ptr": x, "dg_ptr": x, "du_ptr": x, "seed_ptr": "*i64",
                 "sg_ptr": _PTR[g], "dbg_ptr": f32, "su_ptr": _PTR[u], "dbu_ptr": f32,
-                "td_ptr": _PTR[d], "dad_ptr": f32, "dseed_ptr": "*i64"}
+                "td_ptr": _PTR[d], "dad_ptr": f32, "dseed_ptr": "*i64", "ad_ptr": _PTR[d]}
 
     def constexprs(self) -> dict:
         g, u, d = self._codes()
         return dict(ACT=self.act, HAS_MASK=self.mask, LORA_G=self.gate_lora is not None, LORA_U=self.up_lora is not None,
                     LORA_D=self.down_lora is not None, D_DROPOUT=self.down_lora is not None and self.dropout,
-                    G_DTYPE=g, U_DTYPE=u, D_DTYPE=d, UPCAST=False)
+                    FOLD_D=self.fold, G_DTYPE=g, U_DTYPE=u, D_DTYPE=d, UPCAST=False)
 
     def meta(self) -> dict:
         block_r = max(16, self.rank)
         meta = dict(BLOCK_R=block_r, BLOCK_RD=block_r)
         all_fp32 = all(c == FP32 for c in (self.gate_lora, self.up_lora, self.down_lora) if c is not None)
-        if block_n_for_rank(128, self.rank, all_fp32) == 64:  # the launcher halves BLOCK_N for these ranks
+        if block_n_for_rank(128, self.rank, all_fp32, self.fold) == 64:  # the launcher halves BLOCK_N for these ranks
             meta["BLOCK_N"] = 64
         return meta
 
@@ -622,6 +623,10 @@ ACT_BWD_LORA_CASES = (
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32),
     # fp32 adapters with single tf32 dots (torch's "high" fp32 matmul precision), ranks 16, 32 and 64
     *(ActBwdLora(x=BF16, act=SILU, gate_lora=TF32, up_lora=TF32, down_lora=TF32, rank=r) for r in (16, 32, 64)),
+    # the dh' fold (16-bit adapters, ranks 16 and 32), and fp16 without the mask or the down LoRA's dropout
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, fold=True, tuned=True),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32, fold=True),
+    ActBwdLora(x=FP16, act=GELU_TANH, gate_lora=FP16, up_lora=FP16, down_lora=FP16, mask=False, dropout=False, fold=True),
 )
 
 # LoRA passes over cuBLAS outputs: forward expand, dX expand with the mask, the gate/up pass per dtype
