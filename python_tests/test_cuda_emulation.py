@@ -417,10 +417,10 @@ def _gate_up_case(M, inter, r, r_gu, dtype, a_dtype, layout="split"):
 @pytest.mark.parametrize("dtype,a_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                            (torch.float16, torch.float16), (torch.float16, torch.float32),
                                            (torch.float32, torch.float32)])
-@pytest.mark.parametrize("M,inter,r,r_gu,layout", [(45, 72, 5, 16, "split"), (70, 264, 16, 3, "split"),
-                                                   (33, 64, 2, 32, "fused"), (40, 136, 32, 17, "split"),
-                                                   (3, 16, 1, 1, "fused"), (50, 200, 40, 64, "split"),
-                                                   (35, 136, 64, 33, "fused")])
+@pytest.mark.parametrize("M,inter,r,r_gu,layout", [(45, 72, 5, 16, "split"), (70, 264, 16, 8, "split"),
+                                                   (33, 64, 2, 32, "fused"), (40, 136, 32, 24, "split"),
+                                                   (3, 16, 1, 8, "fused"), (50, 200, 40, 64, "split"),
+                                                   (35, 136, 64, 40, "fused")])
 def test_forward_gate_up_expands_give_the_bits_of_the_separate_expands(dtype, a_dtype, M, inter, r, r_gu, layout, calls):
     """The gate/up expands inside the tensor-core forward: g and u written in place with the same bits as
     two lora_expand_ passes (the same mma; ranks in different tiles pad with zeros that add nothing), and
@@ -476,17 +476,28 @@ def test_forward_gate_up_expands_refuse_what_they_do_not_take():
     with pytest.raises(ValueError, match="written in place"):
         K.masked_gated_act_fwd(pad, u, *args, down_a=A, gate_up=gu)
     assert not K.gate_up_supported(g.t().contiguous().t(), u)
+    # B's rows move 8 ranks per 16-byte load: other ranks, and unaligned B or A_d rows, keep the separate expands
+    odd = K.GateUpLora(torch.randn(M, 12), torch.randn(inter, 12), 1.0, torch.randn(M, 12), torch.randn(inter, 12), 1.0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=odd)
+    assert not K.gate_up_supported(g, u, odd, A)
+    shifted = torch.randn(inter * 8 + 1)[1:].view(inter, 8)  # 4 bytes past a 16-byte boundary
+    with pytest.raises(ValueError, match="gate_up B_u: expected 16-byte aligned rows"):
+        K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=K.GateUpLora(gu.s_g, gu.b_g, 1.0, gu.s_u, shifted, 1.0))
+    assert not K.gate_up_supported(g, u, gu, torch.randn(8 * inter + 1)[1:].view(8, inter))
+    assert K.gate_up_supported(g, u, gu, A)
 
 
 @pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])
 @pytest.mark.parametrize("a_dtype,rank", [(torch.float32, 8), (torch.bfloat16, 8), (torch.float32, 40),
-                                          (torch.bfloat16, 40)])
+                                          (torch.bfloat16, 40), (torch.bfloat16, 12)])
 def test_mlp_forward_takes_the_gate_up_expands_into_the_activation_pass(backend, calls, monkeypatch, layout, a_dtype,
                                                                        rank):
     """The MLP's forward adds the gate/up expands inside the activation pass (one lora_expand_ left: the
     down projection's) where every projection has LoRA of one dtype and rank <= 32; output and every
     gradient bit for bit those of the separate expands. Rank 40 keeps the separate expands with fp32 adapters
-    and takes the fused ones with bf16 adapters (rank tile 64). I = 264: the
+    and takes the fused ones with bf16 adapters (rank tile 64); rank 12 keeps them (B's rows are staged 8
+    ranks per 16-byte load). I = 264: the
     forward splits its columns and the shrinks over I their K range (both in two on the CPU)."""
     w = test_ops.make_mlp(16, 264, layout, torch.bfloat16, adapter_dtype=a_dtype, rank=rank, dropout=0.1)
 
@@ -502,7 +513,7 @@ def test_mlp_forward_takes_the_gate_up_expands_into_the_activation_pass(backend,
     calls.clear()
     n_separate, separate = forward_and_grads()
     assert n_separate == 1 + len(w.inputs)
-    assert n_fused == (1 if rank <= K.MAX_GATE_UP_RANK[a_dtype] else n_separate)
+    assert n_fused == (1 if rank <= K.MAX_GATE_UP_RANK[a_dtype] and rank % K.GATE_UP_RANK_STEP == 0 else n_separate)
     for i, (a, b) in enumerate(zip(fused, separate, strict=True)):
         assert torch.equal(a, b), f"output {i}"
 

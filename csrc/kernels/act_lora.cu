@@ -105,29 +105,26 @@ __device__ __forceinline__ FwdBuffers<TA> fwd_gate_up_buffers() {
 }
 
 // rows [row0, row0 + ROWS) of src (row stride ld, unit column stride) as a (ROWS, RT) tile in shared
-// memory, zero past rows_end and R: B's rows for S B^T, as lora_expand.cu stages them. `vec` (uniform:
-// R % 8 == 0, 16-byte aligned rows) moves groups of 8 with 16-byte loads: one trip per thread at rank 16.
+// memory, zero past rows_end and R: B's rows for S B^T, as lora_expand.cu stages them, in groups of 8
+// ranks with 16-byte loads (the launcher requires R % 8 == 0 and 16-byte aligned rows: act_fwd_lora_takes),
+// a compile-time number of trips (one at rank 16), so the static SASS is what runs.
 template <typename TA, int RT, int ROWS>
 __device__ __forceinline__ void stage_b_rows(TA* dst, const TA* src, int64_t ld, int64_t row0, int64_t rows_end,
-                                             int64_t R, bool vec) {
-  if (vec) {
+                                             int64_t R) {
+  constexpr int kGroups = ROWS * (RT / kGroup);
+  static_assert(kGroups % kLoraThreads == 0, "whole trips");
 #pragma unroll 1  // one or two trips: unrolled, ptxas held both sides' groups at once (168 registers on sm_80)
-    for (int i = threadIdx.x; i < ROWS * (RT / kGroup); i += kLoraThreads) {
-      const int n = i / (RT / kGroup), k = (i % (RT / kGroup)) * kGroup;
-      float v[kGroup];
-      if (row0 + n < rows_end && k < R) {  // R % 8 == 0: the whole group is in range
-        load_group<TA>(src + (row0 + n) * ld + k, v);
-      } else {
+  for (int t = 0; t < kGroups / kLoraThreads; ++t) {
+    const int i = static_cast<int>(threadIdx.x) + t * kLoraThreads;
+    const int n = i / (RT / kGroup), k = (i % (RT / kGroup)) * kGroup;
+    float v[kGroup];
+    if (row0 + n < rows_end && k < R) {  // R % 8 == 0: the whole group is in range
+      load_group<TA>(src + (row0 + n) * ld + k, v);
+    } else {
 #pragma unroll
-        for (int j = 0; j < kGroup; ++j) v[j] = 0.0f;
-      }
-      store_group<TA>(dst + n * RT + k, v);
+      for (int j = 0; j < kGroup; ++j) v[j] = 0.0f;
     }
-    return;
-  }
-  for (int i = threadIdx.x; i < ROWS * RT; i += kLoraThreads) {
-    const int n = i / RT, k = i % RT;
-    dst[i] = (row0 + n < rows_end && k < R) ? src[(row0 + n) * ld + k] : from_float<TA>(0.0f);
+    store_group<TA>(dst + n * RT + k, v);
   }
 }
 
@@ -166,24 +163,22 @@ __global__ void __launch_bounds__(kLoraThreads, kLoraMinBlocks) act_fwd_lora_ker
 #pragma unroll
   for (int j = 0; j < NTW; ++j) tile_zero(acc[j]);
 
-  const bool a_vec = aligned_rows<TA>(p.a, p.lda);  // I % 8 == 0 here
-  bool b_vec = false;
   if constexpr (GU) {
     stage_rank_rows<TA, RT>(sm.sg, static_cast<const TA*>(p.sg), p.ldsg, 1, row0, p.M, p.rank_gu);
     stage_rank_rows<TA, RT>(sm.su, static_cast<const TA*>(p.su), p.ldsu, 1, row0, p.M, p.rank_gu);
-    b_vec = p.rank_gu % kGroup == 0 && aligned_rows<TA>(p.bg, p.ldbg) && aligned_rows<TA>(p.bu, p.ldbu);
   }
   for (int64_t col0 = col_begin; col0 < col_end; col0 += kBN) {
-    stage_columns<TA, TA, RT>(s_a, a, p.lda, 1, p.rank, col0, p.I, a_vec);
+    // A_d's and B's rows aligned, B's rank a multiple of 8 (act_fwd_lora_takes): vectorised staging only
+    stage_columns_vec<TA, TA, RT>(s_a, a, p.lda, p.rank, col0, p.I);
     if constexpr (GU) {
       constexpr bool ONE_B = kOneBBuffer<RT>;
-      stage_b_rows<TA, RT, kBN>(sm.bg, static_cast<const TA*>(p.bg), p.ldbg, col0, p.I, p.rank_gu, b_vec);
-      if constexpr (!ONE_B) stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu, b_vec);
+      stage_b_rows<TA, RT, kBN>(sm.bg, static_cast<const TA*>(p.bg), p.ldbg, col0, p.I, p.rank_gu);
+      if constexpr (!ONE_B) stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu);
       __syncthreads();  // S_g, S_u (first step), B_g (and B_u) complete
       z_step<TA, RT, true>(sm.zg, sm.sg, sm.bg, RT, kTile * RT);  // S_g B_g^T, as lora_expand.cu
       if constexpr (ONE_B) {
         __syncthreads();  // every warp is done with B_g
-        stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu, b_vec);
+        stage_b_rows<TA, RT, kBN>(sm.bu, static_cast<const TA*>(p.bu), p.ldbu, col0, p.I, p.rank_gu);
         __syncthreads();  // B_u complete
       }
       z_step<TA, RT, true>(sm.zu, sm.su, sm.bu, RT, kTile * RT);
@@ -498,6 +493,14 @@ bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
   if (p.s_part != nullptr && (p.cols_per_split < kBN || p.cols_per_split % kBN != 0 || p.col_splits < 1 || p.col_splits > 65535 ||
                               p.col_splits != (p.I + p.cols_per_split - 1) / p.cols_per_split)) {
     return false;
+  }
+  // the column loop stages A_d (and B_g, B_u) in whole groups of 8 with 16-byte loads only
+  const bool a_rows = p.a_dtype == 0 ? aligned_rows<float>(p.a, p.lda) : aligned_rows<uint16_t>(p.a, p.lda);
+  if (!a_rows) return false;
+  if (p.sg != nullptr) {
+    const bool b_rows = p.a_dtype == 0 ? aligned_rows<float>(p.bg, p.ldbg) && aligned_rows<float>(p.bu, p.ldbu)
+                                       : aligned_rows<uint16_t>(p.bg, p.ldbg) && aligned_rows<uint16_t>(p.bu, p.ldbu);
+    if (p.rank_gu % kGroup != 0 || !b_rows) return false;
   }
   return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
            using T = typename decltype(tag)::type;

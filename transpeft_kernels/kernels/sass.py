@@ -43,6 +43,7 @@ import re
 import subprocess
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 
 TENSOR_CORE_OPCODES = frozenset({
     "HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "BGMMA", "BMMA", "DMMA", "OMMA", "QMMA",
@@ -119,6 +120,31 @@ def executable(instructions: list[tuple[int, str, str]]) -> list[tuple[int, str,
     return [ins for ins in instructions
             if _base(ins[1]) != "NOP"
             and not (_base(ins[1]) == "BRA" and _branch_target(ins[2]) == ins[0])]
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One loop of a function's static SASS: from a backward branch's ``target`` up to the ``branch``
+    itself; ``instructions`` in that range (nested loops' included), ``tensor_core`` of them HMMA and the like."""
+
+    target: int
+    branch: int
+    instructions: int
+    tensor_core: int
+
+
+def loops(instructions: list[tuple[int, str, str]]) -> list[Loop]:
+    """Every loop of one function (``parse_sass``'s list), by address. A static count times each loop's
+    trip count is what a thread issues where no branch inside skips code; the perf model's CUDA weights
+    are derived that way (python_tests/test_cuda_ledger_weights.py)."""
+    ins = executable(instructions)
+    out = []
+    for addr, op, operands in ins:
+        target = _branch_target(operands) if _base(op) in _BRANCH_OPCODES else None
+        if target is not None and target < addr:
+            body = [o for a, o, _ in ins if target <= a <= addr]
+            out.append(Loop(target, addr, len(body), sum(_base(o) in TENSOR_CORE_OPCODES for o in body)))
+    return sorted(out, key=lambda lp: (lp.target, lp.branch))
 
 
 def count(instructions: list[tuple[int, str, str]]) -> dict[str, int]:

@@ -224,7 +224,7 @@ class CudaBackend(TorchBackend):
         if self._fuses_gate_up_expands(w):
             outs, shrinks = self.inputs_fwd(x2d, w, seed, self._base_and_shrink)
             gate_up = self._gate_up_lora(w, shrinks)
-            if not K.gate_up_supported(*split_gate_up(outs, w.layout)):  # unaligned: the expands on their own
+            if not K.gate_up_supported(*split_gate_up(outs, w.layout), gate_up, down.lora.A):  # unaligned: on their own
                 for y, s, lin in zip(outs, shrinks, w.inputs):
                     K.lora_expand_(y, s, lin.lora.B, lin.lora.scaling)
                 gate_up = None
@@ -300,7 +300,8 @@ class CudaBackend(TorchBackend):
         """Whether the forward adds the gate/up LoRA expands inside the activation pass (masked_gated_act_fwd's
         ``gate_up``) instead of two lora_expand_ passes over g and u: the down projection with LoRA (the
         pass is its tensor-core forward), every input projection with LoRA in the down adapter's dtype, one
-        rank for them, it and the down rank <= MAX_GATE_UP_RANK (32 for fp32 adapters, 64 for 16-bit ones).
+        rank for them, a multiple of 8 (GATE_UP_RANK_STEP), it and the down rank <= MAX_GATE_UP_RANK (32 for
+        fp32 adapters, 64 for 16-bit ones).
         Chosen by the model (perf/ledger.py): the separate expands read and write g and u once more each."""
         down = w.down.lora
         if down is None:
@@ -309,7 +310,7 @@ class CudaBackend(TorchBackend):
         loras = [lin.lora for lin in w.inputs]
         return down.A.shape[0] <= max_r and all(
             lora is not None and lora.A.dtype == down.A.dtype and lora.A.shape[0] == loras[0].A.shape[0]
-            and lora.A.shape[0] <= max_r for lora in loras)
+            and lora.A.shape[0] <= max_r and lora.A.shape[0] % self._k.GATE_UP_RANK_STEP == 0 for lora in loras)
 
     def _gate_up_lora(self, w: GatedMLPWeights, shrinks):
         """The GateUpLora of the input projections; the fused layout's one B (2I, r) gives both halves. The

@@ -448,7 +448,8 @@ class _KernelRecorder:
 #                r 64  1216 -> 1113, z 2 x 64 -> 96 (7 more), dA 247 -> 163 (3 more): -1.51;
 #                      bf16 1121 -> 1029, z 64 -> 38 (3 more), dA 127 -> 61 (1 more): -0.61
 #                with dB 1590 -> 1570 and z (1 more): -0.14;  bf16 1566 -> 1595: +0.08
-#   act forward  r 64  1035 -> 970, S_d 2 x 65 -> 98 (7 more): -0.75;  bf16 1135 -> 1084, 54 -> 32 (3 more): -0.30
+#   act forward  (its weights re-derived whole since stop 28, below; these steps are history)
+#                r 64  1035 -> 970, S_d 2 x 65 -> 98 (7 more): -0.75;  bf16 1135 -> 1084, 54 -> 32 (3 more): -0.30
 #                with the expands 1852 -> 1782, z_g and z_u 4 x 64 -> 2 x 98 (1 more): -0.34;
 #                bf16 1879 -> 1862: -0.04 (r 16 and 32 without them: the same code)
 #   token_reduce r 64  669 -> 579, 247 -> 163 (3 more): -0.89;  bf16 621 -> 553, 127 -> 61 (1 more): -0.35
@@ -456,29 +457,39 @@ class _KernelRecorder:
 #                      bf16 400 -> 392: -0.02, dX 635 -> 645: +0.03
 #                r 64  493 -> 482 and 7 more trips: -0.58, dX 659 -> 643: -0.59;
 #                      bf16 457 -> 440, 52 -> 32 (3 more): -0.20, dX 684 -> 661: -0.22
+# The forward (act_fwd_lora_kernel, "fwd" and "fwd_gu") since stop 28: its column loop stages A_d (and
+# B_g, B_u) only through 16-byte groups in a compile-time number of trips (the launcher checks the
+# alignment: act_fwd_lora_takes), so its static SASS is what runs, and the weights are derived from it
+# mechanically: per 64-column step, the loop's static count plus each inner loop's further trips (the
+# element loop 2 trips, the staging loops rank tile / 16, the k loops their HMMA per step over their
+# body's), over 16 elements, less two mask streams (2 x 18.4), over 24 (sm_90a, bf16 base, silu;
+# python_tests/test_cuda_ledger_weights.py recompiles and checks them). Before, the static count held
+# about 500 instructions per step of A_d staging that never ran (an unrolled-by-4 loop with its remainder
+# and an element-by-element path) and the B staging's element-by-element paths: the forward was charged
+# 0.8-2.9 elementwise units per element too many. Per step: r 16 bf16 adapters 1062 (1493 with the gate/up
+# expands), fp32 1042 (1472); r 64 bf16 1255 (2298), fp32 1287. They hold the exact operand already
+# (fp32 adapters over a 16-bit base, the model's cases): their CUDA_EXACT_OPERAND_DELTA is 0, and an fp32
+# base under fp32 adapters is charged the same (its third mma per k step not counted).
 CUDA_ACT_LORA_ELEMENT_WEIGHT = {
-    ("fwd", True, False): 2.19, ("fwd", False, False): 2.15, ("fwd", True, True): 4.64, ("fwd", False, True): 4.02,
-    ("bwd", True, False): 3.20, ("bwd", False, False): 2.68, ("bwd", True, True): 6.63, ("bwd", False, True): 4.09,
+    ("fwd", True, False): 1.18, ("fwd", False, False): 1.23, ("fwd", True, True): 1.82, ("fwd", False, True): 1.74,
+    # the one-pass backward, derived the same way since stop 28 (its t_d staging's element-by-element
+    # fallback is a call now, out of its row loop): per step r 16 1450 / 1435 (bf16 / fp32 adapters),
+    # r 64 1755 / 1916; before, the loop's static count held about 460 instructions of t_d staging that
+    # never ran at rank 16 (a 16-byte path unrolled by 4 with its remainder, and the element-by-element one)
+    ("bwd", True, False): 2.21, ("bwd", False, False): 2.24, ("bwd", True, True): 3.46, ("bwd", False, True): 3.04,
     ("fwd_ffma", True, False): 2.44, ("fwd_ffma", False, False): 2.81, ("fwd_ffma", True, True): 11.24,
     ("fwd_ffma", False, True): 14.41,
     ("bwd_ffma", True, False): 4.41, ("bwd_ffma", False, False): 6.13, ("bwd_ffma", True, True): 17.94,
     ("bwd_ffma", False, True): 21.48,
-    # the backward with the gate/up dB (ranks <= 32): the rank-16 backward's weight plus what the dB adds
-    # to its row-step loop body in the static sm_90a SASS (bf16 / silu; fp32 adapters 1013 -> 1590
-    # instructions, bf16 944 -> 1566; over 16 elements, over 24): the two S^T cast(dg) products and the
-    # cast stores. The S_g / S_u staging loops (4-8 trips) are counted once, a slight undercharge.
-    ("bwd_db", True, False): 3.32 + 1.50 - 0.14, ("bwd_db", False, False): 2.66 + 1.62 + 0.08,
-    # the forward with the gate/up expands (ranks <= 32): the rank-16 forward's weight plus what they add
-    # per 64-column step in the static sm_90a SASS (bf16 / silu): the step loop body (fp32 adapters
-    # 936 -> 1852, bf16 1070 -> 1879: B_g, B_u staged, z_g, z_u on the tensor cores, the sums and the g, u
-    # stores) plus the element loop's second trip (396 -> 488, 426 -> 605), less the two scalar B-staging
-    # loops not taken at ranks divisible by 8 (100 each); over 16 elements, over 24.
-    ("fwd_gu", True, False): 2.19 + 2.10 - 0.34, ("fwd_gu", False, False): 2.15 + 2.05 - 0.04,
-    # rank 64, 16-bit adapters only (B_g and B_u take turns in one buffer, two more barriers per step):
-    # over the rank-64 forward, step body 1072 -> 1888, element loop 422 -> 590 (its second trip), less the
-    # two scalar B-staging loops (100 each), plus z_g's and z_u's k loops (32 each, 3 more trips) and the
-    # vectorised B staging (50 each, 3 more trips): 1276 per 16 elements, over 24
-    ("fwd_gu", False, True): 4.02 + 3.32,
+    # the backward with the gate/up dB (ranks <= 32, 16-bit activations; its staging element by element,
+    # inline: the 16-byte one spilled there), derived the same way: per step 2484 (bf16 adapters) / 2295
+    # (fp32), the two S^T cast(dg) products, the cast stores and three stagings of (32, RT) rows. It had
+    # been charged 4.36 / 4.23, an undercharge: the staging loops' count was a guess.
+    ("bwd_db", True, False): 4.45, ("bwd_db", False, False): 4.94,
+    # the forward with the gate/up expands (ranks <= 32 with fp32 adapters, 64 with 16-bit ones; derived
+    # as the forward above): B_g, B_u staged per step, z_g, z_u on the tensor cores, the sums and the g, u
+    # stores; at rank 64 B_g and B_u take turns in one buffer (two more barriers per step)
+    ("fwd_gu", True, False): 2.30, ("fwd_gu", False, False): 2.36, ("fwd_gu", False, True): 4.45,
 }
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
@@ -541,19 +552,15 @@ CUDA_DROPOUT_CAST_ELEMENT_WEIGHT = {("group", True): 0.05, ("group", False): 0.3
 # in its loop) shows as -17 per step at rank 16 (one tile per warp: the split of x's fragment and one
 # mma) and -78 at rank 64 (four tiles); over the 16 elements per thread per step, over 24:
 #   token_reduce r 16  686 -> 669, 4 k steps: -68 -> -0.18;  r 64  787 -> 709, 4 steps: -312 -> -0.81
-#   act backward r 16  1200 -> 1199 (the dx select grew the rest) and dA's 3 further steps of -17: -0.14;
-#                r 64  1329 -> 1283, 3 x -78 more: -0.73;  with the dB (r 16) 1563 -> 1542 and three
-#                reductions' 3 further steps: -0.45
-#   act forward (S_d: 8 k steps over the 64 columns, on the warps that own a tile: 2 of 4 at rank 16)
-#                r 16  925 -> 905: 8 x -20 x 2 / 4 -> -0.21;  r 64  960 -> 937: 8 x -23 -> -0.48;
-#                with the gate/up expands 1764 -> 1745 -> -0.20
+#   act backward: since stop 28 its weights are derived from the exact variants' SASS (0 here)
+#   act forward: since stop 28 its weights are derived from the exact variants' SASS (0 here)
 # The shrink already had this without dropout (shrink_exact); it now takes it with dropout too. Keyed by
 # rank > 32 like the weights they change: rank tile 32 takes the rank-16 figure, an undercount there (at
 # tile 32 every warp of the forward owns a tile, and the reductions hold two per warp).
 CUDA_EXACT_OPERAND_DELTA = {
     ("token_reduce", False): -0.18, ("token_reduce", True): -0.81,
-    ("bwd", False): -0.14, ("bwd", True): -0.73, ("bwd_db", False): -0.45,
-    ("fwd", False): -0.21, ("fwd", True): -0.48, ("fwd_gu", False): -0.20, ("fwd_gu", True): 0.0,
+    ("bwd", False): 0.0, ("bwd", True): 0.0, ("bwd_db", False): 0.0,  # derived exact since stop 28 (above)
+    ("fwd", False): 0.0, ("fwd", True): 0.0, ("fwd_gu", False): 0.0, ("fwd_gu", True): 0.0,  # derived exact (above)
 }
 
 

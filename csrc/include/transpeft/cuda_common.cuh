@@ -11,6 +11,14 @@
 namespace transpeft {
 namespace cuda {
 
+// A device function kept out of line: the rare fallback paths of the staging helpers, so that the loops
+// that call them hold one call instead of its body (their static SASS is then what the usual path runs).
+#if defined(TRANSPEFT_SIMT_EMULATION)
+#define TRANSPEFT_NOINLINE __attribute__((noinline))
+#else
+#define TRANSPEFT_NOINLINE __noinline__
+#endif
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride beyond this

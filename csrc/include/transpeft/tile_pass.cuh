@@ -91,15 +91,38 @@ __host__ __device__ inline bool aligned_rows(const void* ptr, int64_t ld) {
 // operand the wrappers allocate) whole groups of 8 ranks move with 16-byte loads and stores, one or two
 // groups per thread; element by element each of the RT / 4 elements a thread stages took its own index
 // math, bounds checks and 2-byte load (about 25 instructions each).
-// VEC false: element by element only (where the vectorised path's registers made a kernel spill).
+// VEC false: element by element only, inline (where the vectorised path's registers made a kernel spill).
+// With VEC the 16-byte path runs a compile-time number of trips and the element-by-element fallback is a
+// call (stage_rank_rows_scalar, out of line): a caller's loop holds what its usual path runs.
+template <typename TA, int RT>
+__device__ __forceinline__ void stage_rank_rows_by_element(TA* dst, const TA* src, int64_t ld, int64_t step,
+                                                           int64_t row0, int64_t row_end, int64_t R) {
+  for (int i = threadIdx.x; i < kBM * RT; i += kLoraThreads) {
+    const int m = i / RT, k = i % RT;
+    dst[i] = (row0 + m < row_end && k < R) ? src[(row0 + m) * ld + k * step] : from_float<TA>(0.0f);
+  }
+}
+
+template <typename TA, int RT>
+TRANSPEFT_NOINLINE __device__ void stage_rank_rows_scalar(TA* dst, const TA* src, int64_t ld, int64_t step,
+                                                          int64_t row0, int64_t row_end, int64_t R) {
+  stage_rank_rows_by_element<TA, RT>(dst, src, ld, step, row0, row_end, R);
+}
+
 template <typename TA, int RT, bool VEC = true>
 __device__ __forceinline__ void stage_rank_rows(TA* dst, const TA* src, int64_t ld, int64_t step, int64_t row0,
                                                 int64_t row_end, int64_t R) {
-  if (VEC && step == 1 && R % kGroup == 0 && aligned_rows<TA>(src, ld)) {
+  if constexpr (!VEC) {
+    stage_rank_rows_by_element<TA, RT>(dst, src, ld, step, row0, row_end, R);
+  } else if (step == 1 && R % kGroup == 0 && aligned_rows<TA>(src, ld)) {
     static_assert(RT % kGroup == 0, "whole groups of ranks");
     constexpr int kGroupsPerRow = RT / kGroup;
+    constexpr int kGroups = kBM * kGroupsPerRow;
     constexpr int V = 16 / sizeof(TA);  // elements per 16-byte pack, moved as they are
-    for (int i = threadIdx.x; i < kBM * kGroupsPerRow; i += kLoraThreads) {
+#pragma unroll 1
+    for (int t = 0; t < (kGroups + kLoraThreads - 1) / kLoraThreads; ++t) {
+      const int i = static_cast<int>(threadIdx.x) + t * kLoraThreads;
+      if (kGroups % kLoraThreads != 0 && i >= kGroups) break;  // rank 16: half the threads stage
       const int m = i / kGroupsPerRow, k = (i % kGroupsPerRow) * kGroup;
       const bool in = row0 + m < row_end && k < R;
 #pragma unroll
@@ -114,11 +137,8 @@ __device__ __forceinline__ void stage_rank_rows(TA* dst, const TA* src, int64_t 
         store_pack<TA, V>(dst + m * RT + k + q, pk);
       }
     }
-    return;
-  }
-  for (int i = threadIdx.x; i < kBM * RT; i += kLoraThreads) {
-    const int m = i / RT, k = i % RT;
-    dst[i] = (row0 + m < row_end && k < R) ? src[(row0 + m) * ld + k * step] : from_float<TA>(0.0f);
+  } else {
+    stage_rank_rows_scalar<TA, RT>(dst, src, ld, step, row0, row_end, R);
   }
 }
 
@@ -127,26 +147,52 @@ __device__ __forceinline__ void stage_rank_rows(TA* dst, const TA* src, int64_t 
 // the block: step == 1, cols % 8 == 0, 16-byte aligned rows with ld % 8 == 0) reads whole groups of 8
 // with 16-byte loads, about 5 instructions per element instead of about 25.
 template <typename TS, typename TD, int ROWS>
+__device__ __forceinline__ void stage_columns_vec(TD* dst, const TS* src, int64_t ld, int64_t rows, int64_t col0,
+                                                  int64_t cols);
+
+template <typename TS, typename TD, int ROWS>
+TRANSPEFT_NOINLINE __device__ void stage_columns_scalar(TD* dst, const TS* src, int64_t ld, int64_t step, int64_t rows,
+                                                        int64_t col0, int64_t cols) {
+  for (int i = threadIdx.x; i < ROWS * kBN; i += kLoraThreads) {
+    const int r = i / kBN, c = i % kBN;
+    dst[i] = (r < rows && col0 + c < cols) ? from_float<TD>(to_float(src[r * ld + (col0 + c) * step]))
+                                           : from_float<TD>(0.0f);
+  }
+}
+
+// (the element-by-element path out of line, as stage_rank_rows')
+template <typename TS, typename TD, int ROWS>
 __device__ __forceinline__ void stage_columns(TD* dst, const TS* src, int64_t ld, int64_t step, int64_t rows, int64_t col0,
                                               int64_t cols, bool vec) {
   if (vec) {
-    for (int i = threadIdx.x; i < ROWS * (kBN / kGroup); i += kLoraThreads) {
-      const int r = i / (kBN / kGroup), c = (i % (kBN / kGroup)) * kGroup;
-      float v[kGroup];
-      if (r < rows && col0 + c < cols) {
-        load_group<TS>(src + r * ld + col0 + c, v);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kGroup; ++j) v[j] = 0.0f;
-      }
-      store_group<TD>(dst + r * kBN + c, v);
-    }
+    stage_columns_vec<TS, TD, ROWS>(dst, src, ld, rows, col0, cols);
   } else {
-    for (int i = threadIdx.x; i < ROWS * kBN; i += kLoraThreads) {
-      const int r = i / kBN, c = i % kBN;
-      dst[i] = (r < rows && col0 + c < cols) ? from_float<TD>(to_float(src[r * ld + (col0 + c) * step]))
-                                             : from_float<TD>(0.0f);
+    stage_columns_scalar<TS, TD, ROWS>(dst, src, ld, step, rows, col0, cols);
+  }
+}
+
+// stage_columns's vectorised path alone, for a kernel whose launcher checked `vec` (act_lora.cu's
+// forward): ROWS x kBN / 8 groups over the block's threads in a compile-time number of trips, so that no
+// remainder loop and no element-by-element path are compiled into the kernel's column loop (the static
+// SASS is then what runs, and the perf model charges the static SASS).
+template <typename TS, typename TD, int ROWS>
+__device__ __forceinline__ void stage_columns_vec(TD* dst, const TS* src, int64_t ld, int64_t rows, int64_t col0,
+                                                  int64_t cols) {
+  constexpr int kGroups = ROWS * (kBN / kGroup);
+  constexpr int kTrips = (kGroups + kLoraThreads - 1) / kLoraThreads;
+#pragma unroll 1  // one trip at rank 16; more trips unrolled would hold several groups' registers at once
+  for (int t = 0; t < kTrips; ++t) {
+    const int i = static_cast<int>(threadIdx.x) + t * kLoraThreads;
+    if (kGroups % kLoraThreads != 0 && i >= kGroups) break;
+    const int r = i / (kBN / kGroup), c = (i % (kBN / kGroup)) * kGroup;
+    float v[kGroup];
+    if (r < rows && col0 + c < cols) {
+      load_group<TS>(src + r * ld + col0 + c, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) v[j] = 0.0f;
     }
+    store_group<TD>(dst + r * kBN + c, v);
   }
 }
 

@@ -14,13 +14,13 @@
 The library is found or built as library.py describes; the big GEMMs are not here (the backend
 runs them through ATen, i.e. cuBLAS).
 """
-from .launch import (MAX_DB_RANK, MAX_FUSED_RANK, MAX_GATE_UP_RANK, MAX_REDUCE_RANK, Dropout, GateUpLora,
+from .launch import (GATE_UP_RANK_STEP, MAX_DB_RANK, MAX_FUSED_RANK, MAX_GATE_UP_RANK, MAX_REDUCE_RANK, Dropout, GateUpLora,
                      act_bwd_lora, act_bwd_lora_supported, gate_up_supported,
                      lora_dropout_cast, lora_token_reduce, lora_expand_, lora_shrink, masked_gated_act_bwd,
                      masked_gated_act_fwd)
 from .library import BUILD_ROUTES, emulating, find_library, load
 
-__all__ = ["BUILD_ROUTES", "MAX_DB_RANK", "MAX_FUSED_RANK", "MAX_GATE_UP_RANK", "MAX_REDUCE_RANK", "Dropout", "GateUpLora",
+__all__ = ["BUILD_ROUTES", "GATE_UP_RANK_STEP", "MAX_DB_RANK", "MAX_FUSED_RANK", "MAX_GATE_UP_RANK", "MAX_REDUCE_RANK", "Dropout", "GateUpLora",
            "act_bwd_lora", "act_bwd_lora_supported", "gate_up_supported",
            "emulating", "lora_token_reduce", "find_library", "load", "lora_dropout_cast",
            "lora_expand_", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd"]

@@ -91,6 +91,7 @@ def _knowledge_mask_args(p: float, rescale: bool, seed, dtype: torch.dtype, devi
 # the forward's gate/up expands, by adapter dtype: their staging fits the block's 48 KB up to rank 32 with
 # fp32 adapters, up to 64 with 16-bit ones
 MAX_GATE_UP_RANK = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+GATE_UP_RANK_STEP = 8  # the gate/up rank: whole groups of 8 ranks per 16-byte load of B's rows
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,24 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     return h if down_a is None else (h, s)
 
 
-def gate_up_supported(g: torch.Tensor, u: torch.Tensor) -> bool:
+def gate_up_supported(g: torch.Tensor, u: torch.Tensor, gate_up: GateUpLora | None = None,
+                      down_a: torch.Tensor | None = None) -> bool:
     """Whether masked_gated_act_fwd can add gate/up expands to these g, u in place: the tensor-core forward's
-    operands, as they are (act_bwd_lora_supported: unit column stride, I % 8 == 0, aligned rows)."""
-    return act_bwd_lora_supported(g, u)
+    operands, as they are (act_bwd_lora_supported: unit column stride, I % 8 == 0, aligned rows); with
+    ``gate_up`` and ``down_a`` also what its column loop stages with 16-byte loads only: B_g's and B_u's
+    rows and A_d's rows 16-byte aligned, the gate/up rank a multiple of 8."""
+    if not act_bwd_lora_supported(g, u):
+        return False
+    if gate_up is not None and (gate_up.s_g.dim() != 2 or gate_up.s_g.shape[1] % GATE_UP_RANK_STEP != 0
+                                or not all(_aligned_rows(b) for b in (gate_up.b_g, gate_up.b_u))):
+        return False
+    return down_a is None or _aligned_rows(down_a)
+
+
+def _aligned_rows(t: torch.Tensor) -> bool:
+    """Rows that the CUDA kernels read in 16-byte groups: unit column stride, 16-byte aligned start and rows."""
+    return (t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) and t.data_ptr() % 16 == 0
+            and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
 def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
@@ -167,6 +182,9 @@ def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
     if not gate_up_supported(g, u):
         raise ValueError("gate_up: g and u must have unit column stride, a column count divisible by 8 and "
                          "16-byte aligned rows (they are written in place)")
+    if not _aligned_rows(down_a):
+        raise ValueError(f"gate_up: needs down_a with unit column stride and 16-byte aligned rows, got strides "
+                         f"{down_a.stride()}")
     M, I = g.shape
     r_d = down_a.shape[0] if down_a.dim() == 2 else -1
     max_r = MAX_GATE_UP_RANK.get(down_a.dtype, 0)
@@ -179,6 +197,13 @@ def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
             raise ValueError(f"gate_up {name}: expected ({rows}, r <= {max_r}) with unit column stride "
                              f"in down_a's dtype {down_a.dtype} (r like S_g's), got {tuple(t.shape)} {t.dtype} "
                              f"strides {t.stride()}")
+    if r % GATE_UP_RANK_STEP != 0:
+        raise ValueError(f"gate_up S_g: expected a rank that is a multiple of {GATE_UP_RANK_STEP} (B's rows are "
+                         f"staged 8 ranks per 16-byte load), got {r}")
+    for name, b in (("B_g", gu.b_g), ("B_u", gu.b_u)):
+        if not _aligned_rows(b):
+            raise ValueError(f"gate_up {name}: expected 16-byte aligned rows, got data at {b.data_ptr() % 16} "
+                             f"bytes past 16 and row stride {b.stride(0)}")
         if t.device != g.device:
             raise ValueError(f"gate_up {name}: expected device {g.device}, got {t.device}")
 
