@@ -251,12 +251,13 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
     """The masked gated MLP (Llama-3-8B shape, 8192 tokens, bf16 base, r 16, lora_dropout 0.05,
     masking 0.1), fwd+bwd on the triton backend, fp32 and bf16 adapters, side by side in every
     combination of the base GEMMs (TRANSPEFT_TRITON_BASE_GEMM: cublas, triton) and the backward
-    (TRANSPEFT_TRITON_ONE_PASS_BWD: one pass, multi-pass): the measurements that decide the defaults
-    (ops/triton_backend.base_gemm, one_pass_bwd_enabled), chosen by the model until now."""
+    (TRANSPEFT_TRITON_ONE_PASS_BWD: one pass, multi-pass), and with bf16 adapters the one pass with and
+    without the dh' fold (TRANSPEFT_TRITON_FOLD_DH): the measurements that decide the defaults
+    (ops/triton_backend.base_gemm, one_pass_bwd_enabled, fold_dh_enabled), chosen by the model until now."""
     import torch
 
     from transpeft_kernels import ops
-    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, ONE_PASS_ENV
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, FOLD_DH_ENV, ONE_PASS_ENV
     from transpeft_kernels.reference.activations import Activation
     from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec
 
@@ -281,17 +282,20 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
             y = ops.masked_gated_mlp(x, w, Activation.SILU, mask, seed, be)
             torch.autograd.grad(y, [x, *params], torch.ones_like(y))
 
-        for base in ("cublas", "triton"):
-            for flag, label in (("1", "one_pass"), ("0", "multi_pass")):
-                os.environ[ONE_PASS_ENV], os.environ[BASE_GEMM_ENV] = flag, base
-                try:
-                    ms = _median_ms(step)
-                finally:
-                    os.environ.pop(ONE_PASS_ENV, None)
-                    os.environ.pop(BASE_GEMM_ENV, None)
-                name = f"{base}_gemms_{label}_{str(adt).replace('torch.', '')}_adapters"
-                report.data["timings"][key][name] = round(ms, 3)
-                report.info(f"gated MLP fwd+bwd triton {name}", f"{ms:.3f} ms (median of 10)")
+        modes = [("cublas", "1", "1", "one_pass"), ("cublas", "0", "1", "multi_pass"),
+                 ("triton", "1", "1", "one_pass"), ("triton", "0", "1", "multi_pass")]
+        if adt == torch.bfloat16:  # the fold takes 16-bit adapters only
+            modes.insert(1, ("cublas", "1", "0", "one_pass_no_fold"))
+        for base, flag, fold, label in modes:
+            os.environ[ONE_PASS_ENV], os.environ[BASE_GEMM_ENV], os.environ[FOLD_DH_ENV] = flag, base, fold
+            try:
+                ms = _median_ms(step)
+            finally:
+                for env in (ONE_PASS_ENV, BASE_GEMM_ENV, FOLD_DH_ENV):
+                    os.environ.pop(env, None)
+            name = f"{base}_gemms_{label}_{str(adt).replace('torch.', '')}_adapters"
+            report.data["timings"][key][name] = round(ms, 3)
+            report.info(f"gated MLP fwd+bwd triton {name}", f"{ms:.3f} ms (median of 10)")
         del w, params, x
         torch.cuda.empty_cache()
 
