@@ -493,15 +493,16 @@ CUDA_ACT_LORA_ELEMENT_WEIGHT = {
 }
 CUDA_ACT_ELEMENT_WEIGHT = {"masked_gated_act_fwd": 1.44, "masked_gated_act_bwd": 3.32}  # no LoRA term
 
-# lora_token_reduce (csrc/kernels/lora_reduce.cu), the same way, keyed by (an fp32 adapter, rank > 32):
-# per 32-row step of 16 elements per thread, bf16 x, r 16: 777 instructions with fp32 adapters (the
-# second group 150, three more tf32x3 k-steps of 62), 736 with bf16; r 64: 1838 (four output tiles of
-# four k-steps, the staging of l's 64 columns), 1250 with bf16; over 16, less one mask stream (the
-# static count holds the dropout path), over 24.
-CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (True, True): 3.13, (False, True): 2.14}
+# lora_token_reduce (csrc/kernels/lora_reduce.cu), keyed by (an fp32 adapter, rank > 32), derived as the
+# activation passes' weights since stop 28 (python_tests/test_cuda_ledger_weights.py): per 32-row step of
+# 16 elements per thread, packed bf16 x, r 16: 474 instructions with fp32 adapters (the exact form: x
+# unsplit), 598 with bf16; r 64: 638, 735; over 16, less one mask stream (the static count holds the
+# dropout path), over 24. Before (hand-derived from the static count, with l's staging unrolled and its
+# element-by-element path inline): 1.26 - 0.18, 1.15, 3.13 - 0.81, 2.14.
+CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 0.47, (False, False): 0.79, (True, True): 0.90, (False, True): 1.15}
 
-# The tensor-core shrink and expand (lora_shrink.cu, lora_expand.cu), the same way, keyed by (kind, an
-# fp32 adapter, rank > 32), bf16 x / y. shrink (64 rows per block, every warp on the tensor cores), per
+# The tensor-core shrink and expand (lora_shrink.cu, lora_expand.cu), keyed by (kind, an fp32 adapter,
+# rank > 32), bf16 x / y. Until stop 28, by hand: shrink (64 rows per block, every warp on the tensor cores), per
 # 64-column step of 32 elements per thread (static sm_90a SASS, packed x): the step body (four groups of
 # x cast and staged, a's (RT, 64) columns staged), less the scalar staging loop it does not take, plus
 # the k loop's further trips (tile_mma_row: A's fragments loaded and split once per k step for all RT / 16
@@ -520,17 +521,22 @@ CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 1.26, (False, False): 1.15, (
 # shrink_exact: fp32 adapters over a 16-bit x (tile_mma's A_EXACT: two mmas per k step, x not split; since
 # stop 26 under dropout too, whose path the static count held already): r 16 (1093 - 120 + 7 x 45) / 32 =
 # 40.3, r 64 (1206 - 120 + 7 x 135 + 3 x 130) / 32 = 75.7; its FLOPs are charged as two tf32 products.
-# Since stop 25 stage_rank_rows (tile_pass.cuh) moves rank-sized rows with 16-byte packs where it can; the
-# weights above and below still charge the element-wise staging they were read with (up to about 6
-# instructions per element at rank 16 in the expand, token_reduce and the activation passes): an
-# overcharge, left until the next re-derivation.
+# Since stop 28 these are derived mechanically as the activation passes' (test_cuda_ledger_weights.py):
+# the step loop holds only what runs (a's and S's staging in compile-time 16-byte trips, the
+# element-by-element fallbacks called out of line), plus its inner loops' further trips, and for the
+# expand a quarter of b's staging. Per step: shrink (32 elements per thread, one mask stream) r 16 931
+# (bf16 adapters) / 844 (fp32, exact) / 852 (fp32 x), r 64 1172 / 1326 / 1382; expand (16 per thread)
+# r 16 427 / 439, dX 874 / 764 (bf16 / fp32 adapters), r 64 792 / 965, dX 1230 / 1286. The figures
+# above were read off static counts that still held about 370-500 instructions per step of staging
+# that never ran (the remainder and unrolled forms of the 16-byte staging, next to the element-wise
+# path): the shrink was charged 0.9-2.7 units, the expand 1.5-4.9, where 0.3-2.6 run.
 CUDA_LORA_TILE_ELEMENT_WEIGHT = {
-    ("shrink", True, False): 1.07, ("shrink", False, False): 0.92, ("shrink", True, True): 2.68,
-    ("shrink", False, True): 1.83, ("shrink_exact", True, False): 0.91, ("shrink_exact", True, True): 2.39,
-    ("expand", True, False): 1.86, ("expand", False, False): 1.48, ("expand", True, True): 4.80,
-    ("expand", False, True): 3.26,
-    ("expand_grad", True, False): 1.97, ("expand_grad", False, False): 1.97, ("expand_grad", True, True): 4.89,
-    ("expand_grad", False, True): 3.66,
+    ("shrink", True, False): 0.34, ("shrink", False, False): 0.45, ("shrink", True, True): 1.03,
+    ("shrink", False, True): 0.76, ("shrink_exact", True, False): 0.33, ("shrink_exact", True, True): 0.96,
+    ("expand", True, False): 1.14, ("expand", False, False): 1.11, ("expand", True, True): 2.51,
+    ("expand", False, True): 2.06,
+    ("expand_grad", True, False): 1.22, ("expand_grad", False, False): 1.51, ("expand_grad", True, True): 2.58,
+    ("expand_grad", False, True): 2.44,
 }
 
 
@@ -551,14 +557,15 @@ CUDA_DROPOUT_CAST_ELEMENT_WEIGHT = {("group", True): 0.05, ("group", False): 0.3
 # loops' further trips charged the change of one k step, which token_reduce (the same reduce_step alone
 # in its loop) shows as -17 per step at rank 16 (one tile per warp: the split of x's fragment and one
 # mma) and -78 at rank 64 (four tiles); over the 16 elements per thread per step, over 24:
-#   token_reduce r 16  686 -> 669, 4 k steps: -68 -> -0.18;  r 64  787 -> 709, 4 steps: -312 -> -0.81
+#   token_reduce: since stop 28 derived from the exact variants' SASS (0 here; an fp32 x under fp32
+#                adapters is charged the exact count, its third mma per k step not counted)
 #   act backward: since stop 28 its weights are derived from the exact variants' SASS (0 here)
 #   act forward: since stop 28 its weights are derived from the exact variants' SASS (0 here)
 # The shrink already had this without dropout (shrink_exact); it now takes it with dropout too. Keyed by
 # rank > 32 like the weights they change: rank tile 32 takes the rank-16 figure, an undercount there (at
 # tile 32 every warp of the forward owns a tile, and the reductions hold two per warp).
 CUDA_EXACT_OPERAND_DELTA = {
-    ("token_reduce", False): -0.18, ("token_reduce", True): -0.81,
+    ("token_reduce", False): 0.0, ("token_reduce", True): 0.0,  # derived exact since stop 28
     ("bwd", False): 0.0, ("bwd", True): 0.0, ("bwd_db", False): 0.0,  # derived exact since stop 28 (above)
     ("fwd", False): 0.0, ("fwd", True): 0.0, ("fwd_gu", False): 0.0, ("fwd_gu", True): 0.0,  # derived exact (above)
 }
