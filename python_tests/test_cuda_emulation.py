@@ -476,16 +476,43 @@ def test_forward_gate_up_expands_refuse_what_they_do_not_take():
     with pytest.raises(ValueError, match="written in place"):
         K.masked_gated_act_fwd(pad, u, *args, down_a=A, gate_up=gu)
     assert not K.gate_up_supported(g.t().contiguous().t(), u)
-    # B's rows move 8 ranks per 16-byte load: other ranks, and unaligned B or A_d rows, keep the separate expands
+    # B's rows move 8 ranks per 16-byte load: other ranks and unaligned B rows keep the separate expands
     odd = K.GateUpLora(torch.randn(M, 12), torch.randn(inter, 12), 1.0, torch.randn(M, 12), torch.randn(inter, 12), 1.0)
     with pytest.raises(ValueError, match="multiple of 8"):
         K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=odd)
-    assert not K.gate_up_supported(g, u, odd, A)
+    assert not K.gate_up_supported(g, u, odd)
     shifted = torch.randn(inter * 8 + 1)[1:].view(inter, 8)  # 4 bytes past a 16-byte boundary
-    with pytest.raises(ValueError, match="gate_up B_u: expected 16-byte aligned rows"):
-        K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=K.GateUpLora(gu.s_g, gu.b_g, 1.0, gu.s_u, shifted, 1.0))
-    assert not K.gate_up_supported(g, u, gu, torch.randn(8 * inter + 1)[1:].view(8, inter))
-    assert K.gate_up_supported(g, u, gu, A)
+    wide_rows = torch.randn(inter, 12)[:, :8]  # rows 48 bytes apart: aligned bytes, but not 8 elements apart
+    for b in (shifted, wide_rows):
+        with pytest.raises(ValueError, match="gate_up B_u: expected 16-byte aligned rows"):
+            K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=K.GateUpLora(gu.s_g, gu.b_g, 1.0, gu.s_u, b, 1.0))
+        assert not K.gate_up_supported(g, u, K.GateUpLora(gu.s_g, gu.b_g, 1.0, gu.s_u, b, 1.0))
+    assert K.gate_up_supported(g, u, gu)
+    with pytest.raises(ValueError, match="gate_up S_g: expected device"):
+        K.masked_gated_act_fwd(g, u, *args, down_a=A, gate_up=K.GateUpLora(gu.s_g.to("meta"), gu.b_g, 1.0, gu.s_u,
+                                                                              gu.b_u, 1.0))
+
+
+@pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_gate_up", [False, True])
+def test_forward_takes_an_a_d_whose_rows_are_not_aligned(a_dtype, with_gate_up):
+    """A_d at an offset that is not 16-byte aligned (a view), or with rows a stride apart that is not a
+    multiple of 8: the tensor-core forward, whose column loop loads A_d in 16-byte groups only, gets an
+    aligned copy; the same bits as with an aligned A_d (I = 256: the columns split, S_d as partials)."""
+    M, inter, r = 40, 256, 8
+    g, u, A, gu = _gate_up_case(M, inter, r, 8, torch.bfloat16, a_dtype)
+    args = ("silu", 0.1, True, torch.tensor(4))
+    shifted = torch.zeros(r * inter + 1, dtype=a_dtype)[1:].view(r, inter)
+    padded = torch.zeros(r, inter + 4, dtype=a_dtype)[:, :inter]
+    want = None
+    for a in (A, shifted.copy_(A), padded.copy_(A)):
+        g1, u1 = g.clone(), u.clone()
+        got = K.masked_gated_act_fwd(g1, u1, *args, down_a=a, gate_up=gu if with_gate_up else None)
+        got = (*got, g1, u1)
+        if want is None:
+            want = got
+        for x, y in zip(got, want, strict=True):
+            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.FUSED_GATE_UP])

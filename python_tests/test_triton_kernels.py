@@ -399,25 +399,26 @@ def test_act_bwd_lora_single_row_and_empty():
     assert e.dg.shape == (0, 5) and torch.equal(e.dB_g, torch.zeros(5, 2)) and torch.equal(e.dA_d, torch.zeros(3, 5))
 
 
-
-@pytest.mark.parametrize("dtype,activation,mask,ranks,q,splits", [
-    (torch.bfloat16, Activation.SILU, (0.1, True), (16, 16, 16), 0.1, 2),
-    (torch.float16, Activation.GELU_TANH, None, (0, 0, 5), 0.0, 1),
-    (torch.bfloat16, Activation.GELU, (0.2, False), (8, 0, 32), 0.3, 3),
+@pytest.mark.parametrize("dtype,adt,activation,mask,ranks,q,splits", [
+    (torch.bfloat16, torch.bfloat16, Activation.SILU, (0.1, True), (16, 16, 16), 0.1, 2),
+    (torch.float16, torch.float16, Activation.GELU_TANH, None, (0, 0, 5), 0.0, 1),
+    (torch.bfloat16, torch.bfloat16, Activation.GELU, (0.2, False), (8, 0, 32), 0.3, 3),
+    (torch.float32, torch.bfloat16, Activation.SILU, (0.1, True), (32, 32, 24), 0.05, 2),
 ])
-def test_act_bwd_lora_folds_the_down_lora_term_of_dh(dtype, activation, mask, ranks, q, splits):
-    """With down.a the pass adds s_d D_q(t_d A_d) to dh itself: the same gradients as lora_expand_add over
-    dh followed by the pass without the fold (the LoRA term's dot may round differently in its last fp32
-    bit, so dg, du and the dB built from them within a rounding of dh'), and dA_d bit for bit."""
+def test_act_bwd_lora_folds_the_down_lora_term_of_dh(dtype, adt, activation, mask, ranks, q, splits):
+    """With down.a the pass adds s_d D_q(t_d A_d) to dh itself, rounded to dh's dtype: the same gradients as
+    lora_expand_add over dh followed by the pass without the fold (the LoRA term's dot may round
+    differently in its last fp32 bit, so dg, du and the dB built from them within a rounding of dh' and
+    of the rank-deep dot), and dA_d bit for bit. A_d with a row stride wider than its row."""
     M, I = 37, 100
     rg, ru, rd = ranks
     g, u = strided(torch.randn(M, I, device=DEV).to(dtype)), torch.randn(M, I, device=DEV).to(dtype)
     dh = strided(torch.randn(M, I, device=DEV).to(dtype))
     p, rescale = mask or (0.0, False)
     key, dkey = seed(321), seed(2**33 + 5) if q else None
-    t, a = torch.randn(M, rd, device=DEV).to(dtype), torch.randn(rd, I, device=DEV).to(dtype)
-    gate = _side(M, rg, dtype) if rg else None
-    up = _side(M, ru, dtype) if ru else None
+    t, a = torch.randn(M, rd, device=DEV).to(adt), strided(torch.randn(rd, I, device=DEV).to(adt))
+    gate = _side(M, rg, adt) if rg else None
+    up = _side(M, ru, adt) if ru else None
     args = dict(gate=gate, up=up, splits=splits)
     folded = K.act_bwd_lora(dh, g, u, activation.value, p, rescale, key if mask else None,
                             down=K.DownLora(t, 0.75, q, dkey, a), **args)
@@ -425,10 +426,11 @@ def test_act_bwd_lora_folds_the_down_lora_term_of_dh(dtype, activation, mask, ra
     ref = K.act_bwd_lora(dh_ref, g, u, activation.value, p, rescale, key if mask else None,
                          down=K.DownLora(t, 0.75, q, dkey), **args)
     assert torch.equal(folded.dA_d, ref.dA_d)
-    for got, want in ((folded.dg, ref.dg), (folded.du, ref.du), (folded.dB_g, ref.dB_g), (folded.dB_u, ref.dB_u)):
+    for got, want, depth in ((folded.dg, ref.dg, rd), (folded.du, ref.du, rd), (folded.dB_g, ref.dB_g, M),
+                             (folded.dB_u, ref.dB_u, M)):
         assert (got is None) == (want is None)
         if got is not None:
-            assert_close64(got, want.double(), dtype, depth=max(rd, M))
+            assert_close64(got, want.double(), got.dtype, depth=depth)
     assert not torch.equal(folded.dg, K.act_bwd_lora(dh, g, u, activation.value, p, rescale, key if mask else None,
                                                      down=K.DownLora(t, 0.75, q, dkey), **args).dg)
 
@@ -441,10 +443,16 @@ def test_act_bwd_lora_fold_rejects_what_it_does_not_cover():
     with pytest.raises(ValueError, match="down.a"):
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t, 1.0, a=torch.randn(3, 8, device=DEV).bfloat16()))
     t33 = torch.randn(4, 33, device=DEV).bfloat16()
-    with pytest.raises(ValueError, match="rank <= 32"):
+    with pytest.raises(ValueError, match="ranks <= 32 .gate, up and down., got 33"):
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t33, 1.0, a=torch.randn(33, 8, device=DEV).bfloat16()))
+    wide_gate = K.LoraSide(torch.randn(4, 64, device=DEV).bfloat16(), 1.0)  # every rank of the pass counts
+    with pytest.raises(ValueError, match="ranks <= 32 .gate, up and down., got 64"):
+        K.act_bwd_lora(g, g, g, "silu", gate=wide_gate, down=K.DownLora(t, 1.0, a=torch.randn(2, 8, device=DEV).bfloat16()))
+    with pytest.raises(ValueError, match="down_a"):  # another device than the pass's operands
+        K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t, 1.0, a=torch.empty(2, 8, device="meta", dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match="unit column stride"):
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t, 1.0, a=torch.randn(8, 2, device=DEV).bfloat16().t()))
+
 
 def test_act_bwd_lora_rejects_bad_arguments():
     g = torch.randn(4, 8, device=DEV)

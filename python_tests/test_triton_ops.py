@@ -9,7 +9,7 @@ from budget import assert_within_budget  # noqa: E402
 from test_ops import CASES as OPS_CASES, assert_matches, leaves, make_linear, make_mlp, to64  # noqa: E402
 from transpeft_kernels import ops, reference as R  # noqa: E402
 from transpeft_kernels.ops.triton_backend import TritonBackend  # noqa: E402
-from transpeft_kernels.specs import Layout, LinearWeights, MaskSpec  # noqa: E402
+from transpeft_kernels.specs import GatedMLPWeights, Layout, LinearWeights, MaskSpec  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKEND = ops.resolve("triton", DEV)
@@ -170,30 +170,37 @@ def test_one_pass_is_on_by_default_and_0_turns_it_off(setting, used, monkeypatch
 
 
 @pytest.mark.usefixtures("one_pass")
-@pytest.mark.parametrize("adapter_dtype,rank,setting,folded", [
-    (None, 8, None, True), (None, 8, "0", False), (None, 40, None, False), (torch.float32, 8, None, False)])
-def test_dh_fold_for_16_bit_adapters_up_to_rank_32(adapter_dtype, rank, setting, folded, monkeypatch):
-    """The down LoRA's term of dh' goes into the one pass (act_bwd_lora's down.a) with 16-bit adapters of
-    rank <= 32, unless TRANSPEFT_TRITON_FOLD_DH=0; then no expand writes it. Either way the reference's
-    gradients."""
-    from transpeft_kernels.ops.triton_backend import FOLD_DH_ENV
+@pytest.mark.parametrize("adapter_dtype,ranks,setting,base,folded", [
+    (None, (8, 8, 8), None, "cublas", True), (None, (32, 32, 32), None, "cublas", True),
+    (None, (8, 8, 8), "0", "cublas", False), (None, (40, 40, 40), None, "cublas", False),
+    (None, (64, 64, 16), None, "cublas", False), (torch.float32, (8, 8, 8), None, "cublas", False),
+    (None, (8, 8, 8), None, "triton", False)])
+def test_dh_fold_for_16_bit_adapters_up_to_rank_32(adapter_dtype, ranks, setting, base, folded, monkeypatch):
+    """The down LoRA's term of dh' goes into the one pass (act_bwd_lora's down.a) with 16-bit adapters whose
+    ranks (gate, up and down) are all <= 32 and cuBLAS base GEMMs, unless TRANSPEFT_TRITON_FOLD_DH=0;
+    folded, no expand writes it. Either way the reference's gradients."""
+    from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, FOLD_DH_ENV
 
     if setting is None:
         monkeypatch.delenv(FOLD_DH_ENV, raising=False)
     else:
         monkeypatch.setenv(FOLD_DH_ENV, setting)
+    monkeypatch.setenv(BASE_GEMM_ENV, base)
     downs, expands = [], []
     real, real_into = BACKEND._k.act_bwd_lora, BACKEND._k.lora_expand_into
     monkeypatch.setattr(BACKEND._k, "act_bwd_lora", lambda *a, **kw: downs.append(kw["down"]) or real(*a, **kw))
     monkeypatch.setattr(BACKEND._k, "lora_expand_into",
                         lambda out, terms, *a, **kw: expands.append(out.shape) or real_into(out, terms, *a, **kw))
-    w = make_mlp(24, 40, Layout.SPLIT, torch.bfloat16, adapter_dtype=adapter_dtype, rank=rank, dropout=0.1)
+    lins = [make_linear(n_in, n_out, torch.bfloat16, adapter_dtype=adapter_dtype, rank=r, dropout=0.1)
+            for (n_in, n_out), r in zip(((24, 40), (24, 40), (40, 24)), ranks)]
+    w = GatedMLPWeights(tuple(lins[:2]), lins[2])
     x = torch.randn(3, 7, 24, dtype=torch.bfloat16, requires_grad=True)
     seed, mask = torch.tensor(12), MaskSpec(0.1)
     assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
                    lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.bfloat16)
     assert len(downs) == 1 and (downs[0].a is not None) == folded
-    assert ((21, 40) in expands) == (not folded)  # dh' (M, I) written by an expand only without the fold
+    if base == "cublas":  # dh' (M, I) written by an expand exactly where it is not folded
+        assert ((21, 40) in expands) == (not folded)
 
 
 @pytest.mark.usefixtures("one_pass")

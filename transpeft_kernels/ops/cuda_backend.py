@@ -224,7 +224,7 @@ class CudaBackend(TorchBackend):
         if self._fuses_gate_up_expands(w):
             outs, shrinks = self.inputs_fwd(x2d, w, seed, self._base_and_shrink)
             gate_up = self._gate_up_lora(w, shrinks)
-            if not K.gate_up_supported(*split_gate_up(outs, w.layout), gate_up, down.lora.A):  # unaligned: on their own
+            if not K.gate_up_supported(*split_gate_up(outs, w.layout), gate_up):  # unaligned: on their own
                 for y, s, lin in zip(outs, shrinks, w.inputs):
                     K.lora_expand_(y, s, lin.lora.B, lin.lora.scaling)
                 gate_up = None

@@ -460,7 +460,7 @@ class _KernelRecorder:
 # The forward (act_fwd_lora_kernel, "fwd" and "fwd_gu") since stop 28: its column loop stages A_d (and
 # B_g, B_u) only through 16-byte groups in a compile-time number of trips (the launcher checks the
 # alignment: act_fwd_lora_takes), so its static SASS is what runs, and the weights are derived from it
-# mechanically: per 64-column step, the loop's static count plus each inner loop's further trips (the
+# by one rule (python_tests/test_cuda_ledger_weights.py, which lists its assumptions): per 64-column step, the loop's static count plus each inner loop's further trips (the
 # element loop 2 trips, the staging loops rank tile / 16, the k loops their HMMA per step over their
 # body's), over 16 elements, less two mask streams (2 x 18.4), over 24 (sm_90a, bf16 base, silu;
 # python_tests/test_cuda_ledger_weights.py recompiles and checks them). Before, the static count held
@@ -521,7 +521,7 @@ CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT = {(True, False): 0.47, (False, False): 0.79, (
 # shrink_exact: fp32 adapters over a 16-bit x (tile_mma's A_EXACT: two mmas per k step, x not split; since
 # stop 26 under dropout too, whose path the static count held already): r 16 (1093 - 120 + 7 x 45) / 32 =
 # 40.3, r 64 (1206 - 120 + 7 x 135 + 3 x 130) / 32 = 75.7; its FLOPs are charged as two tf32 products.
-# Since stop 28 these are derived mechanically as the activation passes' (test_cuda_ledger_weights.py):
+# Since stop 28 these are derived by the activation passes' rule (test_cuda_ledger_weights.py):
 # the step loop holds only what runs (a's and S's staging in compile-time 16-byte trips, the
 # element-by-element fallbacks called out of line), plus its inner loops' further trips, and for the
 # expand a quarter of b's staging. Per step: shrink (32 elements per thread, one mask stream) r 16 931

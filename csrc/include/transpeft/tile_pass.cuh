@@ -142,35 +142,6 @@ __device__ __forceinline__ void stage_rank_rows(TA* dst, const TA* src, int64_t 
   }
 }
 
-// dst (ROWS x kBN, row-major) = src[r * ld + (col0 + c) * step] for r < rows and col0 + c < cols, else 0:
-// a rank-sized operand's 64 columns of one step, staged in shared memory in dtype TD. `vec` (uniform over
-// the block: step == 1, cols % 8 == 0, 16-byte aligned rows with ld % 8 == 0) reads whole groups of 8
-// with 16-byte loads, about 5 instructions per element instead of about 25.
-template <typename TS, typename TD, int ROWS>
-__device__ __forceinline__ void stage_columns_vec(TD* dst, const TS* src, int64_t ld, int64_t rows, int64_t col0,
-                                                  int64_t cols);
-
-template <typename TS, typename TD, int ROWS>
-TRANSPEFT_NOINLINE __device__ void stage_columns_scalar(TD* dst, const TS* src, int64_t ld, int64_t step, int64_t rows,
-                                                        int64_t col0, int64_t cols) {
-  for (int i = threadIdx.x; i < ROWS * kBN; i += kLoraThreads) {
-    const int r = i / kBN, c = i % kBN;
-    dst[i] = (r < rows && col0 + c < cols) ? from_float<TD>(to_float(src[r * ld + (col0 + c) * step]))
-                                           : from_float<TD>(0.0f);
-  }
-}
-
-// (the element-by-element path out of line, as stage_rank_rows')
-template <typename TS, typename TD, int ROWS>
-__device__ __forceinline__ void stage_columns(TD* dst, const TS* src, int64_t ld, int64_t step, int64_t rows, int64_t col0,
-                                              int64_t cols, bool vec) {
-  if (vec) {
-    stage_columns_vec<TS, TD, ROWS>(dst, src, ld, rows, col0, cols);
-  } else {
-    stage_columns_scalar<TS, TD, ROWS>(dst, src, ld, step, rows, col0, cols);
-  }
-}
-
 // stage_columns's vectorised path alone, for a kernel whose launcher checked `vec` (act_lora.cu's
 // forward): ROWS x kBN / 8 groups over the block's threads in a compile-time number of trips, so that no
 // remainder loop and no element-by-element path are compiled into the kernel's column loop (the static
@@ -193,6 +164,32 @@ __device__ __forceinline__ void stage_columns_vec(TD* dst, const TS* src, int64_
       for (int j = 0; j < kGroup; ++j) v[j] = 0.0f;
     }
     store_group<TD>(dst + r * kBN + c, v);
+  }
+}
+
+// stage_columns' element-by-element path, out of line (as stage_rank_rows_scalar).
+template <typename TS, typename TD, int ROWS>
+TRANSPEFT_NOINLINE __device__ void stage_columns_scalar(TD* dst, const TS* src, int64_t ld, int64_t step, int64_t rows,
+                                                        int64_t col0, int64_t cols) {
+  for (int i = threadIdx.x; i < ROWS * kBN; i += kLoraThreads) {
+    const int r = i / kBN, c = i % kBN;
+    dst[i] = (r < rows && col0 + c < cols) ? from_float<TD>(to_float(src[r * ld + (col0 + c) * step]))
+                                           : from_float<TD>(0.0f);
+  }
+}
+
+// dst (ROWS x kBN, row-major) = src[r * ld + (col0 + c) * step] for r < rows and col0 + c < cols, else 0:
+// a rank-sized operand's 64 columns of one step, staged in shared memory in dtype TD. `vec` (uniform over
+// the block: step == 1, cols % 8 == 0, 16-byte aligned rows with ld % 8 == 0) reads whole groups of 8
+// with 16-byte loads, about 5 instructions per element instead of about 25; otherwise a call to the
+// element-by-element path.
+template <typename TS, typename TD, int ROWS>
+__device__ __forceinline__ void stage_columns(TD* dst, const TS* src, int64_t ld, int64_t step, int64_t rows, int64_t col0,
+                                              int64_t cols, bool vec) {
+  if (vec) {
+    stage_columns_vec<TS, TD, ROWS>(dst, src, ld, rows, col0, cols);
+  } else {
+    stage_columns_scalar<TS, TD, ROWS>(dst, src, ld, step, rows, col0, cols);
   }
 }
 

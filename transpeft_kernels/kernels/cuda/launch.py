@@ -118,6 +118,8 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     GEMM outputs of the caller, with unit column stride; not copied), in the same pass: the tensor-core
     forward only (``gate_up_supported``), ranks <= MAX_GATE_UP_RANK[A_d's dtype] (the down rank too), S and B in
     A_d's dtype."""
+    if down_a is not None:
+        down_a = _rows_in_groups(unit_column_stride(down_a, "down_a"))
     if gate_up is not None:
         _check_gate_up(g, u, down_a, gate_up)
     g, u = unit_column_stride(g, "g"), unit_column_stride(u, "u")
@@ -129,7 +131,6 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     mask, _keep1 = _knowledge_mask_args(p, rescale, mask_seed, g.dtype, device)
     fused, s, part = {}, None, None
     if down_a is not None:
-        down_a = unit_column_stride(down_a, "down_a")
         if down_a.shape[1] != I or not 1 <= down_a.shape[0] <= MAX_FUSED_RANK:
             raise ValueError(f"down_a: expected (r <= {MAX_FUSED_RANK}, {I}), got {tuple(down_a.shape)}")
         r = down_a.shape[0]
@@ -154,24 +155,30 @@ def masked_gated_act_fwd(g, u, activation: str, p: float, rescale: bool, mask_se
     return h if down_a is None else (h, s)
 
 
-def gate_up_supported(g: torch.Tensor, u: torch.Tensor, gate_up: GateUpLora | None = None,
-                      down_a: torch.Tensor | None = None) -> bool:
+def gate_up_supported(g: torch.Tensor, u: torch.Tensor, gate_up: GateUpLora | None = None) -> bool:
     """Whether masked_gated_act_fwd can add gate/up expands to these g, u in place: the tensor-core forward's
     operands, as they are (act_bwd_lora_supported: unit column stride, I % 8 == 0, aligned rows); with
-    ``gate_up`` and ``down_a`` also what its column loop stages with 16-byte loads only: B_g's and B_u's
-    rows and A_d's rows 16-byte aligned, the gate/up rank a multiple of 8."""
+    ``gate_up`` also what its column loop stages with 16-byte loads only: B_g's and B_u's rows aligned
+    (``_aligned_rows``), the gate/up rank a multiple of 8. (A_d's rows: copied where they are not.)"""
     if not act_bwd_lora_supported(g, u):
         return False
-    if gate_up is not None and (gate_up.s_g.dim() != 2 or gate_up.s_g.shape[1] % GATE_UP_RANK_STEP != 0
-                                or not all(_aligned_rows(b) for b in (gate_up.b_g, gate_up.b_u))):
-        return False
-    return down_a is None or _aligned_rows(down_a)
+    return gate_up is None or (gate_up.s_g.dim() == 2 and gate_up.s_g.shape[1] % GATE_UP_RANK_STEP == 0
+                               and all(_aligned_rows(b) for b in (gate_up.b_g, gate_up.b_u)))
 
 
 def _aligned_rows(t: torch.Tensor) -> bool:
-    """Rows that the CUDA kernels read in 16-byte groups: unit column stride, 16-byte aligned start and rows."""
+    """Rows that the CUDA kernels read in groups of 8 with 16-byte loads, as csrc's ``aligned_rows`` has them:
+    unit column stride, a 16-byte aligned start, a row stride that is a multiple of 8 elements."""
     return (t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) and t.data_ptr() % 16 == 0
-            and (t.stride(0) * t.element_size()) % 16 == 0)
+            and t.stride(0) % 8 == 0)
+
+
+def _rows_in_groups(a: torch.Tensor) -> torch.Tensor:
+    """A_d as the tensor-core forward reads it (16-byte groups of its rows, ``act_fwd_lora_takes``): a fresh
+    copy where its rows are not aligned (a view at an odd offset; r x I elements, small), else itself."""
+    if a.shape[1] % 8 != 0 or _aligned_rows(a):
+        return a
+    return a.clone(memory_format=torch.contiguous_format)
 
 
 def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
@@ -182,9 +189,6 @@ def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
     if not gate_up_supported(g, u):
         raise ValueError("gate_up: g and u must have unit column stride, a column count divisible by 8 and "
                          "16-byte aligned rows (they are written in place)")
-    if not _aligned_rows(down_a):
-        raise ValueError(f"gate_up: needs down_a with unit column stride and 16-byte aligned rows, got strides "
-                         f"{down_a.stride()}")
     M, I = g.shape
     r_d = down_a.shape[0] if down_a.dim() == 2 else -1
     max_r = MAX_GATE_UP_RANK.get(down_a.dtype, 0)
@@ -197,15 +201,16 @@ def _check_gate_up(g, u, down_a, gu: GateUpLora) -> None:
             raise ValueError(f"gate_up {name}: expected ({rows}, r <= {max_r}) with unit column stride "
                              f"in down_a's dtype {down_a.dtype} (r like S_g's), got {tuple(t.shape)} {t.dtype} "
                              f"strides {t.stride()}")
+        if t.device != g.device:
+            raise ValueError(f"gate_up {name}: expected device {g.device}, got {t.device}")
     if r % GATE_UP_RANK_STEP != 0:
         raise ValueError(f"gate_up S_g: expected a rank that is a multiple of {GATE_UP_RANK_STEP} (B's rows are "
                          f"staged 8 ranks per 16-byte load), got {r}")
     for name, b in (("B_g", gu.b_g), ("B_u", gu.b_u)):
         if not _aligned_rows(b):
-            raise ValueError(f"gate_up {name}: expected 16-byte aligned rows, got data at {b.data_ptr() % 16} "
-                             f"bytes past 16 and row stride {b.stride(0)}")
-        if t.device != g.device:
-            raise ValueError(f"gate_up {name}: expected device {g.device}, got {t.device}")
+            raise ValueError(f"gate_up {name}: expected 16-byte aligned rows (a 16-byte aligned start, a row "
+                             f"stride that is a multiple of 8), got a start {b.data_ptr() % 16} bytes past 16 "
+                             f"and row stride {b.stride(0)}")
 
 
 def _col_splits(M: int, I: int, device: torch.device) -> tuple[int, int]:

@@ -13,7 +13,7 @@
 
 Import this package only after choosing TRITON_INTERPRET (it is read when the kernels are defined).
 """
-from .act_bwd_lora import MAX_RANK as ACT_BWD_LORA_MAX_RANK, FOLD_MAX_RANK as ACT_BWD_FOLD_MAX_RANK, ActBwdLoraGrads, DownLora, LoraSide, act_bwd_lora
+from .act_bwd_lora import MAX_RANK as ACT_BWD_LORA_MAX_RANK, ActBwdLoraGrads, DownLora, LoraSide, act_bwd_lora, fold_supported as act_bwd_fold_supported
 from .gate_up_act import GateUpOperand, gate_up_act
 from .gemm_lora_expand import gemm_lora_expand
 from .lora_epilogue import ExpandSide, LoraTerm, gate_up_lora_act, lora_expand_add, lora_expand_into
@@ -21,4 +21,4 @@ from .lora_shrink import lora_shrink
 from .masked_gated_act import masked_gated_act_bwd, masked_gated_act_fwd
 from .token_reduce import token_reduce
 
-__all__ = ["ACT_BWD_LORA_MAX_RANK", "ACT_BWD_FOLD_MAX_RANK", "ActBwdLoraGrads", "DownLora", "LoraSide", "act_bwd_lora", "GateUpOperand", "gate_up_act", "ExpandSide", "gate_up_lora_act", "lora_expand_add", "LoraTerm", "lora_expand_into", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]
+__all__ = ["ACT_BWD_LORA_MAX_RANK", "act_bwd_fold_supported", "ActBwdLoraGrads", "DownLora", "LoraSide", "act_bwd_lora", "GateUpOperand", "gate_up_act", "ExpandSide", "gate_up_lora_act", "lora_expand_add", "LoraTerm", "lora_expand_into", "gemm_lora_expand", "lora_shrink", "masked_gated_act_bwd", "masked_gated_act_fwd", "token_reduce"]

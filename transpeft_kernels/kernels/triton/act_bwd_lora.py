@@ -136,7 +136,7 @@ def act_bwd_lora_kernel(
         inb = row_ok[:, None] & col_ok[None, :]
         dh = tl.load(dh_ptr + r64[:, None] * stride_dh + c64[None, :], mask=inb, other=0.0).to(tl.float32)
         if FOLD_D:
-            # dh' = round_x(dY W_d + s_d D_q(t_d A_d)), lora_expand_add's arithmetic; t_d's tile and the
+            # dh' = round_dh(dY W_d + s_d D_q(t_d A_d)), lora_expand_add's arithmetic; t_d's tile and the
             # dropout's keep serve dA_d below as well
             td = _rank_tile_t(td_ptr, r64, row_ok, RD, BLOCK_RD)
             z = lora_dot(dot_operand(tl.trans(td), D_DTYPE, UPCAST), ad, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
@@ -144,7 +144,7 @@ def act_bwd_lora_kernel(
             if D_DROPOUT:
                 keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
                 z = tl.where(keep_d, z * drop_scale, 0.0)
-            dh = cast_like(dh + scaling_d * z, g_ptr).to(tl.float32)
+            dh = cast_like(dh + scaling_d * z, dh_ptr).to(tl.float32)
         g = tl.load(g_ptr + r64[:, None] * stride_g + c64[None, :], mask=inb, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + r64[:, None] * stride_u + c64[None, :], mask=inb, other=0.0).to(tl.float32)
         if HAS_MASK:
@@ -209,8 +209,8 @@ class LoraSide(NamedTuple):
 class DownLora(NamedTuple):
     """The down projection's LoRA for its dA: t (M, r_d) = cast_A(dY) B_d in the adapter dtype, the
     scaling, and its lora dropout probability with the seed of its stream (None when dropout is 0).
-    ``a``: A_d (r_d, I), to add the LoRA term of dh' in the pass (``dh`` is then dY W_d alone); 16-bit
-    adapters of rank <= FOLD_MAX_RANK only."""
+    ``a``: A_d (r_d, I), to add the LoRA term of dh' in the pass (``dh`` is then dY W_d alone), where
+    ``fold_supported`` says so."""
 
     t: torch.Tensor
     scaling: float
@@ -219,10 +219,18 @@ class DownLora(NamedTuple):
     a: torch.Tensor | None = None
 
 
-# The dh' fold: 16-bit adapters up to rank 32, 64 columns per program (static SASS, sm_80 / sm_90: at
-# rank 64 it spilled 32 B on sm_80, with 128 columns 16 B at rank 16 on sm_90; fp32 adapters spilled at
-# rank 64 and the model has no gain for them: their expand is compute, not the pass's bytes)
+# The dh' fold: 16-bit adapters, every rank of the pass (gate, up and down) up to 32, 64 columns per program
+# (static SASS, sm_80 / sm_90, compiled beside the committed set: at rank 64 it spilled 32 B on sm_80, with
+# 128 columns 16 B at rank 16 on sm_90; fp32 adapters spilled at rank 64 and the model has no gain for
+# them: their expand is compute, not the pass's bytes)
 FOLD_MAX_RANK = 32
+FOLD_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def fold_supported(adapter_dtype: torch.dtype, max_rank: int) -> bool:
+    """Whether the pass can add the down LoRA's term of dh' (``DownLora.a``): 16-bit adapters, and the
+    largest LoRA rank among gate, up and down at most FOLD_MAX_RANK."""
+    return adapter_dtype in FOLD_DTYPES and max_rank <= FOLD_MAX_RANK
 
 
 def block_n_for_rank(block_n: int, rank: int, all_fp32: bool, fold: bool = False) -> int:
@@ -244,14 +252,16 @@ def _check_side(side: LoraSide | None, name: str, M: int) -> int:
     return side.s.shape[1]
 
 
-def _check_fold(a: torch.Tensor, t: torch.Tensor, I: int) -> None:
-    """down.a for the dh' fold: A_d (r_d, I) in t's 16-bit dtype, unit column stride, r_d <= FOLD_MAX_RANK."""
+def _check_fold(a: torch.Tensor, t: torch.Tensor, I: int, max_rank: int) -> None:
+    """down.a for the dh' fold: A_d (r_d, I) in t's 16-bit dtype, unit column stride (``fold_supported``)."""
     check_2d(a, "down.a")
-    if a.dtype != t.dtype or a.dtype not in (torch.bfloat16, torch.float16):
+    if a.dtype != t.dtype or a.dtype not in FOLD_DTYPES:
         raise TypeError(f"down.a: expected down.t's dtype, torch.bfloat16 or torch.float16 (the fold takes 16-bit "
                         f"adapters), got {a.dtype} with down.t {t.dtype}")
-    if a.shape != (t.shape[1], I) or t.shape[1] > FOLD_MAX_RANK:
-        raise ValueError(f"down.a: expected shape ({t.shape[1]}, {I}) with rank <= {FOLD_MAX_RANK}, got {tuple(a.shape)}")
+    if a.shape != (t.shape[1], I):
+        raise ValueError(f"down.a: expected shape ({t.shape[1]}, {I}), got {tuple(a.shape)}")
+    if not fold_supported(a.dtype, max_rank):
+        raise ValueError(f"down.a: the fold takes LoRA ranks <= {FOLD_MAX_RANK} (gate, up and down), got {max_rank}")
     if a.stride(1) != 1 and I > 1:
         raise ValueError(f"down.a: expected a unit column stride, got strides {a.stride()}")
 
@@ -271,7 +281,7 @@ def act_bwd_lora(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation:
     sig = plans.signature
     key = (sig(dh), sig(g), sig(u), activation, p, rescale, seed is None,
            None if gate is None else sig(gate.s), None if up is None else sig(up.s),
-           None if down is None else (sig(down.t), down.dropout, down.seed is None, down.a is None or sig(down.a)),
+           None if down is None else (sig(down.t), down.dropout, down.seed is None, sig(down.a)),
            splits,
            None if out is None else (sig(out[0]), sig(out[1])), plans.tuning_state())
     plan = _PLANS.get(key, lambda: _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out))
@@ -345,8 +355,9 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
         if down.dropout > 0 and down.seed is None:
             raise ValueError("down.seed: required when down.dropout > 0")
         if down.a is not None:
-            _check_fold(down.a, down.t, I)
-    device = check_same_device(dh=dh, g=g, u=u, gate_s=gate and gate.s, up_s=up and up.s, down_t=down and down.t)
+            _check_fold(down.a, down.t, I, max(rg, ru, rd))
+    device = check_same_device(dh=dh, g=g, u=u, gate_s=gate and gate.s, up_s=up and up.s, down_t=down and down.t,
+                               down_a=down and down.a)
     has_mask, threshold, c = _mask_scalars(p, rescale, g.dtype, seed)
     if out is not None:
         grad_outputs(g, u, out)  # checks out; fresh gradients are contiguous (M, I)
