@@ -435,6 +435,20 @@ def test_act_bwd_lora_folds_the_down_lora_term_of_dh(dtype, adt, activation, mas
                                                      down=K.DownLora(t, 0.75, q, dkey), **args).dg)
 
 
+def test_act_bwd_lora_fold_rounds_dh_to_its_own_dtype():
+    """A bf16 dh beside fp32 g, u: the folded dh' is rounded to bf16 (dh's dtype), as lora_expand_add over dh
+    rounds it, not kept in g's fp32. Small integers in t_d and A_d make the LoRA term exact in any summation
+    order, so both ways form the same dh' and the same pass gives the same bits."""
+    M, I, r = 33, 72, 16
+    g, u = torch.randn(M, I, device=DEV), torch.randn(M, I, device=DEV)
+    dh = torch.randn(M, I, device=DEV).bfloat16()
+    t = torch.randint(-3, 4, (M, r), device=DEV).bfloat16()
+    a = torch.randint(-3, 4, (r, I), device=DEV).bfloat16()
+    folded = K.act_bwd_lora(dh, g, u, "silu", down=K.DownLora(t, 0.75, a=a))
+    ref = K.act_bwd_lora(K.lora_expand_add(dh.clone(), t, a.t(), 0.75), g, u, "silu", down=K.DownLora(t, 0.75))
+    assert torch.equal(folded.dg, ref.dg) and torch.equal(folded.du, ref.du)
+
+
 def test_act_bwd_lora_fold_rejects_what_it_does_not_cover():
     g = torch.randn(4, 8, device=DEV).bfloat16()
     t = torch.randn(4, 2, device=DEV).bfloat16()

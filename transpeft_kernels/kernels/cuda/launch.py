@@ -175,7 +175,8 @@ def _aligned_rows(t: torch.Tensor) -> bool:
 
 def _rows_in_groups(a: torch.Tensor) -> torch.Tensor:
     """A_d as the tensor-core forward reads it (16-byte groups of its rows, ``act_fwd_lora_takes``): a fresh
-    copy where its rows are not aligned (a view at an odd offset; r x I elements, small), else itself."""
+    copy where its rows are not aligned (a view whose start is not 16-byte aligned, or whose row stride is
+    not a multiple of 8; r x I elements, small), else itself."""
     if a.shape[1] % 8 != 0 or _aligned_rows(a):
         return a
     return a.clone(memory_format=torch.contiguous_format)

@@ -12,8 +12,9 @@ reference (keep, c as in masked_gated_act):
     h'   = round_x(act(g) u keep c)                 bit-identical to the forward's h'
     dA_d = s_d t_d^T D_q(cast_A(h'))    (r_d, I)    D_q: the down LoRA's dropout, keep x 1/(1-q)
 
-With ``down.a`` (the dh' fold; 16-bit adapters, rank <= FOLD_MAX_RANK) dh holds cuBLAS's dY W_d alone and
-the pass first forms dh' = round_x(dh + s_d D_q(t_d A_d)), lora_expand_add's arithmetic, from the t_d tile
+With ``down.a`` (the dh' fold; 16-bit adapters, every rank of the pass, gate, up and down, at most
+FOLD_MAX_RANK: ``fold_supported``) dh holds cuBLAS's dY W_d alone and the pass first forms
+dh' = round_dh(dh + s_d D_q(t_d A_d)), lora_expand_add's arithmetic, from the t_d tile
 and the keep mask that dA_d uses as well: no (M, I) write of the LoRA term before the GEMM, no separate
 launch, and the down LoRA's dropout mask regenerated once instead of twice.
 
