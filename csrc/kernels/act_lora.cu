@@ -495,12 +495,13 @@ bool act_fwd_lora_takes(const TranspeftActFwdArgs& p) {
     return false;
   }
   // the column loop stages A_d (and B_g, B_u) in whole groups of 8 with 16-byte loads only
-  const bool a_rows = p.a_dtype == 0 ? aligned_rows<float>(p.a, p.lda) : aligned_rows<uint16_t>(p.a, p.lda);
-  if (!a_rows) return false;
-  if (p.sg != nullptr) {
-    const bool b_rows = p.a_dtype == 0 ? aligned_rows<float>(p.bg, p.ldbg) && aligned_rows<float>(p.bu, p.ldbu)
-                                       : aligned_rows<uint16_t>(p.bg, p.ldbg) && aligned_rows<uint16_t>(p.bu, p.ldbu);
-    if (p.rank_gu % kGroup != 0 || !b_rows) return false;
+  const auto adapter_rows = [&](const void* ptr, int64_t ld) {
+    return p.a_dtype == 0 ? aligned_rows<float>(ptr, ld) : aligned_rows<uint16_t>(ptr, ld);
+  };
+  if (!adapter_rows(p.a, p.lda)) return false;
+  if (p.sg != nullptr &&
+      (p.rank_gu % kGroup != 0 || !adapter_rows(p.bg, p.ldbg) || !adapter_rows(p.bu, p.ldbu))) {
+    return false;
   }
   return with_dtype(p.dtype, [&](auto tag) -> cudaError_t {
            using T = typename decltype(tag)::type;

@@ -468,7 +468,7 @@ class _KernelRecorder:
 # and an element-by-element path) and the B staging's element-by-element paths: the forward was charged
 # 0.8-2.9 elementwise units per element too many. Per step: r 16 bf16 adapters 1062 (1493 with the gate/up
 # expands), fp32 1042 (1472); r 64 bf16 1255 (2298), fp32 1287. They hold the exact operand already
-# (fp32 adapters over a 16-bit base, the model's cases): their CUDA_EXACT_OPERAND_DELTA is 0, and an fp32
+# (fp32 adapters over a 16-bit base, the model's cases), and an fp32
 # base under fp32 adapters is charged the same (its third mma per k step not counted).
 CUDA_ACT_LORA_ELEMENT_WEIGHT = {
     ("fwd", True, False): 1.18, ("fwd", False, False): 1.23, ("fwd", True, True): 1.82, ("fwd", False, True): 1.74,
@@ -551,24 +551,10 @@ CUDA_DROPOUT_CAST_ELEMENT_WEIGHT = {("group", True): 0.05, ("group", False): 0.3
 
 # Since stop 26 the CUDA tensor-core passes multiply an operand that holds 16-bit values (x, dY, h', dg, du
 # under fp32 adapters over a 16-bit base) unsplit: tile_mma's A_EXACT / B_EXACT, two mmas per k step
-# instead of three (the dropout's scale after the sum, tile_pass.cuh keep_only). The change of each
-# weight above, for fp32 adapters over 16-bit activations, keyed by (kernel, rank > 32): the change of
-# the static row-step loop body (sm_90a, bf16 / silu; compile-check --cuda before and after) plus the k
-# loops' further trips charged the change of one k step, which token_reduce (the same reduce_step alone
-# in its loop) shows as -17 per step at rank 16 (one tile per warp: the split of x's fragment and one
-# mma) and -78 at rank 64 (four tiles); over the 16 elements per thread per step, over 24:
-#   token_reduce: since stop 28 derived from the exact variants' SASS (0 here; an fp32 x under fp32
-#                adapters is charged the exact count, its third mma per k step not counted)
-#   act backward: since stop 28 its weights are derived from the exact variants' SASS (0 here)
-#   act forward: since stop 28 its weights are derived from the exact variants' SASS (0 here)
-# The shrink already had this without dropout (shrink_exact); it now takes it with dropout too. Keyed by
-# rank > 32 like the weights they change: rank tile 32 takes the rank-16 figure, an undercount there (at
-# tile 32 every warp of the forward owns a tile, and the reductions hold two per warp).
-CUDA_EXACT_OPERAND_DELTA = {
-    ("token_reduce", False): 0.0, ("token_reduce", True): 0.0,  # derived exact since stop 28
-    ("bwd", False): 0.0, ("bwd", True): 0.0, ("bwd_db", False): 0.0,  # derived exact since stop 28 (above)
-    ("fwd", False): 0.0, ("fwd", True): 0.0, ("fwd_gu", False): 0.0, ("fwd_gu", True): 0.0,  # derived exact (above)
-}
+# instead of three (the dropout's scale after the sum, tile_pass.cuh keep_only). Until stop 28 the weights
+# above carried that as a separate change per kernel; since then they are derived from the exact variants'
+# SASS themselves (test_cuda_ledger_weights.py), and an fp32 x under fp32 adapters is charged the same
+# count (its third mma per k step not counted). The FLOPs still count two tf32 products for an exact dot.
 
 
 def _cuda_tc_unit(dtype) -> tuple[str, int]:
@@ -579,13 +565,6 @@ def _cuda_tc_unit(dtype) -> tuple[str, int]:
 def _exact(adapter: torch.Tensor, operand: torch.Tensor) -> bool:
     """fp32 adapters over a 16-bit operand: the CUDA tile kernels multiply it unsplit (two tf32 mmas)."""
     return adapter.dtype == torch.float32 and operand.element_size() == 2
-
-
-def _cuda_weight(table: dict, kind: str, fp32: bool, big: bool, exact: bool) -> float:
-    """A CUDA tile kernel's issue weight: ``table``'s entry for (``kind``, an fp32 adapter, rank > 32; the
-    token reductions' table has no kind), plus the exact operand's change where there is one."""
-    base = table[(fp32, big)] if table is CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT else table[(kind, fp32, big)]
-    return base + (CUDA_EXACT_OPERAND_DELTA[(kind, big)] if exact else 0.0)
 
 
 def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> tuple[dict, int, int]:
@@ -628,10 +607,9 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         exact = _exact(a, g)  # S_d's h' operand unsplit
         s_d = (times - exact) * 2 * n * r
         if gate_up is not None:  # and the gate/up expands: two more rank-sized products per element
-            weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "fwd_gu", a.dtype == torch.float32,
-                                  max(r, gate_up.s_g.shape[1]) > 32, exact)
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd_gu", a.dtype == torch.float32, max(r, gate_up.s_g.shape[1]) > 32)]
             return {unit: s_d + times * 2 * 2 * n * gate_up.s_g.shape[1]}, round(n * weight), philox
-        weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "fwd", a.dtype == torch.float32, r > 32, exact)
+        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("fwd", a.dtype == torch.float32, r > 32)]
         return {unit: s_d}, round(n * weight), philox
     if wrapper in ("masked_gated_act_fwd", "masked_gated_act_bwd"):
         g = tensors_in[1] if wrapper.endswith("bwd") else tensors_in[0]
@@ -658,17 +636,16 @@ def _cuda_cost(wrapper: str, tensors_in: list, tensors_out: list, kw: dict) -> t
         flops = times * 2 * n * r + (times - exact) * 2 * n * r
         if gate_up is not None:  # and the gate/up dB: two more rank-sized token sums over the same tiles
             r_gu = gate_up[0].shape[1]
-            weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "bwd_db", a.dtype == torch.float32, False, exact)
+            weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd_db", a.dtype == torch.float32, False)]
             return {unit: flops + (times - exact) * 2 * 2 * n * r_gu}, round(n * weight), philox
-        weight = _cuda_weight(CUDA_ACT_LORA_ELEMENT_WEIGHT, "bwd", a.dtype == torch.float32, r > 32, exact)
+        weight = CUDA_ACT_LORA_ELEMENT_WEIGHT[("bwd", a.dtype == torch.float32, r > 32)]
         return {unit: flops}, round(n * weight), philox
     if wrapper == "lora_token_reduce":  # s l^T D(cast_A(x)): x staged once, the products on the tensor cores
         l, x = tensors_in[0], tensors_in[1]
         unit, times = _cuda_tc_unit(l.dtype)
         drop = kw.get("drop")
         exact = _exact(l, x)
-        weight = _cuda_weight(CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT, "token_reduce", l.dtype == torch.float32,
-                              l.shape[1] > 32, exact)
+        weight = CUDA_TOKEN_REDUCE_ELEMENT_WEIGHT[(l.dtype == torch.float32, l.shape[1] > 32)]
         return {unit: (times - exact) * 2 * x.numel() * l.shape[1]}, round(x.numel() * weight), \
             x.numel() if drop is not None and drop.q > 0 else 0
     if wrapper == "lora_dropout_cast":

@@ -418,14 +418,9 @@ def lora_token_reduce(l: torch.Tensor, x: torch.Tensor, scaling: float, drop: Dr
 
 
 def act_bwd_lora_supported(*tensors: torch.Tensor) -> bool:
-    """Whether act_bwd_lora takes these (M, I) operands as they are: I % 8 == 0, 16-byte aligned data
-    and row strides (unit column stride assumed)."""
-    for t in tensors:
-        if t.dim() != 2 or t.shape[1] % 8 != 0 or t.data_ptr() % 16 != 0 or t.stride(0) % 8 != 0:
-            return False
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            return False
-    return True
+    """Whether act_bwd_lora takes these (M, I) operands as they are: I % 8 == 0 and rows it reads in 16-byte
+    groups (``_aligned_rows``)."""
+    return all(t.dim() == 2 and t.shape[1] % 8 == 0 and _aligned_rows(t) for t in tensors)
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, drop: Dropout | None = None,

@@ -169,21 +169,19 @@ def act_bwd_lora_kernel(
             # operations in the same order for every activation; for erf-gelu a factor 0.5 moved is exact)
             h = cast_like(a * u * scale, g_ptr)
             hq = to_code(h, D_DTYPE)
-            if not FOLD_D:
+            if not FOLD_D:  # folded, the fold loaded t_d's tile and drew the keep mask already
                 td = _rank_tile_t(td_ptr, r64, row_ok, RD, BLOCK_RD)
+                if D_DROPOUT:
+                    keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
             tdt = dot_operand(td, D_DTYPE, UPCAST)
             if D_EXACT:
                 # fp32 adapters over a 16-bit base: the dropout's keep here, its scale 1/(1-q) after the sum,
                 # so that the dot's h' operand stays exact in tf32
                 if D_DROPOUT:
-                    if not FOLD_D:
-                        keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
                     hq = tl.where(keep_d, hq, 0.0)
                 acc_ad = lora_dot_exact(tdt, dot_operand(hq, D_DTYPE, UPCAST), acc_ad, D_DTYPE, UPCAST)
             else:
                 if D_DROPOUT:
-                    if not FOLD_D:
-                        keep_d = philox_keep(dseed, rows, col0, I, drop_threshold, BLOCK_N)
                     hq = to_code(tl.where(keep_d, hq.to(tl.float32) * drop_scale, 0.0), D_DTYPE)
                 acc_ad = lora_dot(tdt, dot_operand(hq, D_DTYPE, UPCAST), acc_ad, D_DTYPE, UPCAST)
     s64 = split.to(tl.int64)
