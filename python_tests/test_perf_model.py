@@ -33,6 +33,20 @@ def test_single_gemm():
     assert led.host_syncs == 0 and led.h2d_copies == 0
 
 
+@pytest.mark.parametrize("beta", [0, 1])
+def test_in_place_gemm_reads_its_output_unless_beta_is_0(beta):
+    """addmm_ into an output: cuBLAS reads C only with a non-zero beta (the cuda backend's scaled dA / dB
+    pass beta = 0 into a fresh buffer)."""
+    M, K, N = 16, 40, 24
+    a = torch.empty(M, K, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(K, N, dtype=torch.bfloat16, device="meta")
+    out = torch.empty(M, N, dtype=torch.bfloat16, device="meta")
+    with recording(H200) as led:
+        out.addmm_(a, b, beta=beta, alpha=0.5)
+    (x,) = led.launches
+    assert x.bytes_read == (M * K + K * N + beta * M * N) * BF16 and x.bytes_written == M * N * BF16
+
+
 def test_views_and_allocations_launch_nothing_and_host_work_is_counted():
     t = torch.empty(8, 6, device="meta")
     with recording(H200) as led:

@@ -133,8 +133,10 @@ class _AtenRecorder(TorchDispatchMode):
         if name in _FREE or not outs or all(t.device.type != "meta" for t in ins + outs):
             return out  # host-side tensor work (scalars rounded on the CPU) launches nothing
         # in-place and out= ops: the output is also an input; count it once each way
+        # (addmm_ with beta = 0 never reads its output: cuBLAS skips C)
+        reads_out = name.endswith("_") and not (name == "addmm_" and kwargs.get("beta", 1) == 0)
         read = sum(nbytes(t) for t in ins if not any(t is o for o in outs)) + \
-            sum(nbytes(o) for o in outs if name.endswith("_") and any(o is t for t in ins))
+            sum(nbytes(o) for o in outs if reads_out and any(o is t for t in ins))
         written = sum(nbytes(t) for t in outs)
         flops = _mm_flops(name, args, out)
         elements = 0 if flops else max((t.numel() for t in outs), default=0)
@@ -200,11 +202,11 @@ ACT_BWD_LORA_ELEMENT_WEIGHT = {(True, 16): 1.20, (False, 16): 0.76, (True, 32): 
                                (True, 64): 2.14, (False, 64): 1.28,
                                ("tf32", 16): 0.95, ("tf32", 32): 1.53, ("tf32", 64): 1.87}
 # The same with the dh' fold (FOLD_D: the down LoRA's term s_d D(t_d A_d) added to dY W_d in the pass; 16-bit
-# adapters, ranks <= 32, 64 columns), keyed by rank tile: 672 / 710 per 8 elements at r 16 / 32 (bf16
-# adapters; 879 per 16 without the fold at r 16), the same two mask streams off, over 24. About 29
-# instructions per element more: the (BLOCK_M, BLOCK_N) product leaves the dot in its own register
-# layout and goes through shared memory to the element-wise one.
-ACT_BWD_LORA_FOLD_WEIGHT = {16: 1.97, 32: 2.16}
+# adapters, ranks <= 32, 64 on sm_90, 64 columns), keyed by rank tile: 672 / 710 / 707 per 8 elements at
+# r 16 / 32 / 64 (bf16 adapters, sm_90; 879 per 16 without the fold at r 16), the same two mask streams off,
+# over 24. About 29 instructions per element more: the (BLOCK_M, BLOCK_N) product leaves the dot in its own
+# register layout and goes through shared memory to the element-wise one.
+ACT_BWD_LORA_FOLD_WEIGHT = {16: 1.97, 32: 2.16, 64: 2.15}
 
 
 # The lora_epilogue passes' issue work per element, in elementwise-kernel elements, from their static
