@@ -72,9 +72,9 @@ ROWS = [
      "loop_body_instructions", 2),
     (L.ACT_BWD_LORA_ELEMENT_WEIGHT[(False, 64)], "act_bwd_lora x=bf16 act=0 lora=(bf16,bf16,bf16) r=64 mask=True",
      "loop_body_instructions", 2),
-    # the dh' fold (16-bit adapters, 64 columns)
+    # the dh' fold (16-bit adapters, 64 columns; rank 64 on sm_90 only)
     *((L.ACT_BWD_LORA_FOLD_WEIGHT[r], f"act_bwd_lora x=bf16 act=0 lora=(bf16,bf16,bf16) r={r} mask=True fold",
-       "loop_body_instructions", 2) for r in (16, 32)),
+       "loop_body_instructions", 2) for r in (16, 32, 64)),
     # fp32 adapters as single tf32 products (torch's "high" fp32 matmul precision)
     (L.EPILOGUE_ELEMENT_WEIGHT[("lora_expand_add_kernel", False, "tf32", 16)], "expand_add x=bf16 lora=tf32 mask=False",
      "instructions", 0),

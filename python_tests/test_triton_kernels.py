@@ -404,6 +404,8 @@ def test_act_bwd_lora_single_row_and_empty():
     (torch.float16, torch.float16, Activation.GELU_TANH, None, (0, 0, 5), 0.0, 1),
     (torch.bfloat16, torch.bfloat16, Activation.GELU, (0.2, False), (8, 0, 32), 0.3, 3),
     (torch.float32, torch.bfloat16, Activation.SILU, (0.1, True), (32, 32, 24), 0.05, 2),
+    (torch.bfloat16, torch.bfloat16, Activation.SILU, (0.1, True), (64, 64, 64), 0.05, 2),  # sm_90 and interpreter
+    (torch.float16, torch.float16, Activation.GELU_TANH, None, (48, 0, 40), 0.1, 1),
 ])
 def test_act_bwd_lora_folds_the_down_lora_term_of_dh(dtype, adt, activation, mask, ranks, q, splits):
     """With down.a the pass adds s_d D_q(t_d A_d) to dh itself, rounded to dh's dtype: the same gradients as
@@ -449,19 +451,31 @@ def test_act_bwd_lora_fold_rounds_dh_to_its_own_dtype():
     assert torch.equal(folded.dg, ref.dg) and torch.equal(folded.du, ref.du)
 
 
-def test_act_bwd_lora_fold_rejects_what_it_does_not_cover():
+def test_act_bwd_lora_fold_rejects_what_it_does_not_cover(monkeypatch):
+    from transpeft_kernels.kernels.triton import configs
+
     g = torch.randn(4, 8, device=DEV).bfloat16()
     t = torch.randn(4, 2, device=DEV).bfloat16()
     with pytest.raises(TypeError, match="down.a"):
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t.float(), 1.0, a=torch.randn(2, 8, device=DEV)))
     with pytest.raises(ValueError, match="down.a"):
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t, 1.0, a=torch.randn(3, 8, device=DEV).bfloat16()))
+    # ranks above 32 fold on sm_90 (and in the interpreter), not on sm_80, where they spill
     t33 = torch.randn(4, 33, device=DEV).bfloat16()
-    with pytest.raises(ValueError, match="ranks <= 32 .gate, up and down., got 33"):
-        K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t33, 1.0, a=torch.randn(33, 8, device=DEV).bfloat16()))
     wide_gate = K.LoraSide(torch.randn(4, 64, device=DEV).bfloat16(), 1.0)  # every rank of the pass counts
-    with pytest.raises(ValueError, match="ranks <= 32 .gate, up and down., got 64"):
-        K.act_bwd_lora(g, g, g, "silu", gate=wide_gate, down=K.DownLora(t, 1.0, a=torch.randn(2, 8, device=DEV).bfloat16()))
+    for arch, ok in (("sm_90", True), ("sm_80", False)):
+        monkeypatch.setattr(configs, "arch_of", lambda device: arch)
+        assert K.act_bwd_fold_supported(torch.bfloat16, 64, g.device) == ok
+        assert K.act_bwd_fold_supported(torch.bfloat16, 32, g.device)
+        if ok:
+            continue
+        with pytest.raises(ValueError, match="ranks <= 32 on sm_80 .gate, up and down., got 33"):
+            K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t33, 1.0, a=torch.randn(33, 8, device=DEV).bfloat16()))
+        with pytest.raises(ValueError, match="ranks <= 32 on sm_80 .gate, up and down., got 64"):
+            K.act_bwd_lora(g, g, g, "silu", gate=wide_gate,
+                           down=K.DownLora(t, 1.0, a=torch.randn(2, 8, device=DEV).bfloat16()))
+    monkeypatch.undo()
+    assert not K.act_bwd_fold_supported(torch.float32, 16, g.device)
     with pytest.raises(ValueError, match="down_a"):  # another device than the pass's operands
         K.act_bwd_lora(g, g, g, "silu", down=K.DownLora(t, 1.0, a=torch.empty(2, 8, device="meta", dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match="unit column stride"):

@@ -170,17 +170,24 @@ def test_one_pass_is_on_by_default_and_0_turns_it_off(setting, used, monkeypatch
 
 
 @pytest.mark.usefixtures("one_pass")
-@pytest.mark.parametrize("adapter_dtype,ranks,setting,base,folded", [
-    (None, (8, 8, 8), None, "cublas", True), (None, (32, 32, 32), None, "cublas", True),
-    (None, (8, 8, 8), "0", "cublas", False), (None, (40, 40, 40), None, "cublas", False),
-    (None, (64, 64, 16), None, "cublas", False), (torch.float32, (8, 8, 8), None, "cublas", False),
-    (None, (8, 8, 8), None, "triton", False)])
-def test_dh_fold_for_16_bit_adapters_up_to_rank_32(adapter_dtype, ranks, setting, base, folded, monkeypatch):
+@pytest.mark.parametrize("adapter_dtype,ranks,setting,base,arch,folded", [
+    (None, (8, 8, 8), None, "cublas", None, True), (None, (32, 32, 32), None, "cublas", "sm_80", True),
+    (None, (8, 8, 8), "0", "cublas", None, False), (None, (40, 40, 40), None, "cublas", "sm_80", False),
+    (None, (64, 64, 16), None, "cublas", "sm_80", False), (None, (64, 64, 16), None, "cublas", "sm_90", True),
+    (None, (40, 40, 40), None, "cublas", None, True), (torch.float32, (8, 8, 8), None, "cublas", None, False),
+    (None, (8, 8, 8), None, "triton", None, False)])
+def test_dh_fold_for_16_bit_adapters_up_to_the_arch_rank(adapter_dtype, ranks, setting, base, arch, folded,
+                                                         monkeypatch):
     """The down LoRA's term of dh' goes into the one pass (act_bwd_lora's down.a) with 16-bit adapters whose
-    ranks (gate, up and down) are all <= 32 and cuBLAS base GEMMs, unless TRANSPEFT_TRITON_FOLD_DH=0;
-    folded, no expand writes it. Either way the reference's gradients."""
+    ranks (gate, up and down) are all within the architecture's FOLD_MAX_RANK (32 on sm_80, 64 on sm_90 and
+    in the interpreter; ``arch``: a pretend one, its default configs run in the interpreter) and cuBLAS
+    base GEMMs, unless TRANSPEFT_TRITON_FOLD_DH=0; folded, no expand writes it. Either way the reference's
+    gradients."""
+    from transpeft_kernels.kernels.triton import configs
     from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, FOLD_DH_ENV
 
+    if arch is not None:
+        monkeypatch.setattr(configs, "arch_of", lambda device: arch)
     if setting is None:
         monkeypatch.delenv(FOLD_DH_ENV, raising=False)
     else:

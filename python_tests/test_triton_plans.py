@@ -136,3 +136,25 @@ def test_tuned_masked_gated_mlp_matches_the_reference(tuning, layout):
     assert_matches(lambda x, w: ops.masked_gated_mlp(x, w, R.Activation.SILU, mask, seed, BACKEND),
                    lambda x, w: R.gated_mlp(x, w, R.Activation.SILU, mask, seed), x, w, torch.bfloat16, tf32x3=True)
     assert len(tuning) > 10
+
+
+@pytest.mark.parametrize("rank,tall_tiles", [(16, True), (64, False)])
+def test_the_tuner_leaves_out_the_folds_spilling_candidates(tuning, monkeypatch, rank, tall_tiles):
+    """act_bwd_lora with the dh' fold on a pretend sm_90: at rank 64 the tuner tries no candidate with
+    32-row tiles (they spill there: act_bwd_lora.config_fits), at rank 16 it does; the default is tried
+    either way, and the folded gradients stay those of the unfused pass."""
+    from transpeft_kernels.kernels.triton import direct_launch
+
+    launched = []
+    real = direct_launch.launch
+    monkeypatch.setattr(direct_launch, "launch", lambda kernel, plan, *a: launched.append(plan.meta) or real(kernel, plan, *a))
+    M, I = 21, 72
+    g, u, dh = (torch.randn(M, I).bfloat16() for _ in range(3))
+    t, a = torch.randn(M, rank).bfloat16(), torch.randn(rank, I).bfloat16()
+    side = K.LoraSide(torch.randn(M, rank).bfloat16(), 0.5)
+    folded = K.act_bwd_lora(dh, g, u, "silu", gate=side, up=side, down=K.DownLora(t, 0.75, a=a))
+    rows = {m["BLOCK_M"] for m in launched}
+    assert (32 in rows) == tall_tiles and 16 in rows and len(launched) >= 3
+    ref = K.act_bwd_lora(K.lora_expand_add(dh.clone(), t, a.t(), 0.75), g, u, "silu", gate=side, up=side,
+                         down=K.DownLora(t, 0.75))
+    assert torch.equal(folded.dA_d, ref.dA_d)

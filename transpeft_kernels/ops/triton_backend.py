@@ -22,7 +22,7 @@ these primitives, and so is mlp_bwd with TRANSPEFT_TRITON_ONE_PASS_BWD=0 or for 
     h' that backward rebuilds is bit-identical to the forward's.
 masked gated MLP backward in one pass over (M, I) (mlp_bwd; one_pass_bwd_enabled), t_d = cast_A(dY) B_d:
     t_d, dh' = dY W_d + s_d D(t_d A_d), dB_d     lora_shrink, the dX product (below), token_reduce; with
-                                                 16-bit adapters of ranks <= 32 (fold_dh_enabled) only dY W_d,
+                                                 16-bit adapters of ranks <= 64 (32 on sm_80; fold_dh_enabled) only dY W_d,
                                                  and the pass adds s_d D(t_d A_d) (act_bwd_lora's fold)
     dg, du, dB_g, dB_u, dA_d                     act_bwd_lora: one pass over (M, I); h' rebuilt in
                                                  registers for dA_d, never written; dg and du not
@@ -81,12 +81,13 @@ FOLD_DH_ENV = "TRANSPEFT_TRITON_FOLD_DH"
 
 def fold_dh_enabled() -> bool:
     """Whether the one-pass backward adds the down LoRA's term of dh' itself (act_bwd_lora's dh' fold:
-    16-bit adapters, every LoRA rank of the MLP <= 32: act_bwd_lora.fold_supported; cuBLAS base GEMMs)
+    16-bit adapters, every LoRA rank of the MLP <= 64 on sm_90, 32 on sm_80: act_bwd_lora.fold_supported;
+    cuBLAS base GEMMs)
     instead of lora_expand_into writing it for the
     dY W_d ``addmm_``; on unless TRANSPEFT_TRITON_FOLD_DH=0. Chosen by the roofline model with the
     pass's SASS (perf/ledger.py): one (M, I) write, one launch and one regeneration of the down LoRA's
     dropout mask fewer for about 29 more instructions per element in the pass, -0.06 to -0.09 ms per
-    Llama-3-8B MLP step at r 16; not measured on a GPU yet."""
+    Llama-3-8B MLP step at r 16 and r 64; not measured on a GPU yet."""
     return os.environ.get(FOLD_DH_ENV, "1") not in ("0", "", "false", "False")
 
 
@@ -310,7 +311,7 @@ class TritonBackend(TorchBackend):
         dl = down.lora
         dseed = sub_seed(seed, SubSeed.DOWN)
         t_d = K.lora_shrink(dy, dl.B.t()) if dl is not None else None
-        fold = (dl is not None and nd.A and K.act_bwd_fold_supported(dl.A.dtype, max(ranks))
+        fold = (dl is not None and nd.A and K.act_bwd_fold_supported(dl.A.dtype, max(ranks), dy.device)
                 and base_gemm() == "cublas" and fold_dh_enabled())
         dh = torch.mm(dy, down.weight) if fold else self._dx(dy, down, t_d, dseed)
         dB_d = K.token_reduce(dy, saved.s_down, dl.B.dtype, dl.A.dtype, scale=dl.scaling)[0] \

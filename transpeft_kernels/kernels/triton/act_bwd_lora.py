@@ -13,7 +13,7 @@ reference (keep, c as in masked_gated_act):
     dA_d = s_d t_d^T D_q(cast_A(h'))    (r_d, I)    D_q: the down LoRA's dropout, keep x 1/(1-q)
 
 With ``down.a`` (the dh' fold; 16-bit adapters, every rank of the pass, gate, up and down, at most
-FOLD_MAX_RANK: ``fold_supported``) dh holds cuBLAS's dY W_d alone and the pass first forms
+FOLD_MAX_RANK of the architecture: ``fold_supported``) dh holds cuBLAS's dY W_d alone and the pass first forms
 dh' = round_dh(dh + s_d D_q(t_d A_d)), lora_expand_add's arithmetic, from the t_d tile
 and the keep mask that dA_d uses as well: no (M, I) write of the LoRA term before the GEMM, no separate
 launch, and the down LoRA's dropout mask regenerated once instead of twice.
@@ -35,8 +35,9 @@ bytes cost, plus 8 r / BLOCK_N bytes of fp32 partials per element, and the fp32 
 (16-96 B at ranks 16 and 32 with 128 columns), takes 64 columns: A_d's (r_d, 64) tile is loaded once per
 program and t_d's tile serves both dots; static sm_90 SASS at r 16 with bf16 adapters 672 instructions
 per 8 elements (84 per element, 167 registers) against 879 per 16 (55) without it, no spills on sm_80 or
-sm_90 up to rank 32 (rank 64 spilled 32 B on sm_80; fp32 adapters 120 B at rank 64, and the model gains
-nothing for them). By the model that is 0.06-0.09 ms less per Llama-3-8B MLP step at r 16.
+sm_90 up to rank 32, nor at rank 64 on sm_90 with 16-row tiles (rank 64 spilled 8-32 B on sm_80, and 48 B
+on sm_90 with 32-row tiles; fp32 adapters 120 B at rank 64, and the model gains nothing for them). By the
+model that is 0.06-0.09 ms less per Llama-3-8B MLP step at r 16 and r 64 (sm_90).
 Ranks up to 64 (register accumulators); BLOCK_N is halved above rank 32, and above rank 16 unless every
 adapter is fp32, and with the fold (``block_n_for_rank``).
 """
@@ -218,18 +219,25 @@ class DownLora(NamedTuple):
     a: torch.Tensor | None = None
 
 
-# The dh' fold: 16-bit adapters, every rank of the pass (gate, up and down) up to 32, 64 columns per program
-# (static SASS, sm_80 / sm_90, compiled beside the committed set: at rank 64 it spilled 32 B on sm_80, with
-# 128 columns 16 B at rank 16 on sm_90; fp32 adapters spilled at rank 64 and the model has no gain for
-# them: their expand is compute, not the pass's bytes)
-FOLD_MAX_RANK = 32
+# The dh' fold: 16-bit adapters, every rank of the pass (gate, up and down) up to FOLD_MAX_RANK of the
+# architecture, 64 columns per program (static SASS, compiled beside the committed set: at rank 64 it spilled
+# 8-32 B on sm_80 in every config, none on sm_90 with 16-row tiles, 48 B there with 32 (``config_fits``);
+# with 128 columns 16 B at rank 16 on sm_90; fp32 adapters spilled at rank 64 and the model has no gain for
+# them: their expand is compute, not the pass's bytes). The interpreter runs what sm_90 runs.
+FOLD_MAX_RANK = {"sm_90": 64, "sm_80": 32, "interp": 64}
 FOLD_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def fold_supported(adapter_dtype: torch.dtype, max_rank: int) -> bool:
-    """Whether the pass can add the down LoRA's term of dh' (``DownLora.a``): 16-bit adapters, and the
-    largest LoRA rank among gate, up and down at most FOLD_MAX_RANK."""
-    return adapter_dtype in FOLD_DTYPES and max_rank <= FOLD_MAX_RANK
+def fold_supported(adapter_dtype: torch.dtype, max_rank: int, device: torch.device) -> bool:
+    """Whether the pass can add the down LoRA's term of dh' (``DownLora.a``) on ``device``: 16-bit adapters,
+    and the largest LoRA rank among gate, up and down at most FOLD_MAX_RANK of its architecture."""
+    return adapter_dtype in FOLD_DTYPES and max_rank <= FOLD_MAX_RANK[configs.arch_of(device)]
+
+
+def config_fits(config, rank: int, fold: bool) -> bool:
+    """Whether ``config`` compiles without spills for the pass at LoRA rank ``rank`` (the largest of the
+    three): the fold above rank 32 keeps 16-row tiles (32 x 64 spilled 48 B on sm_90)."""
+    return not (fold and rank > 32 and config["BLOCK_M"] > 16)
 
 
 def block_n_for_rank(block_n: int, rank: int, all_fp32: bool, fold: bool = False) -> int:
@@ -237,7 +245,7 @@ def block_n_for_rank(block_n: int, rank: int, all_fp32: bool, fold: bool = False
     is fp32 with tf32x3 dots (the rank x BLOCK_N fp32 accumulators; static sm_80 / sm_90 SASS: at rank 64
     and 128 columns both spilled; at rank 32 the 16-bit adapters spilled 8 bytes on sm_90, and fp32 ones
     as single tf32 products 16, while tf32x3 ones fit in 254 registers, and 64 columns cost 105
-    instructions per element against 81). ``fold``: the dh' fold, 64 columns at every rank (FOLD_MAX_RANK)."""
+    instructions per element against 81). ``fold``: the dh' fold, 64 columns at every rank."""
     return min(block_n, 64) if fold or rank > 32 or (rank > 16 and not all_fp32) else block_n
 
 
@@ -252,15 +260,18 @@ def _check_side(side: LoraSide | None, name: str, M: int) -> int:
 
 
 def _check_fold(a: torch.Tensor, t: torch.Tensor, I: int, max_rank: int) -> None:
-    """down.a for the dh' fold: A_d (r_d, I) in t's 16-bit dtype, unit column stride (``fold_supported``)."""
+    """down.a for the dh' fold: A_d (r_d, I) in t's 16-bit dtype, on t's device, unit column stride
+    (``fold_supported``)."""
     check_2d(a, "down.a")
     if a.dtype != t.dtype or a.dtype not in FOLD_DTYPES:
         raise TypeError(f"down.a: expected down.t's dtype, torch.bfloat16 or torch.float16 (the fold takes 16-bit "
                         f"adapters), got {a.dtype} with down.t {t.dtype}")
     if a.shape != (t.shape[1], I):
         raise ValueError(f"down.a: expected shape ({t.shape[1]}, {I}), got {tuple(a.shape)}")
-    if not fold_supported(a.dtype, max_rank):
-        raise ValueError(f"down.a: the fold takes LoRA ranks <= {FOLD_MAX_RANK} (gate, up and down), got {max_rank}")
+    if not fold_supported(a.dtype, max_rank, t.device):
+        arch = configs.arch_of(t.device)
+        raise ValueError(f"down.a: the fold takes LoRA ranks <= {FOLD_MAX_RANK[arch]} on {arch} (gate, up and down), "
+                         f"got {max_rank}")
     if a.stride(1) != 1 and I > 1:
         raise ValueError(f"down.a: expected a unit column stride, got strides {a.stride()}")
 
@@ -404,4 +415,5 @@ def _plan(dh, g, u, activation, p, rescale, seed, gate, up, down, splits, out) -
            None if gate is None else gate.s.dtype, None if up is None else up.s.dtype,
            None if down is None else down.t.dtype, tuple(codes.values()),
            configs.layout_key(dh, g, u, *(out or (None, None)), down.a if fold else None))
-    return plan_for(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch), splits)
+    return plan_for(configs.choose(configs.ACT_BWD_LORA, device, key, g.element_size(), launch,
+                                   fits=lambda c: config_fits(c, max(rank, rd), fold)), splits)

@@ -303,10 +303,11 @@ def layout_key(*tensors) -> tuple:
     return tuple(out)
 
 
-def choose(family: ConfigSet, device: torch.device, key: tuple, elem_bytes: int, launch) -> KernelConfig:
+def choose(family: ConfigSet, device: torch.device, key: tuple, elem_bytes: int, launch, fits=None) -> KernelConfig:
     """The config to launch with. ``launch(config)`` runs the kernel once and is what the tuner times,
     so it must only overwrite outputs; a launcher whose kernel updates a tensor in place passes a
-    ``launch`` that works on scratch copies (lora_epilogue)."""
+    ``launch`` that works on scratch copies (lora_epilogue). ``fits(config)``: False for the candidates
+    the tuner must not try for this launch (they spill there; the default always fits)."""
     arch = arch_of(device)
     default = family.default_for(arch, elem_bytes)
     if arch == "interp" or not autotune_enabled() or device.type == "meta":
@@ -316,7 +317,8 @@ def choose(family: ConfigSet, device: torch.device, key: tuple, elem_bytes: int,
     if hit is not None:
         return hit
     limit = SHARED_LIMIT[arch]
-    cands = [c for c in family.configs(arch, elem_bytes) if family.smem is None or family.smem(c, elem_bytes) <= limit]
+    cands = [c for c in family.configs(arch, elem_bytes) if (family.smem is None or family.smem(c, elem_bytes) <= limit)
+             and (fits is None or c is default or fits(c))]
     best, best_ms = default, float("inf")
     for c in cands:
         try:

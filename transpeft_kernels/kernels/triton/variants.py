@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..launch_args import ACT_CODES
 from . import configs
 from ._common import BF16, CODE_NAMES, FP16, FP32, TF32, TORCH_DTYPES
-from .act_bwd_lora import block_n_for_rank
+from .act_bwd_lora import block_n_for_rank, config_fits
 
 _PTR = {FP32: "*fp32", FP16: "*fp16", BF16: "*bf16", TF32: "*fp32"}  # TF32: fp32 adapters, single tf32 dots
 SILU, GELU, GELU_TANH = ACT_CODES["silu"], ACT_CODES["gelu"], ACT_CODES["gelu_tanh"]
@@ -152,6 +152,7 @@ def _names(*codes) -> str:
 @dataclass(frozen=True, kw_only=True)
 class _Case:
     tuned: bool = False
+    archs: tuple[str, ...] | None = None  # the architectures whose launchers run the case (None: every one)
     family = ""  # configs.CONFIG_SETS key
     kernel = ""  # module.function
     phase = "forward"
@@ -176,9 +177,14 @@ class _Case:
         depends on it)."""
         return None
 
+    def fits(self, config) -> bool:
+        """Whether the launcher lets the tuner try ``config`` for this case (an autotune candidate that
+        spills there is left out by the launcher, and so here)."""
+        return True
+
     def variants(self, default, extra: list) -> list[Variant]:
         out = []
-        for config in [default] + (extra if self.tuned else []):
+        for config in [default] + ([c for c in extra if self.fits(c)] if self.tuned else []):
             consts = {**self.constexprs(), **config.kwargs(), **self.meta()}
             out.append(Variant(kernel=self.kernel, label=self.label, pointers=self.pointers(), constexprs=consts,
                                num_warps=config.num_warps, num_stages=config.num_stages, phase=self.phase,
@@ -414,6 +420,9 @@ class ActBwdLora(_Case):
                     LORA_D=self.down_lora is not None, D_DROPOUT=self.down_lora is not None and self.dropout,
                     FOLD_D=self.fold, G_DTYPE=g, U_DTYPE=u, D_DTYPE=d, UPCAST=False)
 
+    def fits(self, config) -> bool:
+        return config_fits(config, self.rank, self.fold)
+
     def meta(self) -> dict:
         block_r = max(16, self.rank)
         meta = dict(BLOCK_R=block_r, BLOCK_RD=block_r)
@@ -623,10 +632,15 @@ ACT_BWD_LORA_CASES = (
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32),
     # fp32 adapters with single tf32 dots (torch's "high" fp32 matmul precision), ranks 16, 32 and 64
     *(ActBwdLora(x=BF16, act=SILU, gate_lora=TF32, up_lora=TF32, down_lora=TF32, rank=r) for r in (16, 32, 64)),
-    # the dh' fold (16-bit adapters, ranks 16 and 32), and fp16 without the mask or the down LoRA's dropout
+    # the dh' fold (16-bit adapters, ranks 16 and 32; 64 on sm_90 only), and fp16 without the mask or the
+    # down LoRA's dropout
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, fold=True, tuned=True),
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32, fold=True),
     ActBwdLora(x=FP16, act=GELU_TANH, gate_lora=FP16, up_lora=FP16, down_lora=FP16, mask=False, dropout=False, fold=True),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=64, fold=True, tuned=True,
+               archs=("sm_90",)),
+    ActBwdLora(x=FP16, act=GELU_TANH, gate_lora=FP16, up_lora=FP16, down_lora=FP16, rank=64, mask=False, dropout=False,
+               fold=True, archs=("sm_90",)),
 )
 
 # LoRA passes over cuBLAS outputs: forward expand, dX expand with the mask, the gate/up pass per dtype
@@ -692,6 +706,8 @@ CASES = (*ACT_CASES, *SHRINK_CASES, *EXPAND_CASES, *GATE_UP_CASES, *TOKEN_REDUCE
 def variants(arch: str) -> list[Variant]:
     out: list[Variant] = []
     for case in CASES:
+        if case.archs is not None and arch not in case.archs:
+            continue
         family = configs.CONFIG_SETS[case.family]
         default, *others = family.configs(arch, case.elem_bytes)
         out += case.variants(default, others)
