@@ -252,8 +252,9 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
     masking 0.1), fwd+bwd on the triton backend, fp32 and bf16 adapters, side by side in every
     combination of the base GEMMs (TRANSPEFT_TRITON_BASE_GEMM: cublas, triton) and the backward
     (TRANSPEFT_TRITON_ONE_PASS_BWD: one pass, multi-pass), and with bf16 adapters the one pass with and
-    without the dh' fold (TRANSPEFT_TRITON_FOLD_DH): the measurements that decide the defaults
-    (ops/triton_backend.base_gemm, one_pass_bwd_enabled, fold_dh_enabled), chosen by the model until now."""
+    without the dh' fold (TRANSPEFT_TRITON_FOLD_DH), at r 16 and (the fold's sm_90-only rank) r 64: the
+    measurements that decide the defaults (ops/triton_backend.base_gemm, one_pass_bwd_enabled,
+    fold_dh_enabled), chosen by the model until now."""
     import torch
 
     from transpeft_kernels import ops
@@ -261,13 +262,17 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
     from transpeft_kernels.reference.activations import Activation
     from transpeft_kernels.specs import GatedMLPWeights, LinearWeights, LoraWeights, MaskSpec
 
-    r = 16
     dev = torch.device(device)
     be = ops.resolve("triton", dev)
     seed, mask = torch.tensor(3), MaskSpec(0.1)
-    key = f"gated_mlp_{d}x{inter}_r{r}_{tokens}_tokens_bf16_fwd_bwd_ms"
-    report.data.setdefault("timings", {})[key] = {}
-    for adt in (torch.float32, torch.bfloat16):
+    every = [("cublas", "1", "1", "one_pass"), ("cublas", "0", "1", "multi_pass"),
+             ("triton", "1", "1", "one_pass"), ("triton", "0", "1", "multi_pass")]
+    fold = [("cublas", "1", "1", "one_pass"), ("cublas", "1", "0", "one_pass_no_fold")]  # the fold: 16-bit adapters
+    for r, adt, modes in ((16, torch.float32, every), (16, torch.bfloat16, every[:1] + fold[1:] + every[1:]),
+                          (64, torch.bfloat16, fold)):
+        key = f"gated_mlp_{d}x{inter}_r{r}_{tokens}_tokens_bf16_fwd_bwd_ms"
+        report.data.setdefault("timings", {}).setdefault(key, {})
+
         def lin(n_in, n_out):
             W = torch.randn(n_out, n_in, device=dev, dtype=torch.bfloat16) / n_in**0.5
             A = (torch.randn(r, n_in, device=dev) / n_in**0.5).to(adt).requires_grad_()
@@ -282,12 +287,8 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
             y = ops.masked_gated_mlp(x, w, Activation.SILU, mask, seed, be)
             torch.autograd.grad(y, [x, *params], torch.ones_like(y))
 
-        modes = [("cublas", "1", "1", "one_pass"), ("cublas", "0", "1", "multi_pass"),
-                 ("triton", "1", "1", "one_pass"), ("triton", "0", "1", "multi_pass")]
-        if adt == torch.bfloat16:  # the fold takes 16-bit adapters only
-            modes.insert(1, ("cublas", "1", "0", "one_pass_no_fold"))
-        for base, flag, fold, label in modes:
-            os.environ[ONE_PASS_ENV], os.environ[BASE_GEMM_ENV], os.environ[FOLD_DH_ENV] = flag, base, fold
+        for base, flag, fold_dh, label in modes:
+            os.environ[ONE_PASS_ENV], os.environ[BASE_GEMM_ENV], os.environ[FOLD_DH_ENV] = flag, base, fold_dh
             try:
                 ms = _median_ms(step)
             finally:
@@ -295,7 +296,7 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
                     os.environ.pop(env, None)
             name = f"{base}_gemms_{label}_{str(adt).replace('torch.', '')}_adapters"
             report.data["timings"][key][name] = round(ms, 3)
-            report.info(f"gated MLP fwd+bwd triton {name}", f"{ms:.3f} ms (median of 10)")
+            report.info(f"gated MLP fwd+bwd triton r {r} {name}", f"{ms:.3f} ms (median of 10)")
         del w, params, x
         torch.cuda.empty_cache()
 
