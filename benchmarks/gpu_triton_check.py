@@ -248,15 +248,16 @@ def _median_ms(step, reps: int = 10) -> float:
 
 def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: int = 8192,
                      device: str = "cuda") -> None:
-    """The masked gated MLP (Llama-3-8B shape, 8192 tokens, bf16 base, r 16, lora_dropout 0.05,
-    masking 0.1), fwd+bwd on the triton backend, fp32 and bf16 adapters, side by side in every
-    combination of the base GEMMs (TRANSPEFT_TRITON_BASE_GEMM: cublas, triton) and the backward
-    (TRANSPEFT_TRITON_ONE_PASS_BWD: one pass, multi-pass), and with bf16 adapters the one pass with and
-    without the dh' fold (TRANSPEFT_TRITON_FOLD_DH), at r 16 and (the fold's sm_90-only rank) r 64: the
-    measurements that decide the defaults (ops/triton_backend.base_gemm, one_pass_bwd_enabled,
-    fold_dh_enabled), chosen by the model until now."""
+    """The masked gated MLP (Llama-3-8B shape, 8192 tokens, bf16 base, lora_dropout 0.05, masking 0.1),
+    fwd+bwd on the triton backend. At r 16, fp32 and bf16 adapters side by side in every combination of
+    the base GEMMs (TRANSPEFT_TRITON_BASE_GEMM: cublas, triton) and the backward
+    (TRANSPEFT_TRITON_ONE_PASS_BWD: one pass, multi-pass), with bf16 adapters also the one pass without
+    the dh' fold (TRANSPEFT_TRITON_FOLD_DH); at r 64, bf16 adapters, the one pass with and without the
+    fold, where this GPU folds at rank 64 (sm_90). The measurements that decide the defaults
+    (ops/triton_backend.base_gemm, one_pass_bwd_enabled, fold_dh_enabled), chosen by the model until now."""
     import torch
 
+    from transpeft_kernels.kernels import triton as K
     from transpeft_kernels import ops
     from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, FOLD_DH_ENV, ONE_PASS_ENV
     from transpeft_kernels.reference.activations import Activation
@@ -270,6 +271,9 @@ def mlp_mode_timings(report: Report, d: int = 4096, inter: int = 14336, tokens: 
     fold = [("cublas", "1", "1", "one_pass"), ("cublas", "1", "0", "one_pass_no_fold")]  # the fold: 16-bit adapters
     for r, adt, modes in ((16, torch.float32, every), (16, torch.bfloat16, every[:1] + fold[1:] + every[1:]),
                           (64, torch.bfloat16, fold)):
+        if r > 16 and not K.act_bwd_fold_supported(adt, r, dev):
+            report.info(f"gated MLP fwd+bwd triton r {r}", "skipped: this GPU's architecture folds ranks <= 32")
+            continue
         key = f"gated_mlp_{d}x{inter}_r{r}_{tokens}_tokens_bf16_fwd_bwd_ms"
         report.data.setdefault("timings", {}).setdefault(key, {})
 

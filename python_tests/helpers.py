@@ -168,3 +168,24 @@ def capture_and_replay(step, warmup: int = 3):
         torch.cuda.synchronize()
         replays.append([t.detach().clone() for t in static])
     return eager, replays[0], replays[1]
+
+
+@contextlib.contextmanager
+def pretend_triton_arch(arch: str):
+    """Triton launchers that take ``arch`` ("sm_80", "sm_90") for the architecture of every device: its
+    fold limits and default configs, run in the interpreter (or on whatever GPU is here). The tuner is off
+    (it would time nothing in the interpreter and cache the default under the pretend architecture), and
+    the launch plans are cleared on entry and exit, so that none built for the real architecture is
+    reused, nor any pretend one kept."""
+    import pytest
+    from transpeft_kernels.kernels.triton import configs, plans
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSPEFT_TRITON_AUTOTUNE", "0")
+        mp.setattr(configs, "arch_of", lambda device: arch)
+        mp.setattr(configs, "_CACHE", {})
+        plans.clear_all()
+        try:
+            yield
+        finally:
+            plans.clear_all()

@@ -681,3 +681,17 @@ def test_shrink_splits_change_only_the_summation_order(calls, q):
                           width, "S, strided x")
     with pytest.raises(ValueError, match="splits: expected a positive count"):
         K.lora_shrink(x, a, splits=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_alpha_mm_is_the_scaled_product_with_one_rounding(dtype):
+    """cuda_backend._alpha_mm (the ATen dA / dB of the cuda backend): alpha (a @ b) within one rounding of
+    the float64 product for a depth-k sum, from a transposed operand too; k = 0 gives zeros, m = 0 an empty
+    result. Runs the same ATen call on any device (no kernel of ours)."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(37, 19, generator=gen).to(dtype), torch.randn(37, 23, generator=gen).to(dtype)
+    got = cuda_backend._alpha_mm(a.t(), b, 0.375)
+    assert got.dtype == dtype and got.shape == (19, 23)
+    assert_close_to_exact(got, 0.375 * (a.t().double() @ b.double()), dtype, 37, "alpha_mm")
+    assert torch.equal(cuda_backend._alpha_mm(a[:0].t(), b[:0], 2.0), torch.zeros(19, 23, dtype=dtype))
+    assert cuda_backend._alpha_mm(a[:, :0].t(), b, 2.0).shape == (0, 23)

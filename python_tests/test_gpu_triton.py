@@ -189,6 +189,8 @@ OP_CASES = [("lora_linear", dt, "cublas") for dt in DTYPES] + [
     ("gated_mlp_fused", "bf16-fp32-adapters", "cublas"), ("gated_mlp_fused", "bf16", "cublas"),
     ("lora_linear", "bf16-fp32-adapters", "triton"), ("gated_mlp_split", "bf16-fp32-adapters", "triton"),
     ("gated_mlp_fused", "fp32", "triton"),
+    # rank 64 with bf16 adapters: the one pass's dh' fold at its sm_90-only rank (32 on sm_80: the separate expand)
+    ("gated_mlp_split_r64", "bf16", "cublas"),
 ]
 
 
@@ -208,8 +210,10 @@ def test_ops_at_realistic_shapes_match_torch_and_float64(op, dtypes, base_gemm, 
         def fn(x, ls, backend):
             return ops.lora_linear(x, ls[0], seed, backend)
     else:
-        widths = [inter, inter] if op == "gated_mlp_split" else [2 * inter]
-        lins = [_linear(d, w, dtype, adt, 8, 0.05, gen) for w in widths] + [_linear(inter, d, dtype, adt, 8, 0.05, gen)]
+        widths = [inter, inter] if op.startswith("gated_mlp_split") else [2 * inter]
+        rank = 64 if op.endswith("_r64") else 8
+        lins = [_linear(d, w, dtype, adt, rank, 0.05, gen) for w in widths] + \
+            [_linear(inter, d, dtype, adt, rank, 0.05, gen)]
 
         def fn(x, ls, backend):
             return ops.masked_gated_mlp(x, GatedMLPWeights(tuple(ls[:-1]), ls[-1]), R.Activation.SILU, MaskSpec(0.1),

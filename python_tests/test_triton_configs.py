@@ -75,3 +75,27 @@ def test_fp32_operands_get_their_own_default_where_the_16_bit_one_spills(tuner, 
 
     fp32_gate_up = [v for v in V.variants("sm_80") if v.label.startswith("gate_up ") and "x=fp32" in v.label]
     assert fp32_gate_up and all(v.constexprs["BLOCK_K"] == fp32["BLOCK_K"] for v in fp32_gate_up)
+
+
+def test_the_folds_configs_fit_where_compile_check_says_they_do():
+    """The one-pass backward's dh' fold: every architecture's default fits it at every rank the architecture
+    folds (``configs.choose`` keeps the default without asking ``fits``); above rank 16 no 32-row candidate
+    is tried; and compile-check builds exactly what the launchers can run: the rank-64 fold for sm_90 only,
+    no 32-row tiles above rank 16."""
+    import importlib
+
+    from transpeft_kernels.kernels.triton import variants as V
+
+    abl = importlib.import_module("transpeft_kernels.kernels.triton.act_bwd_lora")  # the module, not its function
+
+    fam = configs.ACT_BWD_LORA
+    for arch in ("sm_80", "sm_90"):
+        assert abl.config_fits(fam.default_for(arch, 2), abl.FOLD_MAX_RANK[arch], True)
+        tall = [c for c in fam.configs(arch, 2) if c["BLOCK_M"] > 16]
+        assert all(abl.config_fits(c, 16, True) and not abl.config_fits(c, 32, True) for c in tall)
+        assert all(abl.config_fits(c, 64, False) for c in tall)  # without the fold nothing is left out
+        folds = [v for v in V.variants(arch) if v.label.startswith("act_bwd_lora") and v.label.endswith(" fold")]
+        ranks = {v.constexprs["BLOCK_RD"] for v in folds}
+        assert max(ranks) == abl.FOLD_MAX_RANK[arch]
+        assert all(v.constexprs["BLOCK_M"] == 16 for v in folds if v.constexprs["BLOCK_RD"] > 16)
+        assert any(v.constexprs["BLOCK_M"] > 16 for v in folds if v.constexprs["BLOCK_RD"] == 16) == bool(tall)

@@ -1,11 +1,14 @@
 """What is particular to the "triton" backend (interpreter on CPU; compiled on a GPU). The op-level
 numerics against the reference run for every backend in test_ops.py."""
+import contextlib
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from budget import assert_within_budget  # noqa: E402
+from helpers import pretend_triton_arch  # noqa: E402
 from test_ops import CASES as OPS_CASES, assert_matches, leaves, make_linear, make_mlp, to64  # noqa: E402
 from transpeft_kernels import ops, reference as R  # noqa: E402
 from transpeft_kernels.ops.triton_backend import TritonBackend  # noqa: E402
@@ -174,7 +177,7 @@ def test_one_pass_is_on_by_default_and_0_turns_it_off(setting, used, monkeypatch
     (None, (8, 8, 8), None, "cublas", None, True), (None, (32, 32, 32), None, "cublas", "sm_80", True),
     (None, (8, 8, 8), "0", "cublas", None, False), (None, (40, 40, 40), None, "cublas", "sm_80", False),
     (None, (64, 64, 16), None, "cublas", "sm_80", False), (None, (64, 64, 16), None, "cublas", "sm_90", True),
-    (None, (40, 40, 40), None, "cublas", None, True), (torch.float32, (8, 8, 8), None, "cublas", None, False),
+    (None, (40, 40, 40), None, "cublas", "sm_90", True), (torch.float32, (8, 8, 8), None, "cublas", None, False),
     (None, (8, 8, 8), None, "triton", None, False)])
 def test_dh_fold_for_16_bit_adapters_up_to_the_arch_rank(adapter_dtype, ranks, setting, base, arch, folded,
                                                          monkeypatch):
@@ -183,11 +186,13 @@ def test_dh_fold_for_16_bit_adapters_up_to_the_arch_rank(adapter_dtype, ranks, s
     in the interpreter; ``arch``: a pretend one, its default configs run in the interpreter) and cuBLAS
     base GEMMs, unless TRANSPEFT_TRITON_FOLD_DH=0; folded, no expand writes it. Either way the reference's
     gradients."""
-    from transpeft_kernels.kernels.triton import configs
+    with pretend_triton_arch(arch) if arch is not None else contextlib.nullcontext():
+        _check_dh_fold(adapter_dtype, ranks, setting, base, folded, monkeypatch)
+
+
+def _check_dh_fold(adapter_dtype, ranks, setting, base, folded, monkeypatch):
     from transpeft_kernels.ops.triton_backend import BASE_GEMM_ENV, FOLD_DH_ENV
 
-    if arch is not None:
-        monkeypatch.setattr(configs, "arch_of", lambda device: arch)
     if setting is None:
         monkeypatch.delenv(FOLD_DH_ENV, raising=False)
     else:

@@ -138,9 +138,9 @@ def test_tuned_masked_gated_mlp_matches_the_reference(tuning, layout):
     assert len(tuning) > 10
 
 
-@pytest.mark.parametrize("rank,tall_tiles", [(16, True), (64, False)])
+@pytest.mark.parametrize("rank,tall_tiles", [(16, True), (32, False), (64, False)])
 def test_the_tuner_leaves_out_the_folds_spilling_candidates(tuning, monkeypatch, rank, tall_tiles):
-    """act_bwd_lora with the dh' fold on a pretend sm_90: at rank 64 the tuner tries no candidate with
+    """act_bwd_lora with the dh' fold on a pretend sm_90: above rank 16 the tuner tries no candidate with
     32-row tiles (they spill there: act_bwd_lora.config_fits), at rank 16 it does; the default is tried
     either way, and the folded gradients stay those of the unfused pass."""
     from transpeft_kernels.kernels.triton import direct_launch

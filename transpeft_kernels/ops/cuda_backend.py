@@ -10,7 +10,7 @@ lora_linear (x (M, K), W (N, K), A (r, K), B (N, r), s = scaling, q = LoRA dropo
               dB = s cast_A(dy)^T S, dA = s t^T dropout_q(cast_A(x)): lora_token_reduce (tensor cores, the
               cast and the mask applied while staging) for fp32 adapters on 16-bit activations (rank
               <= 64) and for a 16-bit adapter's dA under dropout (rank <= 32); otherwise one ATen GEMM with s
-              as its alpha (``_scaled_mm``) on cast copies, lora_dropout_cast for the mask (``_reducible``)
+              as its alpha (``_alpha_mm``) on cast copies, lora_dropout_cast for the mask (``_reducible``)
 masked gated MLP (mlp_fwd / mlp_bwd), down projection with LoRA (A_d, B_d, s_d, q_d):
     forward   g, u = gate/up lora_linear;  h', S_d = masked_gated_act_fwd (shrink fused, h' in registers,
               S_d's products on the tensor cores when I % 8 == 0 and rows are 16-byte aligned)
@@ -58,12 +58,13 @@ from .coverage import covered, linear_covered, knowledge_mask_args
 from .torch_backend import LinearGrads, LinearNeeds, MLPSaved, TorchBackend
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * (a @ b) as one GEMM, the scale being cuBLAS's alpha: one rounding of the fp32 sum where
-    ``(a @ b) * scale`` rounds the product, then the scaled product (a 16-bit dA / dB), and launches an
-    elementwise mul. beta = 0: the uninitialised output is never read (NaN in it does not propagate)."""
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    return out.addmm_(a, b, beta=0, alpha=scale)
+def _alpha_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * (a @ b), a (m, k) and b (k, n) of one dtype, as one GEMM with alpha as cuBLAS's: one rounding
+    of the fp32 sum where ``(a @ b) * alpha`` rounds the product, then the scaled product (a 16-bit dA /
+    dB), and launches an elementwise mul. beta = 0: the uninitialised output is never read (NaN in it
+    does not propagate); k = 0 gives zeros."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return out.addmm_(a, b, beta=0, alpha=alpha)
 
 
 def _runnable(*tensors: torch.Tensor | None) -> bool:
@@ -175,14 +176,14 @@ class CudaBackend(TorchBackend):
             adt = lora.A.dtype
             if needs.B and dB is None:
                 dB = K.lora_token_reduce(s, dy, lora.scaling).t().contiguous() if self._reducible(lora, x2d.dtype) \
-                    else _scaled_mm(dy.to(adt).t(), s, lora.scaling)
+                    else _alpha_mm(dy.to(adt).t(), s, lora.scaling)
             if needs.A:
                 drop = self._dropout(lin, seed)
                 if self._reducible(lora, x2d.dtype, drop):
                     dA = K.lora_token_reduce(t, x2d, lora.scaling, drop)
                 else:
                     xd = x2d.to(adt) if drop is None else K.lora_dropout_cast(x2d, adt, drop)
-                    dA = _scaled_mm(t.t(), xd, lora.scaling)
+                    dA = _alpha_mm(t.t(), xd, lora.scaling)
         return LinearGrads(dx, dW, db, dA, dB)
 
     def _reducible(self, lora, dtype: torch.dtype, drop=None) -> bool:
@@ -294,10 +295,10 @@ class CudaBackend(TorchBackend):
         db = dy.sum(0).to(down.bias.dtype) if nd.bias else None
         if lora is not None:
             if nd.A and dA is None:
-                dA = _scaled_mm(t.t(), xd, lora.scaling)
+                dA = _alpha_mm(t.t(), xd, lora.scaling)
             if nd.B:
                 dB = K.lora_token_reduce(saved.s_down, dy, lora.scaling).t().contiguous() \
-                    if self._reducible(lora, dy.dtype) else _scaled_mm(dy.to(lora.A.dtype).t(), saved.s_down, lora.scaling)
+                    if self._reducible(lora, dy.dtype) else _alpha_mm(dy.to(lora.A.dtype).t(), saved.s_down, lora.scaling)
         del h, xd
         d_outs = [fused_buf] if fused_buf is not None else [dg, du]
         dx, grads = self.inputs_bwd(d_outs, x2d, saved, w, seed, needs, dBs=dBs)

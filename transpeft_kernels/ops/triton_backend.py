@@ -101,7 +101,7 @@ def base_gemm() -> str:
     the expands as extra rank steps of the accumulator and the activation in the epilogue).
     TRANSPEFT_TRITON_BASE_GEMM picks. Chosen by the roofline model: a Triton GEMM is charged 0.85 of
     cuBLAS until a GPU measures it, about 1.4 ms over the six GEMMs of a Llama-3-8B MLP step at 8192
-    tokens, against about 0.3 ms for the passes' extra traffic (README, Performance model)."""
+    tokens, against about 0.3 ms for the passes' extra traffic (docs/PERFORMANCE.md, "Base GEMMs on cuBLAS")."""
     value = os.environ.get(BASE_GEMM_ENV, "cublas")
     if value not in BASE_GEMMS:
         raise ValueError(f"{BASE_GEMM_ENV}: expected one of {', '.join(BASE_GEMMS)}, got {value!r}")

@@ -35,8 +35,8 @@ bytes cost, plus 8 r / BLOCK_N bytes of fp32 partials per element, and the fp32 
 (16-96 B at ranks 16 and 32 with 128 columns), takes 64 columns: A_d's (r_d, 64) tile is loaded once per
 program and t_d's tile serves both dots; static sm_90 SASS at r 16 with bf16 adapters 672 instructions
 per 8 elements (84 per element, 167 registers) against 879 per 16 (55) without it, no spills on sm_80 or
-sm_90 up to rank 32, nor at rank 64 on sm_90 with 16-row tiles (rank 64 spilled 8-32 B on sm_80, and 48 B
-on sm_90 with 32-row tiles; fp32 adapters 120 B at rank 64, and the model gains nothing for them). By the
+sm_90 up to rank 32, nor at rank 64 on sm_90, with 16-row tiles (rank 64 spilled 8-32 B on sm_80, and 32-row
+tiles 24 / 48 B on sm_90 at ranks 32 / 64; fp32 adapters 120 B at rank 64, and the model gains nothing for them). By the
 model that is 0.06-0.09 ms less per Llama-3-8B MLP step at r 16 and r 64 (sm_90).
 Ranks up to 64 (register accumulators); BLOCK_N is halved above rank 32, and above rank 16 unless every
 adapter is fp32, and with the fold (``block_n_for_rank``).
@@ -221,7 +221,8 @@ class DownLora(NamedTuple):
 
 # The dh' fold: 16-bit adapters, every rank of the pass (gate, up and down) up to FOLD_MAX_RANK of the
 # architecture, 64 columns per program (static SASS, compiled beside the committed set: at rank 64 it spilled
-# 8-32 B on sm_80 in every config, none on sm_90 with 16-row tiles, 48 B there with 32 (``config_fits``);
+# 8-32 B on sm_80 in every config, none on sm_90 with 16-row tiles, 48 B there with 32, and 24 B with 32 at
+# rank 32 (``config_fits``);
 # with 128 columns 16 B at rank 16 on sm_90; fp32 adapters spilled at rank 64 and the model has no gain for
 # them: their expand is compute, not the pass's bytes). The interpreter runs what sm_90 runs.
 FOLD_MAX_RANK = {"sm_90": 64, "sm_80": 32, "interp": 64}
@@ -236,8 +237,9 @@ def fold_supported(adapter_dtype: torch.dtype, max_rank: int, device: torch.devi
 
 def config_fits(config, rank: int, fold: bool) -> bool:
     """Whether ``config`` compiles without spills for the pass at LoRA rank ``rank`` (the largest of the
-    three): the fold above rank 32 keeps 16-row tiles (32 x 64 spilled 48 B on sm_90)."""
-    return not (fold and rank > 32 and config["BLOCK_M"] > 16)
+    three): the fold above rank 16 keeps 16-row tiles (32 x 64 spilled 24 B at rank 32 and 48 B at rank 64
+    on sm_90). Every architecture's default fits (python_tests/test_triton_configs.py)."""
+    return not (fold and rank > 16 and config["BLOCK_M"] > 16)
 
 
 def block_n_for_rank(block_n: int, rank: int, all_fp32: bool, fold: bool = False) -> int:

@@ -635,7 +635,7 @@ ACT_BWD_LORA_CASES = (
     # the dh' fold (16-bit adapters, ranks 16 and 32; 64 on sm_90 only), and fp16 without the mask or the
     # down LoRA's dropout
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, fold=True, tuned=True),
-    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32, fold=True),
+    ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=32, fold=True, tuned=True),
     ActBwdLora(x=FP16, act=GELU_TANH, gate_lora=FP16, up_lora=FP16, down_lora=FP16, mask=False, dropout=False, fold=True),
     ActBwdLora(x=BF16, act=SILU, gate_lora=BF16, up_lora=BF16, down_lora=BF16, rank=64, fold=True, tuned=True,
                archs=("sm_90",)),
