@@ -265,3 +265,28 @@ def test_saved_bytes_against_vanilla_peft_with_float_mask(dtype, bound):
 
     vanilla, ours = mlp_saved_bytes_vs_vanilla(d=96, inter=256, tokens=64, dtype=dtype, lora_dropout=0.05)
     assert ours / vanilla <= bound, (ours, vanilla)
+
+
+def test_gpus_older_than_compute_capability_8_run_the_torch_backend(monkeypatch):
+    """ops/coverage.covered refuses tensors on a CUDA GPU below compute capability 8.0 (the kernels' bf16 and
+    tf32 mma), so both kernel backends fall back to torch there, and says so once per device. Tensors
+    stand in by their device and dtype (no GPU here)."""
+    import types
+    import warnings
+
+    from transpeft_kernels.kernels import env
+    from transpeft_kernels.ops import coverage
+
+    capabilities = {0: (7, 5), 1: (8, 6)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capabilities[index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: f"gpu {index}")
+    env.cuda_device_supported.cache_clear()
+    try:
+        t4, rtx = (types.SimpleNamespace(device=torch.device("cuda", i), dtype=torch.bfloat16) for i in (0, 1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not coverage.covered(t4, t4, cpu_ok=False) and not coverage.covered(t4, cpu_ok=False)
+            assert coverage.covered(rtx, rtx, cpu_ok=False)
+        assert len(caught) == 1 and "compute capability 7.5" in str(caught[0].message)
+    finally:
+        env.cuda_device_supported.cache_clear()

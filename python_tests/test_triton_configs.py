@@ -99,3 +99,31 @@ def test_the_folds_configs_fit_where_compile_check_says_they_do():
         assert max(ranks) == abl.FOLD_MAX_RANK[arch]
         assert all(v.constexprs["BLOCK_M"] == 16 for v in folds if v.constexprs["BLOCK_RD"] > 16)
         assert any(v.constexprs["BLOCK_M"] > 16 for v in folds if v.constexprs["BLOCK_RD"] == 16) == bool(tall)
+
+
+@pytest.mark.parametrize("capability,shared,arch", [
+    ((9, 0), 232448, "sm_90"),   # H100 / H200
+    ((10, 0), 232448, "sm_90"),  # B200: as much shared memory per block
+    ((12, 0), 101376, "sm_80"),  # RTX 50 series: 99 KB per block, where sm_90 configs take up to 192 KB
+    ((8, 9), 101376, "sm_80"),   # RTX 40 series, L4, L40S
+    ((8, 0), 166912, "sm_80"),   # A100
+])
+def test_a_gpu_gets_the_config_tables_its_shared_memory_holds(monkeypatch, capability, shared, arch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(configs, "max_shared_per_block", lambda index: shared)
+    configs._cuda_arch.cache_clear()
+    try:
+        assert configs._cuda_arch(0) == arch
+    finally:
+        configs._cuda_arch.cache_clear()
+
+
+def test_every_sm_80_default_fits_99_kb_of_shared_memory():
+    """The GPUs on sm_80's tables with the least shared memory (RTX 30/40/50 series: 99 KB per block) run
+    every family's sm_80 default, by the families' own estimates (compile-check records the compiled
+    figure: sass_round2_*.json's ``shared``)."""
+    for fam in configs.CONFIG_SETS.values():
+        if fam.smem is None:
+            continue
+        for size in (2, 4):
+            assert fam.smem(fam.default_for("sm_80", size), size) <= 101376, (fam.name, size)

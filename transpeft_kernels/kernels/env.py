@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 
@@ -131,6 +133,26 @@ def dry_running(target: DryRunTarget):
         yield target
     finally:
         _DRY_RUN = previous
+
+
+# The kernels' bf16 and tf32 tensor-core products (mma), 16-bit shared-memory staging and bf16 arithmetic
+# need compute capability 8.0 (Ampere) or newer.
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def cuda_device_supported(index: int) -> bool:
+    """Whether our kernels run on CUDA device ``index`` (MIN_CAPABILITY). An older GPU's ops run on the
+    torch backend (the same results, unfused), with one warning per device."""
+    import torch
+
+    capability = torch.cuda.get_device_capability(index)
+    if capability >= MIN_CAPABILITY:
+        return True
+    warnings.warn(f"transpeft_kernels: cuda:{index} ({torch.cuda.get_device_name(index)}) has compute capability "
+                  f"{capability[0]}.{capability[1]}; the kernels need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or "
+                  "newer, so its ops run on the torch backend (unfused, the same results)", RuntimeWarning, stacklevel=2)
+    return False
 
 
 def kernel_device_ok(device_type: str, cpu_ok: bool) -> bool:

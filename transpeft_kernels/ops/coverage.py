@@ -1,15 +1,16 @@
 """What the kernel backends (triton, cuda) cover, and the knowledge mask as their kernels take it.
 Everything not covered falls back to the torch backend.
 
-Covered: tensors all on one device the kernels run on (CUDA; CPU only in a backend's test mode, the
-Triton interpreter or the CUDA host emulation; meta during a dry run), in float32, float16 or bfloat16; a Linear whose
-weight and bias share x's dtype and whose LoRA factors A and B share one dtype.
+Covered: tensors all on one device the kernels run on (a CUDA GPU of compute capability 8.0 or newer;
+CPU only in a backend's test mode, the Triton interpreter or the CUDA host emulation; meta during a dry
+run), in float32, float16 or bfloat16; a Linear whose weight and bias share x's dtype and whose LoRA
+factors A and B share one dtype.
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels.env import kernel_device_ok
+from ..kernels.env import cuda_device_supported, kernel_device_ok
 from ..specs import LinearWeights, MaskSpec, SubSeed, sub_seed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,6 +23,9 @@ def covered(*tensors: torch.Tensor | None, cpu_ok: bool) -> bool:
     if any(t.device != device for t in ts):
         return False
     if not kernel_device_ok(device.type, cpu_ok):
+        return False
+    if device.type == "cuda" and not cuda_device_supported(torch.cuda.current_device() if device.index is None
+                                                           else device.index):
         return False
     return all(t.dtype in KERNEL_DTYPES for t in ts)
 

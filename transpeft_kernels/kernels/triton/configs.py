@@ -5,7 +5,10 @@ Every kernel family has a ConfigSet:
     the tuner's first candidate, and the one config ``compile-check`` compiles,
   * a list of CANDIDATES per architecture that the tuner times once per key,
   * one small config for the CPU interpreter (timing there is meaningless and slow).
-Architectures: "sm_90" (H100/H200), "sm_80" (A100; also used for other CUDA devices), "interp".
+Architectures: "sm_90" (H100/H200, and newer GPUs with as much shared memory per block), "sm_80" (A100,
+and every other CUDA device of compute capability 8.0 or newer: the RTX 30/40 series, A10, L4 and L40S,
+and GPUs of compute capability 9.0+ with less shared memory, such as the RTX 50 series; every sm_80
+default config fits their 99 KB per block), "interp". Older GPUs run no kernel of ours (ops/coverage.py).
 
 Autotuning runs on CUDA unless TRANSPEFT_TRITON_AUTOTUNE=0; the key is (kernel, arch, the shape
 key each launcher gives — token counts bucketed to powers of two — the dtype codes, and the operands'
@@ -22,6 +25,7 @@ same GPU model and versions.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -250,13 +254,31 @@ CONFIG_SETS = {c.name: c for c in (GEMM, GATE_UP, SHRINK, TOKEN_REDUCE, ELEMENTW
 
 
 def arch_of(device: torch.device) -> str:
+    """The config tables for ``device``: the dry run's target on the meta device, "interp" in the
+    interpreter and for CPU tensors, else by the GPU (``_cuda_arch``)."""
     target = dry_run()
     if target is not None and device.type == "meta":
         return target.arch
     if interpreting() or device.type != "cuda":
         return "interp"
-    major, minor = torch.cuda.get_device_capability(device)
-    return "sm_90" if major >= 9 else "sm_80"
+    return _cuda_arch(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_arch(index: int) -> str:
+    """"sm_90" for a GPU of compute capability 9.0 or newer whose blocks may use as much shared memory as
+    an H100's (SHARED_LIMIT: the sm_90 configs need up to 192 KB), else "sm_80". Asked once per device."""
+    major, _ = torch.cuda.get_device_capability(index)
+    if major < 9:
+        return "sm_80"
+    return "sm_90" if max_shared_per_block(index) >= SHARED_LIMIT["sm_90"] else "sm_80"
+
+
+def max_shared_per_block(index: int) -> int:
+    """The shared memory a block of GPU ``index`` may use, opt-in included, in bytes (Triton's own figure)."""
+    from triton.runtime.driver import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 def token_splits(tiles: int, T: int, block_t: int, device: torch.device) -> int:
@@ -317,6 +339,8 @@ def choose(family: ConfigSet, device: torch.device, key: tuple, elem_bytes: int,
     if hit is not None:
         return hit
     limit = SHARED_LIMIT[arch]
+    if device.type == "cuda" and torch.cuda.is_available():  # a GPU on sm_80's tables may have less (99 KB)
+        limit = min(limit, max_shared_per_block(torch.cuda.current_device() if device.index is None else device.index))
     cands = [c for c in family.configs(arch, elem_bytes) if (family.smem is None or family.smem(c, elem_bytes) <= limit)
              and (fits is None or c is default or fits(c))]
     best, best_ms = default, float("inf")
