@@ -269,8 +269,8 @@ def test_saved_bytes_against_vanilla_peft_with_float_mask(dtype, bound):
 
 def test_gpus_older_than_compute_capability_8_run_the_torch_backend(monkeypatch):
     """ops/coverage.covered refuses tensors on a CUDA GPU below compute capability 8.0 (the kernels' bf16 and
-    tf32 mma), so both kernel backends fall back to torch there, and says so once per device. Tensors
-    stand in by their device and dtype (no GPU here)."""
+    tf32 mma) and on a ROCm build's GPUs (PTX, CUDA C++), so both kernel backends fall back to torch
+    there, and says so once per device. Tensors stand in by their device and dtype (no GPU here)."""
     import types
     import warnings
 
@@ -288,5 +288,11 @@ def test_gpus_older_than_compute_capability_8_run_the_torch_backend(monkeypatch)
             assert not coverage.covered(t4, t4, cpu_ok=False) and not coverage.covered(t4, cpu_ok=False)
             assert coverage.covered(rtx, rtx, cpu_ok=False)
         assert len(caught) == 1 and "compute capability 7.5" in str(caught[0].message)
+        env.cuda_device_supported.cache_clear()
+        monkeypatch.setattr(torch.version, "hip", "6.4", raising=False)  # a ROCm build: no GPU of it runs ours
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not coverage.covered(rtx, cpu_ok=False)
+        assert len(caught) == 1 and "ROCm" in str(caught[0].message)
     finally:
         env.cuda_device_supported.cache_clear()

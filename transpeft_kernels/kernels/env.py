@@ -136,22 +136,29 @@ def dry_running(target: DryRunTarget):
 
 
 # The kernels' bf16 and tf32 tensor-core products (mma), 16-bit shared-memory staging and bf16 arithmetic
-# need compute capability 8.0 (Ampere) or newer.
+# need compute capability 8.0 (Ampere) or newer; the Triton kernels' PTX (inline ex2 / rcp) and the CUDA
+# C++ ones need an NVIDIA GPU.
 MIN_CAPABILITY = (8, 0)
 
 
 @functools.cache
 def cuda_device_supported(index: int) -> bool:
-    """Whether our kernels run on CUDA device ``index`` (MIN_CAPABILITY). An older GPU's ops run on the
-    torch backend (the same results, unfused), with one warning per device."""
+    """Whether our kernels run on "cuda" device ``index``: an NVIDIA GPU (not a ROCm build's AMD GPU) of
+    MIN_CAPABILITY or newer. Elsewhere the ops run on the torch backend (the same results, unfused), with
+    one warning per device."""
     import torch
 
-    capability = torch.cuda.get_device_capability(index)
-    if capability >= MIN_CAPABILITY:
-        return True
-    warnings.warn(f"transpeft_kernels: cuda:{index} ({torch.cuda.get_device_name(index)}) has compute capability "
-                  f"{capability[0]}.{capability[1]}; the kernels need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or "
-                  "newer, so its ops run on the torch backend (unfused, the same results)", RuntimeWarning, stacklevel=2)
+    name = torch.cuda.get_device_name(index)
+    if getattr(torch.version, "hip", None):
+        why = "is a ROCm device; the kernels are NVIDIA-only (PTX, CUDA C++)"
+    else:
+        capability = torch.cuda.get_device_capability(index)
+        if capability >= MIN_CAPABILITY:
+            return True
+        why = (f"has compute capability {capability[0]}.{capability[1]}; the kernels need "
+               f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
+    warnings.warn(f"transpeft_kernels: cuda:{index} ({name}) {why}, so its ops run on the torch backend "
+                  "(unfused, the same results)", RuntimeWarning, stacklevel=2)
     return False
 
 
