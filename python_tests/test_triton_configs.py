@@ -28,6 +28,8 @@ def tuner(monkeypatch):
         return 1.0 / len(timed)
 
     monkeypatch.setattr(configs, "arch_of", lambda device: "sm_90")
+    monkeypatch.setattr(configs, "max_shared_per_block", lambda index: configs.SHARED_LIMIT["sm_90"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(configs.triton.testing, "do_bench", fake_bench)
     monkeypatch.setattr(configs, "_CACHE", {})
     return timed

@@ -162,7 +162,16 @@ def cuda_device_supported(index: int) -> bool:
     return False
 
 
-def kernel_device_ok(device_type: str, cpu_ok: bool) -> bool:
-    """Whether kernels launch for tensors of this device type: CUDA; the CPU in a backend's test mode;
-    the meta device during a dry run."""
-    return device_type == "cuda" or (device_type == "cpu" and cpu_ok) or (device_type == "meta" and _DRY_RUN is not None)
+def device_index(device) -> int:
+    """The CUDA device ``device`` names ("cuda" alone: the current one)."""
+    import torch
+
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def kernel_device_ok(device, cpu_ok: bool) -> bool:
+    """Whether kernels launch for tensors on ``device``: a CUDA GPU our kernels support
+    (``cuda_device_supported``); the CPU in a backend's test mode; the meta device during a dry run."""
+    if device.type == "cuda":
+        return cuda_device_supported(device_index(device))
+    return (device.type == "cpu" and cpu_ok) or (device.type == "meta" and _DRY_RUN is not None)

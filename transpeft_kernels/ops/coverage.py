@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.env import cuda_device_supported, kernel_device_ok
+from ..kernels.env import kernel_device_ok
 from ..specs import LinearWeights, MaskSpec, SubSeed, sub_seed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,10 +22,7 @@ def covered(*tensors: torch.Tensor | None, cpu_ok: bool) -> bool:
     device = ts[0].device
     if any(t.device != device for t in ts):
         return False
-    if not kernel_device_ok(device.type, cpu_ok):
-        return False
-    if device.type == "cuda" and not cuda_device_supported(torch.cuda.current_device() if device.index is None
-                                                           else device.index):
+    if not kernel_device_ok(device, cpu_ok):
         return False
     return all(t.dtype in KERNEL_DTYPES for t in ts)
 
